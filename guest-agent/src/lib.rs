@@ -1,0 +1,1 @@
+//! guest agent, /init in every workspace (issue 6): not implemented yet.

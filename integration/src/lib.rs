@@ -1,0 +1,15 @@
+//! Test rigs for microagent (see `../shared/TESTING.md` in the project docs):
+//!
+//! - [`qemu`]: boots the project's guest kernel and an initramfs under QEMU with
+//!   software emulation, with vhost-user blk, vsock and net devices on unix sockets.
+//! - [`storage_daemon`]: `qemu-storage-daemon` exporting a file as vhost-user-blk, a
+//!   backend we did not write.
+//! - [`initramfs`]: a newc cpio writer with busybox-static, for test guests.
+//! - [`process`]: guards that kill what a test started, also when the test fails.
+//! - [`kernel`]: where the cached guest kernel is.
+
+pub mod initramfs;
+pub mod kernel;
+pub mod process;
+pub mod qemu;
+pub mod storage_daemon;

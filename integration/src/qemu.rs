@@ -1,0 +1,182 @@
+//! Real Linux under QEMU with software emulation (TCG), with vhost-user devices on unix
+//! sockets: the rig that proves our daemons against real drivers and a frontend we did
+//! not write. Flags as measured in `../shared/TESTING.md`.
+
+use crate::process::{self, ChildGuard};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// How much of the console an error shows.
+const CONSOLE_TAIL: usize = 3000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Process(#[from] process::Error),
+    #[error("QEMU exited ({status}) before {marker:?} appeared; console ends with:\n{tail}")]
+    Exited {
+        status: ExitStatus,
+        marker: String,
+        tail: String,
+    },
+    #[error(
+        "{marker:?} did not appear on the console within {timeout:?}; console ends with:\n{tail}"
+    )]
+    Timeout {
+        marker: String,
+        timeout: Duration,
+        tail: String,
+    },
+}
+
+/// What to boot and which devices to attach.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Appended to `console=ttyS0 panic=-1`.
+    pub cmdline: String,
+    pub memory_mib: u32,
+    /// vhost-user-blk sockets, in order: `/dev/vda`, `/dev/vdb`, …
+    pub blk: Vec<PathBuf>,
+    /// vhost-user-vsock socket and the guest's CID.
+    pub vsock: Option<(PathBuf, u32)>,
+    /// vhost-user net socket.
+    pub net: Option<PathBuf>,
+    /// Where the console log goes.
+    pub console: PathBuf,
+}
+
+impl QemuConfig {
+    pub fn new(kernel: PathBuf, initrd: PathBuf, console: PathBuf) -> Self {
+        Self {
+            kernel,
+            initrd,
+            cmdline: String::new(),
+            memory_mib: 256,
+            blk: Vec::new(),
+            vsock: None,
+            net: None,
+            console,
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mib = self.memory_mib;
+        let mut cmd = Command::new(QEMU);
+        cmd.args(["-M", "microvm,acpi=off,memory-backend=mem"])
+            .args(["-accel", "tcg", "-cpu", "max", "-m", &format!("{mib}M")])
+            .arg("-object")
+            .arg(format!("memory-backend-memfd,id=mem,size={mib}M,share=on"))
+            .args(["-global", "virtio-mmio.force-legacy=false"])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", self.console.display()));
+        let mut chardevs = 0;
+        let mut chardev = |cmd: &mut Command, socket: &Path| {
+            let id = format!("c{chardevs}");
+            chardevs += 1;
+            cmd.arg("-chardev")
+                .arg(format!("socket,id={id},path={}", socket.display()));
+            id
+        };
+        for socket in &self.blk {
+            let id = chardev(&mut cmd, socket);
+            cmd.arg("-device")
+                .arg(format!("vhost-user-blk,chardev={id}"));
+        }
+        if let Some((socket, cid)) = &self.vsock {
+            let id = chardev(&mut cmd, socket);
+            cmd.arg("-device").arg(format!(
+                "vhost-user-vsock-device,chardev={id},guest-cid={cid}"
+            ));
+        }
+        if let Some(socket) = &self.net {
+            let id = chardev(&mut cmd, socket);
+            cmd.arg("-netdev")
+                .arg(format!("vhost-user,id=n0,chardev={id}"))
+                .args(["-device", "virtio-net-device,netdev=n0"]);
+        }
+        cmd.arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 panic=-1 {}", self.cmdline));
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+}
+
+/// A running QEMU, killed when dropped.
+#[derive(Debug)]
+pub struct Qemu {
+    process: ChildGuard,
+    console: PathBuf,
+}
+
+impl Qemu {
+    pub fn start(config: &QemuConfig) -> Result<Self, Error> {
+        let process = ChildGuard::spawn(&mut config.command())?;
+        Ok(Self {
+            process,
+            console: config.console.clone(),
+        })
+    }
+
+    /// Everything the guest has printed so far.
+    pub fn console(&self) -> String {
+        fs::read(&self.console)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until `marker` appears on the console and returns the console so far.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<String, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let console = self.console();
+            if console.contains(marker) {
+                return Ok(console);
+            }
+            if let Some(status) = self.process.try_status()? {
+                // The last lines may have landed between the read and the exit.
+                let console = self.console();
+                if console.contains(marker) {
+                    return Ok(console);
+                }
+                return Err(Error::Exited {
+                    status,
+                    marker: marker.to_owned(),
+                    tail: tail(&console),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    marker: marker.to_owned(),
+                    timeout,
+                    tail: tail(&console),
+                });
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for QEMU to end by itself (a guest `reboot -f` under `-no-reboot`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, Error> {
+        Ok(self.process.wait_timeout(timeout)?)
+    }
+}
+
+fn tail(console: &str) -> String {
+    let mut start = console.len().saturating_sub(CONSOLE_TAIL);
+    while !console.is_char_boundary(start) {
+        start += 1;
+    }
+    console[start..].to_owned()
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the Debian packages microagent's build, tests and demo need, if missing.
+# Idempotent: when everything is present it only checks and returns.
+set -euo pipefail
+
+packages=(
+  # guest kernel build (scripts/build-kernel.sh)
+  linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils
+  # test rigs: QEMU with TCG, a third-party vhost-user-blk backend, test userland
+  qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}" >&2
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: need root to install packages (run: sudo $0)" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs; do
+  command -v "$tool" >/dev/null || { echo "install-deps: $tool not found after install" >&2; exit 1; }
+done
+cargo clippy --version >/dev/null 2>&1 || { echo "install-deps: cargo clippy is missing (rustup component add clippy)" >&2; exit 1; }
+cargo fmt --version >/dev/null 2>&1 || { echo "install-deps: cargo fmt is missing (rustup component add rustfmt)" >&2; exit 1; }

@@ -1,0 +1,1 @@
+//! snapshot inspection and verification tool: not implemented yet.

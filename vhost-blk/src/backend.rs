@@ -1,0 +1,367 @@
+//! The vhost-user backend: what the frontend negotiates, one worker thread per queue, and
+//! device state transfer for snapshots.
+
+use crate::config::BlkConfig;
+use crate::disk::{self, Disk, SECTOR_SIZE};
+use crate::request::{self, Device, Request, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
+use crate::state::BlkState;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::thread::{self, JoinHandle};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::QueueOwnedT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+/// Descriptors per queue.
+pub const QUEUE_SIZE: usize = 256;
+/// Largest device state a LOAD accepts.
+const MAX_STATE: u64 = 1 << 20;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Disk(#[from] disk::Error),
+    #[error("state transfer: {0}")]
+    Transfer(io::Error),
+    #[error("no state transfer was started")]
+    NoTransfer,
+    #[error("only the STOPPED phase can transfer state")]
+    Phase,
+    #[error("state transfer thread panicked")]
+    TransferPanicked,
+    #[error(transparent)]
+    State(#[from] microagent_device_state::Error),
+    #[error("saved state does not fit this disk: {0}")]
+    Mismatch(String),
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        io::Error::other(e)
+    }
+}
+
+enum Transfer {
+    Saving(JoinHandle<io::Result<()>>),
+    Loading(JoinHandle<io::Result<Vec<u8>>>),
+}
+
+pub struct BlkBackend {
+    disk: Disk,
+    config: BlkConfig,
+    mem: RwLock<Mem>,
+    event_idx: AtomicBool,
+    acked_features: AtomicU64,
+    /// A queue whose avail ring is corrupt stops being served until the device is reset.
+    broken: Vec<AtomicBool>,
+    transfer: Mutex<Option<Transfer>>,
+}
+
+impl BlkBackend {
+    pub fn new(config: BlkConfig) -> Result<Self, Error> {
+        let disk = Disk::open(&config.disk, config.read_only, config.direct_io)?;
+        Ok(Self {
+            disk,
+            broken: (0..config.queues).map(|_| AtomicBool::new(false)).collect(),
+            config,
+            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            event_idx: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
+            transfer: Mutex::new(None),
+        })
+    }
+
+    /// `struct virtio_blk_config`, little-endian.
+    fn config_space(&self) -> Vec<u8> {
+        let mut c = Vec::with_capacity(60);
+        c.extend_from_slice(&self.disk.sectors().to_le_bytes()); // capacity
+        c.extend_from_slice(&0u32.to_le_bytes()); // size_max
+        c.extend_from_slice(&(QUEUE_SIZE as u32 - 2).to_le_bytes()); // seg_max
+        c.extend_from_slice(&[0; 4]); // geometry
+        c.extend_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        c.extend_from_slice(&[0, 0]); // physical_block_exp, alignment_offset
+        c.extend_from_slice(&0u16.to_le_bytes()); // min_io_size
+        c.extend_from_slice(&0u32.to_le_bytes()); // opt_io_size
+        c.extend_from_slice(&[0, 0]); // writeback, unused0
+        c.extend_from_slice(&self.config.queues.to_le_bytes()); // num_queues
+        c.extend_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
+        c.extend_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_discard_seg
+        c.extend_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c.extend_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        c.extend_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
+        c.extend_from_slice(&[1, 0, 0, 0]); // write_zeroes_may_unmap, unused1
+        c
+    }
+
+    fn state(&self) -> BlkState {
+        BlkState {
+            acked_features: self.acked_features.load(Ordering::Acquire),
+            sectors: self.disk.sectors(),
+            read_only: self.config.read_only,
+            queues: self.config.queues,
+            serial: self.config.serial.clone(),
+        }
+    }
+
+    /// Checks saved state against this daemon and adopts what the driver negotiated.
+    fn adopt(&self, saved: &BlkState) -> Result<(), Error> {
+        let ours = self.state();
+        if saved.sectors != ours.sectors {
+            return Err(Error::Mismatch(format!(
+                "saved disk had {} sectors, this one has {}",
+                saved.sectors, ours.sectors
+            )));
+        }
+        if saved.read_only != ours.read_only || saved.queues != ours.queues {
+            return Err(Error::Mismatch(format!(
+                "saved read_only={} queues={}, this daemon read_only={} queues={}",
+                saved.read_only, saved.queues, ours.read_only, ours.queues
+            )));
+        }
+        if saved.acked_features & !self.features() != 0 {
+            return Err(Error::Mismatch(format!(
+                "saved features {:#x} are not all offered here ({:#x})",
+                saved.acked_features,
+                self.features()
+            )));
+        }
+        self.acked_features
+            .store(saved.acked_features, Ordering::Release);
+        self.event_idx.store(
+            saved.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            Ordering::Release,
+        );
+        Ok(())
+    }
+
+    /// Serves every available request on one queue. The ring stays locked throughout, so
+    /// GET_VRING_BASE (which takes the same lock) returns only after these completed.
+    fn process_queue(&self, index: usize, vring: &VringRwLock<Mem>) {
+        let Some(broken) = self.broken.get(index) else {
+            return;
+        };
+        if broken.load(Ordering::Acquire) {
+            return;
+        }
+        let mem = self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
+        let device = Device {
+            disk: &self.disk,
+            read_only: self.config.read_only,
+            serial: self.config.serial.as_bytes(),
+        };
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let mut state = vring.get_mut();
+        let mut used_any = false;
+        let result = (|| -> Result<(), virtio_queue::Error> {
+            loop {
+                if event_idx {
+                    state.disable_notification()?;
+                }
+                let chains: Vec<_> = state.get_queue_mut().iter(&*mem)?.collect();
+                for chain in chains {
+                    let head = chain.head_index();
+                    let descriptors: Vec<Descriptor> = chain.collect();
+                    let used_len = match Request::parse(&mem, &descriptors) {
+                        Ok(request) => request.execute(&mem, &device).used_len,
+                        Err((e, status)) => {
+                            log::warn!("queue {index}: malformed request: {e}");
+                            match status {
+                                Some(at)
+                                    if request::write_status(
+                                        &mem,
+                                        at,
+                                        request::VIRTIO_BLK_S_IOERR,
+                                    ) =>
+                                {
+                                    1
+                                }
+                                _ => 0,
+                            }
+                        }
+                    };
+                    state.add_used(head, used_len)?;
+                    used_any = true;
+                }
+                if !event_idx || !state.enable_notification()? {
+                    return Ok(());
+                }
+            }
+        })();
+        if let Err(e) = result {
+            log::error!("queue {index} is broken, not serving it until reset: {e}");
+            broken.store(true, Ordering::Release);
+        }
+        if used_any && state.needs_notification().unwrap_or(true) {
+            if let Err(e) = state.signal_used_queue() {
+                log::warn!("queue {index}: signalling the frontend: {e}");
+            }
+        }
+    }
+
+    fn start_save(&self, mut file: File) -> Result<Transfer, Error> {
+        let bytes = self.state().encode()?;
+        let handle = thread::spawn(move || file.write_all(&bytes));
+        Ok(Transfer::Saving(handle))
+    }
+
+    fn start_load(file: File) -> Transfer {
+        Transfer::Loading(thread::spawn(move || {
+            let mut bytes = Vec::new();
+            // One byte over the limit tells an oversized state from one at the limit.
+            file.take(MAX_STATE + 1).read_to_end(&mut bytes)?;
+            Ok(bytes)
+        }))
+    }
+
+    fn finish_transfer(&self) -> Result<(), Error> {
+        let transfer = self
+            .transfer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or(Error::NoTransfer)?;
+        match transfer {
+            Transfer::Saving(handle) => handle
+                .join()
+                .map_err(|_| Error::TransferPanicked)?
+                .map_err(Error::Transfer),
+            Transfer::Loading(handle) => {
+                let bytes = handle
+                    .join()
+                    .map_err(|_| Error::TransferPanicked)?
+                    .map_err(Error::Transfer)?;
+                if bytes.len() as u64 > MAX_STATE {
+                    return Err(microagent_device_state::Error::TooLarge(bytes.len()).into());
+                }
+                self.adopt(&BlkState::decode(&bytes)?)
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock<Mem>;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.config.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.config.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        features
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::DEVICE_STATE
+    }
+
+    fn reset_device(&self) {
+        for broken in &self.broken {
+            broken.store(false, Ordering::Release);
+        }
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config_space();
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(size as usize).min(config.len());
+        config[start..end].to_vec()
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
+        Ok(())
+    }
+
+    /// One worker thread per queue, so a slow queue never holds up another.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.config.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // An error returned here would end the worker thread: report and carry on.
+        if evset != EventSet::IN {
+            log::warn!("queue {thread_id}: unexpected event set {evset:?}");
+            return Ok(());
+        }
+        match vrings.get(usize::from(device_event)) {
+            Some(vring) => self.process_queue(thread_id, vring),
+            None => log::warn!("queue {thread_id}: event for unknown ring {device_event}"),
+        }
+        Ok(())
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(Error::Phase.into());
+        }
+        let transfer = match direction {
+            VhostTransferStateDirection::SAVE => self.start_save(file)?,
+            VhostTransferStateDirection::LOAD => Self::start_load(file),
+        };
+        *self.transfer.lock().unwrap_or_else(|e| e.into_inner()) = Some(transfer);
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        self.finish_transfer().map_err(|e| {
+            log::error!("device state: {e}");
+            e.into()
+        })
+    }
+}

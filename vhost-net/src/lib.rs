@@ -1,0 +1,1 @@
+//! vhost-user user-mode network daemon: not implemented yet.

@@ -1,0 +1,1 @@
+//! vhost-user vsock daemon (issue 5): not implemented yet.

@@ -1,0 +1,1 @@
+//! KVM microVM core (issue 3): not implemented yet.
