@@ -22,7 +22,9 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+# Daemon binaries are built first: integration tests start them as real processes.
 test: deps kernel lint
+	$(CARGO) build --workspace --locked
 	$(CARGO) test --workspace --locked
 
 demo: deps kernel build

@@ -5,9 +5,14 @@
 //! - [`storage_daemon`]: `qemu-storage-daemon` exporting a file as vhost-user-blk, a
 //!   backend we did not write.
 //! - [`initramfs`]: a newc cpio writer with busybox-static, for test guests.
+//! - [`frontend`]: a host-side vhost-user frontend over memfd guest memory, for driving
+//!   a daemon's virtqueues directly (no guest).
+//! - [`daemon`]: microagent's own daemons as real processes.
 //! - [`process`]: guards that kill what a test started, also when the test fails.
 //! - [`kernel`]: where the cached guest kernel is.
 
+pub mod daemon;
+pub mod frontend;
 pub mod initramfs;
 pub mod kernel;
 pub mod process;

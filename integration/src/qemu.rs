@@ -2,6 +2,8 @@
 //! sockets: the rig that proves our daemons against real drivers and a frontend we did
 //! not write. Flags as measured in `../shared/TESTING.md`.
 
+use crate::initramfs::{self, Initramfs};
+use crate::kernel;
 use crate::process::{self, ChildGuard};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,12 @@ const CONSOLE_TAIL: usize = 3000;
 pub enum Error {
     #[error(transparent)]
     Process(#[from] process::Error),
+    #[error(transparent)]
+    Initramfs(#[from] initramfs::Error),
+    #[error(transparent)]
+    Kernel(#[from] kernel::Error),
+    #[error("QEMU ended with {status}; console ends with:\n{tail}")]
+    Failed { status: ExitStatus, tail: String },
     #[error("QEMU exited ({status}) before {marker:?} appeared; console ends with:\n{tail}")]
     Exited {
         status: ExitStatus,
@@ -171,6 +179,41 @@ impl Qemu {
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, Error> {
         Ok(self.process.wait_timeout(timeout)?)
     }
+}
+
+/// The shell prelude every busybox test guest runs first.
+pub const GUEST_PRELUDE: &str = "mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+";
+
+/// Boots the project kernel with a busybox initramfs that runs [`GUEST_PRELUDE`] and
+/// then `script` (which should end with `reboot -f`), with the devices `devices` adds to
+/// the configuration. Waits for `marker` and for QEMU to end, and returns the console.
+pub fn run_busybox_guest(
+    dir: &Path,
+    script: &str,
+    devices: impl FnOnce(&mut QemuConfig),
+    marker: &str,
+    timeout: Duration,
+) -> Result<String, Error> {
+    let initrd = dir.join("initrd.cpio");
+    let mut image = Initramfs::busybox_init(&format!("{GUEST_PRELUDE}{script}"))?;
+    image.dir("proc").dir("sys").dir("dev").dir("mnt");
+    image.write(&initrd)?;
+    let mut config = QemuConfig::new(kernel::guest_kernel()?, initrd, dir.join("console.log"));
+    devices(&mut config);
+    let mut qemu = Qemu::start(&config)?;
+    qemu.wait_for(marker, timeout)?;
+    let status = qemu.wait_exit(Duration::from_secs(30))?;
+    let console = qemu.console();
+    if !status.success() {
+        return Err(Error::Failed {
+            status,
+            tail: tail(&console),
+        });
+    }
+    Ok(console)
 }
 
 fn tail(console: &str) -> String {

@@ -2,9 +2,7 @@
 //! project's kernel under QEMU reads and writes a disk exported by
 //! `qemu-storage-daemon` as vhost-user-blk.
 
-use microagent_integration::initramfs::Initramfs;
-use microagent_integration::kernel::guest_kernel;
-use microagent_integration::qemu::{Qemu, QemuConfig};
+use microagent_integration::qemu::run_busybox_guest;
 use microagent_integration::storage_daemon::StorageDaemon;
 use std::fs;
 use std::path::Path;
@@ -17,8 +15,6 @@ const BOOT: Duration = Duration::from_secs(120);
 
 /// Reads the host's pattern from sector 0, writes its own at sector 8, and powers off.
 const GUEST_SCRIPT: &str = r#"
-mount -t proc proc /proc
-mount -t devtmpfs dev /dev
 echo "RIG-READ:$(head -c 28 /dev/vda)"
 if printf 'written-by-the-guest-0017' | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null
 then echo RIG-WRITE-OK
@@ -40,22 +36,15 @@ fn run_guest(writable: bool) -> (String, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     make_disk(&disk);
-    let initrd = dir.path().join("initrd.cpio");
-    let mut image = Initramfs::busybox_init(GUEST_SCRIPT).unwrap();
-    image.dir("proc").dir("sys").dir("dev");
-    image.write(&initrd).unwrap();
-
     let export = StorageDaemon::start(&disk, &dir.path().join("blk.sock"), writable).unwrap();
-    let mut config = QemuConfig::new(
-        guest_kernel().unwrap(),
-        initrd,
-        dir.path().join("console.log"),
-    );
-    config.blk.push(export.socket().to_owned());
-    let mut qemu = Qemu::start(&config).unwrap();
-    let console = qemu.wait_for("RIG-DONE", BOOT).unwrap();
-    let status = qemu.wait_exit(Duration::from_secs(30)).unwrap();
-    assert!(status.success(), "QEMU ended with {status}");
+    let console = run_busybox_guest(
+        dir.path(),
+        GUEST_SCRIPT,
+        |config| config.blk.push(export.socket().to_owned()),
+        "RIG-DONE",
+        BOOT,
+    )
+    .unwrap();
     drop(export);
     (console, fs::read(&disk).unwrap())
 }

@@ -25,9 +25,14 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
-/// Descriptors per queue.
-pub const QUEUE_SIZE: usize = 256;
+/// Largest queue a frontend may set up (QEMU asks for 1024 by default).
+pub const QUEUE_SIZE: usize = 1024;
+/// Segments in one request (with indirect descriptors a request may exceed the ring).
+const SEG_MAX: u32 = 254;
 /// Largest device state a LOAD accepts.
 const MAX_STATE: u64 = 1 << 20;
 
@@ -92,7 +97,7 @@ impl BlkBackend {
         let mut c = Vec::with_capacity(60);
         c.extend_from_slice(&self.disk.sectors().to_le_bytes()); // capacity
         c.extend_from_slice(&0u32.to_le_bytes()); // size_max
-        c.extend_from_slice(&(QUEUE_SIZE as u32 - 2).to_le_bytes()); // seg_max
+        c.extend_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
         c.extend_from_slice(&[0; 4]); // geometry
         c.extend_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
         c.extend_from_slice(&[0, 0]); // physical_block_exp, alignment_offset
@@ -305,11 +310,14 @@ impl VhostUserBackend for BlkBackend {
         self.event_idx.store(enabled, Ordering::Release);
     }
 
+    /// Exactly `size` bytes: fields a newer driver asks for beyond ours read as zero.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let config = self.config_space();
         let start = (offset as usize).min(config.len());
         let end = start.saturating_add(size as usize).min(config.len());
-        config[start..end].to_vec()
+        let mut out = config[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
@@ -320,6 +328,13 @@ impl VhostUserBackend for BlkBackend {
     /// One worker thread per queue, so a slow queue never holds up another.
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.config.queues).map(|q| 1u64 << q).collect()
+    }
+
+    /// Lets the daemon stop its worker threads when the frontend disconnects.
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+            .inspect_err(|e| log::error!("worker {thread_index}: no exit event: {e}"))
+            .ok()
     }
 
     fn handle_event(

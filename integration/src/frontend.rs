@@ -1,0 +1,468 @@
+//! A host-side vhost-user frontend for testing daemons without a guest: it maps a memfd
+//! as guest memory, shares it with the daemon, drives split virtqueues in that memory
+//! (descriptor chains, avail ring, kicks) and collects completions from the used ring.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("vhost-user: {0}")]
+    VhostUser(#[from] vhost::Error),
+    #[error("eventfd or pipe: {0}")]
+    Io(#[from] io::Error),
+    #[error("no completion on queue {queue} within {timeout:?}")]
+    Timeout { queue: usize, timeout: Duration },
+    #[error("out of guest memory for buffers")]
+    OutOfMemory,
+}
+
+/// Guest memory backed by a memfd, so that a daemon can map it too.
+#[derive(Debug)]
+pub struct GuestMemory {
+    mem: GuestMemoryMmap,
+    next_free: u64,
+}
+
+impl GuestMemory {
+    pub fn new(size: usize) -> Result<Self, Error> {
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"microagent-harness".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size as u64)?;
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            size,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(|e| Error::Memory(e.to_string()))?;
+        // Page 0 stays unused so that address 0 is never a valid buffer.
+        Ok(Self {
+            mem,
+            next_free: 4096,
+        })
+    }
+
+    pub fn mmap(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn size(&self) -> u64 {
+        self.mem.last_addr().0 + 1
+    }
+
+    /// Reserves `len` bytes aligned to `align` (a power of two).
+    pub fn alloc(&mut self, len: u64, align: u64) -> Result<GuestAddress, Error> {
+        let start = self.next_free.next_multiple_of(align);
+        let end = start.checked_add(len).ok_or(Error::OutOfMemory)?;
+        if end > self.size() {
+            return Err(Error::OutOfMemory);
+        }
+        self.next_free = end;
+        Ok(GuestAddress(start))
+    }
+
+    /// Frees every buffer allocated after `mark` (see [`GuestMemory::mark`]).
+    pub fn release_to(&mut self, mark: u64) {
+        self.next_free = mark;
+    }
+
+    pub fn mark(&self) -> u64 {
+        self.next_free
+    }
+
+    pub fn write(&self, addr: GuestAddress, data: &[u8]) {
+        self.mem
+            .write_slice(data, addr)
+            .expect("harness buffers lie inside guest memory");
+    }
+
+    pub fn read(&self, addr: GuestAddress, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.mem
+            .read_slice(&mut buf, addr)
+            .expect("harness buffers lie inside guest memory");
+        buf
+    }
+
+    /// Where guest address `addr` is mapped in this process.
+    pub fn host_address(&self, addr: GuestAddress) -> Result<u64, Error> {
+        self.mem
+            .get_host_address(addr)
+            .map(|ptr| ptr as u64)
+            .map_err(|e| Error::Memory(e.to_string()))
+    }
+
+    fn regions(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, Error> {
+        self.mem
+            .iter()
+            .map(|region| {
+                VhostUserMemoryRegionInfo::from_guest_region(region).map_err(Error::VhostUser)
+            })
+            .collect()
+    }
+}
+
+/// One buffer of a descriptor chain: where, how long, and whether the device writes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Buf {
+    pub addr: GuestAddress,
+    pub len: u32,
+    pub device_writes: bool,
+}
+
+impl Buf {
+    pub fn readable(addr: GuestAddress, len: u32) -> Self {
+        Self {
+            addr,
+            len,
+            device_writes: false,
+        }
+    }
+
+    pub fn writable(addr: GuestAddress, len: u32) -> Self {
+        Self {
+            addr,
+            len,
+            device_writes: true,
+        }
+    }
+}
+
+/// A split virtqueue driven from the host side.
+#[derive(Debug)]
+pub struct VirtQueue {
+    index: usize,
+    size: u16,
+    desc_table: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+    next_desc: u16,
+    avail_idx: u16,
+    last_used: u16,
+    kick: EventFd,
+    call: EventFd,
+}
+
+impl VirtQueue {
+    fn new(index: usize, mem: &mut GuestMemory, size: u16) -> Result<Self, Error> {
+        let n = u64::from(size);
+        Ok(Self {
+            index,
+            size,
+            desc_table: mem.alloc(16 * n, 16)?,
+            avail: mem.alloc(6 + 2 * n, 2)?,
+            used: mem.alloc(6 + 8 * n, 4)?,
+            next_desc: 0,
+            avail_idx: 0,
+            last_used: 0,
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            call: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Writes descriptor `index` as given, raw: tests use it to build malformed chains.
+    pub fn write_descriptor(&self, mem: &GuestMemory, index: u16, desc: Descriptor) {
+        let at = self.desc_table.0 + 16 * u64::from(index);
+        mem.mmap()
+            .write_obj(desc, GuestAddress(at))
+            .expect("descriptor table lies inside guest memory");
+    }
+
+    /// Writes a chain into the descriptor table (wrapping around it) and returns its head.
+    pub fn write_chain(&mut self, mem: &GuestMemory, bufs: &[Buf]) -> u16 {
+        let head = self.next_desc;
+        for (i, buf) in bufs.iter().enumerate() {
+            let index = (head + i as u16) % self.size;
+            let mut flags = if buf.device_writes {
+                VIRTQ_DESC_F_WRITE
+            } else {
+                0
+            };
+            let next = (index + 1) % self.size;
+            if i + 1 < bufs.len() {
+                flags |= VIRTQ_DESC_F_NEXT;
+            }
+            self.write_descriptor(
+                mem,
+                index,
+                Descriptor::new(buf.addr.0, buf.len, flags, next),
+            );
+        }
+        self.next_desc = (head + bufs.len() as u16) % self.size;
+        head
+    }
+
+    /// Publishes `head` in the avail ring (without kicking).
+    pub fn publish(&mut self, mem: &GuestMemory, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        let ring = mem.mmap();
+        ring.write_obj(head, self.avail.unchecked_add(4 + 2 * slot))
+            .expect("avail ring lies inside guest memory");
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.set_avail_idx(mem, self.avail_idx);
+    }
+
+    /// Writes the avail ring's idx field, raw: tests use it to corrupt the ring.
+    pub fn set_avail_idx(&self, mem: &GuestMemory, idx: u16) {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.mmap()
+            .write_obj(idx, self.avail.unchecked_add(2))
+            .expect("avail ring lies inside guest memory");
+    }
+
+    /// Adds a chain, publishes it and kicks the device; returns the head index.
+    pub fn submit(&mut self, mem: &GuestMemory, bufs: &[Buf]) -> Result<u16, Error> {
+        let head = self.write_chain(mem, bufs);
+        self.publish(mem, head);
+        self.kick()?;
+        Ok(head)
+    }
+
+    pub fn kick(&self) -> Result<(), Error> {
+        self.kick.write(1)?;
+        Ok(())
+    }
+
+    fn used_idx(&self, mem: &GuestMemory) -> u16 {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.mmap()
+            .read_obj(self.used.unchecked_add(2))
+            .expect("used ring lies inside guest memory")
+    }
+
+    /// Waits until `count` more used elements appear; returns them as (head, len).
+    pub fn wait_used(
+        &mut self,
+        mem: &GuestMemory,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<(u16, u32)>, Error> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            if self.used_idx(mem) == self.last_used {
+                if Instant::now() >= deadline {
+                    return Err(Error::Timeout {
+                        queue: self.index,
+                        timeout,
+                    });
+                }
+                // The call eventfd is non-blocking; drain it and poll the ring again.
+                let _ = self.call.read();
+                sleep(Duration::from_micros(50));
+                continue;
+            }
+            let slot = u64::from(self.last_used % self.size);
+            let elem = self.used.unchecked_add(4 + 8 * slot);
+            let id: u32 = mem.mmap().read_obj(elem).expect("used ring in memory");
+            let len: u32 = mem
+                .mmap()
+                .read_obj(elem.unchecked_add(4))
+                .expect("used ring in memory");
+            out.push((id as u16, len));
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        Ok(out)
+    }
+}
+
+/// Options for bringing a device up.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub queues: usize,
+    pub queue_size: u16,
+    /// Virtio feature bits the driver refuses (the rest of what the device offers is acked).
+    pub refuse_features: u64,
+    /// Ring indices to continue from (after a restore); empty means zeros.
+    pub vring_bases: Vec<u16>,
+    /// Device state to LOAD before the rings start.
+    pub load_state: Option<Vec<u8>>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            queues: 1,
+            queue_size: 256,
+            refuse_features: 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
+            vring_bases: Vec::new(),
+            load_state: None,
+        }
+    }
+}
+
+/// A connected, configured vhost-user device.
+pub struct Frontend {
+    vu: VuFrontend,
+    pub features: u64,
+    pub protocol_features: VhostUserProtocolFeatures,
+    pub queues: Vec<VirtQueue>,
+}
+
+impl Frontend {
+    /// Connects to `socket` (retrying while the daemon starts) and runs the vhost-user
+    /// set-up sequence a VMM runs.
+    pub fn connect(socket: &Path, mem: &mut GuestMemory, setup: &Setup) -> Result<Self, Error> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut vu = loop {
+            match VuFrontend::connect(socket, setup.queues as u64) {
+                Ok(vu) => break vu,
+                Err(_) if Instant::now() < deadline => sleep(Duration::from_millis(10)),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        vu.set_owner()?;
+        let offered = vu.get_features()?;
+        let features = offered & !setup.refuse_features;
+        vu.set_features(features)?;
+        let mut protocol_features = VhostUserProtocolFeatures::empty();
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            protocol_features = vu.get_protocol_features()?;
+            vu.set_protocol_features(protocol_features)?;
+            if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every request is then acknowledged, so a refusal surfaces at its call.
+                vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        vu.set_mem_table(&mem.regions()?)?;
+
+        if let Some(state) = &setup.load_state {
+            load_state(&mut vu, state)?;
+        }
+
+        let mut queues = Vec::with_capacity(setup.queues);
+        for index in 0..setup.queues {
+            let mut queue = VirtQueue::new(index, mem, setup.queue_size)?;
+            let base = setup.vring_bases.get(index).copied().unwrap_or(0);
+            queue.next_desc = base % queue.size;
+            queue.avail_idx = base;
+            queue.last_used = base;
+            // A restored used ring already holds `base` in guest memory.
+            if base != 0 {
+                mem.mmap()
+                    .write_obj(base, queue.used.unchecked_add(2))
+                    .expect("used ring lies inside guest memory");
+                queue.set_avail_idx(mem, base);
+            }
+            // vhost-user carries ring addresses in the frontend's own address space.
+            let config = VringConfigData {
+                queue_max_size: setup.queue_size,
+                queue_size: setup.queue_size,
+                flags: 0,
+                desc_table_addr: mem.host_address(queue.desc_table)?,
+                used_ring_addr: mem.host_address(queue.used)?,
+                avail_ring_addr: mem.host_address(queue.avail)?,
+                log_addr: None,
+            };
+            vu.set_vring_num(index, setup.queue_size)?;
+            vu.set_vring_addr(index, &config)?;
+            vu.set_vring_base(index, base)?;
+            vu.set_vring_call(index, &queue.call)?;
+            vu.set_vring_kick(index, &queue.kick)?;
+            if !protocol_features.is_empty() {
+                vu.set_vring_enable(index, true)?;
+            }
+            queues.push(queue);
+        }
+        Ok(Self {
+            vu,
+            features,
+            protocol_features,
+            queues,
+        })
+    }
+
+    /// Reads `len` bytes of the device's config space.
+    pub fn config(&mut self, len: u32) -> Result<Vec<u8>, Error> {
+        let (_, payload) = self.vu.get_config(
+            0,
+            len,
+            VhostUserConfigFlags::WRITABLE,
+            &vec![0; len as usize],
+        )?;
+        Ok(payload)
+    }
+
+    /// Stops every ring (GET_VRING_BASE) and returns the next avail index of each.
+    pub fn stop(&mut self) -> Result<Vec<u16>, Error> {
+        (0..self.queues.len())
+            .map(|i| Ok(self.vu.get_vring_base(i)? as u16))
+            .collect()
+    }
+
+    /// SET_DEVICE_STATE_FD(SAVE) after [`Frontend::stop`]: reads the state to EOF and
+    /// checks it with CHECK_DEVICE_STATE.
+    pub fn save_state(&mut self) -> Result<Vec<u8>, Error> {
+        let (mut read_end, write_end) = pipe()?;
+        let reply = self.vu.set_device_state_fd(
+            VhostTransferStateDirection::SAVE,
+            VhostTransferStatePhase::STOPPED,
+            write_end,
+        )?;
+        let mut state = Vec::new();
+        match reply {
+            Some(mut file) => file.read_to_end(&mut state)?,
+            None => read_end.read_to_end(&mut state)?,
+        };
+        self.vu.check_device_state()?;
+        Ok(state)
+    }
+}
+
+fn load_state(vu: &mut VuFrontend, state: &[u8]) -> Result<(), Error> {
+    let (read_end, write_end) = pipe()?;
+    let reply = vu.set_device_state_fd(
+        VhostTransferStateDirection::LOAD,
+        VhostTransferStatePhase::STOPPED,
+        OwnedFd::from(read_end),
+    )?;
+    let mut sink = match reply {
+        Some(file) => file,
+        None => File::from(write_end),
+    };
+    sink.write_all(state)?;
+    drop(sink);
+    vu.check_device_state()?;
+    Ok(())
+}
+
+fn pipe() -> Result<(File, OwnedFd), Error> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array; the result is checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}

@@ -1,0 +1,583 @@
+//! `microagent-vhost-blk` driven by the host-side frontend harness: a real daemon
+//! process, a memfd shared as guest memory, and virtqueues built by hand.
+
+use microagent_integration::daemon::Daemon;
+use microagent_integration::frontend::{self, Buf, Frontend, GuestMemory, Setup, VirtQueue};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::Duration;
+use tempfile::TempDir;
+use vhost::vhost_user::VhostUserProtocolFeatures;
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::GuestAddress;
+
+const WAIT: Duration = Duration::from_secs(10);
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+struct Rig {
+    dir: TempDir,
+    disk: PathBuf,
+    daemon: Daemon,
+    mem: GuestMemory,
+    fe: Frontend,
+}
+
+/// A daemon serving a disk of `disk_size` bytes (filled by `fill`), connected.
+fn rig_with(disk_size: usize, fill: impl Fn(usize) -> u8, args: &[&str], setup: Setup) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, (0..disk_size).map(fill).collect::<Vec<u8>>()).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let mut argv: Vec<&str> = vec!["--disk", disk.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    let daemon = Daemon::start("microagent-vhost-blk", &socket, &argv).unwrap();
+    let mut mem = GuestMemory::new(16 << 20).unwrap();
+    let fe = Frontend::connect(&socket, &mut mem, &setup).unwrap();
+    Rig {
+        dir,
+        disk,
+        daemon,
+        mem,
+        fe,
+    }
+}
+
+fn rig(args: &[&str]) -> Rig {
+    rig_with(1 << 20, |_| 0, args, Setup::default())
+}
+
+fn header(request_type: u32, sector: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(16);
+    h.extend_from_slice(&request_type.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&sector.to_le_bytes());
+    h
+}
+
+enum Data<'a> {
+    None,
+    /// Device reads these buffers (OUT, DISCARD, WRITE_ZEROES).
+    Out(&'a [&'a [u8]]),
+    /// Device writes buffers of these lengths (IN, GET_ID).
+    In(&'a [u32]),
+}
+
+struct Done {
+    status: u8,
+    used_len: u32,
+    data: Vec<u8>,
+}
+
+/// One request on `queue`: header, data buffers, one status byte.
+fn request(rig: &mut Rig, queue: usize, request_type: u32, sector: u64, data: Data) -> Done {
+    let mark = rig.mem.mark();
+    let hdr = rig.mem.alloc(16, 16).unwrap();
+    rig.mem.write(hdr, &header(request_type, sector));
+    let mut bufs = vec![Buf::readable(hdr, 16)];
+    let mut inputs = Vec::new();
+    match data {
+        Data::None => {}
+        Data::Out(chunks) => {
+            for chunk in chunks {
+                let at = rig.mem.alloc(chunk.len() as u64, 512).unwrap();
+                rig.mem.write(at, chunk);
+                bufs.push(Buf::readable(at, chunk.len() as u32));
+            }
+        }
+        Data::In(lens) => {
+            for &len in lens {
+                let at = rig.mem.alloc(u64::from(len), 512).unwrap();
+                rig.mem.write(at, &vec![0xEE; len as usize]);
+                bufs.push(Buf::writable(at, len));
+                inputs.push((at, len));
+            }
+        }
+    }
+    let status_at = rig.mem.alloc(1, 1).unwrap();
+    rig.mem.write(status_at, &[0xFF]);
+    bufs.push(Buf::writable(status_at, 1));
+    let q = &mut rig.fe.queues[queue];
+    let head = q.submit(&rig.mem, &bufs).unwrap();
+    let used = q.wait_used(&rig.mem, 1, WAIT).unwrap();
+    assert_eq!(used[0].0, head, "completion for another chain");
+    let mut out = Vec::new();
+    for (at, len) in inputs {
+        out.extend(rig.mem.read(at, len as usize));
+    }
+    let status = rig.mem.read(status_at, 1)[0];
+    rig.mem.release_to(mark);
+    Done {
+        status,
+        used_len: used[0].1,
+        data: out,
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn segment(sector: u64, sectors: u32, flags: u32) -> Vec<u8> {
+    let mut s = Vec::with_capacity(16);
+    s.extend_from_slice(&sector.to_le_bytes());
+    s.extend_from_slice(&sectors.to_le_bytes());
+    s.extend_from_slice(&flags.to_le_bytes());
+    s
+}
+
+#[test]
+fn config_space_and_features_describe_the_disk() {
+    let mut rig = rig(&["--queues", "2"]);
+    let config = rig.fe.config(60).unwrap();
+    let capacity = u64::from_le_bytes(config[0..8].try_into().unwrap());
+    assert_eq!(capacity, (1 << 20) / 512);
+    assert_eq!(
+        u16::from_le_bytes([config[34], config[35]]),
+        2,
+        "num_queues"
+    );
+    for bit in [
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+        VIRTIO_BLK_F_MQ,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+    ] {
+        assert!(
+            rig.fe.features & (1 << bit) != 0,
+            "feature bit {bit} missing"
+        );
+    }
+    assert_eq!(rig.fe.features & (1 << VIRTIO_BLK_F_RO), 0);
+    assert!(rig
+        .fe
+        .protocol_features
+        .contains(VhostUserProtocolFeatures::DEVICE_STATE | VhostUserProtocolFeatures::CONFIG));
+}
+
+#[test]
+fn write_then_read_returns_the_data_and_reaches_the_file() {
+    let mut rig = rig(&[]);
+    let data = pattern(8192, 7);
+    let done = request(
+        &mut rig,
+        0,
+        VIRTIO_BLK_T_OUT,
+        16,
+        Data::Out(&[&data[..4096], &data[4096..]]),
+    );
+    assert_eq!((done.status, done.used_len), (S_OK, 1));
+    assert_eq!(&fs::read(&rig.disk).unwrap()[8192..16384], &data[..]);
+
+    let done = request(
+        &mut rig,
+        0,
+        VIRTIO_BLK_T_IN,
+        16,
+        Data::In(&[512, 3584, 4096]),
+    );
+    assert_eq!(done.status, S_OK);
+    assert_eq!(
+        done.used_len,
+        8192 + 1,
+        "used length counts data and status"
+    );
+    assert_eq!(done.data, data);
+}
+
+#[test]
+fn direct_io_reads_and_writes_like_buffered_io() {
+    let mut rig = rig(&["--direct-io"]);
+    let data = pattern(4096 + 512, 3);
+    // Odd-sized, sector-multiple buffers go through the aligned bounce buffer.
+    let done = request(
+        &mut rig,
+        0,
+        VIRTIO_BLK_T_OUT,
+        3,
+        Data::Out(&[&data[..1536], &data[1536..]]),
+    );
+    assert_eq!(done.status, S_OK);
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_IN, 3, Data::In(&[4608]));
+    assert_eq!(done.status, S_OK);
+    assert_eq!(done.data, data);
+    assert_eq!(&fs::read(&rig.disk).unwrap()[1536..1536 + 4608], &data[..]);
+}
+
+#[test]
+fn flush_succeeds_and_get_id_returns_the_serial() {
+    let mut rig = rig(&["--serial", "disk-serial-1"]);
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_FLUSH, 0, Data::None);
+    assert_eq!((done.status, done.used_len), (S_OK, 1));
+
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_GET_ID, 0, Data::In(&[20]));
+    assert_eq!(done.status, S_OK);
+    assert_eq!(done.used_len, 21);
+    let mut expected = b"disk-serial-1".to_vec();
+    expected.resize(20, 0);
+    assert_eq!(done.data, expected);
+}
+
+#[test]
+fn discard_punches_a_hole_in_the_host_file() {
+    let mut rig = rig_with(4 << 20, |i| (i % 251) as u8 | 1, &[], Setup::default());
+    let blocks_before = fs::metadata(&rig.disk).unwrap().blocks();
+    let seg = segment(0, 2048, 0); // the first MiB
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_DISCARD, 0, Data::Out(&[&seg]));
+    assert_eq!(done.status, S_OK);
+    let meta = fs::metadata(&rig.disk).unwrap();
+    assert_eq!(meta.len(), 4 << 20, "discard must not change the size");
+    assert!(
+        meta.blocks() + 2048 <= blocks_before,
+        "no hole: {} blocks before, {} after",
+        blocks_before,
+        meta.blocks()
+    );
+    let contents = fs::read(&rig.disk).unwrap();
+    assert!(contents[..1 << 20].iter().all(|&b| b == 0));
+    assert!(
+        contents[(1 << 20)..].iter().all(|&b| b != 0),
+        "discard went too far"
+    );
+}
+
+#[test]
+fn write_zeroes_zeroes_exactly_the_range() {
+    let mut rig = rig_with(1 << 20, |_| 0xAB, &[], Setup::default());
+    let segs = [segment(8, 8, 0), segment(100, 1, 1)];
+    let done = request(
+        &mut rig,
+        0,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+        0,
+        Data::Out(&[&segs[0], &segs[1]]),
+    );
+    assert_eq!(done.status, S_OK);
+    let contents = fs::read(&rig.disk).unwrap();
+    assert!(contents[4096..8192].iter().all(|&b| b == 0));
+    assert!(contents[100 * 512..101 * 512].iter().all(|&b| b == 0));
+    assert!(contents[..4096].iter().all(|&b| b == 0xAB));
+    assert!(contents[8192..100 * 512].iter().all(|&b| b == 0xAB));
+    assert!(contents[101 * 512..].iter().all(|&b| b == 0xAB));
+}
+
+#[test]
+fn read_only_disk_fails_writes_and_never_touches_the_file() {
+    let mut rig = rig_with(1 << 20, |i| i as u8, &["--read-only"], Setup::default());
+    let before = fs::read(&rig.disk).unwrap();
+    assert!(rig.fe.features & (1 << VIRTIO_BLK_F_RO) != 0);
+    assert_eq!(rig.fe.features & (1 << VIRTIO_BLK_F_DISCARD), 0);
+
+    let data = pattern(512, 1);
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_OUT, 0, Data::Out(&[&data]));
+    assert_eq!(done.status, S_IOERR);
+    let seg = segment(0, 8, 0);
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_DISCARD, 0, Data::Out(&[&seg]));
+    assert_eq!(done.status, S_IOERR);
+    let done = request(
+        &mut rig,
+        0,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+        0,
+        Data::Out(&[&seg]),
+    );
+    assert_eq!(done.status, S_IOERR);
+    assert_eq!(fs::read(&rig.disk).unwrap(), before);
+
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_IN, 1, Data::In(&[512]));
+    assert_eq!(done.status, S_OK);
+    assert_eq!(done.data, before[512..1024]);
+}
+
+/// Submits a raw chain on queue 0 and returns its used length.
+fn raw(rig: &mut Rig, bufs: &[Buf]) -> u32 {
+    let q: &mut VirtQueue = &mut rig.fe.queues[0];
+    q.submit(&rig.mem, bufs).unwrap();
+    q.wait_used(&rig.mem, 1, WAIT).unwrap()[0].1
+}
+
+#[test]
+fn malformed_requests_get_errors_and_the_queue_keeps_working() {
+    let mut rig = rig(&[]);
+    let hdr_in = rig.mem.alloc(16, 16).unwrap();
+    rig.mem.write(hdr_in, &header(VIRTIO_BLK_T_IN, 0));
+    let data = rig.mem.alloc(4096, 512).unwrap();
+    let status = rig.mem.alloc(1, 1).unwrap();
+    let status_of = |rig: &Rig| rig.mem.read(status, 1)[0];
+    let outside = GuestAddress(rig.mem.size() + 4096);
+
+    // Only a header: no status descriptor to report anything in.
+    assert_eq!(raw(&mut rig, &[Buf::readable(hdr_in, 16)]), 0);
+
+    // Header in a device-writable buffer.
+    rig.mem.write(status, &[0xFF]);
+    let used = raw(
+        &mut rig,
+        &[
+            Buf::writable(hdr_in, 16),
+            Buf::writable(data, 512),
+            Buf::writable(status, 1),
+        ],
+    );
+    assert_eq!((used, status_of(&rig)), (1, S_IOERR));
+
+    // Header too short.
+    rig.mem.write(status, &[0xFF]);
+    let used = raw(
+        &mut rig,
+        &[Buf::readable(hdr_in, 8), Buf::writable(status, 1)],
+    );
+    assert_eq!((used, status_of(&rig)), (1, S_IOERR));
+
+    // IN whose data buffer the device may not write.
+    rig.mem.write(status, &[0xFF]);
+    let used = raw(
+        &mut rig,
+        &[
+            Buf::readable(hdr_in, 16),
+            Buf::readable(data, 512),
+            Buf::writable(status, 1),
+        ],
+    );
+    assert_eq!((used, status_of(&rig)), (1, S_IOERR));
+
+    // Data buffer outside guest memory.
+    rig.mem.write(status, &[0xFF]);
+    let used = raw(
+        &mut rig,
+        &[
+            Buf::readable(hdr_in, 16),
+            Buf::writable(outside, 512),
+            Buf::writable(status, 1),
+        ],
+    );
+    assert_eq!((used, status_of(&rig)), (1, S_IOERR));
+
+    // Header outside guest memory.
+    rig.mem.write(status, &[0xFF]);
+    let used = raw(
+        &mut rig,
+        &[Buf::readable(outside, 16), Buf::writable(status, 1)],
+    );
+    assert_eq!((used, status_of(&rig)), (1, S_IOERR));
+
+    // Status byte outside guest memory: nothing can be reported.
+    let used = raw(
+        &mut rig,
+        &[Buf::readable(hdr_in, 16), Buf::writable(outside, 1)],
+    );
+    assert_eq!(used, 0);
+
+    // Status descriptor the device may not write.
+    let used = raw(
+        &mut rig,
+        &[Buf::readable(hdr_in, 16), Buf::readable(status, 1)],
+    );
+    assert_eq!(used, 0);
+
+    // Sector beyond the end of the disk, and a request straddling it.
+    for sector in [2048, 2047, u64::MAX / 512] {
+        rig.mem.write(hdr_in, &header(VIRTIO_BLK_T_IN, sector));
+        rig.mem.write(status, &[0xFF]);
+        let used = raw(
+            &mut rig,
+            &[
+                Buf::readable(hdr_in, 16),
+                Buf::writable(data, 1024),
+                Buf::writable(status, 1),
+            ],
+        );
+        assert_eq!((used, status_of(&rig)), (1, S_IOERR), "sector {sector}");
+    }
+
+    // Data that is not a whole number of sectors.
+    rig.mem.write(hdr_in, &header(VIRTIO_BLK_T_OUT, 0));
+    rig.mem.write(status, &[0xFF]);
+    let used = raw(
+        &mut rig,
+        &[
+            Buf::readable(hdr_in, 16),
+            Buf::readable(data, 100),
+            Buf::writable(status, 1),
+        ],
+    );
+    assert_eq!((used, status_of(&rig)), (1, S_IOERR));
+
+    // Unknown request type.
+    rig.mem.write(hdr_in, &header(99, 0));
+    rig.mem.write(status, &[0xFF]);
+    let used = raw(
+        &mut rig,
+        &[Buf::readable(hdr_in, 16), Buf::writable(status, 1)],
+    );
+    assert_eq!((used, status_of(&rig)), (1, S_UNSUPP));
+
+    // A descriptor that chains to itself: the walk is cut off, nothing is trusted.
+    let q = &mut rig.fe.queues[0];
+    let head = q.write_chain(&rig.mem, &[Buf::readable(hdr_in, 16)]);
+    q.write_descriptor(
+        &rig.mem,
+        head,
+        Descriptor::new(hdr_in.0, 16, frontend::VIRTQ_DESC_F_NEXT, head),
+    );
+    q.publish(&rig.mem, head);
+    q.kick().unwrap();
+    assert_eq!(q.wait_used(&rig.mem, 1, WAIT).unwrap()[0].1, 0);
+
+    // The queue still serves a well-formed request, and the daemon is alive.
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_IN, 0, Data::In(&[512]));
+    assert_eq!(done.status, S_OK);
+    assert!(rig.daemon.try_status().unwrap().is_none(), "daemon died");
+}
+
+#[test]
+fn corrupt_avail_index_breaks_only_that_queue() {
+    let setup = Setup {
+        queues: 2,
+        ..Setup::default()
+    };
+    let mut rig = rig_with(1 << 20, |_| 0x5A, &["--queues", "2"], setup);
+    // Queue 0 claims more new buffers than it has slots.
+    let q0 = &mut rig.fe.queues[0];
+    q0.set_avail_idx(&rig.mem, q0.avail_idx().wrapping_add(q0.size() + 5));
+    q0.kick().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+
+    let done = request(&mut rig, 1, VIRTIO_BLK_T_IN, 0, Data::In(&[512]));
+    assert_eq!(done.status, S_OK);
+    assert!(done.data.iter().all(|&b| b == 0x5A));
+    assert!(rig.daemon.try_status().unwrap().is_none(), "daemon died");
+}
+
+#[test]
+fn both_queues_serve_interleaved_writes() {
+    let setup = Setup {
+        queues: 2,
+        ..Setup::default()
+    };
+    let mut rig = rig_with(1 << 20, |_| 0, &["--queues", "2"], setup);
+    for i in 0..32u64 {
+        let queue = (i % 2) as usize;
+        let data = pattern(512, i as u8);
+        let done = request(&mut rig, queue, VIRTIO_BLK_T_OUT, i, Data::Out(&[&data]));
+        assert_eq!(done.status, S_OK);
+    }
+    let contents = fs::read(&rig.disk).unwrap();
+    for i in 0..32usize {
+        assert_eq!(
+            &contents[i * 512..(i + 1) * 512],
+            &pattern(512, i as u8)[..]
+        );
+    }
+}
+
+#[test]
+fn daemon_exits_zero_when_its_frontend_disconnects() {
+    let Rig {
+        dir,
+        mut daemon,
+        fe,
+        ..
+    } = rig(&[]);
+    drop(fe);
+    let status = daemon.wait_exit(WAIT).unwrap();
+    assert!(status.success(), "{status}");
+    assert!(dir.path().exists());
+}
+
+#[test]
+fn saved_state_restores_into_a_fresh_daemon_that_continues_the_rings() {
+    let mut rig = rig(&["--serial", "snap"]);
+    let data = pattern(4096, 42);
+    for _ in 0..3 {
+        let done = request(&mut rig, 0, VIRTIO_BLK_T_OUT, 100, Data::Out(&[&data]));
+        assert_eq!(done.status, S_OK);
+    }
+    let bases = rig.fe.stop().unwrap();
+    assert_eq!(bases, [3], "next avail index after three requests");
+    let state = rig.fe.save_state().unwrap();
+    let Rig {
+        dir,
+        disk,
+        mut daemon,
+        mut mem,
+        fe,
+    } = rig;
+    drop(fe);
+    assert!(daemon.wait_exit(WAIT).unwrap().success());
+
+    let socket = dir.path().join("restored.sock");
+    let _restored = Daemon::start(
+        "microagent-vhost-blk",
+        &socket,
+        ["--disk", disk.to_str().unwrap(), "--serial", "snap"],
+    )
+    .unwrap();
+    let setup = Setup {
+        vring_bases: bases,
+        load_state: Some(state),
+        ..Setup::default()
+    };
+    let fe = Frontend::connect(&socket, &mut mem, &setup).unwrap();
+    let mut rig = Rig {
+        dir,
+        disk,
+        daemon: _restored,
+        mem,
+        fe,
+    };
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_IN, 100, Data::In(&[4096]));
+    assert_eq!(done.status, S_OK);
+    assert_eq!(
+        done.data, data,
+        "restored daemon does not see data written before the save"
+    );
+}
+
+#[test]
+fn corrupt_truncated_or_foreign_state_is_refused() {
+    let mut rig = rig(&[]);
+    rig.fe.stop().unwrap();
+    let state = rig.fe.save_state().unwrap();
+    let disk = rig.disk.clone();
+
+    let mut flipped = state.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 1;
+    // State saved by a daemon whose disk is half the size.
+    let mut small = rig_with(512 << 10, |_| 0, &[], Setup::default());
+    small.fe.stop().unwrap();
+    let for_smaller_disk = small.fe.save_state().unwrap();
+    let cases = [
+        ("truncated", state[..state.len() / 2].to_vec()),
+        ("flipped byte", flipped),
+        ("empty", Vec::new()),
+        ("other disk size", for_smaller_disk),
+    ];
+    for (name, bad) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("blk.sock");
+        let _daemon = Daemon::start(
+            "microagent-vhost-blk",
+            &socket,
+            ["--disk", disk.to_str().unwrap()],
+        )
+        .unwrap();
+        let mut mem = GuestMemory::new(1 << 20).unwrap();
+        let setup = Setup {
+            load_state: Some(bad),
+            ..Setup::default()
+        };
+        assert!(
+            Frontend::connect(&socket, &mut mem, &setup).is_err(),
+            "{name} state was accepted"
+        );
+    }
+}
