@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -261,28 +261,11 @@ impl VirtQueue {
             .expect("used ring lies inside guest memory")
     }
 
-    /// Waits until `count` more used elements appear; returns them as (head, len).
-    pub fn wait_used(
-        &mut self,
-        mem: &GuestMemory,
-        count: usize,
-        timeout: Duration,
-    ) -> Result<Vec<(u16, u32)>, Error> {
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::with_capacity(count);
-        while out.len() < count {
-            if self.used_idx(mem) == self.last_used {
-                if Instant::now() >= deadline {
-                    return Err(Error::Timeout {
-                        queue: self.index,
-                        timeout,
-                    });
-                }
-                // The call eventfd is non-blocking; drain it and poll the ring again.
-                let _ = self.call.read();
-                sleep(Duration::from_micros(50));
-                continue;
-            }
+    /// Every used element the device has added since the last call, as (head, len).
+    pub fn poll_used(&mut self, mem: &GuestMemory) -> Vec<(u16, u32)> {
+        let used_idx = self.used_idx(mem);
+        let mut out = Vec::new();
+        while self.last_used != used_idx {
             let slot = u64::from(self.last_used % self.size);
             let elem = self.used.unchecked_add(4 + 8 * slot);
             let id: u32 = mem.mmap().read_obj(elem).expect("used ring in memory");
@@ -293,7 +276,47 @@ impl VirtQueue {
             out.push((id as u16, len));
             self.last_used = self.last_used.wrapping_add(1);
         }
-        Ok(out)
+        out
+    }
+
+    /// Blocks until the device signals the call eventfd or `timeout` passes.
+    pub fn wait_call(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        // Non-blocking: drains the counter, or finds it empty after a timeout.
+        let _ = self.call.read();
+    }
+
+    /// Waits until `count` more used elements appear; returns them as (head, len).
+    pub fn wait_used(
+        &mut self,
+        mem: &GuestMemory,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<(u16, u32)>, Error> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(count);
+        loop {
+            out.extend(self.poll_used(mem));
+            if out.len() >= count {
+                return Ok(out);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    queue: self.index,
+                    timeout,
+                });
+            }
+            // Short waits: a device that does not signal is still seen by polling.
+            self.wait_call((deadline - now).min(Duration::from_millis(10)));
+        }
     }
 }
 

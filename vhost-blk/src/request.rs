@@ -151,7 +151,7 @@ impl Request {
         })
     }
 
-    fn data_len(&self) -> u64 {
+    pub fn data_len(&self) -> u64 {
         self.data.iter().map(|&(_, len)| u64::from(len)).sum()
     }
 

@@ -1,0 +1,217 @@
+//! Block benchmark: `microagent-vhost-blk` against `qemu-storage-daemon`'s vhost-user-blk
+//! export, through the same host-side frontend, same file, same queue depth.
+//!
+//! cargo build --release --workspace
+//! cargo run --release -p microagent-integration --example bench_blk [-- SECONDS ROUNDS]
+//!
+//! Each round runs every workload on both daemons back to back, alternating which goes
+//! first; the table reports the median over rounds and the ratio ours / theirs.
+
+use microagent_integration::daemon::Daemon;
+use microagent_integration::frontend::{Buf, Frontend, GuestMemory, Setup};
+use microagent_integration::storage_daemon::StorageDaemon;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::GuestAddress;
+
+const DISK_SIZE: u64 = 512 << 20;
+const DEPTH: usize = 32;
+
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    request_type: u32,
+    block: u32,
+    random: bool,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload {
+        name: "4 KiB random read",
+        request_type: VIRTIO_BLK_T_IN,
+        block: 4096,
+        random: true,
+    },
+    Workload {
+        name: "4 KiB random write",
+        request_type: VIRTIO_BLK_T_OUT,
+        block: 4096,
+        random: true,
+    },
+    Workload {
+        name: "1 MiB sequential read",
+        request_type: VIRTIO_BLK_T_IN,
+        block: 1 << 20,
+        random: false,
+    },
+    Workload {
+        name: "1 MiB sequential write",
+        request_type: VIRTIO_BLK_T_OUT,
+        block: 1 << 20,
+        random: false,
+    },
+];
+
+/// One in-flight slot: three fixed descriptors and its own buffers.
+struct Slot {
+    header: GuestAddress,
+    data: GuestAddress,
+    status: GuestAddress,
+}
+
+/// xorshift64: cheap, deterministic offsets.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// Runs `workload` for `seconds` on the device behind `socket`; returns requests/s.
+fn run(socket: &Path, workload: Workload, seconds: f64) -> f64 {
+    let mut mem = GuestMemory::new(64 << 20).expect("guest memory");
+    let mut fe = Frontend::connect(socket, &mut mem, &Setup::default()).expect("connect");
+    let slots: Vec<Slot> = (0..DEPTH)
+        .map(|_| Slot {
+            header: mem.alloc(16, 16).unwrap(),
+            data: mem.alloc(u64::from(workload.block), 4096).unwrap(),
+            status: mem.alloc(1, 1).unwrap(),
+        })
+        .collect();
+    let blocks = DISK_SIZE / u64::from(workload.block);
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut sequential = 0u64;
+    let queue = &mut fe.queues[0];
+    let data_flags = if workload.request_type == VIRTIO_BLK_T_IN {
+        2
+    } else {
+        0
+    };
+
+    let mut submit = |slot: usize, queue: &mut microagent_integration::frontend::VirtQueue| {
+        let block = if workload.random {
+            next_random(&mut rng) % blocks
+        } else {
+            sequential = (sequential + 1) % blocks;
+            sequential
+        };
+        let sector = block * u64::from(workload.block) / 512;
+        let s = &slots[slot];
+        let mut header = Vec::with_capacity(16);
+        header.extend_from_slice(&workload.request_type.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&sector.to_le_bytes());
+        mem.write(s.header, &header);
+        let head = (slot * 3) as u16;
+        queue.write_descriptor(&mem, head, Descriptor::new(s.header.0, 16, 1, head + 1));
+        queue.write_descriptor(
+            &mem,
+            head + 1,
+            Descriptor::new(s.data.0, workload.block, 1 | data_flags, head + 2),
+        );
+        queue.write_descriptor(&mem, head + 2, Descriptor::new(s.status.0, 1, 2, 0));
+        queue.publish(&mem, head);
+    };
+
+    for slot in 0..DEPTH {
+        submit(slot, queue);
+    }
+    queue.kick().unwrap();
+    let start = Instant::now();
+    let mut done = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        let used = queue.poll_used(&mem);
+        if used.is_empty() {
+            queue.wait_call(Duration::from_millis(5));
+            continue;
+        }
+        for (head, _) in &used {
+            let slot = usize::from(*head) / 3;
+            assert_eq!(mem.read(slots[slot].status, 1)[0], 0, "request failed");
+            submit(slot, queue);
+        }
+        done += used.len() as u64;
+        queue.kick().unwrap();
+    }
+    let rate = done as f64 / start.elapsed().as_secs_f64();
+    // Drain what is still in flight before disconnecting.
+    let _ = queue.wait_used(&mem, 0, Duration::from_secs(5));
+    rate
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2.0);
+    let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("bench.img");
+    let mut file = File::create(&disk).unwrap();
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 7 + 1) as u8).collect();
+    for _ in 0..DISK_SIZE >> 20 {
+        file.write_all(&chunk).unwrap();
+    }
+    file.sync_all().unwrap();
+    drop(file);
+
+    println!("vhost-user-blk: microagent-vhost-blk vs qemu-storage-daemon");
+    println!("disk {} MiB (buffered, page cache warm), queue depth {DEPTH}, {seconds} s per run, {rounds} rounds\n", DISK_SIZE >> 20);
+    println!("| workload | microagent | qemu-storage-daemon | ratio |");
+    println!("|---|---|---|---|");
+    for workload in WORKLOADS {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let mut measure_ours = || {
+                let socket = dir.path().join("ours.sock");
+                let _ = std::fs::remove_file(&socket);
+                let _d = Daemon::start(
+                    "microagent-vhost-blk",
+                    &socket,
+                    ["--disk", disk.to_str().unwrap()],
+                )
+                .unwrap();
+                run(&socket, workload, seconds)
+            };
+            let mut measure_theirs = || {
+                let socket = dir.path().join("qsd.sock");
+                let _ = std::fs::remove_file(&socket);
+                let _d = StorageDaemon::start(&disk, &socket, true).unwrap();
+                run(&socket, workload, seconds)
+            };
+            if round % 2 == 0 {
+                ours.push(measure_ours());
+                theirs.push(measure_theirs());
+            } else {
+                theirs.push(measure_theirs());
+                ours.push(measure_ours());
+            }
+        }
+        let (a, b) = (median(ours), median(theirs));
+        let unit = |rate: f64| {
+            if workload.block >= 1 << 20 {
+                format!(
+                    "{:.0} MiB/s",
+                    rate * f64::from(workload.block) / f64::from(1u32 << 20)
+                )
+            } else {
+                format!("{:.0} IOPS", rate)
+            }
+        };
+        println!(
+            "| {} | {} | {} | {:.2} |",
+            workload.name,
+            unit(a),
+            unit(b),
+            a / b
+        );
+    }
+}
