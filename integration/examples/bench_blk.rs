@@ -8,7 +8,7 @@
 //! first; the table reports the median over rounds and the ratio ours / theirs.
 
 use microagent_integration::daemon::Daemon;
-use microagent_integration::frontend::{Buf, Frontend, GuestMemory, Setup};
+use microagent_integration::frontend::{Frontend, GuestMemory, Setup, VirtQueue};
 use microagent_integration::storage_daemon::StorageDaemon;
 use std::fs::File;
 use std::io::Write;
@@ -92,7 +92,7 @@ fn run(socket: &Path, workload: Workload, seconds: f64) -> f64 {
         0
     };
 
-    let mut submit = |slot: usize, queue: &mut microagent_integration::frontend::VirtQueue| {
+    let mut submit = |slot: usize, queue: &mut VirtQueue| {
         let block = if workload.random {
             next_random(&mut rng) % blocks
         } else {
@@ -170,7 +170,7 @@ fn main() {
     for workload in WORKLOADS {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for round in 0..rounds {
-            let mut measure_ours = || {
+            let measure_ours = || {
                 let socket = dir.path().join("ours.sock");
                 let _ = std::fs::remove_file(&socket);
                 let _d = Daemon::start(
@@ -181,7 +181,7 @@ fn main() {
                 .unwrap();
                 run(&socket, workload, seconds)
             };
-            let mut measure_theirs = || {
+            let measure_theirs = || {
                 let socket = dir.path().join("qsd.sock");
                 let _ = std::fs::remove_file(&socket);
                 let _d = StorageDaemon::start(&disk, &socket, true).unwrap();
