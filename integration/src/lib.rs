@@ -10,6 +10,7 @@
 //! - [`daemon`]: microagent's own daemons as real processes.
 //! - [`process`]: guards that kill what a test started, also when the test fails.
 //! - [`kernel`]: where the cached guest kernel is.
+//! - [`vmm`]: `microagent-vmm` as a process, and the freestanding test guest it boots.
 
 pub mod daemon;
 pub mod frontend;
@@ -18,3 +19,4 @@ pub mod kernel;
 pub mod process;
 pub mod qemu;
 pub mod storage_daemon;
+pub mod vmm;

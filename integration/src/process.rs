@@ -57,6 +57,14 @@ impl ChildGuard {
         }
     }
 
+    /// The finished process's status and captured output (after [`Self::wait_timeout`]).
+    pub fn into_output(mut self) -> std::io::Result<std::process::Output> {
+        match self.child.take() {
+            Some(child) => child.wait_with_output(),
+            None => Err(io::Error::other("process already reaped")),
+        }
+    }
+
     /// Waits up to `timeout` for the process to exit by itself.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus, Error> {
         let deadline = Instant::now() + timeout;

@@ -1,1 +1,22 @@
-//! KVM microVM core (issue 3): not implemented yet.
+//! `microagent-vmm`: a minimal KVM virtual machine monitor. It owns vCPUs and guest
+//! memory and nothing else a guest can touch: every device with guest-visible behaviour
+//! is a vhost-user daemon behind a virtio-mmio transport.
+//!
+//! - [`config`]: flags checked into a [`config::VmmConfig`].
+//! - [`memory`], [`layout`]: guest memory (a sealed memfd) and the address map.
+//! - [`boot`], [`cpu`]: kernel loading, boot information, vCPU architectural state.
+//! - [`vcpu`]: vCPU threads, exits, pause/resume.
+//! - [`devices`]: serial, i8042, virtio-mmio transports with vhost-user frontends.
+//! - [`vm`]: building the VM and its event loop; [`api`]: the control socket.
+//! - [`host`]: what this host's KVM can do (PVM detection).
+
+pub mod api;
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod host;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,151 @@
+//! `microagent-vmm` as a real process: the freestanding test guest, a serial log file,
+//! and the control socket.
+
+use crate::daemon::{self, binary};
+use crate::process::{self, ChildGuard};
+use std::ffi::OsString;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// The freestanding test guest built by this crate's build script.
+pub fn test_guest() -> &'static Path {
+    Path::new(env!("MICROAGENT_TEST_GUEST"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Daemon(#[from] daemon::Error),
+    #[error(transparent)]
+    Process(#[from] process::Error),
+    #[error("control socket: {0}")]
+    Api(std::io::Error),
+    #[error("control socket reply: {0}")]
+    Reply(serde_json::Error),
+    #[error("{marker:?} not on the serial console within {timeout:?}; console:\n{console}")]
+    Timeout {
+        marker: String,
+        timeout: Duration,
+        console: String,
+    },
+    #[error("running microagent-vmm: {0}")]
+    Run(std::io::Error),
+}
+
+/// Arguments for one VMM run; `serial` and `api_socket` live in `dir`.
+#[derive(Debug, Clone)]
+pub struct VmmArgs {
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    pub memory_mib: u32,
+    pub blk: Vec<PathBuf>,
+    pub extra: Vec<OsString>,
+}
+
+impl VmmArgs {
+    pub fn test_guest(cmdline: &str) -> Self {
+        Self {
+            kernel: test_guest().to_owned(),
+            cmdline: cmdline.to_owned(),
+            memory_mib: 64,
+            blk: Vec::new(),
+            extra: Vec::new(),
+        }
+    }
+
+    fn command(&self, dir: &Path) -> Result<Command, Error> {
+        let mut cmd = Command::new(binary("microagent-vmm")?);
+        cmd.arg("--kernel")
+            .arg(&self.kernel)
+            .arg("--cmdline")
+            .arg(&self.cmdline)
+            .arg("--memory")
+            .arg(self.memory_mib.to_string())
+            .arg("--serial")
+            .arg(dir.join("serial.log"))
+            .arg("--api-socket")
+            .arg(dir.join("api.sock"));
+        for blk in &self.blk {
+            cmd.arg("--blk").arg(blk);
+        }
+        cmd.args(&self.extra).stdin(Stdio::null());
+        Ok(cmd)
+    }
+
+    /// Runs the VMM to completion (with a timeout) and returns its output.
+    pub fn run(&self, dir: &Path, timeout: Duration) -> Result<(Output, String), Error> {
+        let mut cmd = self.command(dir)?;
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn(&mut cmd)?;
+        child.wait_timeout(timeout)?;
+        let output = child.into_output().map_err(Error::Run)?;
+        let console = fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
+        Ok((output, console))
+    }
+}
+
+/// A running VMM, killed when dropped.
+pub struct Vmm {
+    process: ChildGuard,
+    dir: PathBuf,
+}
+
+impl Vmm {
+    pub fn start(args: &VmmArgs, dir: &Path) -> Result<Self, Error> {
+        let mut process = ChildGuard::spawn(&mut args.command(dir)?)?;
+        process.wait_for_path(&dir.join("api.sock"), Duration::from_secs(10))?;
+        Ok(Self {
+            process,
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn console(&self) -> String {
+        fs::read_to_string(self.dir.join("serial.log")).unwrap_or_default()
+    }
+
+    pub fn wait_for(&self, marker: &str, timeout: Duration) -> Result<String, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let console = self.console();
+            if console.contains(marker) {
+                return Ok(console);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    marker: marker.to_owned(),
+                    timeout,
+                    console,
+                });
+            }
+            sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends one request on a fresh connection and returns the reply.
+    pub fn api(&self, request: &str) -> Result<serde_json::Value, Error> {
+        let mut stream = UnixStream::connect(self.dir.join("api.sock")).map_err(Error::Api)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(Error::Api)?;
+        writeln!(stream, "{request}").map_err(Error::Api)?;
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .map_err(Error::Api)?;
+        serde_json::from_str(&line).map_err(Error::Reply)
+    }
+
+    pub fn try_status(&mut self) -> Result<Option<ExitStatus>, Error> {
+        Ok(self.process.try_status()?)
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, Error> {
+        Ok(self.process.wait_timeout(timeout)?)
+    }
+}

@@ -1,0 +1,222 @@
+//! `microagent-vmm` on this machine's KVM: the freestanding test guest boots, drives
+//! virtio-blk through qemu-storage-daemon and through microagent-vhost-blk, pauses and
+//! resumes; the project's Linux kernel starts and, on a PVM-only host, stops with a
+//! structured emulation-failure error.
+
+use microagent_integration::daemon::Daemon;
+use microagent_integration::kernel::guest_kernel;
+use microagent_integration::storage_daemon::StorageDaemon;
+use microagent_integration::vmm::{Vmm, VmmArgs};
+use microagent_vmm::host::linux_guest_limitation;
+use std::fs;
+use std::path::Path;
+use std::thread::sleep;
+use std::time::Duration;
+
+const RUN: Duration = Duration::from_secs(60);
+
+#[test]
+fn test_guest_prints_the_exact_command_line_and_i8042_reset_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmdline = "console=ttyS0 scenario=banner token=7f3a9c";
+    let (output, console) = VmmArgs::test_guest(cmdline).run(dir.path(), RUN).unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        console.contains(&format!("microagent test guest: cmdline=[{cmdline}]")),
+        "{console}"
+    );
+    assert!(console.contains("TEST-GUEST-DONE"));
+}
+
+fn blk_through(dir: &Path, socket: &Path, disk: &Path) {
+    let mut args =
+        VmmArgs::test_guest("scenario=blk blk_pattern=written-by-test-guest blk_sector=6");
+    args.blk.push(socket.to_owned());
+    let (output, console) = args.run(dir, RUN).unwrap();
+    assert!(output.status.success(), "{output:?}\n{console}");
+    assert!(
+        console.contains("virtio_mmio.device=4K@0xd0000000:5"),
+        "{console}"
+    );
+    assert!(console.contains("BLK-CAPACITY=2048"), "{console}");
+    assert!(console.contains("BLK-WRITE-STATUS=0"), "{console}");
+    assert!(
+        console.contains("BLK-READBACK=written-by-test-guest"),
+        "{console}"
+    );
+    let contents = fs::read(disk).unwrap();
+    assert_eq!(&contents[6 * 512..6 * 512 + 21], b"written-by-test-guest");
+}
+
+#[test]
+fn test_guest_writes_through_qemu_storage_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let export = StorageDaemon::start(&disk, &dir.path().join("qsd.sock"), true).unwrap();
+    blk_through(dir.path(), export.socket(), &disk);
+}
+
+#[test]
+fn test_guest_writes_through_microagent_vhost_blk() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let mut daemon = Daemon::start(
+        "microagent-vhost-blk",
+        &socket,
+        ["--disk", disk.to_str().unwrap()],
+    )
+    .unwrap();
+    blk_through(dir.path(), &socket, &disk);
+    // The VMM's exit disconnects the frontend; the daemon then exits cleanly.
+    assert!(daemon.wait_exit(Duration::from_secs(10)).unwrap().success());
+}
+
+fn ticks(console: &str) -> usize {
+    console.matches("tick ").count()
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = Vmm::start(&VmmArgs::test_guest("scenario=counter"), dir.path()).unwrap();
+    vmm.wait_for("tick 3\n", RUN).unwrap();
+
+    let reply = vmm.api(r#"{"cmd":"pause"}"#).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["state"], "paused", "{reply}");
+    let paused_at = ticks(&vmm.console());
+    sleep(Duration::from_millis(500));
+    assert_eq!(
+        ticks(&vmm.console()),
+        paused_at,
+        "the guest ran while paused"
+    );
+    assert_eq!(vmm.api(r#"{"cmd":"status"}"#).unwrap()["state"], "paused");
+
+    let reply = vmm.api(r#"{"cmd":"resume"}"#).unwrap();
+    assert_eq!(reply["state"], "running", "{reply}");
+    vmm.wait_for(&format!("tick {}\n", paused_at + 3), RUN)
+        .unwrap();
+}
+
+#[test]
+fn a_halted_guest_pauses_and_shutdown_ends_the_vmm_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vmm = Vmm::start(&VmmArgs::test_guest("scenario=halt"), dir.path()).unwrap();
+    vmm.wait_for("HALTING", RUN).unwrap();
+    assert_eq!(vmm.api(r#"{"cmd":"pause"}"#).unwrap()["state"], "paused");
+    assert_eq!(vmm.api(r#"{"cmd":"resume"}"#).unwrap()["state"], "running");
+    let bad = vmm.api(r#"{"cmd":"explode"}"#).unwrap();
+    assert_eq!(bad["error"]["code"], "api.bad_request", "{bad}");
+    let reply = vmm.api(r#"{"cmd":"shutdown"}"#).unwrap();
+    assert_eq!(reply["ok"], true);
+    assert!(vmm.wait_exit(Duration::from_secs(10)).unwrap().success());
+    assert!(
+        !dir.path().join("api.sock").exists(),
+        "control socket left behind"
+    );
+}
+
+#[test]
+fn a_dead_daemon_is_reported_and_the_vmm_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let daemon = Daemon::start(
+        "microagent-vhost-blk",
+        &socket,
+        ["--disk", disk.to_str().unwrap()],
+    )
+    .unwrap();
+    let mut args = VmmArgs::test_guest("scenario=halt");
+    args.blk.push(socket);
+    let mut vmm = Vmm::start(&args, dir.path()).unwrap();
+    vmm.wait_for("HALTING", RUN).unwrap();
+    assert_eq!(
+        vmm.api(r#"{"cmd":"status"}"#).unwrap()["devices"][0]["failed"],
+        false
+    );
+
+    drop(daemon); // SIGKILL
+    let mut failed = false;
+    for _ in 0..100 {
+        let status = vmm.api(r#"{"cmd":"status"}"#).unwrap();
+        if status["devices"][0]["failed"] == true {
+            assert_eq!(status["state"], "running");
+            failed = true;
+            break;
+        }
+        sleep(Duration::from_millis(20));
+    }
+    assert!(failed, "the VMM never noticed the daemon died");
+    assert!(
+        vmm.try_status().unwrap().is_none(),
+        "the VMM died with its daemon"
+    );
+}
+
+#[test]
+fn linux_kernel_starts_with_our_devices_and_pvm_stops_it_with_a_structured_error() {
+    if linux_guest_limitation().is_none() {
+        // On hardware virtualization the full boot test below covers Linux.
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let export = StorageDaemon::start(&disk, &dir.path().join("qsd.sock"), true).unwrap();
+    let mut args = VmmArgs::test_guest("console=ttyS0 reboot=k panic=1");
+    args.kernel = guest_kernel().unwrap();
+    args.memory_mib = 256;
+    args.blk.push(export.socket().to_owned());
+    let (output, console) = args.run(dir.path(), Duration::from_secs(240)).unwrap();
+    assert!(
+        console.contains(
+            "Command line: console=ttyS0 reboot=k panic=1 virtio_mmio.device=4K@0xd0000000:5"
+        ),
+        "{console}"
+    );
+    assert!(!output.status.success(), "the VMM claimed success");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let report: serde_json::Value = stderr
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no JSON error on stderr:\n{stderr}"));
+    assert_eq!(report["error"]["code"], "vmm.emulation_failure", "{report}");
+    assert!(
+        report["error"]["rip"]
+            .as_str()
+            .unwrap()
+            .starts_with("0xffffffff8"),
+        "{report}"
+    );
+    assert!(
+        report["error"]["hint"].as_str().unwrap().contains("PVM"),
+        "{report}"
+    );
+}
+
+#[test]
+fn linux_boots_fully_under_microagent_vmm() {
+    if let Some(why) = linux_guest_limitation() {
+        eprintln!("SKIPPED linux_boots_fully_under_microagent_vmm: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initrd.cpio");
+    let script = "echo LINUX-USERSPACE-UP\nreboot -f\n";
+    let mut image = microagent_integration::initramfs::Initramfs::busybox_init(script).unwrap();
+    image.dir("proc").dir("sys").dir("dev");
+    image.write(&initrd).unwrap();
+    let mut args = VmmArgs::test_guest("console=ttyS0 reboot=k panic=1");
+    args.kernel = guest_kernel().unwrap();
+    args.memory_mib = 256;
+    args.extra = vec!["--initrd".into(), initrd.into()];
+    let (output, console) = args.run(dir.path(), Duration::from_secs(60)).unwrap();
+    assert!(console.contains("LINUX-USERSPACE-UP"), "{console}");
+    assert!(output.status.success(), "{output:?}");
+}

@@ -1,0 +1,87 @@
+//! The control socket: one JSON object per line in each direction.
+//!
+//! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
+//! `{"cmd":"shutdown","timeout_ms":N}` (wait up to N ms for the guest to power off by
+//! itself, then stop it; default 0). Replies: `{"ok":true,...}` or
+//! `{"ok":false,"error":{"code":...,"message":...}}`.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    Shutdown {
+        #[serde(default)]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceStatus {
+    pub kind: &'static str,
+    pub socket: String,
+    pub failed: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub state: &'static str,
+    pub vcpus: usize,
+    pub memory_mib: u64,
+    pub devices: Vec<DeviceStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Parses one request line; the error is ready to send back.
+pub fn parse(line: &str) -> Result<Request, ApiError> {
+    serde_json::from_str(line).map_err(|e| ApiError {
+        code: "api.bad_request",
+        message: format!("cannot parse request: {e}"),
+    })
+}
+
+pub fn reply_ok(body: &impl Serialize) -> String {
+    let mut value = serde_json::to_value(body).unwrap_or(serde_json::Value::Null);
+    if let Some(map) = value.as_object_mut() {
+        map.insert("ok".into(), true.into());
+    }
+    format!("{value}\n")
+}
+
+pub fn reply_err(error: &ApiError) -> String {
+    format!(
+        "{}\n",
+        serde_json::json!({"ok": false, "error": {"code": error.code, "message": error.message}})
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_are_reported() {
+        assert_eq!(parse(r#"{"cmd":"pause"}"#).unwrap(), Request::Pause);
+        assert_eq!(
+            parse(r#"{"cmd":"shutdown","timeout_ms":500}"#).unwrap(),
+            Request::Shutdown { timeout_ms: 500 }
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"shutdown"}"#).unwrap(),
+            Request::Shutdown { timeout_ms: 0 }
+        );
+        let err = parse(r#"{"cmd":"explode"}"#).unwrap_err();
+        assert_eq!(err.code, "api.bad_request");
+        let reply: serde_json::Value = serde_json::from_str(&reply_err(&err)).unwrap();
+        assert_eq!(reply["ok"], false);
+        assert_eq!(reply["error"]["code"], "api.bad_request");
+    }
+}

@@ -1,0 +1,148 @@
+//! Flags of `microagent-vmm`, checked into a [`VmmConfig`].
+
+use clap::Parser;
+use std::path::PathBuf;
+
+pub const MAX_CPUS: u8 = 32;
+pub const MAX_BLK: usize = 8;
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--cpus {0} is out of range (1 to {MAX_CPUS})")]
+    Cpus(u8),
+    #[error("--memory {0} MiB is out of range (16 MiB to 1 TiB)")]
+    Memory(u64),
+    #[error("at most {MAX_BLK} --blk devices")]
+    TooManyBlk,
+    #[error("--kernel {0} does not exist")]
+    NoKernel(PathBuf),
+    #[error("--initrd {0} does not exist")]
+    NoInitrd(PathBuf),
+}
+
+/// A minimal KVM virtual machine monitor whose devices are vhost-user daemons.
+///
+/// The VMM appends one `virtio_mmio.device=` entry per device to the kernel command
+/// line. It exits 0 when the guest resets or powers off (i8042 reset, triple fault) or
+/// when told to shut down, and 1 with a JSON error on stderr when a vCPU fails.
+#[derive(Debug, Parser)]
+#[command(name = "microagent-vmm", version)]
+pub struct Args {
+    /// Guest kernel: ELF vmlinux (PVH entry when it has the note) or bzImage.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (device entries are appended).
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// Where the guest's serial console goes: a file path, or `stdio`.
+    #[arg(long, default_value = "stdio")]
+    pub serial: String,
+    /// vhost-user-blk socket (repeatable: /dev/vda, /dev/vdb, ...).
+    #[arg(long)]
+    pub blk: Vec<PathBuf>,
+    /// vhost-user-vsock socket.
+    #[arg(long)]
+    pub vsock: Option<PathBuf>,
+    /// vhost-user-net socket.
+    #[arg(long)]
+    pub net: Option<PathBuf>,
+    /// Control socket: JSON lines `{"cmd":"status"|"pause"|"resume"|"shutdown"}`.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Serial {
+    Stdio,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct VmmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub serial: Serial,
+    pub blk: Vec<PathBuf>,
+    pub vsock: Option<PathBuf>,
+    pub net: Option<PathBuf>,
+    pub api_socket: Option<PathBuf>,
+}
+
+impl TryFrom<Args> for VmmConfig {
+    type Error = Error;
+
+    fn try_from(args: Args) -> Result<Self, Error> {
+        if args.cpus == 0 || args.cpus > MAX_CPUS {
+            return Err(Error::Cpus(args.cpus));
+        }
+        if !(16..=1 << 20).contains(&args.memory) {
+            return Err(Error::Memory(args.memory));
+        }
+        if args.blk.len() > MAX_BLK {
+            return Err(Error::TooManyBlk);
+        }
+        if !args.kernel.is_file() {
+            return Err(Error::NoKernel(args.kernel));
+        }
+        if let Some(initrd) = &args.initrd {
+            if !initrd.is_file() {
+                return Err(Error::NoInitrd(initrd.clone()));
+            }
+        }
+        Ok(Self {
+            kernel: args.kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+            cpus: args.cpus,
+            memory_mib: args.memory,
+            serial: match args.serial.as_str() {
+                "stdio" => Serial::Stdio,
+                path => Serial::File(path.into()),
+            },
+            blk: args.blk,
+            vsock: args.vsock,
+            net: args.net,
+            api_socket: args.api_socket,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_flags_are_refused() {
+        let kernel = std::env::current_exe().unwrap();
+        let k = kernel.to_str().unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["microagent-vmm", "--kernel", k];
+            argv.extend_from_slice(extra);
+            VmmConfig::try_from(Args::parse_from(argv))
+        };
+        assert!(parse(&[]).is_ok());
+        assert!(matches!(parse(&["--cpus", "0"]), Err(Error::Cpus(0))));
+        assert!(matches!(parse(&["--memory", "8"]), Err(Error::Memory(8))));
+        assert!(matches!(
+            parse(&["--initrd", "/nonexistent"]),
+            Err(Error::NoInitrd(_))
+        ));
+        let config = parse(&["--serial", "/tmp/console.log"]).unwrap();
+        assert_eq!(config.serial, Serial::File("/tmp/console.log".into()));
+        let args = Args::parse_from(["microagent-vmm", "--kernel", "/nonexistent"]);
+        assert!(matches!(VmmConfig::try_from(args), Err(Error::NoKernel(_))));
+    }
+}
