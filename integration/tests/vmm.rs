@@ -103,6 +103,19 @@ fn pause_stops_the_guest_and_resume_continues_it() {
 }
 
 #[test]
+fn every_vcpu_of_a_four_cpu_vm_pauses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = VmmArgs::test_guest("scenario=counter");
+    args.extra = vec!["--cpus".into(), "4".into()];
+    let vmm = Vmm::start(&args, dir.path()).unwrap();
+    vmm.wait_for("tick 1\n", RUN).unwrap();
+    let reply = vmm.api(r#"{"cmd":"pause"}"#).unwrap();
+    assert_eq!(reply["vcpus"], 4, "{reply}");
+    assert_eq!(reply["state"], "paused", "{reply}");
+    assert_eq!(vmm.api(r#"{"cmd":"resume"}"#).unwrap()["state"], "running");
+}
+
+#[test]
 fn a_halted_guest_pauses_and_shutdown_ends_the_vmm_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut vmm = Vmm::start(&VmmArgs::test_guest("scenario=halt"), dir.path()).unwrap();

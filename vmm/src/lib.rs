@@ -4,7 +4,8 @@
 //!
 //! - [`config`]: flags checked into a [`config::VmmConfig`].
 //! - [`memory`], [`layout`]: guest memory (a sealed memfd) and the address map.
-//! - [`boot`], [`cpu`]: kernel loading, boot information, vCPU architectural state.
+//! - [`boot`], [`cpu`], [`mptable`]: kernel loading, boot information, vCPU
+//!   architectural state, and the MP table through which Linux finds several CPUs.
 //! - [`vcpu`]: vCPU threads, exits, pause/resume.
 //! - [`devices`]: serial, i8042, virtio-mmio transports with vhost-user frontends.
 //! - [`vm`]: building the VM and its event loop; [`api`]: the control socket.
@@ -18,5 +19,6 @@ pub mod devices;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod mptable;
 pub mod vcpu;
 pub mod vm;

@@ -10,6 +10,7 @@ use crate::devices::EventFdTrigger;
 use crate::host;
 use crate::layout::*;
 use crate::memory;
+use crate::mptable;
 use crate::vcpu::{Bus, Control, Outcome, Vcpus};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -46,6 +47,8 @@ pub enum Error {
     Boot(#[from] boot::Error),
     #[error(transparent)]
     Cpu(#[from] cpu::Error),
+    #[error(transparent)]
+    MpTable(#[from] mptable::Error),
     #[error("creating vCPU {id}: {source}")]
     CreateVcpu { id: u8, source: kvm_ioctls::Error },
     #[error(transparent)]
@@ -137,6 +140,7 @@ pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
         .transpose()?;
     boot::configure(&mem, &kernel, &boot::cmdline(&cmdline)?, initrd)?;
     boot::write_page_tables(&mem)?;
+    mptable::write(&mem, config.cpus)?;
     log::info!("kernel command line: {cmdline}");
 
     let serial_out: Box<dyn Write + Send> = match &config.serial {

@@ -1,0 +1,79 @@
+//! microagent-vmm start-up cost: CPU time and peak RSS of a whole run of the test guest's
+//! banner scenario (start, boot, print, i8042 reset, exit), and the wall time to the
+//! guest's first line on the serial console.
+//!
+//! cargo build --release --workspace
+//! cargo run --release -p microagent-integration --example bench_vmm [-- RUNS]
+
+use microagent_integration::daemon::binary;
+use microagent_integration::vmm::test_guest;
+use std::fs;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+struct Run {
+    cpu_ms: f64,
+    wall_ms: f64,
+    max_rss_kib: i64,
+}
+
+fn run_once(dir: &std::path::Path) -> Run {
+    let serial = dir.join("serial.log");
+    let _ = fs::remove_file(&serial);
+    let start = Instant::now();
+    let child = Command::new(binary("microagent-vmm").unwrap())
+        .arg("--kernel")
+        .arg(test_guest())
+        .args([
+            "--cmdline",
+            "scenario=banner",
+            "--memory",
+            "128",
+            "--serial",
+        ])
+        .arg(&serial)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child with valid out-pointers.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    let wall_ms = start.elapsed().as_secs_f64() * 1000.0;
+    assert!(fs::read_to_string(&serial)
+        .unwrap()
+        .contains("TEST-GUEST-DONE"));
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    Run {
+        cpu_ms: ms(usage.ru_utime) + ms(usage.ru_stime),
+        wall_ms,
+        max_rss_kib: usage.ru_maxrss,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    let results: Vec<Run> = (0..runs).map(|_| run_once(dir.path())).collect();
+    println!("microagent-vmm, test guest banner run, 128 MiB guest, {runs} runs (medians)");
+    println!("| CPU ms (user+sys), whole run | wall ms, whole run | peak RSS |");
+    println!("|---|---|---|");
+    println!(
+        "| {:.1} | {:.1} | {} KiB |",
+        median(results.iter().map(|r| r.cpu_ms).collect()),
+        median(results.iter().map(|r| r.wall_ms).collect()),
+        results.iter().map(|r| r.max_rss_kib).max().unwrap_or(0)
+    );
+}
