@@ -21,6 +21,8 @@ fn run_once(dir: &std::path::Path) -> Run {
     let serial = dir.join("serial.log");
     let _ = fs::remove_file(&serial);
     let start = Instant::now();
+    // Reaped by wait4 below, which also returns the child's resource usage.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(binary("microagent-vmm").unwrap())
         .arg("--kernel")
         .arg(test_guest())
