@@ -59,6 +59,10 @@ impl Daemon {
         Ok(Self { process })
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.process.id()
+    }
+
     /// Exit status if the daemon has ended.
     pub fn try_status(&mut self) -> Result<Option<ExitStatus>, Error> {
         Ok(self.process.try_status()?)

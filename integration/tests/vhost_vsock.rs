@@ -1,0 +1,557 @@
+//! `microagent-vhost-vsock` driven by the host-side frontend harness playing the guest
+//! driver: hybrid CONNECT handshakes both ways, credit flow control with slow readers,
+//! malformed packets, many connections, and save → load with a transport reset.
+
+use microagent_integration::daemon::Daemon;
+use microagent_integration::frontend::{Buf, Frontend, GuestMemory, Setup};
+use microagent_vhost_vsock::packet::*;
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use vm_memory::{ByteValued, GuestAddress};
+
+const CID: u64 = 3;
+const WAIT: Duration = Duration::from_secs(10);
+const RX_BUF: u32 = HEADER_LEN as u32 + (64 << 10);
+const RX_BUFFERS: usize = 64;
+const TX_SLOTS: usize = 16;
+const RX: usize = 0;
+const TX: usize = 1;
+const EVENT: usize = 2;
+
+/// The harness as the guest's virtio-vsock driver.
+struct Guest {
+    mem: GuestMemory,
+    fe: Frontend,
+    rx_bufs: HashMap<u16, GuestAddress>,
+    pending: VecDeque<(u16, u32)>,
+    tx_slots: Vec<GuestAddress>,
+    next_slot: usize,
+}
+
+impl Guest {
+    fn connect(socket: &Path, setup: Setup) -> Self {
+        let mut mem = GuestMemory::new(32 << 20).unwrap();
+        let fe = Frontend::connect(socket, &mut mem, &setup).unwrap();
+        let tx_slots = (0..TX_SLOTS)
+            .map(|_| mem.alloc(u64::from(RX_BUF), 8).unwrap())
+            .collect();
+        let mut guest = Self {
+            mem,
+            fe,
+            rx_bufs: HashMap::new(),
+            pending: VecDeque::new(),
+            tx_slots,
+            next_slot: 0,
+        };
+        for _ in 0..RX_BUFFERS {
+            let addr = guest.mem.alloc(u64::from(RX_BUF), 8).unwrap();
+            guest.post_rx(addr);
+        }
+        guest
+    }
+
+    fn new(socket: &Path) -> Self {
+        Self::connect(
+            socket,
+            Setup {
+                queues: 3,
+                ..Setup::default()
+            },
+        )
+    }
+
+    fn post_rx(&mut self, addr: GuestAddress) {
+        let q = &mut self.fe.queues[RX];
+        let head = q.write_chain(&self.mem, &[Buf::writable(addr, RX_BUF)]);
+        q.publish(&self.mem, head);
+        q.kick().unwrap();
+        self.rx_bufs.insert(head, addr);
+    }
+
+    fn send(&mut self, p: Packet, payload: &[u8]) {
+        let slot = self.tx_slots[self.next_slot];
+        self.next_slot = (self.next_slot + 1) % TX_SLOTS;
+        let header = Header::from(p);
+        self.mem.write(slot, header.as_slice());
+        let data = GuestAddress(slot.0 + HEADER_LEN as u64);
+        self.mem.write(data, payload);
+        let mut bufs = vec![Buf::readable(slot, HEADER_LEN as u32)];
+        if !payload.is_empty() {
+            bufs.push(Buf::readable(data, payload.len() as u32));
+        }
+        let q = &mut self.fe.queues[TX];
+        q.submit(&self.mem, &bufs).unwrap();
+        q.wait_used(&self.mem, 1, WAIT).unwrap();
+    }
+
+    /// The next packet the device put in an RX buffer (the buffer is posted again).
+    fn try_recv(&mut self, timeout: Duration) -> Option<(Packet, Vec<u8>)> {
+        if self.pending.is_empty() {
+            let used = self.fe.queues[RX].wait_used(&self.mem, 1, timeout).ok()?;
+            self.pending.extend(used);
+        }
+        let (head, len) = self.pending.pop_front()?;
+        let addr = self
+            .rx_bufs
+            .remove(&head)
+            .expect("used an unknown rx buffer");
+        assert!(len as usize >= HEADER_LEN, "rx used length {len}");
+        let bytes = self.mem.read(addr, len as usize);
+        let header = *Header::from_slice(&bytes[..HEADER_LEN]).unwrap();
+        let packet = Packet::from(header);
+        assert_eq!(packet.len as usize, len as usize - HEADER_LEN);
+        self.post_rx(addr);
+        Some((packet, bytes[HEADER_LEN..].to_vec()))
+    }
+
+    fn recv(&mut self) -> (Packet, Vec<u8>) {
+        self.try_recv(WAIT).expect("no packet from the device")
+    }
+
+    /// Receives, skipping credit updates.
+    fn recv_op(&mut self) -> (Packet, Vec<u8>) {
+        loop {
+            let (p, data) = self.recv();
+            if p.op != OP_CREDIT_UPDATE {
+                return (p, data);
+            }
+        }
+    }
+}
+
+fn pkt(src_port: u32, dst_port: u32, op: u16, len: u32, buf_alloc: u32, fwd_cnt: u32) -> Packet {
+    Packet {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port,
+        dst_port,
+        len,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc,
+        fwd_cnt,
+    }
+}
+
+struct Rig {
+    dir: TempDir,
+    uds: PathBuf,
+    daemon: Daemon,
+    guest: Guest,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vsock");
+    let socket = dir.path().join("vhost.sock");
+    let daemon = Daemon::start(
+        "microagent-vhost-vsock",
+        &socket,
+        ["--guest-cid", "3", "--uds-path", uds.to_str().unwrap()],
+    )
+    .unwrap();
+    let guest = Guest::new(&socket);
+    Rig {
+        dir,
+        uds,
+        daemon,
+        guest,
+    }
+}
+
+/// A host client's CONNECT answered by the guest; returns the client and host port.
+fn host_connect(
+    rig: &mut Rig,
+    guest_port: u32,
+    guest_buf_alloc: u32,
+) -> (BufReader<UnixStream>, u32) {
+    let mut client = UnixStream::connect(&rig.uds).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    writeln!(client, "CONNECT {guest_port}").unwrap();
+    let (req, _) = rig.guest.recv_op();
+    assert_eq!(req.op, OP_REQUEST, "{req:?}");
+    assert_eq!(
+        (req.src_cid, req.dst_cid, req.dst_port),
+        (HOST_CID, CID, guest_port)
+    );
+    rig.guest.send(
+        pkt(guest_port, req.src_port, OP_RESPONSE, 0, guest_buf_alloc, 0),
+        &[],
+    );
+    let mut reader = BufReader::new(client);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, format!("OK {}\n", req.src_port));
+    (reader, req.src_port)
+}
+
+#[test]
+fn host_connect_is_accepted_by_the_guest_and_data_flows_both_ways() {
+    let mut rig = rig();
+    let (mut client, host_port) = host_connect(&mut rig, 1234, 1 << 20);
+    client.get_mut().write_all(b"ping").unwrap();
+    let (p, data) = rig.guest.recv_op();
+    assert_eq!((p.op, p.src_port, p.dst_port), (OP_RW, host_port, 1234));
+    assert_eq!(data, b"ping");
+    rig.guest
+        .send(pkt(1234, host_port, OP_RW, 4, 1 << 20, 4), b"pong");
+    let mut buf = [0u8; 4];
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong");
+
+    // Host closes: the guest is told the host sends no more; the guest closes too, and
+    // the daemon finishes the connection with RST.
+    drop(client);
+    let (p, _) = rig.guest.recv_op();
+    assert_eq!(
+        (p.op, p.flags & SHUTDOWN_SEND),
+        (OP_SHUTDOWN, SHUTDOWN_SEND),
+        "{p:?}"
+    );
+    let mut shutdown = pkt(1234, host_port, OP_SHUTDOWN, 0, 1 << 20, 4);
+    shutdown.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+    rig.guest.send(shutdown, &[]);
+    let (p, _) = rig.guest.recv_op();
+    assert_eq!(p.op, OP_RST, "{p:?}");
+}
+
+#[test]
+fn guest_connect_reaches_the_host_listener_on_uds_path_port() {
+    let mut rig = rig();
+    let listener = UnixListener::bind(format!("{}_5000", rig.uds.display())).unwrap();
+    rig.guest
+        .send(pkt(777, 5000, OP_REQUEST, 0, 1 << 20, 0), &[]);
+    let (p, _) = rig.guest.recv_op();
+    assert_eq!(
+        (p.op, p.src_port, p.dst_port),
+        (OP_RESPONSE, 5000, 777),
+        "{p:?}"
+    );
+    let (mut host, _) = listener.accept().unwrap();
+    host.set_read_timeout(Some(WAIT)).unwrap();
+    rig.guest
+        .send(pkt(777, 5000, OP_RW, 5, 1 << 20, 0), b"hello");
+    let mut buf = [0u8; 5];
+    host.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    host.write_all(b"world").unwrap();
+    let (p, data) = rig.guest.recv_op();
+    assert_eq!((p.op, data.as_slice()), (OP_RW, &b"world"[..]));
+}
+
+#[test]
+fn unknown_ports_refusing_guests_and_malformed_packets_reset_one_connection() {
+    let mut rig = rig();
+    // Guest connects to a host port nobody listens on.
+    rig.guest
+        .send(pkt(900, 4444, OP_REQUEST, 0, 1 << 20, 0), &[]);
+    assert_eq!(rig.guest.recv_op().0.op, OP_RST);
+
+    // Host connects to a guest port the guest refuses: the client sees EOF, no "OK".
+    let mut client = UnixStream::connect(&rig.uds).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    writeln!(client, "CONNECT 81").unwrap();
+    let (req, _) = rig.guest.recv_op();
+    rig.guest.send(pkt(81, req.src_port, OP_RST, 0, 0, 0), &[]);
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "refused client got {rest:?}");
+
+    // A client that sends garbage instead of CONNECT is dropped.
+    let mut junk = UnixStream::connect(&rig.uds).unwrap();
+    junk.set_read_timeout(Some(WAIT)).unwrap();
+    junk.write_all(b"HELLO THERE\n").unwrap();
+    assert_eq!(junk.read(&mut [0u8; 8]).unwrap(), 0);
+
+    // Malformed packets on a live connection: each ends that connection with RST.
+    let malformed: [(&str, Packet, Vec<u8>); 4] = [
+        (
+            "wrong source CID",
+            Packet {
+                src_cid: 9,
+                ..pkt(1, 0, OP_RW, 0, 1 << 20, 0)
+            },
+            vec![],
+        ),
+        ("unknown op", pkt(1, 0, 42, 0, 1 << 20, 0), vec![]),
+        (
+            "length beyond payload",
+            pkt(1, 0, OP_RW, 100, 1 << 20, 0),
+            vec![1, 2, 3],
+        ),
+        (
+            "datagram type",
+            Packet {
+                type_: 2,
+                ..pkt(1, 0, OP_RW, 0, 1 << 20, 0)
+            },
+            vec![],
+        ),
+    ];
+    for (i, (name, mut bad, payload)) in malformed.into_iter().enumerate() {
+        let guest_port = 2000 + i as u32;
+        let (mut client, host_port) = host_connect(&mut rig, guest_port, 1 << 20);
+        bad.src_port = guest_port;
+        bad.dst_port = host_port;
+        rig.guest.send(bad, &payload);
+        let (p, _) = rig.guest.recv_op();
+        assert_eq!(p.op, OP_RST, "{name}: {p:?}");
+        if name != "wrong source CID" && name != "datagram type" {
+            let mut buf = [0u8; 1];
+            assert_eq!(
+                client.read(&mut buf).unwrap(),
+                0,
+                "{name}: host side left open"
+            );
+        }
+    }
+    // The daemon survived all of it and still connects.
+    assert!(rig.daemon.try_status().unwrap().is_none());
+    let (mut client, host_port) = host_connect(&mut rig, 3000, 1 << 20);
+    client.get_mut().write_all(b"x").unwrap();
+    assert_eq!(rig.guest.recv_op().0.src_port, host_port);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap()
+}
+
+const BIG: usize = 64 << 20;
+
+fn pattern_chunk(i: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (i * 7 + j * 13) as u8).collect()
+}
+
+#[test]
+fn host_to_guest_64_mib_respects_the_guests_credit() {
+    let mut rig = rig();
+    let guest_buf = 128 << 10;
+    let (client, host_port) = host_connect(&mut rig, 6000, guest_buf);
+    let pid = rig.daemon.pid().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut stream = client.into_inner();
+        let mut hash = Sha256::new();
+        for i in 0..BIG / (1 << 20) {
+            let chunk = pattern_chunk(i, 1 << 20);
+            hash.update(&chunk);
+            stream.write_all(&chunk).unwrap();
+        }
+        hash.finalize()
+    });
+    let (mut received, mut fwd_cnt, mut hash) = (0usize, 0u32, Sha256::new());
+    let mut max_rss = 0;
+    let start = Instant::now();
+    while received < BIG {
+        let (p, data) = rig.guest.recv();
+        if p.op == OP_CREDIT_UPDATE {
+            continue;
+        }
+        assert_eq!(p.op, OP_RW, "{p:?}");
+        received += data.len();
+        hash.update(&data);
+        let in_flight = (received as u32).wrapping_sub(fwd_cnt);
+        assert!(
+            in_flight <= guest_buf,
+            "device sent {in_flight} bytes beyond credit"
+        );
+        // A slow reader: consume (return credit) only every 256 KiB, pausing sometimes.
+        if in_flight >= guest_buf / 2 {
+            if received % (8 << 20) < (256 << 10) {
+                std::thread::sleep(Duration::from_millis(50));
+                max_rss = max_rss.max(rss_kib(pid));
+            }
+            fwd_cnt = received as u32;
+            rig.guest.send(
+                pkt(6000, host_port, OP_CREDIT_UPDATE, 0, guest_buf, fwd_cnt),
+                &[],
+            );
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "too slow");
+    }
+    assert_eq!(hash.finalize(), writer.join().unwrap(), "bytes differ");
+    assert!(max_rss < 32 << 10, "daemon RSS grew to {max_rss} KiB");
+}
+
+#[test]
+fn guest_to_host_64_mib_with_a_pausing_reader_stays_bounded() {
+    let mut rig = rig();
+    let listener = UnixListener::bind(format!("{}_7000", rig.uds.display())).unwrap();
+    rig.guest
+        .send(pkt(700, 7000, OP_REQUEST, 0, 1 << 20, 0), &[]);
+    let (resp, _) = rig.guest.recv_op();
+    assert_eq!(resp.op, OP_RESPONSE);
+    let (mut host, _) = listener.accept().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        while total < BIG {
+            let n = host.read(&mut buf).unwrap();
+            assert!(n > 0, "EOF after {total} bytes");
+            hash.update(&buf[..n]);
+            total += n;
+            if total % (16 << 20) < n {
+                std::thread::sleep(Duration::from_millis(300)); // the reader pauses
+            }
+        }
+        hash.finalize()
+    });
+    let pid = rig.daemon.pid().unwrap();
+    let (mut peer_buf, mut peer_fwd) = (resp.buf_alloc, resp.fwd_cnt);
+    let (mut sent, mut hash, mut max_rss) = (0usize, Sha256::new(), 0);
+    let chunk_len = 32 << 10;
+    while sent < BIG {
+        let credit = peer_buf.wrapping_sub((sent as u32).wrapping_sub(peer_fwd)) as usize;
+        if credit < chunk_len {
+            // Out of credit: ask, then wait for the daemon to forward and tell us.
+            rig.guest
+                .send(pkt(700, 7000, OP_CREDIT_REQUEST, 0, 1 << 20, 0), &[]);
+            // Like a driver, take every packet waiting, and the newest credit with them.
+            let mut next = Some(rig.guest.recv());
+            while let Some((p, _)) = next {
+                assert_eq!(p.op, OP_CREDIT_UPDATE, "{p:?}");
+                peer_buf = p.buf_alloc;
+                peer_fwd = p.fwd_cnt;
+                next = rig.guest.try_recv(Duration::ZERO);
+            }
+            max_rss = max_rss.max(rss_kib(pid));
+            if (sent as u32).wrapping_sub(peer_fwd) as usize + chunk_len > peer_buf as usize {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            continue;
+        }
+        let chunk = pattern_chunk(sent / chunk_len, chunk_len);
+        hash.update(&chunk);
+        rig.guest
+            .send(pkt(700, 7000, OP_RW, chunk_len as u32, 1 << 20, 0), &chunk);
+        sent += chunk_len;
+    }
+    assert_eq!(hash.finalize(), reader.join().unwrap(), "bytes differ");
+    assert!(max_rss < 32 << 10, "daemon RSS grew to {max_rss} KiB");
+}
+
+#[test]
+fn thirty_two_connections_at_once_all_complete() {
+    let mut rig = rig();
+    let mut clients = Vec::new();
+    for i in 0..32u32 {
+        let mut client = UnixStream::connect(&rig.uds).unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        writeln!(client, "CONNECT {}", 100 + i).unwrap();
+        clients.push(client);
+    }
+    let mut host_ports = HashMap::new();
+    while host_ports.len() < 32 {
+        let (req, _) = rig.guest.recv_op();
+        assert_eq!(req.op, OP_REQUEST);
+        host_ports.insert(req.dst_port, req.src_port);
+        rig.guest.send(
+            pkt(req.dst_port, req.src_port, OP_RESPONSE, 0, 1 << 20, 0),
+            &[],
+        );
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        let mut line = String::new();
+        BufReader::new(&mut *client).read_line(&mut line).unwrap();
+        assert_eq!(line, format!("OK {}\n", host_ports[&(100 + i as u32)]));
+        client.write_all(format!("msg-{i}").as_bytes()).unwrap();
+    }
+    let mut seen = HashMap::new();
+    while seen.len() < 32 {
+        let (p, data) = rig.guest.recv_op();
+        assert_eq!(p.op, OP_RW);
+        seen.insert(p.dst_port, String::from_utf8(data).unwrap());
+    }
+    for i in 0..32u32 {
+        assert_eq!(seen[&(100 + i)], format!("msg-{i}"));
+    }
+}
+
+#[test]
+fn after_save_and_load_the_guest_gets_a_transport_reset_and_new_connections_work() {
+    let mut rig = rig();
+    let (_old_client, _) = host_connect(&mut rig, 1234, 1 << 20);
+    rig.guest.fe.stop().unwrap();
+    let state = rig.guest.fe.save_state().unwrap();
+    let Rig {
+        dir,
+        uds,
+        mut daemon,
+        guest,
+    } = rig;
+    drop(guest);
+    assert!(daemon.wait_exit(WAIT).unwrap().success());
+
+    let socket = dir.path().join("restored.sock");
+    let restored = Daemon::start(
+        "microagent-vhost-vsock",
+        &socket,
+        ["--guest-cid", "3", "--uds-path", uds.to_str().unwrap()],
+    )
+    .unwrap();
+    let mut guest = Guest::connect(
+        &socket,
+        Setup {
+            queues: 3,
+            load_state: Some(state),
+            ..Setup::default()
+        },
+    );
+    // The event queue gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET as soon as it has a buffer.
+    let event_buf = guest.mem.alloc(8, 8).unwrap();
+    guest.mem.write(event_buf, &[0xff; 8]);
+    let q = &mut guest.fe.queues[EVENT];
+    q.submit(&guest.mem, &[Buf::writable(event_buf, 8)])
+        .unwrap();
+    let used = q.wait_used(&guest.mem, 1, WAIT).unwrap();
+    assert_eq!(used[0].1, 4);
+    assert_eq!(
+        guest.mem.read(event_buf, 4),
+        EVENT_TRANSPORT_RESET.to_le_bytes()
+    );
+
+    let mut rig = Rig {
+        dir,
+        uds,
+        daemon: restored,
+        guest,
+    };
+    let (mut client, host_port) = host_connect(&mut rig, 1234, 1 << 20);
+    client.get_mut().write_all(b"after").unwrap();
+    let (p, data) = rig.guest.recv_op();
+    assert_eq!((p.src_port, data.as_slice()), (host_port, &b"after"[..]));
+}
+
+#[test]
+fn state_for_another_guest_cid_is_refused() {
+    let mut rig = rig();
+    rig.guest.fe.stop().unwrap();
+    let state = rig.guest.fe.save_state().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("other.sock");
+    let uds = dir.path().join("v");
+    let _other = Daemon::start(
+        "microagent-vhost-vsock",
+        &socket,
+        ["--guest-cid", "4", "--uds-path", uds.to_str().unwrap()],
+    )
+    .unwrap();
+    let mut mem = GuestMemory::new(1 << 20).unwrap();
+    let setup = Setup {
+        queues: 3,
+        load_state: Some(state),
+        ..Setup::default()
+    };
+    assert!(Frontend::connect(&socket, &mut mem, &setup).is_err());
+}

@@ -1,0 +1,455 @@
+//! The vhost-user backend: three queues (RX, TX, event) served by one worker thread,
+//! host sockets on the same epoll instance, and device state for snapshots.
+
+use crate::config::VsockConfig;
+use crate::muxer::{self, Muxer, Poller, Rx};
+use crate::packet::{Header, Packet, EVENT_TRANSPORT_RESET, HEADER_LEN, MAX_PAYLOAD};
+use crate::state::VsockState;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_queue::QueueOwnedT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::timerfd::TimerFd;
+
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+const NUM_QUEUES: usize = 3;
+pub const QUEUE_SIZE: usize = 1024;
+/// epoll id of the timer that retries a pending transport reset.
+const RESET_TIMER_ID: u16 = 9;
+const MAX_STATE: u64 = 1 << 16;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Muxer(#[from] muxer::Error),
+    #[error("the daemon was not wired to its worker's epoll")]
+    NotStarted,
+    #[error("timer: {0}")]
+    Timer(io::Error),
+    #[error("state transfer: {0}")]
+    Transfer(io::Error),
+    #[error("no state transfer was started")]
+    NoTransfer,
+    #[error("only the STOPPED phase can transfer state")]
+    Phase,
+    #[error("state transfer thread panicked")]
+    TransferPanicked,
+    #[error(transparent)]
+    State(#[from] microagent_device_state::Error),
+    #[error("saved state is for guest CID {saved}, this daemon serves {ours}")]
+    CidMismatch { saved: u64, ours: u64 },
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        io::Error::other(e)
+    }
+}
+
+enum Transfer {
+    Saving(JoinHandle<io::Result<()>>),
+    Loading(JoinHandle<io::Result<Vec<u8>>>),
+}
+
+pub struct VsockBackend {
+    config: VsockConfig,
+    mem: RwLock<Mem>,
+    acked_features: AtomicU64,
+    muxer: OnceLock<Mutex<Muxer>>,
+    reset_timer: OnceLock<Mutex<TimerFd>>,
+    /// A transport reset waits to be delivered on the event queue (after a LOAD).
+    reset_pending: Mutex<bool>,
+    transfer: Mutex<Option<Transfer>>,
+}
+
+impl VsockBackend {
+    pub fn new(config: VsockConfig) -> Self {
+        Self {
+            config,
+            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            acked_features: AtomicU64::new(0),
+            muxer: OnceLock::new(),
+            reset_timer: OnceLock::new(),
+            reset_pending: Mutex::new(false),
+            transfer: Mutex::new(None),
+        }
+    }
+
+    /// Binds the host socket and registers it, and the reset timer, with the worker's
+    /// epoll instance. Called once, before the frontend connects.
+    pub fn start(&self, epoll_fd: i32) -> Result<(), Error> {
+        let poller = Poller(epoll_fd);
+        let muxer = Muxer::new(self.config.guest_cid, &self.config.uds_path, poller)?;
+        let timer = TimerFd::new().map_err(errno)?;
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: u64::from(RESET_TIMER_ID),
+        };
+        // SAFETY: epoll_ctl with a valid epoll fd, our timer's fd and a valid event.
+        if unsafe { libc::epoll_ctl(epoll_fd, libc::EPOLL_CTL_ADD, timer.as_raw_fd(), &mut event) }
+            < 0
+        {
+            return Err(Error::Timer(io::Error::last_os_error()));
+        }
+        let _ = self.muxer.set(Mutex::new(muxer));
+        let _ = self.reset_timer.set(Mutex::new(timer));
+        Ok(())
+    }
+
+    fn muxer(&self) -> Option<MutexGuard<'_, Muxer>> {
+        self.muxer
+            .get()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn timer(&self) -> Option<MutexGuard<'_, TimerFd>> {
+        self.reset_timer
+            .get()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn memory(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
+        self.mem.read().unwrap_or_else(|e| e.into_inner()).memory()
+    }
+
+    /// Packets from the guest.
+    fn process_tx(&self, vring: &VringRwLock<Mem>, muxer: &mut Muxer) {
+        let mem = self.memory();
+        let mut state = vring.get_mut();
+        let chains: Vec<_> = match state.get_queue_mut().iter(&*mem) {
+            Ok(iter) => iter.collect(),
+            Err(e) => {
+                log::error!("TX queue: {e}");
+                return;
+            }
+        };
+        for chain in chains {
+            let head = chain.head_index();
+            match read_packet(&mem, chain) {
+                Ok((packet, payload)) => muxer.guest_packet(packet, &payload),
+                Err((packet, e)) => {
+                    log::warn!("TX: malformed packet: {e}");
+                    if let Some(packet) = packet {
+                        muxer.malformed(&packet);
+                    }
+                }
+            }
+            if let Err(e) = state.add_used(head, 0) {
+                log::error!("TX queue: {e}");
+            }
+        }
+        if let Err(e) = state.signal_used_queue() {
+            log::warn!("TX queue: signalling: {e}");
+        }
+    }
+
+    /// Packets for the guest, as long as it has RX buffers.
+    fn process_rx(&self, vring: &VringRwLock<Mem>, muxer: &mut Muxer) {
+        if !muxer.has_rx() {
+            return;
+        }
+        let mem = self.memory();
+        let mut state = vring.get_mut();
+        let mut used_any = false;
+        while let Some(chain) = state
+            .get_queue_mut()
+            .iter(&*mem)
+            .ok()
+            .and_then(|mut iter| iter.next())
+        {
+            let head = chain.head_index();
+            let mut writer = match chain.writer(&mem) {
+                Ok(w) => w,
+                Err(e) => {
+                    log::warn!("RX: unusable buffer: {e}");
+                    let _ = state.add_used(head, 0);
+                    used_any = true;
+                    continue;
+                }
+            };
+            let written = match muxer.next_rx(writer.available_bytes()) {
+                None => {
+                    state.get_queue_mut().go_to_previous_position();
+                    break;
+                }
+                Some(Rx::TooSmall) => 0,
+                Some(Rx::Packet(packet, data)) => {
+                    let header = Header::from(packet);
+                    match writer
+                        .write_obj(header)
+                        .and_then(|()| writer.write_all(&data))
+                    {
+                        Ok(()) => writer.bytes_written() as u32,
+                        Err(e) => {
+                            log::warn!("RX: writing a packet: {e}");
+                            0
+                        }
+                    }
+                }
+            };
+            if let Err(e) = state.add_used(head, written) {
+                log::error!("RX queue: {e}");
+                break;
+            }
+            used_any = true;
+        }
+        if used_any {
+            if let Err(e) = state.signal_used_queue() {
+                log::warn!("RX queue: signalling: {e}");
+            }
+        }
+    }
+
+    /// Delivers a pending transport reset; keeps the retry timer armed until it is.
+    fn deliver_reset(&self, vring: &VringRwLock<Mem>) {
+        let mut pending = self.reset_pending.lock().unwrap_or_else(|e| e.into_inner());
+        if !*pending {
+            return;
+        }
+        let mem = self.memory();
+        let mut state = vring.get_mut();
+        let chain = state
+            .get_queue_mut()
+            .iter(&*mem)
+            .ok()
+            .and_then(|mut iter| iter.next());
+        let Some(chain) = chain else {
+            return; // not started yet, or no buffer: the timer tries again
+        };
+        let head = chain.head_index();
+        let written = match chain.writer(&mem) {
+            Ok(mut w) => match w.write_obj(vm_memory::Le32::from(EVENT_TRANSPORT_RESET)) {
+                Ok(()) => 4,
+                Err(_) => 0,
+            },
+            Err(_) => 0,
+        };
+        if state.add_used(head, written).is_ok()
+            && state.signal_used_queue().is_ok()
+            && written == 4
+        {
+            *pending = false;
+            if let Some(mut timer) = self.timer() {
+                let _ = timer.clear();
+            }
+            log::info!("sent VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+        }
+    }
+
+    fn state(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.config.guest_cid,
+            acked_features: self.acked_features.load(Ordering::Acquire),
+        }
+    }
+
+    fn adopt(&self, saved: &VsockState) -> Result<(), Error> {
+        if saved.guest_cid != self.config.guest_cid {
+            return Err(Error::CidMismatch {
+                saved: saved.guest_cid,
+                ours: self.config.guest_cid,
+            });
+        }
+        self.acked_features
+            .store(saved.acked_features, Ordering::Release);
+        *self.reset_pending.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        if let Some(mut timer) = self.timer() {
+            let tick = Duration::from_millis(10);
+            timer.reset(tick, Some(tick)).map_err(errno)?;
+        }
+        Ok(())
+    }
+
+    fn finish_transfer(&self) -> Result<(), Error> {
+        let transfer = self
+            .transfer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or(Error::NoTransfer)?;
+        match transfer {
+            Transfer::Saving(handle) => handle
+                .join()
+                .map_err(|_| Error::TransferPanicked)?
+                .map_err(Error::Transfer),
+            Transfer::Loading(handle) => {
+                let bytes = handle
+                    .join()
+                    .map_err(|_| Error::TransferPanicked)?
+                    .map_err(Error::Transfer)?;
+                if bytes.len() as u64 > MAX_STATE {
+                    return Err(microagent_device_state::Error::TooLarge(bytes.len()).into());
+                }
+                self.adopt(&VsockState::decode(&bytes)?)
+            }
+        }
+    }
+}
+
+fn errno(e: vmm_sys_util::errno::Error) -> Error {
+    Error::Timer(io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Header and payload of one TX chain. On error, the header when it could be read, so
+/// that its connection can be reset.
+fn read_packet(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> Result<(Packet, Vec<u8>), (Option<Packet>, String)> {
+    let mut reader = chain.reader(mem).map_err(|e| (None, e.to_string()))?;
+    if reader.available_bytes() < HEADER_LEN {
+        let why = format!(
+            "{} bytes is shorter than a header",
+            reader.available_bytes()
+        );
+        return Err((None, why));
+    }
+    let header: Header = reader.read_obj().map_err(|e| (None, e.to_string()))?;
+    let packet = Packet::from(header);
+    if packet.len > MAX_PAYLOAD || packet.len as usize > reader.available_bytes() {
+        let why = format!("payload length {} is invalid", packet.len);
+        return Err((Some(packet), why));
+    }
+    let mut payload = vec![0u8; packet.len as usize];
+    reader
+        .read_exact(&mut payload)
+        .map_err(|e| (Some(packet), e.to_string()))?;
+    Ok((packet, payload))
+}
+
+impl VhostUserBackend for VsockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock<Mem>;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::DEVICE_STATE
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    /// `struct virtio_vsock_config`: the guest CID, padded to the requested size.
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config.guest_cid.to_le_bytes();
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(size as usize).min(config.len());
+        let mut out = config[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
+        Ok(())
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+            .inspect_err(|e| log::error!("worker {thread_index}: no exit event: {e}"))
+            .ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // An error returned here would end the worker thread: report and carry on.
+        let Some(mut muxer) = self.muxer() else {
+            log::error!("{}", Error::NotStarted);
+            return Ok(());
+        };
+        let [rx, tx, event] = vrings else {
+            log::error!("expected 3 vrings, got {}", vrings.len());
+            return Ok(());
+        };
+        match usize::from(device_event) {
+            RX_QUEUE => {}
+            TX_QUEUE => self.process_tx(tx, &mut muxer),
+            EVENT_QUEUE => {}
+            _ if device_event == RESET_TIMER_ID => {
+                if let Some(mut timer) = self.timer() {
+                    let _ = timer.wait();
+                }
+            }
+            _ => muxer.fd_event(device_event, evset.bits()),
+        }
+        self.deliver_reset(event);
+        self.process_rx(rx, &mut muxer);
+        Ok(())
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(Error::Phase.into());
+        }
+        let transfer = match direction {
+            VhostTransferStateDirection::SAVE => {
+                let bytes = self.state().encode().map_err(Error::State)?;
+                let mut file = file;
+                Transfer::Saving(thread::spawn(move || file.write_all(&bytes)))
+            }
+            VhostTransferStateDirection::LOAD => Transfer::Loading(thread::spawn(move || {
+                let mut bytes = Vec::new();
+                file.take(MAX_STATE + 1).read_to_end(&mut bytes)?;
+                Ok(bytes)
+            })),
+        };
+        *self.transfer.lock().unwrap_or_else(|e| e.into_inner()) = Some(transfer);
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        self.finish_transfer().map_err(|e| {
+            log::error!("device state: {e}");
+            e.into()
+        })
+    }
+}

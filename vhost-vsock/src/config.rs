@@ -1,0 +1,103 @@
+//! Flags of `microagent-vhost-vsock`, checked into a [`VsockConfig`].
+
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--guest-cid {0} is reserved (use 3 to 4294967294)")]
+    ReservedCid(u64),
+    #[error("{which} {path} is too long for a unix socket address (at most {max} bytes)")]
+    PathTooLong {
+        which: &'static str,
+        path: PathBuf,
+        max: usize,
+    },
+}
+
+/// Longest unix socket path (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// Room left for "_<port>" on guest-initiated connections.
+const PORT_SUFFIX: usize = 11;
+
+/// vhost-user vsock device. Host processes reach guest port P by connecting to
+/// --uds-path and writing "CONNECT P\n" (answered "OK <hostport>\n"); a guest connect to
+/// (CID 2, port P) reaches the unix socket <uds-path>_P. Serves one frontend and exits 0
+/// when it disconnects.
+#[derive(Debug, Parser)]
+#[command(name = "microagent-vhost-vsock", version)]
+pub struct Args {
+    /// Unix socket to listen on for the vhost-user frontend.
+    #[arg(long)]
+    pub socket_path: PathBuf,
+    /// The guest's context ID.
+    #[arg(long)]
+    pub guest_cid: u64,
+    /// Host side: the unix socket host processes connect to.
+    #[arg(long)]
+    pub uds_path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    pub socket_path: PathBuf,
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+impl TryFrom<Args> for VsockConfig {
+    type Error = Error;
+
+    fn try_from(args: Args) -> Result<Self, Error> {
+        if args.guest_cid < 3 || args.guest_cid >= u64::from(u32::MAX) {
+            return Err(Error::ReservedCid(args.guest_cid));
+        }
+        let long = |which, path: &PathBuf, max| {
+            (path.as_os_str().len() > max).then(|| Error::PathTooLong {
+                which,
+                path: path.clone(),
+                max,
+            })
+        };
+        if let Some(e) = long("--socket-path", &args.socket_path, MAX_SOCKET_PATH)
+            .or_else(|| long("--uds-path", &args.uds_path, MAX_SOCKET_PATH - PORT_SUFFIX))
+        {
+            return Err(e);
+        }
+        Ok(Self {
+            socket_path: args.socket_path,
+            guest_cid: args.guest_cid,
+            uds_path: args.uds_path,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(cid: &str, uds: &str) -> Result<VsockConfig, Error> {
+        VsockConfig::try_from(Args::parse_from([
+            "x",
+            "--socket-path",
+            "/tmp/v.sock",
+            "--guest-cid",
+            cid,
+            "--uds-path",
+            uds,
+        ]))
+    }
+
+    #[test]
+    fn reserved_cids_and_long_paths_are_refused() {
+        assert!(parse("3", "/tmp/vsock").is_ok());
+        for cid in ["0", "1", "2", "4294967295"] {
+            assert!(
+                matches!(parse(cid, "/tmp/v"), Err(Error::ReservedCid(_))),
+                "{cid}"
+            );
+        }
+        let long = format!("/tmp/{}", "u".repeat(95));
+        assert!(matches!(parse("3", &long), Err(Error::PathTooLong { .. })));
+    }
+}

@@ -1,0 +1,681 @@
+//! The connection multiplexer: guest packets in, host unix sockets out, and back.
+//!
+//! Independent of virtqueues: the backend feeds it packets popped from the TX queue and
+//! asks it for packets to place in RX buffers. Flow control follows the virtio-vsock
+//! credit scheme in both directions, so memory per connection is bounded: at most
+//! [`BUF_ALLOC`] bytes from the guest waiting for a slow host reader (the guest may not
+//! send more than the credit we advertise), and at most [`STAGE_MAX`] bytes read from the
+//! host waiting for RX buffers or guest credit (we stop reading the socket beyond that).
+
+use crate::packet::*;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// Receive buffer we advertise per connection (guest → host).
+pub const BUF_ALLOC: u32 = 256 << 10;
+/// Host → guest bytes staged per connection.
+pub const STAGE_MAX: usize = 64 << 10;
+/// Send a credit update once this much was forwarded since the last one.
+const CREDIT_UPDATE_THRESHOLD: u32 = BUF_ALLOC / 4;
+/// Control packets waiting for RX buffers; more are dropped (a guest not posting RX
+/// buffers must not make the daemon grow).
+const MAX_CONTROL: usize = 4096;
+/// Longest "CONNECT <port>\n" line.
+const MAX_CONNECT_LINE: usize = 32;
+/// First port handed to host-initiated connections.
+const FIRST_HOST_PORT: u32 = 1 << 30;
+
+/// epoll ids (the vhost-user-backend worker reserves 0..=queues).
+pub const LISTENER_ID: u16 = 8;
+const CONN_ID_BASE: u16 = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("listening on {path}: {source}")]
+    Listen { path: PathBuf, source: io::Error },
+    #[error("epoll: {0}")]
+    Epoll(io::Error),
+}
+
+/// Registers fds with the worker thread's epoll instance.
+#[derive(Debug, Clone, Copy)]
+pub struct Poller(pub RawFd);
+
+impl Poller {
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, id: u16) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events,
+            u64: u64::from(id),
+        };
+        // SAFETY: epoll_ctl on the worker's epoll fd with a valid event struct.
+        if unsafe { libc::epoll_ctl(self.0, op, fd, &mut event) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    /// A host client that has not yet sent its CONNECT line.
+    AwaitConnect(Vec<u8>),
+    /// REQUEST sent to the guest, waiting for RESPONSE or RST.
+    Connecting,
+    Established,
+}
+
+#[derive(Debug)]
+struct Conn {
+    stream: UnixStream,
+    local_port: u32,
+    peer_port: u32,
+    state: State,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Bytes sent to the guest.
+    rx_cnt: u32,
+    /// Bytes from the guest written to the host socket.
+    fwd_cnt: u32,
+    fwd_cnt_sent: u32,
+    to_host: VecDeque<u8>,
+    to_guest: Vec<u8>,
+    host_eof: bool,
+    sent_shutdown: bool,
+    peer_shutdown: u32,
+    interest: u32,
+    /// Taken out of epoll: the socket hung up but the guest has no credit to take its
+    /// last bytes, and a hang-up is reported whatever the interest.
+    parked: bool,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, local_port: u32, peer_port: u32, state: State) -> Self {
+        Self {
+            stream,
+            local_port,
+            peer_port,
+            state,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            rx_cnt: 0,
+            fwd_cnt: 0,
+            fwd_cnt_sent: 0,
+            to_host: VecDeque::new(),
+            to_guest: Vec::new(),
+            host_eof: false,
+            sent_shutdown: false,
+            peer_shutdown: 0,
+            interest: 0,
+            parked: false,
+        }
+    }
+
+    /// Bytes the guest can still take.
+    fn peer_credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.rx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    fn wanted_interest(&self) -> u32 {
+        let mut events = 0;
+        let reading = match self.state {
+            State::AwaitConnect(_) => true,
+            State::Connecting => false,
+            State::Established => {
+                !self.host_eof
+                    && self.peer_shutdown & SHUTDOWN_RCV == 0
+                    && self.to_guest.len() < STAGE_MAX
+                    && self.peer_credit() as usize > self.to_guest.len()
+            }
+        };
+        if reading {
+            events |= libc::EPOLLIN as u32;
+        }
+        if !self.to_host.is_empty() {
+            events |= libc::EPOLLOUT as u32;
+        }
+        events
+    }
+
+    /// Writes as much of `to_host` as the socket takes; false if the socket failed.
+    fn flush_to_host(&mut self) -> bool {
+        while !self.to_host.is_empty() {
+            let (front, _) = self.to_host.as_slices();
+            match self.stream.write(front) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.to_host.drain(..n);
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        if self.to_host.is_empty() && self.peer_shutdown & SHUTDOWN_SEND != 0 {
+            let _ = self.stream.shutdown(Shutdown::Write);
+        }
+        true
+    }
+
+    /// Both directions are finished: nothing more can move.
+    fn finished(&self) -> bool {
+        let host_done = self.host_eof && self.sent_shutdown && self.to_guest.is_empty();
+        let guest_done = self.peer_shutdown & SHUTDOWN_SEND != 0 && self.to_host.is_empty();
+        let guest_gone = self.peer_shutdown == SHUTDOWN_SEND | SHUTDOWN_RCV;
+        (host_done && guest_done) || (guest_gone && self.to_host.is_empty())
+    }
+}
+
+/// What the backend should place in one RX buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rx {
+    Packet(Packet, Vec<u8>),
+    /// The buffer is too small for a header: return it unused.
+    TooSmall,
+}
+
+pub struct Muxer {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    poller: Poller,
+    listener: UnixListener,
+    conns: HashMap<u16, Conn>,
+    by_ports: HashMap<(u32, u32), u16>,
+    control: VecDeque<Packet>,
+    rx_ready: VecDeque<u16>,
+    next_id: u16,
+    next_host_port: u32,
+}
+
+impl Muxer {
+    pub fn new(guest_cid: u64, uds_path: &Path, poller: Poller) -> Result<Self, Error> {
+        let _ = std::fs::remove_file(uds_path);
+        let listener = UnixListener::bind(uds_path).map_err(|source| Error::Listen {
+            path: uds_path.to_owned(),
+            source,
+        })?;
+        listener.set_nonblocking(true).map_err(Error::Epoll)?;
+        poller
+            .ctl(
+                libc::EPOLL_CTL_ADD,
+                listener.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                LISTENER_ID,
+            )
+            .map_err(Error::Epoll)?;
+        Ok(Self {
+            guest_cid,
+            uds_path: uds_path.to_owned(),
+            poller,
+            listener,
+            conns: HashMap::new(),
+            by_ports: HashMap::new(),
+            control: VecDeque::new(),
+            rx_ready: VecDeque::new(),
+            next_id: CONN_ID_BASE,
+            next_host_port: FIRST_HOST_PORT,
+        })
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether anything waits for an RX buffer.
+    pub fn has_rx(&self) -> bool {
+        !self.control.is_empty() || !self.rx_ready.is_empty()
+    }
+
+    fn reply(&self, to: &Packet, op: u16) -> Packet {
+        Packet {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: to.dst_port,
+            dst_port: to.src_port,
+            len: 0,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt: 0,
+        }
+    }
+
+    fn conn_packet(&self, conn: &Conn, op: u16, flags: u32, len: u32) -> Packet {
+        packet(self.guest_cid, conn, op, flags, len)
+    }
+}
+
+/// A packet on `conn`'s port pair, carrying our current credit.
+fn packet(guest_cid: u64, conn: &Conn, op: u16, flags: u32, len: u32) -> Packet {
+    Packet {
+        src_cid: HOST_CID,
+        dst_cid: guest_cid,
+        src_port: conn.local_port,
+        dst_port: conn.peer_port,
+        len,
+        type_: TYPE_STREAM,
+        op,
+        flags,
+        buf_alloc: BUF_ALLOC,
+        fwd_cnt: conn.fwd_cnt,
+    }
+}
+
+impl Muxer {
+    fn push_control(&mut self, packet: Packet) {
+        if self.control.len() >= MAX_CONTROL {
+            log::warn!("guest is not taking RX buffers; dropping a control packet");
+            return;
+        }
+        self.control.push_back(packet);
+    }
+
+    fn rst(&mut self, to: &Packet) {
+        let packet = self.reply(to, OP_RST);
+        self.push_control(packet);
+    }
+
+    /// A packet the guest sent on the TX queue.
+    pub fn guest_packet(&mut self, p: Packet, payload: &[u8]) {
+        if p.op == OP_RST {
+            // Never answer a reset with a reset.
+            self.remove_by_ports(p.dst_port, p.src_port);
+            return;
+        }
+        if p.src_cid != self.guest_cid || p.dst_cid != HOST_CID || p.type_ != TYPE_STREAM {
+            log::warn!("dropping packet with bad CIDs or type: {p:?}");
+            self.remove_by_ports(p.dst_port, p.src_port);
+            self.rst(&p);
+            return;
+        }
+        let id = self.by_ports.get(&(p.dst_port, p.src_port)).copied();
+        match (p.op, id) {
+            (OP_REQUEST, None) => self.guest_connect(&p),
+            (OP_REQUEST, Some(_)) => {
+                // A second request for a live pair: the guest lost track of it.
+                self.remove_by_ports(p.dst_port, p.src_port);
+                self.rst(&p);
+            }
+            (_, None) => self.rst(&p),
+            (op, Some(id)) => self.conn_packet_in(id, op, &p, payload),
+        }
+    }
+
+    /// A packet whose payload could not be read: its connection ends with RST.
+    pub fn malformed(&mut self, p: &Packet) {
+        self.remove_by_ports(p.dst_port, p.src_port);
+        if p.op != OP_RST {
+            self.rst(p);
+        }
+    }
+
+    fn guest_connect(&mut self, p: &Packet) {
+        let path = format!("{}_{}", self.uds_path.display(), p.dst_port);
+        let stream = match UnixStream::connect(&path) {
+            Ok(stream) => stream,
+            Err(e) => {
+                log::debug!("guest connect to port {}: {path}: {e}", p.dst_port);
+                self.rst(p);
+                return;
+            }
+        };
+        if stream.set_nonblocking(true).is_err() {
+            self.rst(p);
+            return;
+        }
+        let mut conn = Conn::new(stream, p.dst_port, p.src_port, State::Established);
+        conn.peer_buf_alloc = p.buf_alloc;
+        conn.peer_fwd_cnt = p.fwd_cnt;
+        let response = self.conn_packet(&conn, OP_RESPONSE, 0, 0);
+        if self.insert(conn).is_some() {
+            self.push_control(response);
+        } else {
+            self.rst(p);
+        }
+    }
+
+    fn conn_packet_in(&mut self, id: u16, op: u16, p: &Packet, payload: &[u8]) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        conn.peer_buf_alloc = p.buf_alloc;
+        conn.peer_fwd_cnt = p.fwd_cnt;
+        let mut reset = false;
+        match op {
+            OP_RESPONSE if conn.state == State::Connecting => {
+                conn.state = State::Established;
+                let line = format!("OK {}\n", conn.local_port);
+                // The client is waiting for this line; a socket buffer takes it whole.
+                if conn.stream.write_all(line.as_bytes()).is_err() {
+                    reset = true;
+                } else if !conn.to_guest.is_empty() {
+                    self.rx_ready.push_back(id);
+                }
+            }
+            OP_RW if conn.state == State::Established => {
+                let buffered = conn.to_host.len() + payload.len();
+                if buffered > BUF_ALLOC as usize || conn.peer_shutdown & SHUTDOWN_SEND != 0 {
+                    log::warn!("guest port {} overran its credit", conn.peer_port);
+                    reset = true;
+                } else {
+                    conn.to_host.extend(payload);
+                    reset = !conn.flush_to_host();
+                }
+            }
+            OP_SHUTDOWN => {
+                conn.peer_shutdown |= p.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
+                reset = !conn.flush_to_host();
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => {
+                let update = packet(self.guest_cid, conn, OP_CREDIT_UPDATE, 0, 0);
+                conn.fwd_cnt_sent = conn.fwd_cnt;
+                self.push_control(update);
+            }
+            _ => {
+                log::warn!(
+                    "unexpected op {op} on connection to guest port {}",
+                    p.src_port
+                );
+                reset = true;
+            }
+        }
+        if reset {
+            self.reset_conn(id);
+        } else {
+            self.after_change(id);
+        }
+    }
+
+    /// An event on the listener or a connection's socket.
+    pub fn fd_event(&mut self, id: u16, events: u32) {
+        if id == LISTENER_ID {
+            self.accept();
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let mut reset = false;
+        if events & libc::EPOLLOUT as u32 != 0 {
+            reset = !conn.flush_to_host();
+        }
+        let hangup = events & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
+        if !reset && (hangup || events & libc::EPOLLIN as u32 != 0) {
+            reset = match &conn.state {
+                State::AwaitConnect(_) => self.read_connect_line(id),
+                State::Established => self.read_from_host(id),
+                State::Connecting => false,
+            };
+        }
+        if reset {
+            self.reset_conn(id);
+            return;
+        }
+        if hangup {
+            self.park_if_stuck(id);
+        }
+        self.after_change(id);
+    }
+
+    /// A hung-up socket that cannot be read now (no credit) leaves epoll until it can.
+    fn park_if_stuck(&mut self, id: u16) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if !conn.parked && conn.wanted_interest() & libc::EPOLLIN as u32 == 0 && !conn.host_eof {
+            let _ = self
+                .poller
+                .ctl(libc::EPOLL_CTL_DEL, conn.stream.as_raw_fd(), 0, id);
+            conn.parked = true;
+            conn.interest = 0;
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_ok() {
+                        let conn = Conn::new(stream, 0, 0, State::AwaitConnect(Vec::new()));
+                        if let Some(id) = self.insert(conn) {
+                            self.after_change(id);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Reads the CONNECT line; true when the client must be dropped.
+    fn read_connect_line(&mut self, id: u16) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        let State::AwaitConnect(line) = &mut conn.state else {
+            return false;
+        };
+        let mut buf = [0u8; MAX_CONNECT_LINE];
+        let n = match conn.stream.read(&mut buf[..MAX_CONNECT_LINE - line.len()]) {
+            Ok(0) => return true,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                return false
+            }
+            Err(_) => return true,
+        };
+        line.extend_from_slice(&buf[..n]);
+        let Some(end) = line.iter().position(|&b| b == b'\n') else {
+            return line.len() >= MAX_CONNECT_LINE;
+        };
+        let port = std::str::from_utf8(&line[..end])
+            .ok()
+            .and_then(|l| l.strip_prefix("CONNECT "))
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let rest = line[end + 1..].to_vec();
+        let Some(port) = port else {
+            log::debug!("host client sent a malformed CONNECT line");
+            return true;
+        };
+        let local_port = self.allocate_host_port(port);
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        conn.local_port = local_port;
+        conn.peer_port = port;
+        conn.state = State::Connecting;
+        conn.to_guest = rest;
+        self.by_ports.insert((local_port, port), id);
+        let request = self.conn_packet(&self.conns[&id], OP_REQUEST, 0, 0);
+        self.push_control(request);
+        false
+    }
+
+    fn allocate_host_port(&mut self, peer: u32) -> u32 {
+        loop {
+            let port = self.next_host_port;
+            self.next_host_port = self
+                .next_host_port
+                .checked_add(1)
+                .unwrap_or(FIRST_HOST_PORT);
+            if !self.by_ports.contains_key(&(port, peer)) {
+                return port;
+            }
+        }
+    }
+
+    /// Reads host bytes within the guest's credit; true when the connection must reset.
+    fn read_from_host(&mut self, id: u16) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        let credit = conn.peer_credit() as usize;
+        let room = STAGE_MAX
+            .saturating_sub(conn.to_guest.len())
+            .min(credit.saturating_sub(conn.to_guest.len()));
+        if room == 0 || conn.host_eof {
+            return false;
+        }
+        let start = conn.to_guest.len();
+        conn.to_guest.resize(start + room, 0);
+        let result = conn.stream.read(&mut conn.to_guest[start..]);
+        let n = match &result {
+            Ok(n) => *n,
+            Err(_) => 0,
+        };
+        conn.to_guest.truncate(start + n);
+        match result {
+            Ok(0) => conn.host_eof = true,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                return false
+            }
+            Err(_) => return true,
+        }
+        self.rx_ready.push_back(id);
+        false
+    }
+
+    /// The next packet for an RX buffer with `capacity` writable bytes.
+    pub fn next_rx(&mut self, capacity: usize) -> Option<Rx> {
+        if !self.has_rx() {
+            return None;
+        }
+        if capacity < HEADER_LEN {
+            return Some(Rx::TooSmall);
+        }
+        if let Some(packet) = self.control.pop_front() {
+            return Some(Rx::Packet(packet, Vec::new()));
+        }
+        while let Some(id) = self.rx_ready.pop_front() {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            if conn.state != State::Established {
+                continue;
+            }
+            let n = conn
+                .to_guest
+                .len()
+                .min(capacity - HEADER_LEN)
+                .min(conn.peer_credit() as usize);
+            if n > 0 {
+                let data: Vec<u8> = conn.to_guest.drain(..n).collect();
+                conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
+                let packet = self.conn_packet(&self.conns[&id], OP_RW, 0, n as u32);
+                if !self.conns[&id].to_guest.is_empty() {
+                    self.rx_ready.push_back(id);
+                }
+                self.after_change(id);
+                return Some(Rx::Packet(packet, data));
+            }
+            if conn.to_guest.is_empty() && conn.host_eof && !conn.sent_shutdown {
+                conn.sent_shutdown = true;
+                let packet = self.conn_packet(&self.conns[&id], OP_SHUTDOWN, SHUTDOWN_SEND, 0);
+                self.after_change(id);
+                return Some(Rx::Packet(packet, Vec::new()));
+            }
+        }
+        None
+    }
+
+    fn insert(&mut self, conn: Conn) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            let id = self.next_id;
+            self.next_id = self.next_id.checked_add(1).unwrap_or(CONN_ID_BASE);
+            if self.conns.contains_key(&id) {
+                continue;
+            }
+            if self
+                .poller
+                .ctl(libc::EPOLL_CTL_ADD, conn.stream.as_raw_fd(), 0, id)
+                .is_err()
+            {
+                return None;
+            }
+            if !matches!(conn.state, State::AwaitConnect(_)) {
+                self.by_ports.insert((conn.local_port, conn.peer_port), id);
+            }
+            self.conns.insert(id, conn);
+            return Some(id);
+        }
+        None
+    }
+
+    /// Re-arms epoll, sends credit updates, and ends finished connections.
+    fn after_change(&mut self, id: u16) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.fwd_cnt.wrapping_sub(conn.fwd_cnt_sent) >= CREDIT_UPDATE_THRESHOLD {
+            conn.fwd_cnt_sent = conn.fwd_cnt;
+            let update = self.conn_packet(&self.conns[&id], OP_CREDIT_UPDATE, 0, 0);
+            self.push_control(update);
+        }
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.state == State::Established && conn.finished() {
+            let rst = packet(self.guest_cid, conn, OP_RST, 0, 0);
+            self.push_control(rst);
+            self.remove(id);
+            return;
+        }
+        let want = conn.wanted_interest();
+        let fd = conn.stream.as_raw_fd();
+        if conn.parked {
+            if want & libc::EPOLLIN as u32 != 0
+                && self.poller.ctl(libc::EPOLL_CTL_ADD, fd, want, id).is_ok()
+            {
+                conn.parked = false;
+                conn.interest = want;
+            }
+        } else if want != conn.interest
+            && self.poller.ctl(libc::EPOLL_CTL_MOD, fd, want, id).is_ok()
+        {
+            conn.interest = want;
+        }
+    }
+
+    fn reset_conn(&mut self, id: u16) {
+        if let Some(conn) = self.conns.get(&id) {
+            // A client that never sent CONNECT has no guest side to reset.
+            if !matches!(conn.state, State::AwaitConnect(_)) {
+                let rst = self.conn_packet(conn, OP_RST, 0, 0);
+                self.push_control(rst);
+            }
+        }
+        self.remove(id);
+    }
+
+    fn remove_by_ports(&mut self, local: u32, peer: u32) {
+        if let Some(id) = self.by_ports.get(&(local, peer)).copied() {
+            self.remove(id);
+        }
+    }
+
+    fn remove(&mut self, id: u16) {
+        if let Some(conn) = self.conns.remove(&id) {
+            if !conn.parked {
+                let _ = self
+                    .poller
+                    .ctl(libc::EPOLL_CTL_DEL, conn.stream.as_raw_fd(), 0, id);
+            }
+            self.by_ports.remove(&(conn.local_port, conn.peer_port));
+        }
+    }
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
