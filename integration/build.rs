@@ -1,3 +1,5 @@
+//! Builds the guest programs the tests put into guests:
+//!
 //! Builds the freestanding test guest (guest/test-guest/guest.c) that microagent-vmm
 //! boots on any KVM, including PVM hosts where guest kernel code is emulated: no SSE,
 //! no red zone, no libc, linked at 2 MiB.
@@ -37,4 +39,18 @@ fn main() {
         .expect("running gcc for the test guest");
     assert!(status.success(), "building the test guest failed");
     println!("cargo:rustc-env=MICROAGENT_TEST_GUEST={}", out.display());
+
+    // A static Linux program for the vsock tests under QEMU.
+    let source = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap())
+        .join("../guest/vsock-echo/vsock_echo.c");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("vsock-echo");
+    println!("cargo:rerun-if-changed={}", source.display());
+    let status = Command::new(env::var("CC").unwrap_or_else(|_| "gcc".into()))
+        .args(["-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .expect("running gcc for vsock-echo");
+    assert!(status.success(), "building vsock-echo failed");
+    println!("cargo:rustc-env=MICROAGENT_VSOCK_ECHO={}", out.display());
 }

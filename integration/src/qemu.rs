@@ -52,8 +52,8 @@ pub struct QemuConfig {
     pub memory_mib: u32,
     /// vhost-user-blk sockets, in order: `/dev/vda`, `/dev/vdb`, …
     pub blk: Vec<PathBuf>,
-    /// vhost-user-vsock socket and the guest's CID.
-    pub vsock: Option<(PathBuf, u32)>,
+    /// vhost-user-vsock socket (the guest's CID comes from the daemon's config space).
+    pub vsock: Option<PathBuf>,
     /// vhost-user net socket.
     pub net: Option<PathBuf>,
     /// Where the console log goes.
@@ -98,11 +98,10 @@ impl QemuConfig {
             cmd.arg("-device")
                 .arg(format!("vhost-user-blk,chardev={id}"));
         }
-        if let Some((socket, cid)) = &self.vsock {
+        if let Some(socket) = &self.vsock {
             let id = chardev(&mut cmd, socket);
-            cmd.arg("-device").arg(format!(
-                "vhost-user-vsock-device,chardev={id},guest-cid={cid}"
-            ));
+            cmd.arg("-device")
+                .arg(format!("vhost-user-vsock-device,chardev={id}"));
         }
         if let Some(socket) = &self.net {
             let id = chardev(&mut cmd, socket);
@@ -188,8 +187,28 @@ mount -t devtmpfs dev /dev
 ";
 
 /// Boots the project kernel with a busybox initramfs that runs [`GUEST_PRELUDE`] and
-/// then `script` (which should end with `reboot -f`), with the devices `devices` adds to
-/// the configuration. Waits for `marker` and for QEMU to end, and returns the console.
+/// then `script`, with extra `files` (path, contents; made executable) and the devices
+/// `devices` adds to the configuration. Returns the running QEMU.
+pub fn start_busybox_guest(
+    dir: &Path,
+    script: &str,
+    files: &[(&str, &[u8])],
+    devices: impl FnOnce(&mut QemuConfig),
+) -> Result<Qemu, Error> {
+    let initrd = dir.join("initrd.cpio");
+    let mut image = Initramfs::busybox_init(&format!("{GUEST_PRELUDE}{script}"))?;
+    image.dir("proc").dir("sys").dir("dev").dir("mnt");
+    for (path, contents) in files {
+        image.file(path, contents, 0o755);
+    }
+    image.write(&initrd)?;
+    let mut config = QemuConfig::new(kernel::guest_kernel()?, initrd, dir.join("console.log"));
+    devices(&mut config);
+    Qemu::start(&config)
+}
+
+/// [`start_busybox_guest`] without extra files, then waits for `marker` and for QEMU to
+/// end (the script should end with `reboot -f`), and returns the console.
 pub fn run_busybox_guest(
     dir: &Path,
     script: &str,
@@ -197,23 +216,25 @@ pub fn run_busybox_guest(
     marker: &str,
     timeout: Duration,
 ) -> Result<String, Error> {
-    let initrd = dir.join("initrd.cpio");
-    let mut image = Initramfs::busybox_init(&format!("{GUEST_PRELUDE}{script}"))?;
-    image.dir("proc").dir("sys").dir("dev").dir("mnt");
-    image.write(&initrd)?;
-    let mut config = QemuConfig::new(kernel::guest_kernel()?, initrd, dir.join("console.log"));
-    devices(&mut config);
-    let mut qemu = Qemu::start(&config)?;
+    let mut qemu = start_busybox_guest(dir, script, &[], devices)?;
     qemu.wait_for(marker, timeout)?;
-    let status = qemu.wait_exit(Duration::from_secs(30))?;
-    let console = qemu.console();
-    if !status.success() {
-        return Err(Error::Failed {
-            status,
-            tail: tail(&console),
-        });
+    qemu.finish()
+}
+
+impl Qemu {
+    /// Waits for QEMU to end by itself and returns the console; an unsuccessful exit is
+    /// an error.
+    pub fn finish(&mut self) -> Result<String, Error> {
+        let status = self.wait_exit(Duration::from_secs(30))?;
+        let console = self.console();
+        if !status.success() {
+            return Err(Error::Failed {
+                status,
+                tail: tail(&console),
+            });
+        }
+        Ok(console)
     }
-    Ok(console)
 }
 
 fn tail(console: &str) -> String {
