@@ -7,6 +7,7 @@
 //! - [`initramfs`]: a newc cpio writer with busybox-static, for test guests.
 //! - [`frontend`]: a host-side vhost-user frontend over memfd guest memory, for driving
 //!   a daemon's virtqueues directly (no guest).
+//! - [`vsock_guest`]: the harness as a guest's virtio-vsock driver.
 //! - [`daemon`]: microagent's own daemons as real processes.
 //! - [`process`]: guards that kill what a test started, also when the test fails.
 //! - [`kernel`]: where the cached guest kernel is.
@@ -20,3 +21,4 @@ pub mod process;
 pub mod qemu;
 pub mod storage_daemon;
 pub mod vmm;
+pub mod vsock_guest;

@@ -4,140 +4,17 @@
 
 use microagent_integration::daemon::Daemon;
 use microagent_integration::frontend::{Buf, Frontend, GuestMemory, Setup};
+use microagent_integration::vsock_guest::{pkt, Guest, CID, EVENT};
 use microagent_vhost_vsock::packet::*;
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
-use vm_memory::{ByteValued, GuestAddress};
 
-const CID: u64 = 3;
 const WAIT: Duration = Duration::from_secs(10);
-const RX_BUF: u32 = HEADER_LEN as u32 + (64 << 10);
-const RX_BUFFERS: usize = 64;
-const TX_SLOTS: usize = 16;
-const RX: usize = 0;
-const TX: usize = 1;
-const EVENT: usize = 2;
-
-/// The harness as the guest's virtio-vsock driver.
-struct Guest {
-    mem: GuestMemory,
-    fe: Frontend,
-    rx_bufs: HashMap<u16, GuestAddress>,
-    pending: VecDeque<(u16, u32)>,
-    tx_slots: Vec<GuestAddress>,
-    next_slot: usize,
-}
-
-impl Guest {
-    fn connect(socket: &Path, setup: Setup) -> Self {
-        let mut mem = GuestMemory::new(32 << 20).unwrap();
-        let fe = Frontend::connect(socket, &mut mem, &setup).unwrap();
-        let tx_slots = (0..TX_SLOTS)
-            .map(|_| mem.alloc(u64::from(RX_BUF), 8).unwrap())
-            .collect();
-        let mut guest = Self {
-            mem,
-            fe,
-            rx_bufs: HashMap::new(),
-            pending: VecDeque::new(),
-            tx_slots,
-            next_slot: 0,
-        };
-        for _ in 0..RX_BUFFERS {
-            let addr = guest.mem.alloc(u64::from(RX_BUF), 8).unwrap();
-            guest.post_rx(addr);
-        }
-        guest
-    }
-
-    fn new(socket: &Path) -> Self {
-        Self::connect(
-            socket,
-            Setup {
-                queues: 3,
-                ..Setup::default()
-            },
-        )
-    }
-
-    fn post_rx(&mut self, addr: GuestAddress) {
-        let q = &mut self.fe.queues[RX];
-        let head = q.write_chain(&self.mem, &[Buf::writable(addr, RX_BUF)]);
-        q.publish(&self.mem, head);
-        q.kick().unwrap();
-        self.rx_bufs.insert(head, addr);
-    }
-
-    fn send(&mut self, p: Packet, payload: &[u8]) {
-        let slot = self.tx_slots[self.next_slot];
-        self.next_slot = (self.next_slot + 1) % TX_SLOTS;
-        let header = Header::from(p);
-        self.mem.write(slot, header.as_slice());
-        let data = GuestAddress(slot.0 + HEADER_LEN as u64);
-        self.mem.write(data, payload);
-        let mut bufs = vec![Buf::readable(slot, HEADER_LEN as u32)];
-        if !payload.is_empty() {
-            bufs.push(Buf::readable(data, payload.len() as u32));
-        }
-        let q = &mut self.fe.queues[TX];
-        q.submit(&self.mem, &bufs).unwrap();
-        q.wait_used(&self.mem, 1, WAIT).unwrap();
-    }
-
-    /// The next packet the device put in an RX buffer (the buffer is posted again).
-    fn try_recv(&mut self, timeout: Duration) -> Option<(Packet, Vec<u8>)> {
-        if self.pending.is_empty() {
-            let used = self.fe.queues[RX].wait_used(&self.mem, 1, timeout).ok()?;
-            self.pending.extend(used);
-        }
-        let (head, len) = self.pending.pop_front()?;
-        let addr = self
-            .rx_bufs
-            .remove(&head)
-            .expect("used an unknown rx buffer");
-        assert!(len as usize >= HEADER_LEN, "rx used length {len}");
-        let bytes = self.mem.read(addr, len as usize);
-        let header = *Header::from_slice(&bytes[..HEADER_LEN]).unwrap();
-        let packet = Packet::from(header);
-        assert_eq!(packet.len as usize, len as usize - HEADER_LEN);
-        self.post_rx(addr);
-        Some((packet, bytes[HEADER_LEN..].to_vec()))
-    }
-
-    fn recv(&mut self) -> (Packet, Vec<u8>) {
-        self.try_recv(WAIT).expect("no packet from the device")
-    }
-
-    /// Receives, skipping credit updates.
-    fn recv_op(&mut self) -> (Packet, Vec<u8>) {
-        loop {
-            let (p, data) = self.recv();
-            if p.op != OP_CREDIT_UPDATE {
-                return (p, data);
-            }
-        }
-    }
-}
-
-fn pkt(src_port: u32, dst_port: u32, op: u16, len: u32, buf_alloc: u32, fwd_cnt: u32) -> Packet {
-    Packet {
-        src_cid: CID,
-        dst_cid: HOST_CID,
-        src_port,
-        dst_port,
-        len,
-        type_: TYPE_STREAM,
-        op,
-        flags: 0,
-        buf_alloc,
-        fwd_cnt,
-    }
-}
 
 struct Rig {
     dir: TempDir,
