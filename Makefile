@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all deps kernel build lint test demo clean-kernel
+.PHONY: all deps kernel agent build lint test demo clean-kernel
 
 all: build
 
@@ -15,7 +15,13 @@ deps:
 kernel: deps
 	scripts/build-kernel.sh >/dev/null
 
-build: deps
+# The guest agent runs as /init in any guest: linked statically, in its own target dir
+# (crt-static must not reach build scripts and proc-macros, hence the explicit --target).
+agent: deps
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
+		--target x86_64-unknown-linux-gnu -p microagent-agent
+
+build: deps agent
 	$(CARGO) build --release --workspace --locked
 
 lint: deps
@@ -23,7 +29,7 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 # Daemon binaries are built first: integration tests start them as real processes.
-test: deps kernel lint
+test: deps kernel lint agent
 	$(CARGO) build --workspace --locked
 	$(CARGO) test --workspace --locked
 

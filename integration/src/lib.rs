@@ -9,10 +9,12 @@
 //!   a daemon's virtqueues directly (no guest).
 //! - [`vsock_guest`]: the harness as a guest's virtio-vsock driver.
 //! - [`daemon`]: microagent's own daemons as real processes.
+//! - [`agent`]: the static guest agent and a busybox root disk for it.
 //! - [`process`]: guards that kill what a test started, also when the test fails.
 //! - [`kernel`]: where the cached guest kernel is.
 //! - [`vmm`]: `microagent-vmm` as a process, and the freestanding test guest it boots.
 
+pub mod agent;
 pub mod daemon;
 pub mod frontend;
 pub mod initramfs;

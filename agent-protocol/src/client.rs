@@ -1,0 +1,188 @@
+//! The host side: reach the agent through microagent-vhost-vsock's hybrid socket
+//! (`CONNECT <port>` / `OK <hostport>`), check versions, run one command.
+
+use crate::frame::{self, read_frame, write_control, write_frame, Kind};
+use crate::message::{codes, AgentMessage, ExecRequest, HostMessage};
+use crate::{AGENT_PORT, PROTOCOL_VERSION};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the agent did not answer on {path} within {timeout:?}: {last}")]
+    Unreachable {
+        path: String,
+        timeout: Duration,
+        last: String,
+    },
+    #[error("agent speaks protocol {agent}, this host speaks {PROTOCOL_VERSION}")]
+    VersionMismatch { agent: u32 },
+    #[error("agent: {code}: {message}")]
+    Agent { code: String, message: String },
+    #[error("unexpected message from the agent: {0:?}")]
+    Unexpected(AgentMessage),
+    #[error(transparent)]
+    Frame(#[from] frame::Error),
+    #[error("stdio: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    /// The exit status a shell would report for a command that could not start
+    /// (Docker's conventions): 127 not found, 126 cannot run, 125 our own errors.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Agent { code, .. } if code == codes::NOT_FOUND => 127,
+            Self::Agent { code, .. } if code == codes::NOT_EXECUTABLE => 126,
+            _ => 125,
+        }
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    /// The status a shell reports: the code, or 128 + the signal.
+    pub fn code(self) -> i32 {
+        match self {
+            Self::Code(c) => c,
+            Self::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// A connection to the agent that has passed the version check.
+pub struct Connection {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Connection {
+    /// Connects through `uds` (the vsock daemon's host socket), retrying until the agent
+    /// answers or `timeout` passes.
+    pub fn open(uds: &Path, timeout: Duration) -> Result<Self, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match Self::try_open(uds) {
+                Ok(conn) => return Ok(conn),
+                Err(Error::VersionMismatch { agent }) => {
+                    return Err(Error::VersionMismatch { agent })
+                }
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::Unreachable {
+                    path: uds.display().to_string(),
+                    timeout,
+                    last,
+                });
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn try_open(uds: &Path) -> Result<Self, Error> {
+        let stream = UnixStream::connect(uds)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut writer = stream.try_clone()?;
+        writeln!(writer, "CONNECT {AGENT_PORT}")?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if !line.starts_with("OK ") {
+            return Err(
+                io::Error::new(io::ErrorKind::ConnectionRefused, "agent not listening").into(),
+            );
+        }
+        write_control(
+            &mut writer,
+            &HostMessage::Hello {
+                version: PROTOCOL_VERSION,
+            },
+        )?;
+        match read_frame(&mut reader)?.parse()? {
+            AgentMessage::Hello { version, .. } if version == PROTOCOL_VERSION => {}
+            AgentMessage::Hello { version, .. } => {
+                return Err(Error::VersionMismatch { agent: version })
+            }
+            other => return Err(Error::Unexpected(other)),
+        }
+        // Commands may run for long: no read timeout from here on.
+        reader.get_ref().set_read_timeout(None)?;
+        Ok(Self { reader, writer })
+    }
+
+    /// Runs a command: `stdin` is streamed to it (then closed), its stdout and stderr
+    /// are written to `stdout` and `stderr` as they arrive.
+    pub fn exec(
+        mut self,
+        request: ExecRequest,
+        stdin: impl Read + Send + 'static,
+        stdout: &mut impl Write,
+        stderr: &mut impl Write,
+    ) -> Result<Exit, Error> {
+        write_control(&mut self.writer, &HostMessage::Exec(request))?;
+        match read_frame(&mut self.reader)?.parse()? {
+            AgentMessage::Started { .. } => {}
+            AgentMessage::Error { code, message } => return Err(Error::Agent { code, message }),
+            other => return Err(Error::Unexpected(other)),
+        }
+        let mut writer = self.writer.try_clone()?;
+        let pump = std::thread::spawn(move || pump_stdin(stdin, &mut writer));
+        let exit = loop {
+            let frame = read_frame(&mut self.reader)?;
+            match frame.kind {
+                Kind::Stdout => stdout.write_all(&frame.payload)?,
+                Kind::Stderr => stderr.write_all(&frame.payload)?,
+                Kind::Stdin => {}
+                Kind::Control => match frame.parse()? {
+                    AgentMessage::Exited {
+                        signal: Some(s), ..
+                    } => break Exit::Signal(s),
+                    AgentMessage::Exited { code, .. } => break Exit::Code(code.unwrap_or(0)),
+                    AgentMessage::Error { code, message } => {
+                        return Err(Error::Agent { code, message })
+                    }
+                    other => return Err(Error::Unexpected(other)),
+                },
+            }
+        };
+        stdout.flush()?;
+        stderr.flush()?;
+        // The command is done: stop feeding it, whatever the pump was waiting on.
+        let _ = self.writer.shutdown(std::net::Shutdown::Both);
+        let _ = pump.join();
+        Ok(exit)
+    }
+
+    /// Asks the agent to sync, unmount and power the VM off.
+    pub fn shutdown(mut self) -> Result<(), Error> {
+        write_control(&mut self.writer, &HostMessage::Shutdown)?;
+        match read_frame(&mut self.reader)?.parse()? {
+            AgentMessage::ShuttingDown => Ok(()),
+            AgentMessage::Error { code, message } => Err(Error::Agent { code, message }),
+            other => Err(Error::Unexpected(other)),
+        }
+    }
+}
+
+fn pump_stdin(mut stdin: impl Read, writer: &mut UnixStream) -> Result<(), Error> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = stdin.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        write_frame(writer, Kind::Stdin, &buf[..n])?;
+    }
+    write_control(writer, &HostMessage::CloseStdin)?;
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! Control messages. The host opens a connection, both sides exchange `Hello` with
+//! their protocol version, then the host sends one request.
+
+use serde::{Deserialize, Serialize};
+
+/// How to run a command in the workspace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// Added to (and overriding) the agent's default environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the workspace root; `/` by default.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// User name or numeric uid; root by default.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HostMessage {
+    Hello {
+        version: u32,
+    },
+    Exec(ExecRequest),
+    /// No more stdin: the command's stdin is closed.
+    CloseStdin,
+    /// Deliver a signal to the command.
+    Signal {
+        signal: i32,
+    },
+    /// Sync filesystems, unmount the root disk and power the VM off.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    Hello {
+        version: u32,
+        agent: String,
+    },
+    Started {
+        pid: u32,
+    },
+    /// The command ended: its exit code, or the signal that killed it.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+    /// A shutdown request was accepted; the VM powers off next.
+    ShuttingDown,
+}
+
+/// Error codes the agent reports.
+pub mod codes {
+    pub const VERSION_MISMATCH: &str = "agent.version_mismatch";
+    pub const NOT_FOUND: &str = "exec.not_found";
+    pub const NOT_EXECUTABLE: &str = "exec.cannot_run";
+    pub const BAD_REQUEST: &str = "agent.bad_request";
+    pub const EXEC_FAILED: &str = "exec.failed";
+}

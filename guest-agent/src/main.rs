@@ -1,0 +1,40 @@
+use microagent_agent::{console, init, reaper, session, vsock};
+use microagent_agent_protocol::AGENT_PORT;
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    let root = if pid1 {
+        match init::setup() {
+            Ok(root) => root,
+            Err(e) => {
+                console(&format!("cannot start the workspace: {e}"));
+                init::power_off();
+            }
+        }
+    } else {
+        // Outside a VM (debugging): commands run in the current root.
+        init::Root::host()
+    };
+    let reaper = reaper::Reaper::start();
+    let listener = match vsock::Listener::bind(AGENT_PORT) {
+        Ok(listener) => listener,
+        Err(e) => {
+            console(&format!("cannot listen on vsock port {AGENT_PORT}: {e}"));
+            if pid1 {
+                init::power_off();
+            }
+            std::process::exit(1);
+        }
+    };
+    console(&format!("ready on vsock port {AGENT_PORT}"));
+    loop {
+        match listener.accept() {
+            Ok(stream) => {
+                let reaper = reaper.clone();
+                let root = root.clone();
+                std::thread::spawn(move || session::serve(stream, &root, &reaper));
+            }
+            Err(e) => console(&format!("accept: {e}")),
+        }
+    }
+}

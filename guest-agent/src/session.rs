@@ -1,0 +1,65 @@
+//! One host connection: version handshake, then one request.
+
+use crate::exec;
+use crate::init::{self, Root};
+use crate::reaper::Reaper;
+use microagent_agent_protocol::frame::{read_frame, write_control};
+use microagent_agent_protocol::message::{codes, AgentMessage, HostMessage};
+use microagent_agent_protocol::PROTOCOL_VERSION;
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+
+fn error(code: &str, message: impl Into<String>) -> AgentMessage {
+    AgentMessage::Error {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+pub fn serve(stream: UnixStream, root: &Root, reaper: &Reaper) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let hello = AgentMessage::Hello {
+        version: PROTOCOL_VERSION,
+        agent: env!("CARGO_PKG_VERSION").into(),
+    };
+    match read_frame(&mut reader).and_then(|f| f.parse::<HostMessage>()) {
+        Ok(HostMessage::Hello { version }) if version == PROTOCOL_VERSION => {
+            if write_control(&mut writer, &hello).is_err() {
+                return;
+            }
+        }
+        Ok(HostMessage::Hello { version }) => {
+            let _ = write_control(&mut writer, &hello);
+            let message = format!("host speaks protocol {version}, agent {PROTOCOL_VERSION}");
+            let _ = write_control(&mut writer, &error(codes::VERSION_MISMATCH, message));
+            return;
+        }
+        Ok(other) => {
+            let _ = write_control(
+                &mut writer,
+                &error(codes::BAD_REQUEST, format!("expected hello, got {other:?}")),
+            );
+            return;
+        }
+        Err(_) => return,
+    }
+    match read_frame(&mut reader).and_then(|f| f.parse::<HostMessage>()) {
+        Ok(HostMessage::Exec(request)) => exec::run(request, root, reaper, reader, writer),
+        Ok(HostMessage::Shutdown) if std::process::id() == 1 => {
+            let _ = write_control(&mut writer, &AgentMessage::ShuttingDown);
+            init::shutdown(root);
+        }
+        Ok(other) => {
+            let _ = write_control(
+                &mut writer,
+                &error(codes::BAD_REQUEST, format!("cannot serve {other:?} here")),
+            );
+        }
+        Err(e) => {
+            let _ = write_control(&mut writer, &error(codes::BAD_REQUEST, e.to_string()));
+        }
+    }
+}
