@@ -142,7 +142,7 @@ impl Connection {
             match frame.kind {
                 Kind::Stdout => stdout.write_all(&frame.payload)?,
                 Kind::Stderr => stderr.write_all(&frame.payload)?,
-                Kind::Stdin => {}
+                Kind::Stdin | Kind::Secret | Kind::File => {}
                 Kind::Control => match frame.parse()? {
                     AgentMessage::Exited {
                         signal: Some(s), ..
@@ -185,4 +185,85 @@ fn pump_stdin(mut stdin: impl Read, writer: &mut UnixStream) -> Result<(), Error
     }
     write_control(writer, &HostMessage::CloseStdin)?;
     Ok(())
+}
+
+impl Connection {
+    fn expect_done(&mut self) -> Result<(), Error> {
+        match read_frame(&mut self.reader)?.parse()? {
+            AgentMessage::Done => Ok(()),
+            AgentMessage::Error { code, message } => Err(Error::Agent { code, message }),
+            other => Err(Error::Unexpected(other)),
+        }
+    }
+
+    /// Delivers secrets into /run/secrets (also after a restore).
+    pub fn put_secrets(mut self, secrets: &[(String, Vec<u8>)]) -> Result<(), Error> {
+        let names = secrets.iter().map(|(n, _)| n.clone()).collect();
+        write_control(&mut self.writer, &HostMessage::PutSecrets { names })?;
+        for (_, value) in secrets {
+            write_frame(&mut self.writer, Kind::Secret, value)?;
+        }
+        self.expect_done()
+    }
+
+    /// Sync, wipe secrets, drop caches: the guest is ready to be snapshotted.
+    pub fn prepare_snapshot(mut self) -> Result<(), Error> {
+        write_control(&mut self.writer, &HostMessage::PrepareSnapshot)?;
+        self.expect_done()
+    }
+
+    /// Gives a forked guest its own identity.
+    pub fn set_identity(
+        mut self,
+        hostname: &str,
+        machine_id: &str,
+        entropy: &[u8],
+    ) -> Result<(), Error> {
+        let message = HostMessage::SetIdentity {
+            hostname: hostname.into(),
+            machine_id: machine_id.into(),
+            entropy: entropy.to_vec(),
+        };
+        write_control(&mut self.writer, &message)?;
+        self.expect_done()
+    }
+
+    /// Writes `data` to `path` in the workspace.
+    pub fn write_file(mut self, path: &str, mode: u32, data: &[u8]) -> Result<(), Error> {
+        let message = HostMessage::WriteFile {
+            path: path.into(),
+            mode,
+        };
+        write_control(&mut self.writer, &message)?;
+        for chunk in data.chunks(frame::MAX_PAYLOAD) {
+            write_frame(&mut self.writer, Kind::File, chunk)?;
+        }
+        write_frame(&mut self.writer, Kind::File, &[])?;
+        self.expect_done()
+    }
+
+    /// Reads `path` from the workspace.
+    pub fn read_file(mut self, path: &str) -> Result<Vec<u8>, Error> {
+        write_control(
+            &mut self.writer,
+            &HostMessage::ReadFile { path: path.into() },
+        )?;
+        let mut data = Vec::new();
+        loop {
+            let frame = read_frame(&mut self.reader)?;
+            match frame.kind {
+                Kind::File if frame.payload.is_empty() => break,
+                Kind::File => data.extend_from_slice(&frame.payload),
+                Kind::Control => match frame.parse()? {
+                    AgentMessage::Error { code, message } => {
+                        return Err(Error::Agent { code, message })
+                    }
+                    other => return Err(Error::Unexpected(other)),
+                },
+                _ => {}
+            }
+        }
+        self.expect_done()?;
+        Ok(data)
+    }
 }

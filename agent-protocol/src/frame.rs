@@ -15,6 +15,10 @@ pub enum Kind {
     Stdin = 1,
     Stdout = 2,
     Stderr = 3,
+    /// A secret's value, kept out of JSON so that it can be wiped after use.
+    Secret = 4,
+    /// File contents (for file transfer requests).
+    File = 5,
 }
 
 impl Kind {
@@ -24,6 +28,8 @@ impl Kind {
             1 => Self::Stdin,
             2 => Self::Stdout,
             3 => Self::Stderr,
+            4 => Self::Secret,
+            5 => Self::File,
             _ => return None,
         })
     }

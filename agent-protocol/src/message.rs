@@ -33,6 +33,29 @@ pub enum HostMessage {
     },
     /// Sync filesystems, unmount the root disk and power the VM off.
     Shutdown,
+    /// Secrets for /run/secrets (a tmpfs, files mode 0400); one `Secret` frame with the
+    /// value follows for each name, in order.
+    PutSecrets {
+        names: Vec<String>,
+    },
+    /// Before a snapshot: sync filesystems, wipe and unmount /run/secrets, drop caches.
+    PrepareSnapshot,
+    /// After a restore or fork: a new hostname and machine-id, and fresh entropy for the
+    /// kernel's random pool (added, then the CRNG reseeded).
+    SetIdentity {
+        hostname: String,
+        machine_id: String,
+        entropy: Vec<u8>,
+    },
+    /// Write a file (created or truncated); `File` frames follow, then an empty one.
+    WriteFile {
+        path: String,
+        mode: u32,
+    },
+    /// Read a file: the agent answers with `File` frames, then an empty one, then `Done`.
+    ReadFile {
+        path: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +79,8 @@ pub enum AgentMessage {
     },
     /// A shutdown request was accepted; the VM powers off next.
     ShuttingDown,
+    /// A request other than exec finished.
+    Done,
 }
 
 /// Error codes the agent reports.
@@ -65,4 +90,7 @@ pub mod codes {
     pub const NOT_EXECUTABLE: &str = "exec.cannot_run";
     pub const BAD_REQUEST: &str = "agent.bad_request";
     pub const EXEC_FAILED: &str = "exec.failed";
+    pub const SECRETS: &str = "agent.secrets_failed";
+    pub const IDENTITY: &str = "agent.identity_failed";
+    pub const FILE: &str = "agent.file_failed";
 }

@@ -8,7 +8,7 @@ use microagent_agent_protocol::frame::{read_frame, write_control, write_frame, K
 use microagent_agent_protocol::message::{codes, AgentMessage, ExecRequest, HostMessage};
 use std::ffi::CString;
 use std::fs;
-use std::io::{self, BufReader, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -71,7 +71,7 @@ pub fn run(
     request: ExecRequest,
     root: &Root,
     reaper: &Reaper,
-    mut reader: BufReader<UnixStream>,
+    mut reader: UnixStream,
     writer: UnixStream,
 ) {
     let writer = Arc::new(Mutex::new(writer));
@@ -130,6 +130,9 @@ pub fn run(
             Ok(())
         });
     }
+    let spawning = crate::reaper::SPAWN
+        .read()
+        .unwrap_or_else(|e| e.into_inner());
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -144,6 +147,7 @@ pub fn run(
     };
     let pid = child.id();
     let status = reaper.watch(pid);
+    drop(spawning);
     if !send(&writer, &AgentMessage::Started { pid }) {
         // SAFETY: kill of our own, not yet reaped, child.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -210,12 +214,7 @@ fn pump(mut pipe: Box<dyn Read + Send>, kind: Kind, writer: &Mutex<UnixStream>) 
 
 /// Host frames to the command: stdin data, end of stdin, signals. A host that goes away
 /// before the command ended takes the command with it.
-fn feed(
-    reader: &mut BufReader<UnixStream>,
-    mut stdin: Option<ChildStdin>,
-    pid: u32,
-    exited: &AtomicBool,
-) {
+fn feed(reader: &mut UnixStream, mut stdin: Option<ChildStdin>, pid: u32, exited: &AtomicBool) {
     let signal = |sig: i32| {
         if !exited.load(Ordering::Acquire) {
             // SAFETY: kill of our child, which the reaper has not reported yet.
@@ -243,7 +242,7 @@ fn feed(
                 Ok(HostMessage::Signal { signal: sig }) => signal(sig),
                 _ => {}
             },
-            Kind::Stdout | Kind::Stderr => {}
+            Kind::Stdout | Kind::Stderr | Kind::Secret | Kind::File => {}
         }
     }
 }

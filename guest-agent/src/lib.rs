@@ -9,10 +9,14 @@
 //! - [`reaper`]: the one `waitpid(-1)` loop, handing statuses to their execs.
 //! - [`session`]: one host connection: handshake and request dispatch.
 //! - [`exec`]: running a command with its stdio streamed over the connection.
+//! - [`secrets`], [`identity`], [`files`]: the other requests.
 
 pub mod exec;
+pub mod files;
+pub mod identity;
 pub mod init;
 pub mod reaper;
+pub mod secrets;
 pub mod session;
 pub mod vsock;
 

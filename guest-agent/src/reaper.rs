@@ -1,10 +1,18 @@
-//! PID 1 reaps every process. One thread owns `waitpid(-1)`; an exec registers its child
-//! and receives that child's status, everything else (orphans) is simply reaped.
+//! PID 1 reaps every process. One thread waits for any child to end; an exec registers
+//! its child and receives that child's status, everything else (orphans) is simply
+//! reaped.
+//!
+//! `std::process::Command::spawn` reaps its own child when the exec fails, so the reaper
+//! must not take a child from under a spawn in progress: it only peeks (WNOWAIT), then
+//! reaps that one pid while holding [`SPAWN`] exclusively; spawns hold it shared.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+/// Held (shared) across `spawn` and [`Reaper::watch`] by every exec.
+pub static SPAWN: RwLock<()> = RwLock::new(());
 
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,20 +36,28 @@ impl Reaper {
         let reaper = Self(Arc::new(Mutex::new(Table::default())));
         let table = reaper.0.clone();
         std::thread::spawn(move || loop {
-            let mut raw = 0;
-            // SAFETY: waitpid with a valid status pointer.
-            let pid = unsafe { libc::waitpid(-1, &mut raw, 0) };
-            if pid < 0 {
+            // SAFETY: an all-zero siginfo_t is valid for waitid to fill.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid with a valid siginfo pointer; WNOWAIT leaves the child.
+            let ret =
+                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if ret < 0 {
                 // No children right now (ECHILD) or interrupted: look again shortly.
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
+            // SAFETY: waitid filled a CLD_* siginfo, whose si_pid is valid.
+            let pid = unsafe { info.si_pid() };
+            let _no_spawn = SPAWN.write().unwrap_or_else(|e| e.into_inner());
+            let mut raw = 0;
+            // SAFETY: waitpid for one pid with a valid status pointer.
+            if unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) } != pid {
+                continue; // a failed spawn already reaped it
+            }
             let status = if libc::WIFSIGNALED(raw) {
                 Status::Signaled(libc::WTERMSIG(raw))
-            } else if libc::WIFEXITED(raw) {
-                Status::Exited(libc::WEXITSTATUS(raw))
             } else {
-                continue; // stopped/continued: not an end
+                Status::Exited(libc::WEXITSTATUS(raw))
             };
             let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
             match t.waiting.remove(&(pid as u32)) {

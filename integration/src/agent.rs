@@ -52,6 +52,7 @@ const APPLETS: &[&str] = &[
     "wc",
     "tr",
     "rm",
+    "stat",
 ];
 
 /// An ext4 image with busybox, a root and an `app` (uid 1000) user, made with

@@ -6,6 +6,8 @@ use crate::initramfs::{self, Initramfs};
 use crate::kernel;
 use crate::process::{self, ChildGuard};
 use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::thread::sleep;
@@ -58,6 +60,8 @@ pub struct QemuConfig {
     pub net: Option<PathBuf>,
     /// Where the console log goes.
     pub console: PathBuf,
+    /// A human monitor socket (for `pmemsave`), if wanted.
+    pub monitor: Option<PathBuf>,
 }
 
 impl QemuConfig {
@@ -71,6 +75,7 @@ impl QemuConfig {
             vsock: None,
             net: None,
             console,
+            monitor: None,
         }
     }
 
@@ -82,7 +87,11 @@ impl QemuConfig {
             .arg("-object")
             .arg(format!("memory-backend-memfd,id=mem,size={mib}M,share=on"))
             .args(["-global", "virtio-mmio.force-legacy=false"])
-            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-display", "none", "-no-reboot", "-monitor"])
+            .arg(match &self.monitor {
+                Some(path) => format!("unix:{},server=on,wait=off", path.display()),
+                None => "none".into(),
+            })
             .arg("-serial")
             .arg(format!("file:{}", self.console.display()));
         let mut chardevs = 0;
@@ -125,6 +134,7 @@ impl QemuConfig {
 pub struct Qemu {
     process: ChildGuard,
     console: PathBuf,
+    monitor: Option<PathBuf>,
 }
 
 impl Qemu {
@@ -133,6 +143,7 @@ impl Qemu {
         Ok(Self {
             process,
             console: config.console.clone(),
+            monitor: config.monitor.clone(),
         })
     }
 
@@ -172,6 +183,41 @@ impl Qemu {
             }
             sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Dumps `size` bytes of guest physical memory from address 0 into `out` through the
+    /// monitor (`pmemsave`), waiting until the command completes.
+    pub fn pmemsave(&self, size: u64, out: &Path) -> io::Result<()> {
+        let path = self
+            .monitor
+            .as_ref()
+            .ok_or_else(|| io::Error::other("QEMU was started without a monitor"))?;
+        let mut stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        // Everything the monitor printed up to its next prompt.
+        let wait_prompt = |stream: &mut UnixStream| -> io::Result<String> {
+            let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+            loop {
+                let n = stream.read(&mut buf)?;
+                if n == 0 {
+                    return Err(io::Error::other("monitor closed"));
+                }
+                seen.extend_from_slice(&buf[..n]);
+                if seen.ends_with(b"(qemu) ") {
+                    return Ok(String::from_utf8_lossy(&seen).into_owned());
+                }
+            }
+        };
+        wait_prompt(&mut stream)?;
+        // Quoted: unquoted, a path starting with '/' would divide the size expression.
+        writeln!(stream, "pmemsave 0 {size} \"{}\"", out.display())?;
+        let reply = wait_prompt(&mut stream)?;
+        // Success prints nothing between the echoed command and the next prompt.
+        let after_echo = reply.rsplit("\r\n").nth(1).unwrap_or_default();
+        if reply.matches("\r\n").count() > 1 || !out.is_file() {
+            return Err(io::Error::other(format!("pmemsave failed: {after_echo}")));
+        }
+        Ok(())
     }
 
     /// Waits for QEMU to end by itself (a guest `reboot -f` under `-no-reboot`).

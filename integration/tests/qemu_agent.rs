@@ -9,6 +9,7 @@ use microagent_integration::initramfs::Initramfs;
 use microagent_integration::kernel::guest_kernel;
 use microagent_integration::qemu::{Qemu, QemuConfig};
 use sha2::{Digest, Sha256};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,15 @@ struct Workspace {
 
 impl Workspace {
     fn boot(dir: &Path, disk: Option<&Path>, tag: &str) -> Self {
+        Self::boot_with(dir, disk, tag, |_| {})
+    }
+
+    fn boot_with(
+        dir: &Path,
+        disk: Option<&Path>,
+        tag: &str,
+        extra: impl FnOnce(&mut QemuConfig),
+    ) -> Self {
         let initrd = dir.join("agent-initrd.cpio");
         let mut image = Initramfs::new();
         image.file(
@@ -45,7 +55,8 @@ impl Workspace {
             initrd,
             dir.join(format!("console-{tag}.log")),
         );
-        config.cmdline = "microagent.hostname=ws-test".into();
+        // init_on_free: freed pages are zeroed, so wiped secrets leave no copies behind.
+        config.cmdline = "microagent.hostname=ws-test init_on_free=1".into();
         config.vsock = Some(vsock_socket);
         let blk = disk.map(|disk| {
             let socket = dir.join(format!("blk-{tag}.sock"));
@@ -58,6 +69,7 @@ impl Workspace {
             config.blk.push(socket);
             daemon
         });
+        extra(&mut config);
         let qemu = Qemu::start(&config).unwrap();
         Self {
             qemu,
@@ -215,4 +227,111 @@ fn a_missing_root_disk_is_reported_on_the_console_and_the_vm_ends() {
         .wait_exit(Duration::from_secs(30))
         .unwrap()
         .success());
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn secrets_leave_no_copy_in_guest_memory_after_prepare_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = busybox_root_disk(dir.path(), 64).unwrap();
+    let monitor = dir.path().join("monitor.sock");
+    let mut ws = Workspace::boot_with(dir.path(), Some(&disk), "secrets", |c| {
+        c.monitor = Some(monitor.clone())
+    });
+    let mut random = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut random)
+        .unwrap();
+    let secret = format!(
+        "MASECRET-{}",
+        random
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let secrets = vec![("api-token".to_string(), secret.clone().into_bytes())];
+    ws.connect().put_secrets(&secrets).unwrap();
+
+    let sha = format!("{:x}", Sha256::digest(secret.as_bytes()));
+    let (_, out, _) = ws.run(&["sha256sum", "/run/secrets/api-token"]);
+    assert!(
+        String::from_utf8_lossy(&out).starts_with(&sha),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(
+        ws.run(&["stat", "-c", "%a", "/run/secrets/api-token"]).1,
+        b"400\n"
+    );
+    let mut as_app = argv_request(&["cat", "/run/secrets/api-token"]);
+    as_app.user = Some("app".into());
+    assert_ne!(
+        ws.run_with(as_app, Vec::new()).0,
+        Exit::Code(0),
+        "another user read a secret"
+    );
+
+    // While delivered, the secret is in guest memory: the dump does find it.
+    let dump = dir.path().join("mem-before.bin");
+    ws.qemu.pmemsave(256 << 20, &dump).unwrap();
+    assert!(
+        contains(&std::fs::read(&dump).unwrap(), secret.as_bytes()),
+        "search finds nothing"
+    );
+
+    ws.connect().prepare_snapshot().unwrap();
+    assert_eq!(ws.run(&["ls", "/run/secrets"]).1, b"");
+    let dump = dir.path().join("mem-after.bin");
+    ws.qemu.pmemsave(256 << 20, &dump).unwrap();
+    let memory = std::fs::read(&dump).unwrap();
+    assert_eq!(memory.len(), 256 << 20);
+    assert!(
+        !contains(&memory, secret.as_bytes()),
+        "a copy of the secret survived in guest memory"
+    );
+
+    // After a restore the host delivers them again.
+    ws.connect().put_secrets(&secrets).unwrap();
+    let (_, out, _) = ws.run(&["sha256sum", "/run/secrets/api-token"]);
+    assert!(String::from_utf8_lossy(&out).starts_with(&sha));
+}
+
+#[test]
+fn identity_and_file_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = busybox_root_disk(dir.path(), 64).unwrap();
+    let mut ws = Workspace::boot(dir.path(), Some(&disk), "identity");
+    let machine_id = "0123456789abcdef0123456789abcdef";
+    ws.connect()
+        .set_identity("ws-fork-1", machine_id, &[7u8; 64])
+        .unwrap();
+    assert_eq!(ws.run(&["hostname"]).1, b"ws-fork-1\n");
+    assert_eq!(
+        ws.run(&["cat", "/etc/machine-id"]).1,
+        format!("{machine_id}\n").into_bytes()
+    );
+    assert!(ws
+        .connect()
+        .set_identity("bad host", machine_id, &[])
+        .is_err());
+
+    let data: Vec<u8> = (0..(200 << 10)).map(|i: u32| (i * 13 + 1) as u8).collect();
+    ws.connect()
+        .write_file("/root/in.bin", 0o640, &data)
+        .unwrap();
+    assert_eq!(
+        ws.run(&["stat", "-c", "%a %s", "/root/in.bin"]).1,
+        b"640 204800\n"
+    );
+    assert_eq!(ws.connect().read_file("/root/in.bin").unwrap(), data);
+    let escape = ws
+        .connect()
+        .write_file("/root/../../x", 0o600, b"x")
+        .unwrap_err();
+    assert!(escape.to_string().contains("must not contain"), "{escape}");
+    assert!(ws.connect().read_file("/no/such/file").is_err());
 }
