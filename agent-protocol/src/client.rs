@@ -7,6 +7,8 @@ use crate::{AGENT_PORT, PROTOCOL_VERSION};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -123,11 +125,25 @@ impl Connection {
     /// Runs a command: `stdin` is streamed to it (then closed), its stdout and stderr
     /// are written to `stdout` and `stderr` as they arrive.
     pub fn exec(
+        self,
+        request: ExecRequest,
+        stdin: impl Read + Send + 'static,
+        stdout: &mut impl Write,
+        stderr: &mut impl Write,
+    ) -> Result<Exit, Error> {
+        let (_keep, controls) = std::sync::mpsc::channel();
+        self.exec_with_controls(request, stdin, stdout, stderr, controls)
+    }
+
+    /// [`Connection::exec`], also forwarding `controls` (signals, terminal resizes) to
+    /// the command while it runs.
+    pub fn exec_with_controls(
         mut self,
         request: ExecRequest,
         stdin: impl Read + Send + 'static,
         stdout: &mut impl Write,
         stderr: &mut impl Write,
+        controls: Receiver<HostMessage>,
     ) -> Result<Exit, Error> {
         write_control(&mut self.writer, &HostMessage::Exec(request))?;
         match read_frame(&mut self.reader)?.parse()? {
@@ -135,8 +151,23 @@ impl Connection {
             AgentMessage::Error { code, message } => return Err(Error::Agent { code, message }),
             other => return Err(Error::Unexpected(other)),
         }
-        let mut writer = self.writer.try_clone()?;
-        let pump = std::thread::spawn(move || pump_stdin(stdin, &mut writer));
+        // Two threads write frames: one lock keeps each frame whole.
+        let writer = Arc::new(Mutex::new(self.writer.try_clone()?));
+        let pump = {
+            let writer = writer.clone();
+            std::thread::spawn(move || pump_stdin(stdin, &writer))
+        };
+        {
+            let writer = writer.clone();
+            std::thread::spawn(move || {
+                for message in controls {
+                    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+                    if write_control(&mut *w, &message).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         let exit = loop {
             let frame = read_frame(&mut self.reader)?;
             match frame.kind {
@@ -174,16 +205,17 @@ impl Connection {
     }
 }
 
-fn pump_stdin(mut stdin: impl Read, writer: &mut UnixStream) -> Result<(), Error> {
+fn pump_stdin(mut stdin: impl Read, writer: &Mutex<UnixStream>) -> Result<(), Error> {
     let mut buf = vec![0u8; 64 << 10];
+    let lock = || writer.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let n = stdin.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        write_frame(writer, Kind::Stdin, &buf[..n])?;
+        write_frame(&mut *lock(), Kind::Stdin, &buf[..n])?;
     }
-    write_control(writer, &HostMessage::CloseStdin)?;
+    write_control(&mut *lock(), &HostMessage::CloseStdin)?;
     Ok(())
 }
 

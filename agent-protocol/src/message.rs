@@ -16,6 +16,16 @@ pub struct ExecRequest {
     /// User name or numeric uid; root by default.
     #[serde(default)]
     pub user: Option<String>,
+    /// Run on a pseudo-terminal of this size (stdout and stderr then arrive together as
+    /// stdout); pipes when absent.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +41,8 @@ pub enum HostMessage {
     Signal {
         signal: i32,
     },
+    /// The terminal of a TTY exec changed size.
+    Resize(TtySize),
     /// Sync filesystems, unmount the root disk and power the VM off.
     Shutdown,
     /// Secrets for /run/secrets (a tmpfs, files mode 0400); one `Secret` frame with the

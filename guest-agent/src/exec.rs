@@ -5,14 +5,15 @@
 use crate::init::Root;
 use crate::reaper::{Reaper, Status};
 use microagent_agent_protocol::frame::{read_frame, write_control, write_frame, Kind};
-use microagent_agent_protocol::message::{codes, AgentMessage, ExecRequest, HostMessage};
+use microagent_agent_protocol::message::{codes, AgentMessage, ExecRequest, HostMessage, TtySize};
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -107,10 +108,40 @@ pub fn run(
         return;
     };
     let (uid, gid) = (user.uid, user.gid);
+    let tty = match request.tty.map(open_pty).transpose() {
+        Ok(tty) => tty,
+        Err(e) => {
+            send(
+                &writer,
+                &error(codes::EXEC_FAILED, format!("allocating a terminal: {e}")),
+            );
+            return;
+        }
+    };
+    let with_tty = tty.is_some();
+    if let Some((_, slave)) = &tty {
+        let stdio = || slave.try_clone().map(Stdio::from);
+        match (stdio(), stdio(), stdio()) {
+            (Ok(i), Ok(o), Ok(e)) => {
+                cmd.stdin(i).stdout(o).stderr(e);
+            }
+            _ => {
+                send(
+                    &writer,
+                    &error(codes::EXEC_FAILED, "duplicating the terminal".into()),
+                );
+                return;
+            }
+        }
+    }
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls on data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            // A terminal becomes the controlling terminal of a new session.
+            if with_tty && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
+                return Err(io::Error::last_os_error());
+            }
             if let Some(root) = &chroot {
                 if libc::chroot(root.as_ptr()) < 0 {
                     return Err(io::Error::last_os_error());
@@ -148,34 +179,55 @@ pub fn run(
     let pid = child.id();
     let status = reaper.watch(pid);
     drop(spawning);
+    // The parent keeps only the master side: EOF/EIO on it then means the command ended.
+    drop(cmd);
+    let master = tty.map(|(master, _slave)| fs::File::from(master));
     if !send(&writer, &AgentMessage::Started { pid }) {
         // SAFETY: kill of our own, not yet reaped, child.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
 
-    let pumps: Vec<_> = [
-        child
-            .stdout
-            .take()
-            .map(|s| (Kind::Stdout, Box::new(s) as Box<dyn Read + Send>)),
-        child
-            .stderr
-            .take()
-            .map(|s| (Kind::Stderr, Box::new(s) as Box<dyn Read + Send>)),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|(kind, pipe)| {
-        let writer = writer.clone();
-        std::thread::spawn(move || pump(pipe, kind, &writer))
-    })
-    .collect();
+    let outputs: Vec<(Kind, Box<dyn Read + Send>)> = match &master {
+        Some(master) => match master.try_clone() {
+            Ok(m) => vec![(Kind::Stdout, Box::new(m))],
+            Err(_) => Vec::new(),
+        },
+        None => [
+            child
+                .stdout
+                .take()
+                .map(|s| (Kind::Stdout, Box::new(s) as Box<dyn Read + Send>)),
+            child
+                .stderr
+                .take()
+                .map(|s| (Kind::Stderr, Box::new(s) as Box<dyn Read + Send>)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    };
+    let pumps: Vec<_> = outputs
+        .into_iter()
+        .map(|(kind, pipe)| {
+            let writer = writer.clone();
+            std::thread::spawn(move || pump(pipe, kind, &writer))
+        })
+        .collect();
 
     let exited = Arc::new(AtomicBool::new(false));
-    let stdin = child.stdin.take();
+    let input: Option<Box<dyn Write + Send>> = match &master {
+        Some(master) => master
+            .try_clone()
+            .ok()
+            .map(|m| Box::new(m) as Box<dyn Write + Send>),
+        None => child
+            .stdin
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Write + Send>),
+    };
     {
         let exited = exited.clone();
-        std::thread::spawn(move || feed(&mut reader, stdin, pid, &exited));
+        std::thread::spawn(move || feed(&mut reader, input, master, pid, &exited));
     }
     for p in pumps {
         let _ = p.join();
@@ -214,7 +266,13 @@ fn pump(mut pipe: Box<dyn Read + Send>, kind: Kind, writer: &Mutex<UnixStream>) 
 
 /// Host frames to the command: stdin data, end of stdin, signals. A host that goes away
 /// before the command ended takes the command with it.
-fn feed(reader: &mut UnixStream, mut stdin: Option<ChildStdin>, pid: u32, exited: &AtomicBool) {
+fn feed(
+    reader: &mut UnixStream,
+    mut stdin: Option<Box<dyn Write + Send>>,
+    tty: Option<fs::File>,
+    pid: u32,
+    exited: &AtomicBool,
+) {
     let signal = |sig: i32| {
         if !exited.load(Ordering::Acquire) {
             // SAFETY: kill of our child, which the reaper has not reported yet.
@@ -238,11 +296,58 @@ fn feed(reader: &mut UnixStream, mut stdin: Option<ChildStdin>, pid: u32, exited
                 }
             }
             Kind::Control => match frame.parse::<HostMessage>() {
-                Ok(HostMessage::CloseStdin) => stdin = None,
+                // A terminal stays open: the command reads its end-of-input (^D) itself.
+                Ok(HostMessage::CloseStdin) if tty.is_none() => stdin = None,
                 Ok(HostMessage::Signal { signal: sig }) => signal(sig),
+                Ok(HostMessage::Resize(size)) => {
+                    if let Some(tty) = &tty {
+                        set_size(tty, size);
+                    }
+                }
                 _ => {}
             },
             Kind::Stdout | Kind::Stderr | Kind::Secret | Kind::File => {}
         }
     }
+}
+
+fn winsize(size: TtySize) -> libc::winsize {
+    libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// A pseudo-terminal pair (master, slave) of the given size.
+fn open_pty(size: TtySize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (mut master, mut slave) = (-1, -1);
+    let ws = winsize(size);
+    // SAFETY: openpty writes two descriptors; name and termios may be null.
+    let ret = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    let pair = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    for fd in [&pair.0, &pair.1] {
+        // SAFETY: F_SETFD on our own descriptor.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(pair)
+}
+
+fn set_size(tty: &fs::File, size: TtySize) {
+    let ws = winsize(size);
+    // SAFETY: TIOCSWINSZ on a terminal master with a valid winsize.
+    unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
 }

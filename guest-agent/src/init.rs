@@ -49,6 +49,30 @@ fn mount(source: &str, target: &str, fstype: &str, data: Option<&str>) -> io::Re
     Ok(())
 }
 
+fn bind(source: &str, target: &str) -> io::Result<()> {
+    fs::create_dir_all(target)?;
+    let c = |s: &str| CString::new(s).map_err(|_| io::Error::other("NUL in a mount argument"));
+    let (source_c, target_c) = (c(source)?, c(target)?);
+    // SAFETY: a bind mount between two NUL-terminated paths that outlive the call.
+    let ret = unsafe {
+        libc::mount(
+            source_c.as_ptr(),
+            target_c.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("bind {source} on {target}: {e}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The API filesystems every root needs, relative to `prefix`.
 fn mount_api_filesystems(prefix: &str) -> io::Result<()> {
     mount("proc", &format!("{prefix}/proc"), "proc", None)?;
@@ -103,6 +127,15 @@ pub fn setup() -> Result<Root, String> {
     mount(&device, ROOT_MOUNT, "ext4", None)
         .map_err(|e| format!("cannot mount root disk {device} as ext4: {e}"))?;
     mount_api_filesystems(ROOT_MOUNT).map_err(|e| e.to_string())?;
+    // Terminals: one devpts instance, seen at /dev/pts by the agent and the workspace.
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        Some("ptmxmode=0666,mode=0620"),
+    )
+    .map_err(|e| e.to_string())?;
+    bind("/dev/pts", &format!("{ROOT_MOUNT}/dev/pts")).map_err(|e| e.to_string())?;
     console(&format!("root disk {device} mounted"));
     Ok(Root(ROOT_MOUNT.into()))
 }
@@ -124,7 +157,7 @@ pub fn shutdown(root: &Root) -> ! {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
     if root.path() != Path::new("/") {
-        for sub in ["tmp", "run", "dev", "sys", "proc", ""] {
+        for sub in ["tmp", "run", "dev/pts", "dev", "sys", "proc", ""] {
             let target = root.path().join(sub);
             if let Ok(c) = CString::new(target.as_os_str().as_encoded_bytes()) {
                 // SAFETY: umount2 with a NUL-terminated path.

@@ -1,12 +1,21 @@
-//! The statically linked guest agent (`make agent`) and a root disk for it to mount.
+//! The static guest agent (`make agent`), a root disk for it to mount, and a VM that
+//! boots it under QEMU with our daemons.
 
-use crate::daemon;
-use crate::initramfs::BUSYBOX;
+use crate::daemon::{self, Daemon};
+use crate::initramfs::{Initramfs, BUSYBOX};
+use crate::kernel::guest_kernel;
+use crate::qemu::{Qemu, QemuConfig};
+use microagent_agent_protocol::client::{Connection, Exit};
+use microagent_agent_protocol::message::ExecRequest;
 use std::fs;
 use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+
+/// How long a boot may take to bring the agent up (QEMU TCG).
+const BOOT: Duration = Duration::from_secs(120);
 
 /// Where `make agent` puts the static agent, found from the running test binary.
 pub fn static_agent() -> Result<PathBuf, daemon::Error> {
@@ -85,4 +94,96 @@ pub fn busybox_root_disk(dir: &Path, size_mib: u32) -> io::Result<PathBuf> {
         ));
     }
     Ok(disk)
+}
+
+/// One boot of a guest whose /init is the agent: our blk and vsock daemons, QEMU TCG,
+/// and the agent's host socket. Killed with everything it started when dropped.
+pub struct AgentVm {
+    pub qemu: Qemu,
+    /// The vsock daemon's host socket, where the agent is reached.
+    pub uds: PathBuf,
+    _blk: Option<Daemon>,
+    _vsock: Daemon,
+}
+
+impl AgentVm {
+    pub fn boot(dir: &Path, disk: Option<&Path>, tag: &str) -> Self {
+        Self::boot_with(dir, disk, tag, |_| {})
+    }
+
+    pub fn boot_with(
+        dir: &Path,
+        disk: Option<&Path>,
+        tag: &str,
+        extra: impl FnOnce(&mut QemuConfig),
+    ) -> Self {
+        let initrd = dir.join("agent-initrd.cpio");
+        let mut image = Initramfs::new();
+        image.file(
+            "init",
+            &std::fs::read(static_agent().unwrap()).unwrap(),
+            0o755,
+        );
+        image.write(&initrd).unwrap();
+        let uds = dir.join(format!("vsock-{tag}"));
+        let vsock_socket = dir.join(format!("vhost-vsock-{tag}.sock"));
+        let vsock = Daemon::start(
+            "microagent-vhost-vsock",
+            &vsock_socket,
+            ["--guest-cid", "3", "--uds-path", uds.to_str().unwrap()],
+        )
+        .unwrap();
+        let mut config = QemuConfig::new(
+            guest_kernel().unwrap(),
+            initrd,
+            dir.join(format!("console-{tag}.log")),
+        );
+        // init_on_free: freed pages are zeroed, so wiped secrets leave no copies behind.
+        config.cmdline = "microagent.hostname=ws-test init_on_free=1".into();
+        config.vsock = Some(vsock_socket);
+        let blk = disk.map(|disk| {
+            let socket = dir.join(format!("blk-{tag}.sock"));
+            let daemon = Daemon::start(
+                "microagent-vhost-blk",
+                &socket,
+                ["--disk", disk.to_str().unwrap()],
+            )
+            .unwrap();
+            config.blk.push(socket);
+            daemon
+        });
+        extra(&mut config);
+        let qemu = Qemu::start(&config).unwrap();
+        Self {
+            qemu,
+            uds,
+            _blk: blk,
+            _vsock: vsock,
+        }
+    }
+
+    pub fn connect(&mut self) -> Connection {
+        Connection::open(&self.uds, BOOT).unwrap_or_else(|e| panic!("{e}\n{}", self.qemu.console()))
+    }
+
+    /// Runs a command with `stdin`; returns exit, stdout, stderr.
+    pub fn run_with(&mut self, request: ExecRequest, stdin: Vec<u8>) -> (Exit, Vec<u8>, Vec<u8>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let exit = self
+            .connect()
+            .exec(request, std::io::Cursor::new(stdin), &mut out, &mut err)
+            .unwrap();
+        (exit, out, err)
+    }
+
+    pub fn run(&mut self, argv: &[&str]) -> (Exit, Vec<u8>, Vec<u8>) {
+        self.run_with(argv_request(argv), Vec::new())
+    }
+}
+
+pub fn argv_request(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
 }

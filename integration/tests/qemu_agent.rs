@@ -2,114 +2,19 @@
 //! are served by our own daemons; the host drives it with the protocol crate's client.
 
 use microagent_agent_protocol::client::{Connection, Exit};
-use microagent_agent_protocol::message::ExecRequest;
-use microagent_integration::agent::{busybox_root_disk, static_agent};
-use microagent_integration::daemon::Daemon;
-use microagent_integration::initramfs::Initramfs;
-use microagent_integration::kernel::guest_kernel;
-use microagent_integration::qemu::{Qemu, QemuConfig};
+use microagent_agent_protocol::message::{HostMessage, TtySize};
+use microagent_integration::agent::{argv_request, busybox_root_disk, AgentVm};
 use sha2::{Digest, Sha256};
 use std::io::Read;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const BOOT: Duration = Duration::from_secs(120);
-
-/// One boot of a workspace: daemons, QEMU, and the agent's host socket.
-struct Workspace {
-    qemu: Qemu,
-    uds: PathBuf,
-    _blk: Option<Daemon>,
-    _vsock: Daemon,
-}
-
-impl Workspace {
-    fn boot(dir: &Path, disk: Option<&Path>, tag: &str) -> Self {
-        Self::boot_with(dir, disk, tag, |_| {})
-    }
-
-    fn boot_with(
-        dir: &Path,
-        disk: Option<&Path>,
-        tag: &str,
-        extra: impl FnOnce(&mut QemuConfig),
-    ) -> Self {
-        let initrd = dir.join("agent-initrd.cpio");
-        let mut image = Initramfs::new();
-        image.file(
-            "init",
-            &std::fs::read(static_agent().unwrap()).unwrap(),
-            0o755,
-        );
-        image.write(&initrd).unwrap();
-        let uds = dir.join(format!("vsock-{tag}"));
-        let vsock_socket = dir.join(format!("vhost-vsock-{tag}.sock"));
-        let vsock = Daemon::start(
-            "microagent-vhost-vsock",
-            &vsock_socket,
-            ["--guest-cid", "3", "--uds-path", uds.to_str().unwrap()],
-        )
-        .unwrap();
-        let mut config = QemuConfig::new(
-            guest_kernel().unwrap(),
-            initrd,
-            dir.join(format!("console-{tag}.log")),
-        );
-        // init_on_free: freed pages are zeroed, so wiped secrets leave no copies behind.
-        config.cmdline = "microagent.hostname=ws-test init_on_free=1".into();
-        config.vsock = Some(vsock_socket);
-        let blk = disk.map(|disk| {
-            let socket = dir.join(format!("blk-{tag}.sock"));
-            let daemon = Daemon::start(
-                "microagent-vhost-blk",
-                &socket,
-                ["--disk", disk.to_str().unwrap()],
-            )
-            .unwrap();
-            config.blk.push(socket);
-            daemon
-        });
-        extra(&mut config);
-        let qemu = Qemu::start(&config).unwrap();
-        Self {
-            qemu,
-            uds,
-            _blk: blk,
-            _vsock: vsock,
-        }
-    }
-
-    fn connect(&mut self) -> Connection {
-        Connection::open(&self.uds, BOOT).unwrap_or_else(|e| panic!("{e}\n{}", self.qemu.console()))
-    }
-
-    /// Runs a command with `stdin`; returns exit, stdout, stderr.
-    fn run_with(&mut self, request: ExecRequest, stdin: Vec<u8>) -> (Exit, Vec<u8>, Vec<u8>) {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let exit = self
-            .connect()
-            .exec(request, std::io::Cursor::new(stdin), &mut out, &mut err)
-            .unwrap();
-        (exit, out, err)
-    }
-
-    fn run(&mut self, argv: &[&str]) -> (Exit, Vec<u8>, Vec<u8>) {
-        self.run_with(argv_request(argv), Vec::new())
-    }
-}
-
-fn argv_request(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
 
 #[test]
 fn agent_runs_commands_in_the_workspace_and_the_disk_keeps_their_writes() {
     let dir = tempfile::tempdir().unwrap();
     let disk = busybox_root_disk(dir.path(), 64).unwrap();
-    let mut ws = Workspace::boot(dir.path(), Some(&disk), "first");
+    let mut ws = AgentVm::boot(dir.path(), Some(&disk), "first");
 
     let (exit, out, _) = ws.run(&["sh", "-c", "echo checkpoint-1 > /root/progress.txt"]);
     assert_eq!(exit, Exit::Code(0));
@@ -206,7 +111,7 @@ fn agent_runs_commands_in_the_workspace_and_the_disk_keeps_their_writes() {
     let status = ws.qemu.wait_exit(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "{status}");
     drop(ws);
-    let mut again = Workspace::boot(dir.path(), Some(&disk), "second");
+    let mut again = AgentVm::boot(dir.path(), Some(&disk), "second");
     assert_eq!(
         again.run(&["cat", "/root/progress.txt"]).1,
         b"checkpoint-1\n"
@@ -216,7 +121,7 @@ fn agent_runs_commands_in_the_workspace_and_the_disk_keeps_their_writes() {
 #[test]
 fn a_missing_root_disk_is_reported_on_the_console_and_the_vm_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let mut ws = Workspace::boot(dir.path(), None, "nodisk");
+    let mut ws = AgentVm::boot(dir.path(), None, "nodisk");
     let console = ws.qemu.wait_for("did not appear", BOOT).unwrap();
     assert!(
         console.contains("cannot start the workspace: root disk /dev/vda"),
@@ -238,7 +143,7 @@ fn secrets_leave_no_copy_in_guest_memory_after_prepare_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let disk = busybox_root_disk(dir.path(), 64).unwrap();
     let monitor = dir.path().join("monitor.sock");
-    let mut ws = Workspace::boot_with(dir.path(), Some(&disk), "secrets", |c| {
+    let mut ws = AgentVm::boot_with(dir.path(), Some(&disk), "secrets", |c| {
         c.monitor = Some(monitor.clone())
     });
     let mut random = [0u8; 16];
@@ -304,7 +209,7 @@ fn secrets_leave_no_copy_in_guest_memory_after_prepare_snapshot() {
 fn identity_and_file_transfer() {
     let dir = tempfile::tempdir().unwrap();
     let disk = busybox_root_disk(dir.path(), 64).unwrap();
-    let mut ws = Workspace::boot(dir.path(), Some(&disk), "identity");
+    let mut ws = AgentVm::boot(dir.path(), Some(&disk), "identity");
     let machine_id = "0123456789abcdef0123456789abcdef";
     ws.connect()
         .set_identity("ws-fork-1", machine_id, &[7u8; 64])
@@ -334,4 +239,70 @@ fn identity_and_file_transfer() {
         .unwrap_err();
     assert!(escape.to_string().contains("must not contain"), "{escape}");
     assert!(ws.connect().read_file("/no/such/file").is_err());
+}
+
+#[test]
+fn tty_mode_gives_a_sized_terminal_and_host_signals_reach_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = busybox_root_disk(dir.path(), 64).unwrap();
+    let mut ws = AgentVm::boot(dir.path(), Some(&disk), "tty");
+
+    let mut request = argv_request(&["sh", "-c", "tty; [ -t 0 ] && echo interactive; stty size"]);
+    request.tty = Some(TtySize {
+        rows: 33,
+        cols: 101,
+    });
+    let (exit, out, _) = ws.run_with(request, Vec::new());
+    let out = String::from_utf8_lossy(&out).replace('\r', "");
+    assert_eq!(exit, Exit::Code(0), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{out}");
+    assert_eq!(&lines[1..], ["interactive", "33 101"], "{out}");
+
+    // A resize while the command runs, then a signal that ends it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut request = argv_request(&[
+        "sh",
+        "-c",
+        "trap 'stty size; exit 7' USR1; echo ready; while true; do sleep 0.1; done",
+    ]);
+    request.tty = Some(TtySize { rows: 24, cols: 80 });
+    let conn = ws.connect();
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        tx.send(HostMessage::Resize(TtySize {
+            rows: 50,
+            cols: 132,
+        }))
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        tx.send(HostMessage::Signal { signal: 10 }).unwrap(); // SIGUSR1
+        tx
+    });
+    let mut out = Vec::new();
+    let exit = conn
+        .exec_with_controls(request, std::io::empty(), &mut out, &mut Vec::new(), rx)
+        .unwrap();
+    drop(sender.join());
+    let out = String::from_utf8_lossy(&out).replace('\r', "");
+    assert_eq!(exit, Exit::Code(7), "{out}");
+    assert!(
+        out.contains("50 132"),
+        "resize did not reach the terminal: {out}"
+    );
+
+    // SIGKILL from the host ends a command that ignores everything else.
+    let (tx, rx) = std::sync::mpsc::channel();
+    tx.send(HostMessage::Signal { signal: 9 }).unwrap();
+    let exit = ws
+        .connect()
+        .exec_with_controls(
+            argv_request(&["sleep", "30"]),
+            std::io::empty(),
+            &mut Vec::new(),
+            &mut Vec::new(),
+            rx,
+        )
+        .unwrap();
+    assert_eq!(exit, Exit::Signal(9));
 }
