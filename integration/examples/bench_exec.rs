@@ -26,7 +26,10 @@ impl Write for Count {
 }
 
 fn main() {
-    let runs: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
     let dir = tempfile::tempdir().unwrap();
     let disk = busybox_root_disk(dir.path(), 64).unwrap();
     let mut vm = AgentVm::boot(dir.path(), Some(&disk), "bench");

@@ -140,6 +140,19 @@ fn unknown_ports_refusing_guests_and_malformed_packets_reset_one_connection() {
     client.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "refused client got {rest:?}");
 
+    // A client that gives up before the guest answers: the guest's request is reset.
+    let mut quitter = UnixStream::connect(&rig.uds).unwrap();
+    writeln!(quitter, "CONNECT 82").unwrap();
+    let (req, _) = rig.guest.recv_op();
+    assert_eq!(req.op, OP_REQUEST);
+    drop(quitter);
+    let (p, _) = rig.guest.recv_op();
+    assert_eq!(
+        (p.op, p.src_port, p.dst_port),
+        (OP_RST, req.src_port, 82),
+        "{p:?}"
+    );
+
     // A client that sends garbage instead of CONNECT is dropped.
     let mut junk = UnixStream::connect(&rig.uds).unwrap();
     junk.set_read_timeout(Some(WAIT)).unwrap();

@@ -411,7 +411,8 @@ impl Muxer {
             reset = match &conn.state {
                 State::AwaitConnect(_) => self.read_connect_line(id),
                 State::Established => self.read_from_host(id),
-                State::Connecting => false,
+                // The client gave up waiting for the guest: withdraw the request.
+                State::Connecting => hangup,
             };
         }
         if reset {
