@@ -1,0 +1,226 @@
+//! Layers applied in order, with whiteouts, into an ext4 disk checked with debugfs;
+//! and layers that try to escape the root.
+
+use microagent_image::rootfs::build_ext4;
+use microagent_image::unpack::{apply_layer, apply_layer_auto, Error};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use tar::{Builder, EntryType, Header};
+
+fn header(path: &str, kind: EntryType, mode: u32, size: u64) -> Header {
+    let mut h = Header::new_gnu();
+    h.set_path(path).unwrap();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    h
+}
+
+fn file(b: &mut Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]) {
+    b.append(
+        &header(path, EntryType::Regular, mode, data.len() as u64),
+        data,
+    )
+    .unwrap();
+}
+
+fn dir(b: &mut Builder<Vec<u8>>, path: &str, mode: u32) {
+    b.append(&header(path, EntryType::Directory, mode, 0), &[][..])
+        .unwrap();
+}
+
+fn link(b: &mut Builder<Vec<u8>>, kind: EntryType, path: &str, target: &str) {
+    let mut h = header(path, kind, 0o777, 0);
+    h.set_link_name(target).unwrap();
+    h.set_cksum();
+    b.append(&h, &[][..]).unwrap();
+}
+
+/// Two layers: the second deletes a file and replaces a directory's contents.
+fn layers() -> (Vec<u8>, Vec<u8>) {
+    let mut one = Builder::new(Vec::new());
+    dir(&mut one, "bin/", 0o755);
+    file(&mut one, "bin/tool", 0o755, b"#!/bin/sh\necho tool\n");
+    dir(&mut one, "etc/", 0o755);
+    file(&mut one, "etc/old.conf", 0o644, b"old\n");
+    file(&mut one, "etc/keep.conf", 0o600, b"keep\n");
+    dir(&mut one, "data/", 0o750);
+    file(&mut one, "data/a", 0o644, b"a\n");
+    file(&mut one, "data/b", 0o644, b"b\n");
+    link(&mut one, EntryType::Symlink, "bin/sh", "tool");
+    link(&mut one, EntryType::Link, "bin/tool-hard", "bin/tool");
+    let one = one.into_inner().unwrap();
+
+    let mut two = Builder::new(Vec::new());
+    file(&mut two, "etc/.wh.old.conf", 0o644, b"");
+    dir(&mut two, "data/", 0o750);
+    file(&mut two, "data/.wh..wh..opq", 0o644, b"");
+    file(&mut two, "data/c", 0o640, b"c\n");
+    let two = two.into_inner().unwrap();
+    (one, two)
+}
+
+#[test]
+fn whiteouts_delete_and_replace_and_the_ext4_disk_has_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let (one, two) = layers();
+    apply_layer(&root, &one[..]).unwrap();
+    // The second layer gzip-compressed, as registries serve them.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&two).unwrap();
+    apply_layer_auto(&root, &gz.finish().unwrap()[..]).unwrap();
+
+    assert!(!root.join("etc/old.conf").exists());
+    assert_eq!(fs::read(root.join("etc/keep.conf")).unwrap(), b"keep\n");
+    let mut data: Vec<_> = fs::read_dir(root.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    data.sort();
+    assert_eq!(data, ["c"]);
+    assert_eq!(
+        fs::metadata(root.join("etc/keep.conf"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o600
+    );
+    assert_eq!(
+        fs::read_link(root.join("bin/sh")).unwrap(),
+        Path::new("tool")
+    );
+    assert_eq!(
+        fs::metadata(root.join("bin/tool")).unwrap().ino(),
+        fs::metadata(root.join("bin/tool-hard")).unwrap().ino()
+    );
+
+    let disk = dir.path().join("root.img");
+    let size = build_ext4(&root, &disk, None).unwrap();
+    let meta = fs::metadata(&disk).unwrap();
+    assert_eq!(meta.len(), size);
+    assert!(meta.blocks() * 512 < size / 2, "the disk is not sparse");
+    let debugfs = |cmd: &str| {
+        let out = Command::new("debugfs")
+            .args(["-R", cmd])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listing = debugfs("ls -l /data");
+    assert!(
+        listing.contains(" c") && !listing.contains(" a") && !listing.contains(" b"),
+        "{listing}"
+    );
+    assert!(
+        debugfs("stat /etc/old.conf").is_empty(),
+        "deleted file still in the image"
+    );
+    assert!(debugfs("stat /etc/keep.conf").contains("Mode:  0600"));
+    assert!(debugfs("stat /data/c").contains("Mode:  0640"));
+    assert!(debugfs("stat /bin/sh").contains("Fast link dest: \"tool\""));
+    assert_eq!(debugfs("cat /bin/tool"), "#!/bin/sh\necho tool\n");
+}
+
+/// A tar entry with a raw name, bypassing the tar crate's own path checks.
+fn raw_entry(name: &str, kind: EntryType, link: Option<&str>, data: &[u8]) -> Vec<u8> {
+    let mut h = Header::new_old();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    if let Some(link) = link {
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    }
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(512), 0);
+    out
+}
+
+fn tar_of(entries: &[Vec<u8>]) -> Vec<u8> {
+    let mut out: Vec<u8> = entries.concat();
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+#[test]
+fn entries_that_escape_the_root_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let outside = dir.path().join("evil");
+
+    let cases = [
+        (
+            "dot-dot",
+            tar_of(&[raw_entry("../evil", EntryType::Regular, None, b"x")]),
+        ),
+        (
+            "absolute",
+            tar_of(&[raw_entry("/tmp/evil", EntryType::Regular, None, b"x")]),
+        ),
+        (
+            "through a symlink",
+            tar_of(&[
+                raw_entry(
+                    "escape",
+                    EntryType::Symlink,
+                    Some(dir.path().to_str().unwrap()),
+                    b"",
+                ),
+                raw_entry("escape/evil", EntryType::Regular, None, b"x"),
+            ]),
+        ),
+        (
+            "hard link out",
+            tar_of(&[raw_entry(
+                "h",
+                EntryType::Link,
+                Some("../../etc/passwd"),
+                b"",
+            )]),
+        ),
+    ];
+    for (name, layer) in cases {
+        let err = apply_layer(&root, &layer[..]).unwrap_err();
+        match (&err, name) {
+            (Error::Escape { entry, .. }, "dot-dot") => assert_eq!(entry, "../evil"),
+            (Error::Escape { entry, .. }, "absolute") => assert_eq!(entry, "/tmp/evil"),
+            (Error::ThroughSymlink { entry, .. }, "through a symlink") => {
+                assert_eq!(entry, "escape/evil")
+            }
+            (Error::Escape { entry, .. }, "hard link out") => assert_eq!(entry, "h"),
+            _ => panic!("{name}: unexpected {err}"),
+        }
+        assert!(!outside.exists(), "{name}: wrote outside the root");
+    }
+}
+
+#[test]
+fn a_disk_size_below_the_content_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir(&root).unwrap();
+    fs::write(root.join("big"), vec![1u8; 8 << 20]).unwrap();
+    let err = build_ext4(&root, &dir.path().join("d.img"), Some(4 << 20)).unwrap_err();
+    assert!(
+        err.to_string().contains("smaller than the image content"),
+        "{err}"
+    );
+    assert!(!dir.path().join("d.img").exists());
+}
