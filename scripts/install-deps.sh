@@ -8,6 +8,8 @@ packages=(
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils
   # test rigs: QEMU with TCG, a third-party vhost-user-blk backend, test userland
   qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs
+  # image tests: a real registry on loopback and a real pusher
+  docker-registry skopeo
 )
 
 missing=()
@@ -28,7 +30,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs; do
+for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs docker-registry skopeo; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool not found after install" >&2; exit 1; }
 done
 cargo clippy --version >/dev/null 2>&1 || { echo "install-deps: cargo clippy is missing (rustup component add clippy)" >&2; exit 1; }

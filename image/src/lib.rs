@@ -1,13 +1,18 @@
-//! OCI images for microagent workspaces (the pieces that do not need a registry):
+//! OCI images for microagent workspaces:
 //!
 //! - [`reference`]: image references, normalised the way Docker does
 //!   (`alpine:3.20` is `docker.io/library/alpine:3.20`).
 //! - [`unpack`]: applying layers in order onto a directory, with OCI whiteouts, and
 //!   refusing entries that would escape the root.
 //! - [`rootfs`]: an ext4 root disk made from a directory with `mke2fs -d`, sparse.
+//! - [`store`]: the content-addressed, digest-verified blob store.
+//! - [`pull`]: pulling from registries (oci-client) and building root disks.
 //!
-//! Pulling from registries and archives is still to come (issue 7).
+//! Archive sources (`oci:`, `oci-archive:`, `docker-archive:`) and the `microagent
+//! image` commands are still to come (issue 7).
 
+pub mod pull;
 pub mod reference;
 pub mod rootfs;
+pub mod store;
 pub mod unpack;

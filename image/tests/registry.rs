@@ -1,0 +1,236 @@
+//! Pulls from a real registry (Debian's docker-registry on loopback, fed by skopeo):
+//! by tag and by digest, cached blobs not fetched again, a corrupted blob refused with
+//! nothing left in the store, and a registry that is down.
+
+mod common;
+
+use common::layers;
+use microagent_image::pull::{pull, root_disk, Error, PullOptions};
+use microagent_image::reference::Reference;
+use microagent_image::store::Store;
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// docker-registry on a free loopback port, killed on drop.
+struct Registry {
+    child: Child,
+    addr: String,
+    storage: PathBuf,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let storage = dir.join("registry-data");
+        let config = dir.join("registry.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "registry did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            addr,
+            storage,
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn digest(data: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(data))
+}
+
+fn put_blob(layout: &Path, data: &[u8]) -> (String, usize) {
+    let d = digest(data);
+    fs::write(layout.join("blobs/sha256").join(&d[7..]), data).unwrap();
+    (d, data.len())
+}
+
+/// An OCI image layout with the two test layers (the second gzip-compressed), tag v1.
+fn write_layout(layout: &Path) {
+    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let (one, two) = layers();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&two).unwrap();
+    let two_gz = gz.finish().unwrap();
+    let (l1, s1) = put_blob(layout, &one);
+    let (l2, s2) = put_blob(layout, &two_gz);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["{}","{}"]}}}}"#,
+        digest(&one),
+        digest(&two)
+    );
+    let (c, cs) = put_blob(layout, config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l1}","size":{s1}}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{l2}","size":{s2}}}]}}"#
+    );
+    let (m, ms) = put_blob(layout, manifest.as_bytes());
+    fs::write(
+        layout.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{m}","size":{ms},"annotations":{{"org.opencontainers.image.ref.name":"v1"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+}
+
+fn push(layout: &Path, registry: &Registry, name: &str) {
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{}/{name}", registry.addr))
+        .output()
+        .expect("skopeo (apt-get install skopeo)");
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn pull_by_tag_and_digest_builds_the_root_disk_once_and_caches_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let layout = dir.path().join("layout");
+    write_layout(&layout);
+    push(&layout, &registry, "test/img:v1");
+
+    let store = Store::new(dir.path().join("images"));
+    let reference: Reference = format!("{}/test/img:v1", registry.addr).parse().unwrap();
+    let image = pull(&store, &reference, &PullOptions::default()).unwrap();
+    assert_eq!(image.layers.len(), 2);
+    assert_eq!(image.downloaded, 3, "config and two layers");
+    let again = pull(&store, &reference, &PullOptions::default()).unwrap();
+    assert_eq!(again.downloaded, 0, "a second pull downloaded something");
+
+    let by_digest: Reference = format!("{}/test/img@{}", registry.addr, image.manifest_digest)
+        .parse()
+        .unwrap();
+    let pinned = pull(&store, &by_digest, &PullOptions::default()).unwrap();
+    assert_eq!(pinned.manifest_digest, image.manifest_digest);
+
+    let disk = root_disk(&store, &image, None).unwrap();
+    let debugfs = |cmd: &str| {
+        let out = Command::new("debugfs")
+            .args(["-R", cmd])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listing = debugfs("ls -l /data");
+    assert!(
+        listing.contains(" c") && !listing.contains(" a"),
+        "{listing}"
+    );
+    assert!(debugfs("stat /etc/old.conf").is_empty(), "whiteout ignored");
+    assert!(debugfs("stat /etc/keep.conf").contains("Mode:  0600"));
+    assert!(debugfs("stat /bin/sh").contains("Fast link dest: \"tool\""));
+    let built = fs::metadata(&disk).unwrap().modified().unwrap();
+    assert_eq!(root_disk(&store, &pinned, None).unwrap(), disk);
+    assert_eq!(
+        fs::metadata(&disk).unwrap().modified().unwrap(),
+        built,
+        "rebuilt the disk"
+    );
+}
+
+#[test]
+fn a_blob_served_with_wrong_bytes_is_refused_and_the_store_stays_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let layout = dir.path().join("layout");
+    write_layout(&layout);
+    push(&layout, &registry, "test/bad:v1");
+    // Flip a byte of every stored layer blob (gzip: skopeo compresses layers on push)
+    // behind the registry's back.
+    let blobs = registry.storage.join("docker/registry/v2/blobs/sha256");
+    let mut corrupted = 0;
+    for prefix in fs::read_dir(&blobs).unwrap().flatten() {
+        for blob in fs::read_dir(prefix.path()).unwrap().flatten() {
+            let data = blob.path().join("data");
+            let mut bytes = fs::read(&data).unwrap();
+            if bytes.starts_with(&[0x1f, 0x8b]) {
+                let middle = bytes.len() / 2;
+                bytes[middle] ^= 0xff;
+                fs::write(&data, bytes).unwrap();
+                corrupted += 1;
+            }
+        }
+    }
+    assert!(
+        corrupted > 0,
+        "no layer blob found in the registry's storage"
+    );
+    let store = Store::new(dir.path().join("images"));
+    let reference: Reference = format!("{}/test/bad:v1", registry.addr).parse().unwrap();
+    let err = pull(&store, &reference, &PullOptions::default()).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("igest"), "not a digest error: {message}");
+    let leftovers: Vec<_> = fs::read_dir(store.root().join("blobs/sha256"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    for name in &leftovers {
+        let name = name.to_string_lossy();
+        assert!(
+            !name.starts_with(".tmp"),
+            "partial download left behind: {name}"
+        );
+    }
+}
+
+#[test]
+fn a_registry_that_is_down_gives_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let store = Store::new(dir.path().join("images"));
+    let reference: Reference = format!("127.0.0.1:{port}/test/img:v1").parse().unwrap();
+    let err = pull(&store, &reference, &PullOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Registry { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+}
