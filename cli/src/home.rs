@@ -55,6 +55,34 @@ impl Home {
         self.root.join("kernels")
     }
 
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    pub fn workspaces(&self) -> PathBuf {
+        self.root.join("workspaces")
+    }
+
+    /// Sockets and pid files of running workspaces: short, because a unix socket path
+    /// must fit in 108 bytes.
+    pub fn runtime(&self) -> PathBuf {
+        if let Some(dir) = env::var_os("MICROAGENT_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            return PathBuf::from(dir);
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            // Per home, so that two homes (tests, users) never share sockets.
+            let tag = Sha256::digest(self.root.as_os_str().as_encoded_bytes());
+            return PathBuf::from(format!(
+                "/run/microagent/{:02x}{:02x}{:02x}{:02x}",
+                tag[0], tag[1], tag[2], tag[3]
+            ));
+        }
+        env::var_os("XDG_RUNTIME_DIR")
+            .map(|d| PathBuf::from(d).join("microagent"))
+            .unwrap_or_else(|| self.root.join("run"))
+    }
+
     /// Where `scripts/build-kernel.sh` puts the kernel built from [`KERNEL_CONFIG`].
     pub fn default_kernel(&self) -> PathBuf {
         self.kernels().join(kernel_config_hash()).join("vmlinux")

@@ -1,5 +1,14 @@
-//! The `microagent` command-line tool. So far: where microagent keeps its state and
-//! where the project's guest kernel is cached. The workspace lifecycle commands are
-//! still to come (issue 8).
+//! The `microagent` command-line tool: workspaces made from OCI images, booted by
+//! microagent-vmm with their devices served by the vhost-user daemons.
+//!
+//! - [`home`]: where state lives (`MICROAGENT_HOME`) and the cached guest kernel.
+//! - [`workspace`]: a workspace's configuration and files.
+//! - [`runtime`]: starting and stopping a workspace's processes, and its state.
+//! - [`initramfs`]: the cpio image that carries the agent as /init.
+//! - [`error`]: user-facing errors with stable codes.
 
+pub mod error;
 pub mod home;
+pub mod initramfs;
+pub mod runtime;
+pub mod workspace;

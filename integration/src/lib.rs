@@ -12,6 +12,7 @@
 //! - [`agent`]: the static guest agent and a busybox root disk for it.
 //! - [`process`]: guards that kill what a test started, also when the test fails.
 //! - [`kernel`]: where the cached guest kernel is.
+//! - [`registry`]: a real OCI registry on loopback and test images to push to it.
 //! - [`vmm`]: `microagent-vmm` as a process, and the freestanding test guest it boots.
 
 pub mod agent;
@@ -21,6 +22,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod process;
 pub mod qemu;
+pub mod registry;
 pub mod storage_daemon;
 pub mod vmm;
 pub mod vsock_guest;

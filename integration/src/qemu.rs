@@ -2,7 +2,7 @@
 //! sockets: the rig that proves our daemons against real drivers and a frontend we did
 //! not write. Flags as measured in `../shared/TESTING.md`.
 
-use crate::initramfs::{self, Initramfs};
+use crate::initramfs;
 use crate::kernel;
 use crate::process::{self, ChildGuard};
 use std::fs;
@@ -242,7 +242,7 @@ pub fn start_busybox_guest(
     devices: impl FnOnce(&mut QemuConfig),
 ) -> Result<Qemu, Error> {
     let initrd = dir.join("initrd.cpio");
-    let mut image = Initramfs::busybox_init(&format!("{GUEST_PRELUDE}{script}"))?;
+    let mut image = initramfs::busybox_init(&format!("{GUEST_PRELUDE}{script}"))?;
     image.dir("proc").dir("sys").dir("dev").dir("mnt");
     for (path, contents) in files {
         image.file(path, contents, 0o755);

@@ -222,7 +222,7 @@ fn linux_boots_fully_under_microagent_vmm() {
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("initrd.cpio");
     let script = "echo LINUX-USERSPACE-UP\nreboot -f\n";
-    let mut image = microagent_integration::initramfs::Initramfs::busybox_init(script).unwrap();
+    let mut image = microagent_integration::initramfs::busybox_init(script).unwrap();
     image.dir("proc").dir("sys").dir("dev");
     image.write(&initrd).unwrap();
     let mut args = VmmArgs::test_guest("console=ttyS0 reboot=k panic=1");

@@ -10,8 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use tar::{EntryType, Header};
 
-mod common;
-use common::layers;
+use microagent_integration::registry::whiteout_layers as layers;
 
 #[test]
 fn whiteouts_delete_and_replace_and_the_ext4_disk_has_the_result() {

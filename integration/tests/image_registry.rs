@@ -1,129 +1,14 @@
-//! Pulls from a real registry (Debian's docker-registry on loopback, fed by skopeo):
-//! by tag and by digest, cached blobs not fetched again, a corrupted blob refused with
-//! nothing left in the store, and a registry that is down.
+//! microagent-image against a real registry (Debian's docker-registry on loopback, fed
+//! by skopeo): by tag and by digest, cached blobs not fetched again, a corrupted blob
+//! refused with nothing left in the store, and a registry that is down.
 
-mod common;
-
-use common::layers;
 use microagent_image::pull::{pull, root_disk, Error, PullOptions};
 use microagent_image::reference::Reference;
 use microagent_image::store::Store;
-use sha2::{Digest, Sha256};
+use microagent_integration::registry::{push, write_layout, Registry};
 use std::fs;
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// docker-registry on a free loopback port, killed on drop.
-struct Registry {
-    child: Child,
-    addr: String,
-    storage: PathBuf,
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let storage = dir.join("registry-data");
-        let config = dir.join("registry.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                storage.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker-registry (apt-get install docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "registry did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child,
-            addr,
-            storage,
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn digest(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
-}
-
-fn put_blob(layout: &Path, data: &[u8]) -> (String, usize) {
-    let d = digest(data);
-    fs::write(layout.join("blobs/sha256").join(&d[7..]), data).unwrap();
-    (d, data.len())
-}
-
-/// An OCI image layout with the two test layers (the second gzip-compressed), tag v1.
-fn write_layout(layout: &Path) {
-    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    let (one, two) = layers();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&two).unwrap();
-    let two_gz = gz.finish().unwrap();
-    let (l1, s1) = put_blob(layout, &one);
-    let (l2, s2) = put_blob(layout, &two_gz);
-    let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["{}","{}"]}}}}"#,
-        digest(&one),
-        digest(&two)
-    );
-    let (c, cs) = put_blob(layout, config.as_bytes());
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l1}","size":{s1}}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{l2}","size":{s2}}}]}}"#
-    );
-    let (m, ms) = put_blob(layout, manifest.as_bytes());
-    fs::write(
-        layout.join("index.json"),
-        format!(
-            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{m}","size":{ms},"annotations":{{"org.opencontainers.image.ref.name":"v1"}}}}]}}"#
-        ),
-    )
-    .unwrap();
-}
-
-fn push(layout: &Path, registry: &Registry, name: &str) {
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", layout.display()))
-        .arg(format!("docker://{}/{name}", registry.addr))
-        .output()
-        .expect("skopeo (apt-get install skopeo)");
-    assert!(
-        out.status.success(),
-        "skopeo: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use std::net::TcpListener;
+use std::process::Command;
 
 #[test]
 fn pull_by_tag_and_digest_builds_the_root_disk_once_and_caches_blobs() {

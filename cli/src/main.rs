@@ -1,0 +1,663 @@
+use clap::{Parser, Subcommand};
+use microagent_agent_protocol::client::Connection;
+use microagent_agent_protocol::message::{ExecRequest, TtySize};
+use microagent_cli::error::{CliError, Result, EXIT_ERROR};
+use microagent_cli::home::Home;
+use microagent_cli::initramfs::Initramfs;
+use microagent_cli::runtime::{self, State};
+use microagent_cli::workspace::{self, Config};
+use microagent_image::pull::{pull, root_disk, PullOptions};
+use microagent_image::reference::Reference;
+use microagent_image::store::Store;
+use std::fs;
+use std::io::{IsTerminal, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// microagent: microVM workspaces made from OCI images.
+#[derive(Debug, Parser)]
+#[command(name = "microagent", version)]
+struct Cli {
+    /// State directory (default: MICROAGENT_HOME, /var/lib/microagent as root).
+    #[arg(long, global = true)]
+    home: Option<PathBuf>,
+    /// Print JSON for scripts (errors as {"error":{"code","message"}}).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a workspace from an image.
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value_t = 2)]
+        cpus: u8,
+        /// Guest memory: 512M, 1G, or a number of MiB.
+        #[arg(long, default_value = "512M")]
+        memory: String,
+        /// Root disk size (default: the image's content plus headroom).
+        #[arg(long)]
+        disk_size: Option<String>,
+        /// Guest kernel (default: the project's cached kernel).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Extra kernel command line (appended).
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// The guest does not run microagent-agent (bring your own guest).
+        #[arg(long)]
+        no_agent: bool,
+        /// Registry over plain HTTP.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Start a workspace and wait until it answers.
+    Start {
+        name: String,
+    },
+    /// Run a command in a running workspace; exits with its status.
+    Exec {
+        name: String,
+        /// Keep stdin open and stream it to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a terminal.
+        #[arg(short, long)]
+        tty: bool,
+        #[arg(short, long = "env")]
+        env: Vec<String>,
+        #[arg(short, long = "workdir")]
+        workdir: Option<String>,
+        #[arg(short, long)]
+        user: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Power a workspace off (through its agent, forced after a timeout).
+    Halt {
+        name: String,
+    },
+    /// Delete a workspace and everything it owns.
+    Delete {
+        name: String,
+        #[arg(long)]
+        yes: bool,
+        /// Halt it first if it runs.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List workspaces.
+    List,
+    /// A workspace's configuration and state.
+    Inspect {
+        name: String,
+    },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// The guest console.
+    Logs {
+        name: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// What this host can do, and how to fix what it cannot.
+    Doctor,
+    /// Images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Pull an image into the local store.
+    Pull {
+        reference: String,
+        #[arg(long)]
+        insecure: bool,
+    },
+}
+
+fn parse_size(text: &str, flag: &str) -> Result<u64> {
+    let bad = || {
+        CliError::new(
+            "input.bad_size",
+            format!("{flag} {text:?} is not a size (examples: 512M, 2G, 1024)"),
+        )
+    };
+    let t = text.trim().to_ascii_uppercase();
+    let t = t
+        .strip_suffix("IB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(&t);
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, "M"),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match unit {
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_shl(shift)
+        .filter(|&v| v > 0 && v >> shift == n)
+        .ok_or_else(bad)
+}
+
+fn lock(home: &Home, name: &str) -> Result<fs::File> {
+    fs::create_dir_all(home.workspaces())
+        .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+    let file = fs::File::create(home.workspaces().join(format!(".{name}.lock")))
+        .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+    // SAFETY: flock on a descriptor we own; released when the file closes.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    Ok(file)
+}
+
+struct Output {
+    json: bool,
+}
+
+impl Output {
+    fn say(&self, human: &str, json: serde_json::Value) {
+        if self.json {
+            println!("{json}");
+        } else {
+            println!("{human}");
+        }
+    }
+}
+
+fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
+    let Cmd::Create {
+        name,
+        image,
+        cpus,
+        memory,
+        disk_size,
+        kernel,
+        initrd,
+        cmdline,
+        no_agent,
+        insecure,
+    } = args
+    else {
+        unreachable!("create called for another command")
+    };
+    workspace::validate_name(&name)?;
+    let memory_mib = parse_size(&memory, "--memory")? >> 20;
+    if memory_mib < 16 {
+        return Err(CliError::new(
+            "input.bad_size",
+            "--memory must be at least 16M",
+        ));
+    }
+    let disk_size = disk_size
+        .map(|s| parse_size(&s, "--disk-size"))
+        .transpose()?;
+    if cpus == 0 || cpus > 32 {
+        return Err(CliError::new(
+            "input.bad_cpus",
+            format!("--cpus {cpus} is out of range (1 to 32)"),
+        ));
+    }
+    let _lock = lock(home, &name)?;
+    let dir = workspace::dir(home, &name);
+    if dir.exists() {
+        return Err(CliError::new(
+            "workspace.exists",
+            format!("a workspace named {name} already exists"),
+        ));
+    }
+    let kernel = kernel.unwrap_or_else(|| home.default_kernel());
+    if !kernel.is_file() {
+        return Err(CliError::new(
+            "kernel.missing",
+            format!(
+                "guest kernel {} is missing (run `make kernel`, or pass --kernel)",
+                kernel.display()
+            ),
+        ));
+    }
+    let reference: Reference = image
+        .parse()
+        .map_err(|e: microagent_image::reference::Error| {
+            CliError::new("image.bad_reference", e.to_string())
+        })?;
+    let store = Store::new(home.images());
+    let pulled = pull(&store, &reference, &PullOptions { insecure })
+        .map_err(|e| CliError::new("image.pull_failed", e.to_string()))?;
+    let disk = root_disk(&store, &pulled, disk_size)
+        .map_err(|e| CliError::new("image.rootfs_failed", e.to_string()))?;
+
+    // Built in a temporary directory and renamed: a workspace exists whole or not at all.
+    let tmp = home.workspaces().join(format!(".creating-{name}"));
+    let _ = fs::remove_dir_all(&tmp);
+    let made = (|| {
+        fs::create_dir_all(&tmp).map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+        workspace::copy_disk(&disk, &tmp.join("rootfs.ext4"))?;
+        let (initrd, base) = if no_agent {
+            (initrd, String::new())
+        } else {
+            let agent = fs::read(runtime::static_agent()?)
+                .map_err(|e| CliError::new("host.install_broken", e.to_string()))?;
+            let mut image = Initramfs::new();
+            image.file("init", &agent, 0o755);
+            image
+                .write(&tmp.join("initrd.cpio"))
+                .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+            let base =
+                format!("console=ttyS0 reboot=k panic=1 init_on_free=1 microagent.hostname={name}");
+            (Some(dir.join("initrd.cpio")), base)
+        };
+        let extra = cmdline.unwrap_or_else(|| {
+            if no_agent {
+                "console=ttyS0 reboot=k panic=1".into()
+            } else {
+                String::new()
+            }
+        });
+        let config = Config {
+            name: name.clone(),
+            image: Some(reference.to_string()),
+            image_digest: Some(pulled.manifest_digest.clone()),
+            cpus,
+            memory_mib,
+            kernel: fs::canonicalize(&kernel).unwrap_or(kernel),
+            initrd,
+            cmdline: format!("{base} {extra}").trim().to_owned(),
+            agent: !no_agent,
+            created: workspace::now_rfc3339(),
+        };
+        fs::write(
+            tmp.join("workspace.json"),
+            serde_json::to_vec_pretty(&config).unwrap_or_default(),
+        )
+        .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+        fs::rename(&tmp, &dir).map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+        Ok(config)
+    })();
+    if made.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    let config = made?;
+    out.say(
+        &format!(
+            "created {name} from {} ({})",
+            reference, pulled.manifest_digest
+        ),
+        serde_json::json!({"created": name, "image": config.image, "digest": config.image_digest}),
+    );
+    Ok(())
+}
+
+fn start(home: &Home, out: &Output, name: &str) -> Result<()> {
+    let config = workspace::load(home, name)?;
+    let _lock = lock(home, name)?;
+    match runtime::state(home, name) {
+        State::Running | State::Paused => {
+            return Err(CliError::new(
+                "workspace.running",
+                format!("{name} is already running"),
+            ))
+        }
+        State::Crashed { .. } => runtime::kill_all(home, name),
+        State::Created | State::Halted => {}
+    }
+    if config.agent {
+        if let Some(why) = microagent_vmm::host::linux_guest_limitation() {
+            return Err(CliError::new(
+                "host.no_hardware_virtualization",
+                format!("{name} cannot start here: {why}"),
+            ));
+        }
+    }
+    let took = runtime::start(home, &config)?;
+    out.say(
+        &format!("started {name} in {:.2}s", took.as_secs_f64()),
+        serde_json::json!({"started": name, "seconds": took.as_secs_f64()}),
+    );
+    Ok(())
+}
+
+fn terminal_size() -> TtySize {
+    // SAFETY: TIOCGWINSZ on stdout with a valid winsize to fill.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0;
+    if ok {
+        TtySize {
+            rows: ws.ws_row,
+            cols: ws.ws_col,
+        }
+    } else {
+        TtySize { rows: 24, cols: 80 }
+    }
+}
+
+fn exec(home: &Home, args: Cmd) -> Result<i32> {
+    let Cmd::Exec {
+        name,
+        interactive,
+        tty,
+        env,
+        workdir,
+        user,
+        command,
+    } = args
+    else {
+        unreachable!("exec called for another command")
+    };
+    workspace::load(home, &name)?;
+    if runtime::state(home, &name) != State::Running {
+        return Err(CliError::new(
+            "workspace.not_running",
+            format!("{name} is not running (microagent start {name})"),
+        ));
+    }
+    let env = env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| {
+                    CliError::new("input.bad_env", format!("-e {kv:?} is not KEY=VALUE"))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let request = ExecRequest {
+        argv: command,
+        env,
+        cwd: workdir,
+        user,
+        tty: tty.then(terminal_size),
+    };
+    let conn = Connection::open(&runtime::agent_socket(home, &name), Duration::from_secs(10))
+        .map_err(|e| CliError::new("agent.unreachable", e.to_string()))?;
+    let stdin: Box<dyn Read + Send> = if interactive {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::io::empty())
+    };
+    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
+    match conn.exec(request, stdin, &mut stdout, &mut stderr) {
+        Ok(exit) => Ok(exit.code()),
+        Err(e) => {
+            let code = e.exit_code();
+            eprintln!("microagent: {e}");
+            Ok(code)
+        }
+    }
+}
+
+fn delete(home: &Home, out: &Output, name: &str, yes: bool, force: bool) -> Result<()> {
+    let config = workspace::load(home, name)?;
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(CliError::new(
+                "input.confirmation_needed",
+                format!("deleting {name} needs --yes when not on a terminal"),
+            ));
+        }
+        eprint!("delete workspace {name} and everything it owns? [y/N] ");
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        let _ = std::io::stdin().read_line(&mut answer);
+        if !answer.trim().eq_ignore_ascii_case("y") {
+            return Err(CliError::new("input.cancelled", "not deleted"));
+        }
+    }
+    let _lock = lock(home, name)?;
+    match runtime::state(home, name) {
+        State::Running | State::Paused if !force => {
+            return Err(CliError::new(
+                "workspace.running",
+                format!("{name} is running: halt it first, or pass --force"),
+            ))
+        }
+        State::Running | State::Paused => runtime::halt(home, &config),
+        State::Crashed { .. } => runtime::kill_all(home, name),
+        State::Created | State::Halted => {}
+    }
+    fs::remove_dir_all(workspace::dir(home, name))
+        .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+    let _ = fs::remove_file(home.workspaces().join(format!(".{name}.lock")));
+    out.say(
+        &format!("deleted {name}"),
+        serde_json::json!({"deleted": name}),
+    );
+    Ok(())
+}
+
+fn list(home: &Home, out: &Output) {
+    let rows: Vec<(Config, State)> = workspace::list(home)
+        .into_iter()
+        .map(|c| {
+            let s = runtime::state(home, &c.name);
+            (c, s)
+        })
+        .collect();
+    if out.json {
+        let items: Vec<_> = rows
+            .iter()
+            .map(|(c, s)| serde_json::json!({"name": c.name, "state": s, "image": c.image, "cpus": c.cpus, "memory_mib": c.memory_mib, "created": c.created}))
+            .collect();
+        println!("{}", serde_json::Value::Array(items));
+        return;
+    }
+    println!("NAME                 STATE     IMAGE                                    CPUS  MEMORY CREATED");
+    for (c, s) in rows {
+        println!(
+            "{:<20} {:<9} {:<40} {:>4} {:>6}M {}",
+            c.name,
+            s.name(),
+            c.image.as_deref().unwrap_or("-"),
+            c.cpus,
+            c.memory_mib,
+            c.created
+        );
+    }
+}
+
+fn doctor(home: &Home, out: &Output) {
+    let mut checks = Vec::new();
+    let mut check = |name: &str, ok: bool, detail: String, fix: &str| {
+        checks.push(serde_json::json!({"check": name, "ok": ok, "detail": detail, "fix": if ok { "" } else { fix }}));
+    };
+    let kvm = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
+    check(
+        "kvm",
+        kvm.is_ok(),
+        kvm.map_or_else(|e| e.to_string(), |_| "/dev/kvm is usable".into()),
+        "load kvm_intel/kvm_amd and give this user access to /dev/kvm",
+    );
+    let hw = microagent_vmm::host::has_hardware_virtualization();
+    let limitation = microagent_vmm::host::linux_guest_limitation();
+    check(
+        "hardware_virtualization",
+        limitation.is_none(),
+        limitation.clone().unwrap_or_else(|| if hw { "VMX/SVM available".into() } else { "no PVM limitation detected".into() }),
+        "run on a host (or nested VM) with VMX/SVM; this host can still run the test guest and the QEMU rigs",
+    );
+    let kernel = home.default_kernel();
+    check(
+        "guest_kernel",
+        kernel.is_file(),
+        kernel.display().to_string(),
+        "make kernel",
+    );
+    for tool in ["mke2fs", "cp"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        check(
+            tool,
+            found,
+            format!("{tool} on PATH: {found}"),
+            "apt-get install e2fsprogs coreutils",
+        );
+    }
+    let _ = fs::create_dir_all(home.root());
+    let free = std::ffi::CString::new(home.root().as_os_str().as_encoded_bytes())
+        .ok()
+        .and_then(|p| {
+            // SAFETY: an all-zero statvfs is a valid value for statvfs(3) to overwrite.
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: statvfs with a NUL-terminated path and a valid output struct.
+            (unsafe { libc::statvfs(p.as_ptr(), &mut st) } == 0)
+                .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+        });
+    let free_gib = free.unwrap_or(0) >> 30;
+    check(
+        "free_space",
+        free_gib >= 4,
+        format!("{free_gib} GiB free under {}", home.root().display()),
+        "free at least 4 GiB for images and workspaces",
+    );
+    if out.json {
+        println!("{}", serde_json::Value::Array(checks));
+        return;
+    }
+    for c in checks {
+        let mark = if c["ok"] == true { "ok  " } else { "FAIL" };
+        println!(
+            "{mark} {:<24} {}",
+            c["check"].as_str().unwrap_or(""),
+            c["detail"].as_str().unwrap_or("")
+        );
+        if c["ok"] != true {
+            println!("     fix: {}", c["fix"].as_str().unwrap_or(""));
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let home = match cli.home {
+        Some(dir) => Home::new(dir),
+        None => Home::from_env().map_err(|e| CliError::new("home.unknown", e.to_string()))?,
+    };
+    let out = Output { json: cli.json };
+    match cli.command {
+        args @ Cmd::Create { .. } => create(&home, &out, args)?,
+        Cmd::Start { name } => start(&home, &out, &name)?,
+        args @ Cmd::Exec { .. } => return exec(&home, args),
+        Cmd::Halt { name } => {
+            let config = workspace::load(&home, &name)?;
+            let _lock = lock(&home, &name)?;
+            runtime::halt(&home, &config);
+            out.say(
+                &format!("halted {name}"),
+                serde_json::json!({"halted": name}),
+            );
+        }
+        Cmd::Delete { name, yes, force } => delete(&home, &out, &name, yes, force)?,
+        Cmd::List => list(&home, &out),
+        Cmd::Inspect { name } => {
+            let config = workspace::load(&home, &name)?;
+            let state = runtime::state(&home, &name);
+            println!("{}", serde_json::json!({"config": config, "state": state}));
+        }
+        Cmd::Pause { name } | Cmd::Resume { name } if workspace::load(&home, &name).is_err() => {
+            workspace::load(&home, &name)?;
+        }
+        Cmd::Pause { name } => {
+            runtime::vmm_request(&home, &name, r#"{"cmd":"pause"}"#)?;
+            out.say(
+                &format!("paused {name}"),
+                serde_json::json!({"paused": name}),
+            );
+        }
+        Cmd::Resume { name } => {
+            runtime::vmm_request(&home, &name, r#"{"cmd":"resume"}"#)?;
+            out.say(
+                &format!("resumed {name}"),
+                serde_json::json!({"resumed": name}),
+            );
+        }
+        Cmd::Logs { name, follow } => {
+            workspace::load(&home, &name)?;
+            let path = workspace::console_log(&home, &name);
+            let mut offset = 0;
+            loop {
+                let data = fs::read(&path).unwrap_or_default();
+                if data.len() > offset {
+                    let _ = std::io::stdout().write_all(&data[offset..]);
+                    let _ = std::io::stdout().flush();
+                    offset = data.len();
+                }
+                if !follow {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        Cmd::Doctor => doctor(&home, &out),
+        Cmd::Image {
+            command:
+                ImageCmd::Pull {
+                    reference,
+                    insecure,
+                },
+        } => {
+            let reference: Reference =
+                reference
+                    .parse()
+                    .map_err(|e: microagent_image::reference::Error| {
+                        CliError::new("image.bad_reference", e.to_string())
+                    })?;
+            let image = pull(
+                &Store::new(home.images()),
+                &reference,
+                &PullOptions { insecure },
+            )
+            .map_err(|e| CliError::new("image.pull_failed", e.to_string()))?;
+            out.say(
+                &format!("pulled {} ({}, {} blobs downloaded)", image.reference, image.manifest_digest, image.downloaded),
+                serde_json::json!({"reference": image.reference, "digest": image.manifest_digest, "downloaded": image.downloaded}),
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_ERROR } else { 0 });
+        }
+    };
+    let json = cli.json;
+    match run(cli) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({"error": e}));
+            } else {
+                eprintln!("microagent: {e}");
+            }
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! A workspace's processes: the daemons and the VMM, started detached, recorded in
+//! `<runtime>/<name>/state.json`, stopped and cleaned up; and the workspace's state as
+//! seen from them (created, running, paused, halted, crashed).
+
+use crate::error::{CliError, Result};
+use crate::home::Home;
+use crate::workspace::{self, Config};
+use microagent_agent_protocol::client::Connection;
+use serde::{Deserialize, Serialize};
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// The agent's guest CID inside every workspace (each VM has its own vsock device).
+const GUEST_CID: &str = "3";
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+const HALT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pids {
+    pub vmm: u32,
+    pub blk: u32,
+    pub vsock: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum State {
+    Created,
+    Running,
+    Paused,
+    Halted,
+    Crashed { reason: String },
+}
+
+impl State {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Halted => "halted",
+            Self::Crashed { .. } => "crashed",
+        }
+    }
+}
+
+pub fn dir(home: &Home, name: &str) -> PathBuf {
+    home.runtime().join(name)
+}
+
+fn state_file(home: &Home, name: &str) -> PathBuf {
+    dir(home, name).join("state.json")
+}
+
+fn halted_marker(home: &Home, name: &str) -> PathBuf {
+    workspace::dir(home, name).join("halted")
+}
+
+/// The agent's host socket of a running workspace.
+pub fn agent_socket(home: &Home, name: &str) -> PathBuf {
+    dir(home, name).join("agent.vsock")
+}
+
+fn api_socket(home: &Home, name: &str) -> PathBuf {
+    dir(home, name).join("api.sock")
+}
+
+pub fn pids(home: &Home, name: &str) -> Option<Pids> {
+    let text = fs::read_to_string(state_file(home, name)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// A live process of ours (not a recycled pid).
+fn alive(pid: u32, binary: &str) -> bool {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let is_ours = cmdline
+        .split(|&b| b == 0)
+        .next()
+        .is_some_and(|argv0| argv0.ends_with(binary.as_bytes()));
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit(')')
+        .next()
+        .is_some_and(|s| s.trim_start().starts_with('Z'));
+    is_ours && !zombie
+}
+
+/// One JSON request to the VMM's control socket.
+pub fn vmm_request(home: &Home, name: &str, request: &str) -> Result<serde_json::Value> {
+    let fail = |e: String| {
+        CliError::new(
+            "vmm.control_failed",
+            format!("{name}: VMM control socket: {e}"),
+        )
+    };
+    let mut stream =
+        UnixStream::connect(api_socket(home, name)).map_err(|e| fail(e.to_string()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| fail(e.to_string()))?;
+    writeln!(stream, "{request}").map_err(|e| fail(e.to_string()))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| fail(e.to_string()))?;
+    let reply: serde_json::Value = serde_json::from_str(&line).map_err(|e| fail(e.to_string()))?;
+    if reply["ok"] != true {
+        return Err(fail(
+            reply["error"]["message"]
+                .as_str()
+                .unwrap_or("refused")
+                .into(),
+        ));
+    }
+    Ok(reply)
+}
+
+pub fn state(home: &Home, name: &str) -> State {
+    let Some(pids) = pids(home, name) else {
+        return if halted_marker(home, name).exists() {
+            State::Halted
+        } else {
+            State::Created
+        };
+    };
+    let dead: Vec<String> = [
+        ("microagent-vmm", Some(pids.vmm)),
+        ("microagent-vhost-blk", Some(pids.blk)),
+        ("microagent-vhost-vsock", pids.vsock),
+    ]
+    .into_iter()
+    .filter_map(|(bin, pid)| pid.map(|p| (bin, p)))
+    .filter(|(bin, pid)| !alive(*pid, bin))
+    .map(|(bin, pid)| format!("{bin} (pid {pid}) is gone"))
+    .collect();
+    if !dead.is_empty() {
+        let mut reason = dead.join(", ");
+        if let Some(error) = last_vmm_error(home, name) {
+            reason.push_str(&format!("; VMM reported: {error}"));
+        }
+        return State::Crashed { reason };
+    }
+    match vmm_request(home, name, r#"{"cmd":"status"}"#) {
+        Ok(reply) if reply["state"] == "paused" => State::Paused,
+        Ok(_) => State::Running,
+        Err(e) => State::Crashed { reason: e.message },
+    }
+}
+
+/// The VMM's structured error, if it printed one.
+fn last_vmm_error(home: &Home, name: &str) -> Option<String> {
+    let log = fs::read_to_string(workspace::dir(home, name).join("vmm.log")).ok()?;
+    log.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["error"]["message"].as_str().map(str::to_owned))
+}
+
+/// A binary installed next to this one (`target/<profile>/` in a checkout).
+pub fn sibling(binary: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::new("host.install_broken", format!("where am I: {e}")))?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
+    let path = dir.join(binary);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(CliError::new(
+            "host.install_broken",
+            format!(
+                "{binary} is not installed next to microagent ({})",
+                dir.display()
+            ),
+        ))
+    }
+}
+
+/// The statically linked agent: `MICROAGENT_AGENT`, or `make agent`'s output in a
+/// checkout, or next to this binary.
+pub fn static_agent() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("MICROAGENT_AGENT").filter(|p| !p.is_empty()) {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::new("host.install_broken", format!("where am I: {e}")))?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
+    let checkout = dir
+        .parent()
+        .map(|target| target.join("x86_64-unknown-linux-gnu/release/microagent-agent"));
+    checkout
+        .into_iter()
+        .chain(std::iter::once(dir.join("microagent-agent")))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            CliError::new(
+                "host.install_broken",
+                "the static microagent-agent is missing (run `make agent`)",
+            )
+        })
+}
+
+fn spawn_detached(mut cmd: Command, log: &Path) -> Result<u32> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let fail = |e: std::io::Error| {
+        CliError::new("workspace.start_failed", format!("starting {program}: {e}"))
+    };
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(fail)?;
+    let err = log.try_clone().map_err(fail)?;
+    cmd.stdin(Stdio::null()).stdout(log).stderr(err);
+    // SAFETY: setsid in the child before exec has no preconditions.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    Ok(cmd.spawn().map_err(fail)?.id())
+}
+
+fn wait_for(path: &Path, pid: u32, binary: &str) -> Result<()> {
+    let deadline = Instant::now() + SOCKET_TIMEOUT;
+    while !path.exists() {
+        if !alive(pid, binary) {
+            return Err(CliError::new(
+                "workspace.start_failed",
+                format!("{binary} exited during start-up"),
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(CliError::new(
+                "workspace.start_failed",
+                format!(
+                    "{binary} did not create {} in {SOCKET_TIMEOUT:?}",
+                    path.display()
+                ),
+            ));
+        }
+        sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Starts the daemons and the VMM and waits until the workspace answers. On failure
+/// everything started is stopped again and the error names the step.
+pub fn start(home: &Home, config: &Config) -> Result<Duration> {
+    let started = Instant::now();
+    let name = &config.name;
+    let rt = dir(home, name);
+    let _ = fs::remove_dir_all(&rt);
+    fs::create_dir_all(&rt)
+        .map_err(|e| CliError::new("workspace.start_failed", format!("{}: {e}", rt.display())))?;
+    let ws = workspace::dir(home, name);
+    let _ = fs::remove_file(halted_marker(home, name));
+    let _ = fs::remove_file(ws.join("vmm.log"));
+
+    let result = (|| -> Result<()> {
+        let mut blk = Command::new(sibling("microagent-vhost-blk")?);
+        blk.arg("--socket-path")
+            .arg(rt.join("blk.sock"))
+            .arg("--disk")
+            .arg(workspace::rootfs(home, name))
+            .args(["--serial", name]);
+        let blk_pid = spawn_detached(blk, &ws.join("blk.log"))?;
+        write_pids(
+            home,
+            name,
+            &Pids {
+                vmm: 0,
+                blk: blk_pid,
+                vsock: None,
+            },
+        )?;
+        wait_for(&rt.join("blk.sock"), blk_pid, "microagent-vhost-blk")?;
+        let vsock_pid = if config.agent {
+            let mut vsock = Command::new(sibling("microagent-vhost-vsock")?);
+            vsock
+                .arg("--socket-path")
+                .arg(rt.join("vsock.sock"))
+                .args(["--guest-cid", GUEST_CID, "--uds-path"])
+                .arg(agent_socket(home, name));
+            let pid = spawn_detached(vsock, &ws.join("vsock.log"))?;
+            write_pids(
+                home,
+                name,
+                &Pids {
+                    vmm: 0,
+                    blk: blk_pid,
+                    vsock: Some(pid),
+                },
+            )?;
+            wait_for(&rt.join("vsock.sock"), pid, "microagent-vhost-vsock")?;
+            Some(pid)
+        } else {
+            None
+        };
+        let mut vmm = Command::new(sibling("microagent-vmm")?);
+        vmm.arg("--kernel")
+            .arg(&config.kernel)
+            .arg("--cmdline")
+            .arg(&config.cmdline)
+            .arg("--cpus")
+            .arg(config.cpus.to_string())
+            .arg("--memory")
+            .arg(config.memory_mib.to_string())
+            .arg("--serial")
+            .arg(workspace::console_log(home, name))
+            .arg("--blk")
+            .arg(rt.join("blk.sock"))
+            .arg("--api-socket")
+            .arg(api_socket(home, name));
+        if let Some(initrd) = &config.initrd {
+            vmm.arg("--initrd").arg(initrd);
+        }
+        if config.agent {
+            vmm.arg("--vsock").arg(rt.join("vsock.sock"));
+        }
+        let vmm_pid = spawn_detached(vmm, &ws.join("vmm.log"))?;
+        write_pids(
+            home,
+            name,
+            &Pids {
+                vmm: vmm_pid,
+                blk: blk_pid,
+                vsock: vsock_pid,
+            },
+        )?;
+        wait_for(&api_socket(home, name), vmm_pid, "microagent-vmm")?;
+        if config.agent {
+            wait_for_agent(home, name, vmm_pid)?;
+        }
+        Ok(())
+    })();
+    if let Err(mut e) = result {
+        let console = tail(&workspace::console_log(home, name), 15);
+        if let Some(vmm_error) = last_vmm_error(home, name) {
+            e.message.push_str(&format!("; VMM: {vmm_error}"));
+        }
+        if !console.is_empty() {
+            e.message
+                .push_str(&format!("\nguest console ends with:\n{console}"));
+        }
+        kill_all(home, name);
+        return Err(e);
+    }
+    Ok(started.elapsed())
+}
+
+fn wait_for_agent(home: &Home, name: &str, vmm_pid: u32) -> Result<()> {
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    loop {
+        if Connection::open(&agent_socket(home, name), Duration::from_secs(2)).is_ok() {
+            return Ok(());
+        }
+        if !alive(vmm_pid, "microagent-vmm") {
+            return Err(CliError::new(
+                "workspace.start_failed",
+                "the VM stopped before its agent answered",
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(CliError::new(
+                "workspace.agent_timeout",
+                format!("the agent did not answer within {AGENT_TIMEOUT:?}"),
+            ));
+        }
+    }
+}
+
+fn write_pids(home: &Home, name: &str, pids: &Pids) -> Result<()> {
+    let json = serde_json::to_vec(pids).unwrap_or_default();
+    fs::write(state_file(home, name), json)
+        .map_err(|e| CliError::new("workspace.start_failed", format!("recording pids: {e}")))
+}
+
+/// Stops a workspace: through the agent when it has one, then the VMM's shutdown, then
+/// SIGKILL for whatever is left; removes the runtime directory.
+pub fn halt(home: &Home, config: &Config) {
+    let name = &config.name;
+    if let Some(pids) = pids(home, name) {
+        let graceful = config.agent
+            && Connection::open(&agent_socket(home, name), Duration::from_secs(5))
+                .and_then(Connection::shutdown)
+                .is_ok();
+        if !graceful {
+            let _ = vmm_request(home, name, r#"{"cmd":"shutdown"}"#);
+        }
+        let deadline = Instant::now() + HALT_TIMEOUT;
+        while alive(pids.vmm, "microagent-vmm") && Instant::now() < deadline {
+            sleep(Duration::from_millis(20));
+        }
+    }
+    kill_all(home, name);
+    let _ = fs::write(halted_marker(home, name), workspace::now_rfc3339());
+}
+
+/// SIGKILL for every recorded process still alive, then the runtime directory goes.
+pub fn kill_all(home: &Home, name: &str) {
+    if let Some(pids) = pids(home, name) {
+        let all = [
+            ("microagent-vmm", Some(pids.vmm)),
+            ("microagent-vhost-blk", Some(pids.blk)),
+            ("microagent-vhost-vsock", pids.vsock),
+        ];
+        for (bin, pid) in all {
+            if let Some(pid) = pid.filter(|&p| p != 0 && alive(p, bin)) {
+                // SAFETY: signalling a process we started, checked to still be ours.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while alive(pid, bin) && Instant::now() < deadline {
+                    sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(dir(home, name));
+}

@@ -1,0 +1,167 @@
+//! A workspace on disk: `workspaces/<name>/` holds `workspace.json`, its private root
+//! disk and the guest console log.
+
+use crate::error::{CliError, Result};
+use crate::home::Home;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const MAX_NAME: usize = 48;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    pub name: String,
+    pub image: Option<String>,
+    pub image_digest: Option<String>,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// Whether the guest runs microagent-agent (exec, halt through the agent).
+    pub agent: bool,
+    /// RFC 3339, UTC.
+    pub created: String,
+}
+
+/// Names: 1-48 of a-z 0-9 -, starting with a letter or digit (no path tricks).
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            "workspace.invalid_name",
+            format!("invalid workspace name {name:?}: use 1-{MAX_NAME} of a-z, 0-9 and -, starting with a letter or digit"),
+        ))
+    }
+}
+
+pub fn dir(home: &Home, name: &str) -> PathBuf {
+    home.workspaces().join(name)
+}
+
+pub fn rootfs(home: &Home, name: &str) -> PathBuf {
+    dir(home, name).join("rootfs.ext4")
+}
+
+pub fn console_log(home: &Home, name: &str) -> PathBuf {
+    dir(home, name).join("console.log")
+}
+
+pub fn load(home: &Home, name: &str) -> Result<Config> {
+    validate_name(name)?;
+    let path = dir(home, name).join("workspace.json");
+    let text = fs::read_to_string(&path).map_err(|_| {
+        CliError::new(
+            "workspace.not_found",
+            format!("no workspace named {name} (see `microagent list`)"),
+        )
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| CliError::new("workspace.corrupt", format!("{}: {e}", path.display())))
+}
+
+pub fn save(home: &Home, config: &Config) -> Result<()> {
+    let dir = dir(home, &config.name);
+    let tmp = dir.join(".workspace.json.tmp");
+    let json = serde_json::to_vec_pretty(config).unwrap_or_default();
+    fs::write(&tmp, json)
+        .and_then(|()| fs::rename(&tmp, dir.join("workspace.json")))
+        .map_err(|e| CliError::new("workspace.write_failed", format!("{}: {e}", dir.display())))
+}
+
+pub fn list(home: &Home) -> Vec<Config> {
+    let mut out: Vec<Config> = fs::read_dir(home.workspaces())
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| load(home, &e.file_name().to_string_lossy()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Copies the image's root disk for one workspace: a reflink where the filesystem can,
+/// else a sparse copy (`cp --sparse=always`).
+pub fn copy_disk(from: &Path, to: &Path) -> Result<()> {
+    let status = std::process::Command::new("cp")
+        .args(["--reflink=auto", "--sparse=always"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .map_err(|e| CliError::new("workspace.disk_copy_failed", format!("running cp: {e}")))?;
+    if !status.success() {
+        return Err(CliError::new(
+            "workspace.disk_copy_failed",
+            format!("copying {} to {} failed", from.display(), to.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Now as RFC 3339 UTC (`2026-06-11T08:52:44Z`).
+pub fn now_rfc3339() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_path_tricks_or_odd_characters_are_refused() {
+        for good in ["builder", "ws-1", "0day"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "-x",
+            "../etc",
+            "a/b",
+            "UPPER",
+            "white space",
+            &"a".repeat(49),
+        ] {
+            let err = validate_name(bad).unwrap_err();
+            assert_eq!(err.code, "workspace.invalid_name", "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let now = now_rfc3339();
+        assert_eq!(now.len(), 20, "{now}");
+        assert!(now.starts_with("20") && now.ends_with('Z') && now.as_bytes()[10] == b'T');
+    }
+}

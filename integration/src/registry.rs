@@ -1,0 +1,180 @@
+//! A real OCI registry for tests: Debian's docker-registry on a free loopback port, an
+//! OCI image layout written from tar layers, and skopeo to push it.
+
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tar::{Builder, EntryType, Header};
+
+/// docker-registry on a free loopback port, killed on drop.
+pub struct Registry {
+    child: Child,
+    /// host:port on loopback.
+    pub addr: String,
+    /// The registry's filesystem storage (tests corrupt blobs there).
+    pub storage: PathBuf,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let storage = dir.join("registry-data");
+        let config = dir.join("registry.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "registry did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            addr,
+            storage,
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn digest(data: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(data))
+}
+
+fn put_blob(layout: &Path, data: &[u8]) -> (String, usize) {
+    let d = digest(data);
+    fs::write(layout.join("blobs/sha256").join(&d[7..]), data).unwrap();
+    (d, data.len())
+}
+
+/// An OCI image layout (tag v1) with the whiteout test layers, the second gzip-compressed.
+pub fn write_layout(layout: &Path) {
+    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let (one, two) = whiteout_layers();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&two).unwrap();
+    let two_gz = gz.finish().unwrap();
+    let (l1, s1) = put_blob(layout, &one);
+    let (l2, s2) = put_blob(layout, &two_gz);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["{}","{}"]}}}}"#,
+        digest(&one),
+        digest(&two)
+    );
+    let (c, cs) = put_blob(layout, config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l1}","size":{s1}}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{l2}","size":{s2}}}]}}"#
+    );
+    let (m, ms) = put_blob(layout, manifest.as_bytes());
+    fs::write(
+        layout.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{m}","size":{ms},"annotations":{{"org.opencontainers.image.ref.name":"v1"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+}
+
+/// Pushes the layout's v1 to `registry` as `name` with skopeo.
+pub fn push(layout: &Path, registry: &Registry, name: &str) {
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{}/{name}", registry.addr))
+        .output()
+        .expect("skopeo (apt-get install skopeo)");
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn header(path: &str, kind: EntryType, mode: u32, size: u64) -> Header {
+    let mut h = Header::new_gnu();
+    h.set_path(path).unwrap();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    h
+}
+
+fn file(b: &mut Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]) {
+    b.append(
+        &header(path, EntryType::Regular, mode, data.len() as u64),
+        data,
+    )
+    .unwrap();
+}
+
+fn dir(b: &mut Builder<Vec<u8>>, path: &str, mode: u32) {
+    b.append(&header(path, EntryType::Directory, mode, 0), &[][..])
+        .unwrap();
+}
+
+fn link(b: &mut Builder<Vec<u8>>, kind: EntryType, path: &str, target: &str) {
+    let mut h = header(path, kind, 0o777, 0);
+    h.set_link_name(target).unwrap();
+    h.set_cksum();
+    b.append(&h, &[][..]).unwrap();
+}
+
+/// Two layers: the second deletes a file and replaces a directory's contents.
+pub fn whiteout_layers() -> (Vec<u8>, Vec<u8>) {
+    let mut one = Builder::new(Vec::new());
+    dir(&mut one, "bin/", 0o755);
+    file(&mut one, "bin/tool", 0o755, b"#!/bin/sh\necho tool\n");
+    dir(&mut one, "etc/", 0o755);
+    file(&mut one, "etc/old.conf", 0o644, b"old\n");
+    file(&mut one, "etc/keep.conf", 0o600, b"keep\n");
+    dir(&mut one, "data/", 0o750);
+    file(&mut one, "data/a", 0o644, b"a\n");
+    file(&mut one, "data/b", 0o644, b"b\n");
+    link(&mut one, EntryType::Symlink, "bin/sh", "tool");
+    link(&mut one, EntryType::Link, "bin/tool-hard", "bin/tool");
+    let one = one.into_inner().unwrap();
+
+    let mut two = Builder::new(Vec::new());
+    file(&mut two, "etc/.wh.old.conf", 0o644, b"");
+    dir(&mut two, "data/", 0o750);
+    file(&mut two, "data/.wh..wh..opq", 0o644, b"");
+    file(&mut two, "data/c", 0o640, b"c\n");
+    let two = two.into_inner().unwrap();
+    (one, two)
+}

@@ -1,0 +1,275 @@
+//! The `microagent` lifecycle on this machine: the KVM test guest as `--kernel …
+//! --no-agent`, a real image from a registry on loopback, real daemons and VMM.
+
+use microagent_integration::daemon::binary;
+use microagent_integration::registry::{push, write_layout, Registry};
+use microagent_integration::vmm::test_guest;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+struct Cli {
+    home: PathBuf,
+    runtime: PathBuf,
+}
+
+impl Cli {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(binary("microagent").unwrap())
+            .arg("--home")
+            .arg(&self.home)
+            .args(args)
+            .env("MICROAGENT_RUNTIME_DIR", &self.runtime)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "microagent {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs with --json and expects exit 125 with `code`.
+    fn fails(&self, args: &[&str], code: &str) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        assert_eq!(out.status.code(), Some(125), "microagent {args:?}: {out:?}");
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(reply["error"]["code"], code, "{reply}");
+        assert!(!reply["error"]["message"].as_str().unwrap().is_empty());
+    }
+
+    fn state(&self, name: &str) -> serde_json::Value {
+        let list: serde_json::Value = serde_json::from_str(&self.ok(&["--json", "list"])).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)
+            .map(|w| w["state"].clone())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn pids(&self, name: &str) -> Vec<u32> {
+        let text = std::fs::read_to_string(self.runtime.join(name).join("state.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        ["vmm", "blk", "vsock"]
+            .iter()
+            .filter_map(|k| v[k].as_u64().map(|p| p as u32))
+            .collect()
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+fn setup(dir: &Path) -> (Cli, Registry, String) {
+    let registry = Registry::start(dir);
+    let layout = dir.join("layout");
+    write_layout(&layout);
+    push(&layout, &registry, "test/img:v1");
+    let image = format!("{}/test/img:v1", registry.addr);
+    let cli = Cli {
+        home: dir.join("home"),
+        runtime: dir.join("run"),
+    };
+    (cli, registry, image)
+}
+
+fn create(cli: &Cli, name: &str, image: &str) {
+    cli.ok(&[
+        "create",
+        name,
+        "--image",
+        image,
+        "--no-agent",
+        "--memory",
+        "64M",
+        "--cpus",
+        "1",
+        "--kernel",
+        test_guest().to_str().unwrap(),
+        "--cmdline",
+        "scenario=halt",
+    ]);
+}
+
+#[test]
+fn lifecycle_create_start_pause_resume_halt_start_delete_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    create(&cli, "ws1", &image);
+    assert_eq!(cli.state("ws1")["state"], "created");
+
+    assert!(cli.ok(&["start", "ws1"]).starts_with("started ws1 in "));
+    assert_eq!(cli.state("ws1")["state"], "running");
+    let pids = cli.pids("ws1");
+    assert_eq!(pids.len(), 2, "vmm and blk daemon");
+    assert!(pids.iter().all(|&p| alive(p)));
+
+    cli.ok(&["pause", "ws1"]);
+    assert_eq!(cli.state("ws1")["state"], "paused");
+    cli.ok(&["resume", "ws1"]);
+    assert_eq!(cli.state("ws1")["state"], "running");
+    let list = cli.ok(&["list"]);
+    assert!(
+        list.contains("ws1") && list.contains("running") && list.contains("test/img:v1"),
+        "{list}"
+    );
+
+    cli.ok(&["halt", "ws1"]);
+    assert_eq!(cli.state("ws1")["state"], "halted");
+    assert!(pids.iter().all(|&p| !alive(p)), "processes survived halt");
+    assert!(
+        !cli.runtime.join("ws1").exists(),
+        "runtime directory left behind"
+    );
+
+    cli.ok(&["start", "ws1"]);
+    assert_eq!(cli.state("ws1")["state"], "running");
+    cli.fails(&["delete", "ws1", "--yes"], "workspace.running");
+    let pids = cli.pids("ws1");
+    cli.ok(&["delete", "ws1", "--yes", "--force"]);
+    assert!(pids.iter().all(|&p| !alive(p)), "processes survived delete");
+    assert!(!cli.home.join("workspaces/ws1").exists());
+    assert!(!cli.runtime.join("ws1").exists());
+    assert_eq!(cli.ok(&["--json", "list"]).trim(), "[]");
+}
+
+#[test]
+fn a_killed_vmm_or_daemon_shows_crashed_and_delete_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    for (name, victim) in [("ws-vmm", 0usize), ("ws-blk", 1usize)] {
+        create(&cli, name, &image);
+        cli.ok(&["start", name]);
+        let pids = cli.pids(name);
+        // SAFETY: SIGKILL to a process this test started through the CLI.
+        unsafe { libc::kill(pids[victim] as i32, libc::SIGKILL) };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let state = cli.state(name);
+        assert_eq!(state["state"], "crashed", "{state}");
+        assert!(
+            state["reason"].as_str().unwrap().contains("is gone"),
+            "{state}"
+        );
+        cli.ok(&["delete", name, "--yes"]);
+        assert!(pids.iter().all(|&p| !alive(p)), "{name}: processes left");
+        assert!(!cli.home.join("workspaces").join(name).exists());
+        assert!(!cli.runtime.join(name).exists());
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_a_code_and_nothing_half_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, registry, image) = setup(dir.path());
+    let kernel = test_guest().to_str().unwrap().to_owned();
+    cli.fails(&["start", "nope"], "workspace.not_found");
+    cli.fails(
+        &[
+            "create",
+            "../evil",
+            "--image",
+            &image,
+            "--kernel",
+            &kernel,
+            "--no-agent",
+        ],
+        "workspace.invalid_name",
+    );
+    cli.fails(
+        &[
+            "create",
+            "ws",
+            "--image",
+            &image,
+            "--kernel",
+            &kernel,
+            "--no-agent",
+            "--memory",
+            "12X",
+        ],
+        "input.bad_size",
+    );
+    cli.fails(
+        &[
+            "create",
+            "ws",
+            "--image",
+            &image,
+            "--kernel",
+            &kernel,
+            "--no-agent",
+            "--disk-size",
+            "lots",
+        ],
+        "input.bad_size",
+    );
+    let missing = format!("{}/test/missing:v1", registry.addr);
+    cli.fails(
+        &[
+            "create",
+            "ws",
+            "--image",
+            &missing,
+            "--kernel",
+            &kernel,
+            "--no-agent",
+        ],
+        "image.pull_failed",
+    );
+    cli.fails(
+        &[
+            "create",
+            "ws",
+            "--image",
+            "Bad//Ref",
+            "--kernel",
+            &kernel,
+            "--no-agent",
+        ],
+        "image.bad_reference",
+    );
+    let workspaces = cli.home.join("workspaces");
+    let leftovers: Vec<_> = std::fs::read_dir(&workspaces)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name())
+                .filter(|n| !n.to_string_lossy().ends_with(".lock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "half-created: {leftovers:?}");
+
+    create(&cli, "ws", &image);
+    cli.fails(
+        &[
+            "create",
+            "ws",
+            "--image",
+            &image,
+            "--kernel",
+            &kernel,
+            "--no-agent",
+        ],
+        "workspace.exists",
+    );
+    cli.fails(&["delete", "ws"], "input.confirmation_needed");
+    assert!(workspaces.join("ws").exists());
+    let out = cli.run(&["exec", "ws", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "exec on a stopped workspace");
+}
