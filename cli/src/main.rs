@@ -59,6 +59,9 @@ enum Cmd {
         /// Registry over plain HTTP.
         #[arg(long)]
         insecure: bool,
+        /// A secret for /run/secrets/NAME, read from FILE at every start (repeatable).
+        #[arg(long = "secret", value_name = "NAME=@FILE")]
+        secrets: Vec<String>,
     },
     /// Start a workspace and wait until it answers.
     Start {
@@ -81,6 +84,15 @@ enum Cmd {
         user: Option<String>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// An interactive shell in a running workspace (exec of /bin/sh with a TTY).
+    Shell {
+        name: String,
+    },
+    /// Shell completions.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Power a workspace off (through its agent, forced after a timeout).
     Halt {
@@ -197,6 +209,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
         cmdline,
         no_agent,
         insecure,
+        secrets,
     } = args
     else {
         unreachable!("create called for another command")
@@ -212,6 +225,31 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
     let disk_size = disk_size
         .map(|s| parse_size(&s, "--disk-size"))
         .transpose()?;
+    let secrets = secrets
+        .iter()
+        .map(|spec| {
+            let bad = || {
+                CliError::new(
+                    "input.bad_secret",
+                    format!("--secret {spec:?} is not NAME=@FILE"),
+                )
+            };
+            let (name, file) = spec.split_once("=@").ok_or_else(bad)?;
+            if name.is_empty() || name.contains('/') || file.is_empty() {
+                return Err(bad());
+            }
+            let file = fs::canonicalize(file).map_err(|e| {
+                CliError::new("input.bad_secret", format!("--secret {name}: {file}: {e}"))
+            })?;
+            Ok((name.to_owned(), file))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if no_agent && !secrets.is_empty() {
+        return Err(CliError::new(
+            "input.bad_secret",
+            "--secret needs the agent (drop --no-agent)",
+        ));
+    }
     if cpus == 0 || cpus > 32 {
         return Err(CliError::new(
             "input.bad_cpus",
@@ -285,6 +323,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             cmdline: format!("{base} {extra}").trim().to_owned(),
             agent: !no_agent,
             created: workspace::now_rfc3339(),
+            secrets,
         };
         fs::write(
             tmp.join("workspace.json"),
@@ -330,11 +369,72 @@ fn start(home: &Home, out: &Output, name: &str) -> Result<()> {
         }
     }
     let took = runtime::start(home, &config)?;
+    if !config.secrets.is_empty() {
+        let delivered = deliver_secrets(home, &config);
+        if let Err(e) = delivered {
+            runtime::halt(home, &config);
+            return Err(e);
+        }
+    }
     out.say(
         &format!("started {name} in {:.2}s", took.as_secs_f64()),
         serde_json::json!({"started": name, "seconds": took.as_secs_f64()}),
     );
     Ok(())
+}
+
+fn deliver_secrets(home: &Home, config: &Config) -> Result<()> {
+    let values = config
+        .secrets
+        .iter()
+        .map(|(name, file)| {
+            fs::read(file).map(|v| (name.clone(), v)).map_err(|e| {
+                CliError::new(
+                    "secret.unreadable",
+                    format!("secret {name}: {}: {e}", file.display()),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Connection::open(
+        &runtime::agent_socket(home, &config.name),
+        Duration::from_secs(10),
+    )
+    .and_then(|c| c.put_secrets(&values))
+    .map_err(|e| CliError::new("secret.delivery_failed", e.to_string()))
+}
+
+/// The host terminal in raw mode for a TTY exec; restored when dropped.
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    fn enable(wanted: bool) -> Self {
+        if !wanted || !std::io::stdin().is_terminal() {
+            return Self(None);
+        }
+        // SAFETY: an all-zero termios is valid for tcgetattr to fill.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: tcgetattr on stdin with a valid termios.
+        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+            return Self(None);
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw and tcsetattr on a termios we own and on stdin.
+        unsafe {
+            libc::cfmakeraw(&mut raw);
+            libc::tcsetattr(0, libc::TCSANOW, &raw);
+        }
+        Self(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            // SAFETY: restoring the settings read from stdin earlier.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, saved) };
+        }
+    }
 }
 
 fn terminal_size() -> TtySize {
@@ -397,7 +497,10 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
         Box::new(std::io::empty())
     };
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    match conn.exec(request, stdin, &mut stdout, &mut stderr) {
+    let raw = RawTerminal::enable(tty && interactive);
+    let result = conn.exec(request, stdin, &mut stdout, &mut stderr);
+    drop(raw);
+    match result {
         Ok(exit) => Ok(exit.code()),
         Err(e) => {
             let code = e.exit_code();
@@ -561,6 +664,26 @@ fn run(cli: Cli) -> Result<i32> {
         args @ Cmd::Create { .. } => create(&home, &out, args)?,
         Cmd::Start { name } => start(&home, &out, &name)?,
         args @ Cmd::Exec { .. } => return exec(&home, args),
+        Cmd::Shell { name } => {
+            let args = Cmd::Exec {
+                name,
+                interactive: true,
+                tty: true,
+                env: vec!["TERM=xterm-256color".into()],
+                workdir: None,
+                user: None,
+                command: vec!["/bin/sh".into()],
+            };
+            return exec(&home, args);
+        }
+        Cmd::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "microagent",
+                &mut std::io::stdout(),
+            );
+        }
         Cmd::Halt { name } => {
             let config = workspace::load(&home, &name)?;
             let _lock = lock(&home, &name)?;

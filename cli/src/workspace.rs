@@ -24,6 +24,9 @@ pub struct Config {
     pub agent: bool,
     /// RFC 3339, UTC.
     pub created: String,
+    /// Secrets delivered to /run/secrets at every start: name and host file.
+    #[serde(default)]
+    pub secrets: Vec<(String, PathBuf)>,
 }
 
 /// Names: 1-48 of a-z 0-9 -, starting with a letter or digit (no path tricks).

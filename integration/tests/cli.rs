@@ -273,3 +273,23 @@ fn bad_input_is_refused_with_a_code_and_nothing_half_created() {
     let out = cli.run(&["exec", "ws", "--", "true"]);
     assert_eq!(out.status.code(), Some(125), "exec on a stopped workspace");
 }
+
+#[test]
+fn shell_completions_name_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli {
+        home: dir.path().join("home"),
+        runtime: dir.path().join("run"),
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let script = cli.ok(&["completion", shell]);
+        for command in [
+            "create", "start", "exec", "halt", "delete", "doctor", "shell",
+        ] {
+            assert!(
+                script.contains(command),
+                "{shell} completion lacks {command}"
+            );
+        }
+    }
+}
