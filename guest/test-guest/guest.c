@@ -7,6 +7,8 @@
  *   scenario=banner   print the command line, then reset through the i8042
  *   scenario=blk      drive the first virtio-mmio block device by polling: write
  *                     blk_pattern= at sector blk_sector=, read it back, reset
+ *   scenario=vsock    connect to host port vsock_port= through the virtio-mmio vsock
+ *                     device, send vsock_msg=, print what comes back, reset
  *   scenario=counter  print "tick N" forever (for pause/resume)
  *   scenario=halt     print the banner, then cli; hlt forever
  */
@@ -51,6 +53,16 @@ static const char *param(const char *key) {
     }
     return 0;
 }
+/* Like param(), but searching from `from` on; returns just past the value's '='. */
+static const char *param_from(const char *from, const char *key) {
+    for (const char *p = from; *p; p++) {
+        const char *k = key, *q = p;
+        while (*k && *q == *k) { k++; q++; }
+        if (!*k && *q == '=' && (p == cmdline || p[-1] == ' ')) return q + 1;
+    }
+    return 0;
+}
+
 static int value_is(const char *v, const char *want) {
     if (!v) return 0;
     while (*want && *v == *want) { v++; want++; }
@@ -142,6 +154,113 @@ static void blk(void) {
     putc_('\n');
 }
 
+/* ---- virtio-mmio vsock, polled: rx (0), tx (1), event (2) ---- */
+struct vq {
+    struct desc desc[QSIZE];
+    struct { u16 flags; u16 idx; u16 ring[QSIZE]; u16 used_event; } avail;
+    struct { u16 flags; u16 idx; struct { u32 id; u32 len; } ring[QSIZE]; u16 avail_event; } used;
+    u16 last_used;
+} __attribute__((aligned(16)));
+static struct vq vqs[3];
+struct __attribute__((packed)) vsock_hdr {
+    u64 src_cid, dst_cid;
+    u32 src_port, dst_port, len;
+    u16 type, op;
+    u32 flags, buf_alloc, fwd_cnt;
+};
+static u8 rx_bufs[QSIZE][44 + 256];
+static struct { struct vsock_hdr h; u8 payload[128]; } tx_pkt;
+static u64 guest_cid;
+
+static void vq_setup(u32 index) {
+    struct vq *q = &vqs[index];
+    wr(0x30, index);
+    if (rd(0x34) < QSIZE) fail("vsock queue too small");
+    wr(0x38, QSIZE);
+    wr(0x80, (u32)(u64)q->desc); wr(0x84, 0);
+    wr(0x90, (u32)(u64)&q->avail); wr(0x94, 0);
+    wr(0xa0, (u32)(u64)&q->used); wr(0xa4, 0);
+    wr(0x44, 1);
+}
+
+static void vq_push(u32 index, u16 head) {
+    struct vq *q = &vqs[index];
+    q->avail.ring[q->avail.idx % QSIZE] = head;
+    __asm__ volatile("mfence" ::: "memory");
+    q->avail.idx++;
+    __asm__ volatile("mfence" ::: "memory");
+    wr(0x50, index);
+}
+
+/* Waits for the next used element of a queue; returns its descriptor id. */
+static u16 vq_wait(u32 index) {
+    struct vq *q = &vqs[index];
+    for (u32 spins = 0; *(volatile u16 *)&q->used.idx == q->last_used; spins++)
+        if (spins > 5000000) fail("vsock timeout");
+    u16 id = (u16)q->used.ring[q->last_used % QSIZE].id;
+    q->last_used++;
+    return id;
+}
+
+static void vsock_send(u16 op, u32 src_port, u32 dst_port, const char *payload) {
+    u32 len = 0;
+    while (payload && payload[len] && payload[len] != ' ' && len < sizeof tx_pkt.payload) {
+        tx_pkt.payload[len] = (u8)payload[len];
+        len++;
+    }
+    tx_pkt.h = (struct vsock_hdr){guest_cid, 2, src_port, dst_port, len, 1, op, 0, 4096, 0};
+    vqs[1].desc[0] = (struct desc){(u64)&tx_pkt, 44 + len, 0, 0};
+    vq_push(1, 0);
+    vq_wait(1);
+}
+
+/* The next packet from the host; its buffer is posted again. */
+static struct vsock_hdr *vsock_recv(void) {
+    u16 id = vq_wait(0);
+    static u8 copy[44 + 256];
+    for (int i = 0; i < 44 + 256; i++) copy[i] = rx_bufs[id][i];
+    vq_push(0, id);
+    return (struct vsock_hdr *)copy;
+}
+
+static void vsock(void) {
+    mmio = 0;
+    for (const char *p = cmdline; (p = param_from(p, "virtio_mmio.device")); ) {
+        const char *at = p;
+        while (*at && *at != '@') at++;
+        mmio = parse_num(at + 1);
+        if (rd(0) == 0x74726976 && rd(8) == 19) break;
+        mmio = 0;
+    }
+    if (!mmio) fail("no virtio-mmio vsock device");
+    wr(0x70, 0); wr(0x70, 1); wr(0x70, 1 | 2);
+    wr(0x24, 1); wr(0x20, 1);
+    wr(0x24, 0); wr(0x20, 0);
+    wr(0x70, 1 | 2 | 8);
+    if (!(rd(0x70) & 8)) fail("vsock features refused");
+    for (u32 i = 0; i < 3; i++) vq_setup(i);
+    wr(0x70, 1 | 2 | 8 | 4);
+    guest_cid = rd(0x100) | ((u64)rd(0x104) << 32);
+    puts_("VSOCK-CID="); put_dec(guest_cid); putc_('\n');
+    for (u16 i = 0; i < QSIZE; i++) {
+        vqs[0].desc[i] = (struct desc){(u64)rx_bufs[i], sizeof rx_bufs[i], 2, 0};
+        vq_push(0, i);
+    }
+    const char *port_arg = param("vsock_port");
+    u32 port = port_arg ? (u32)parse_num(port_arg) : 5000;
+    vsock_send(1, 1234, port, 0); /* REQUEST */
+    struct vsock_hdr *h = vsock_recv();
+    if (h->op != 2) fail("vsock connect refused");
+    puts_("VSOCK-CONNECTED\n");
+    vsock_send(5, 1234, port, param("vsock_msg")); /* RW */
+    do { h = vsock_recv(); } while (h->op == 6); /* skip credit updates */
+    if (h->op != 5) fail("vsock: no data back");
+    puts_("VSOCK-ECHO=");
+    for (u32 i = 0; i < h->len && i < 256; i++) putc_((char)((u8 *)h)[44 + i]);
+    putc_('\n');
+    vsock_send(3, 1234, port, 0); /* RST */
+}
+
 void guest_main(u8 *boot_params) {
     cmdline = (const char *)(u64) * (u32 *)(boot_params + 0x228);
     puts_("microagent test guest: cmdline=[");
@@ -150,6 +269,10 @@ void guest_main(u8 *boot_params) {
     const char *scenario = param("scenario");
     if (value_is(scenario, "blk")) {
         blk();
+        puts_("TEST-GUEST-DONE\n");
+        reset();
+    } else if (value_is(scenario, "vsock")) {
+        vsock();
         puts_("TEST-GUEST-DONE\n");
         reset();
     } else if (value_is(scenario, "counter")) {

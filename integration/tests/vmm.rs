@@ -233,3 +233,38 @@ fn linux_boots_fully_under_microagent_vmm() {
     assert!(console.contains("LINUX-USERSPACE-UP"), "{console}");
     assert!(output.status.success(), "{output:?}");
 }
+
+#[test]
+fn test_guest_reaches_a_host_listener_through_microagent_vhost_vsock() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vsock");
+    let socket = dir.path().join("vhost-vsock.sock");
+    let _daemon = Daemon::start(
+        "microagent-vhost-vsock",
+        &socket,
+        ["--guest-cid", "3", "--uds-path", uds.to_str().unwrap()],
+    )
+    .unwrap();
+    let listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let host = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        conn.write_all(&[b"echo:", &buf[..n]].concat()).unwrap();
+        buf[..n].to_vec()
+    });
+    let mut args = VmmArgs::test_guest("scenario=vsock vsock_port=5000 vsock_msg=ping-from-kvm");
+    args.extra = vec!["--vsock".into(), socket.into()];
+    let (output, console) = args.run(dir.path(), RUN).unwrap();
+    assert!(output.status.success(), "{output:?}\n{console}");
+    assert!(console.contains("VSOCK-CID=3"), "{console}");
+    assert!(
+        console.contains("VSOCK-ECHO=echo:ping-from-kvm"),
+        "{console}"
+    );
+    assert_eq!(host.join().unwrap(), b"ping-from-kvm");
+}
