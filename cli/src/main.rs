@@ -6,8 +6,8 @@ use microagent_cli::home::Home;
 use microagent_cli::initramfs::Initramfs;
 use microagent_cli::runtime::{self, State};
 use microagent_cli::workspace::{self, Config};
-use microagent_image::pull::{pull, root_disk, PullOptions};
-use microagent_image::reference::Reference;
+use microagent_image::pull::{root_disk, PullOptions};
+use microagent_image::source::{fetch, Source};
 use microagent_image::store::Store;
 use std::fs;
 use std::io::{IsTerminal, Read, Write};
@@ -274,14 +274,8 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             ),
         ));
     }
-    let reference: Reference = image
-        .parse()
-        .map_err(|e: microagent_image::reference::Error| {
-            CliError::new("image.bad_reference", e.to_string())
-        })?;
     let store = Store::new(home.images());
-    let pulled = pull(&store, &reference, &PullOptions { insecure })
-        .map_err(|e| CliError::new("image.pull_failed", e.to_string()))?;
+    let pulled = fetch_image(&store, &image, insecure)?;
     let disk = root_disk(&store, &pulled, disk_size)
         .map_err(|e| CliError::new("image.rootfs_failed", e.to_string()))?;
 
@@ -314,7 +308,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
         });
         let config = Config {
             name: name.clone(),
-            image: Some(reference.to_string()),
+            image: Some(pulled.reference.clone()),
             image_digest: Some(pulled.manifest_digest.clone()),
             cpus,
             memory_mib,
@@ -340,11 +334,19 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
     out.say(
         &format!(
             "created {name} from {} ({})",
-            reference, pulled.manifest_digest
+            pulled.reference, pulled.manifest_digest
         ),
         serde_json::json!({"created": name, "image": config.image, "digest": config.image_digest}),
     );
     Ok(())
+}
+
+/// Pulls or imports an `--image` value into the store.
+fn fetch_image(store: &Store, text: &str, insecure: bool) -> Result<microagent_image::pull::Image> {
+    let source =
+        Source::parse(text).map_err(|e| CliError::new("image.bad_reference", e.to_string()))?;
+    fetch(store, &source, &PullOptions { insecure })
+        .map_err(|e| CliError::new("image.pull_failed", e.to_string()))
 }
 
 fn start(home: &Home, out: &Output, name: &str) -> Result<()> {
@@ -742,18 +744,7 @@ fn run(cli: Cli) -> Result<i32> {
                     insecure,
                 },
         } => {
-            let reference: Reference =
-                reference
-                    .parse()
-                    .map_err(|e: microagent_image::reference::Error| {
-                        CliError::new("image.bad_reference", e.to_string())
-                    })?;
-            let image = pull(
-                &Store::new(home.images()),
-                &reference,
-                &PullOptions { insecure },
-            )
-            .map_err(|e| CliError::new("image.pull_failed", e.to_string()))?;
+            let image = fetch_image(&Store::new(home.images()), &reference, insecure)?;
             out.say(
                 &format!("pulled {} ({}, {} blobs downloaded)", image.reference, image.manifest_digest, image.downloaded),
                 serde_json::json!({"reference": image.reference, "digest": image.manifest_digest, "downloaded": image.downloaded}),

@@ -7,12 +7,12 @@
 //! - [`rootfs`]: an ext4 root disk made from a directory with `mke2fs -d`, sparse.
 //! - [`store`]: the content-addressed, digest-verified blob store.
 //! - [`pull`]: pulling from registries (oci-client) and building root disks.
-//!
-//! Archive sources (`oci:`, `oci-archive:`, `docker-archive:`) and the `microagent
-//! image` commands are still to come (issue 7).
+//! - [`source`]: `--image` values: registries, `oci:DIR[:TAG]`, `oci-archive:FILE`,
+//!   `docker-archive:FILE`.
 
 pub mod pull;
 pub mod reference;
 pub mod rootfs;
+pub mod source;
 pub mod store;
 pub mod unpack;

@@ -141,10 +141,8 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), Error> {
         }
         let header = entry.header().clone();
         let mode = header.mode().map_err(Error::Read)? & 0o7777;
-        let (uid, gid) = (
-            header.uid().map_err(Error::Read)?,
-            header.gid().map_err(Error::Read)?,
-        );
+        // Some writers leave the owner fields blank: root, as tar itself assumes.
+        let (uid, gid) = (header.uid().unwrap_or(0), header.gid().unwrap_or(0));
         match header.entry_type() {
             EntryType::Directory => {
                 match fs::symlink_metadata(&dest) {
