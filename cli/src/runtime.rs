@@ -432,7 +432,7 @@ pub fn kill_all(home: &Home, name: &str) {
             if let Some(pid) = pid.filter(|&p| p != 0 && alive(p, bin)) {
                 // SAFETY: signalling a process we started, checked to still be ours.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                let deadline = Instant::now() + Duration::from_secs(5);
+                let deadline = Instant::now() + Duration::from_secs(10);
                 while alive(pid, bin) && Instant::now() < deadline {
                     sleep(Duration::from_millis(10));
                 }
