@@ -7,7 +7,7 @@ use microagent_cli::initramfs::Initramfs;
 use microagent_cli::runtime::{self, State};
 use microagent_cli::workspace::{self, Config};
 use microagent_image::pull::{root_disk, PullOptions};
-use microagent_image::source::{fetch, Source};
+use microagent_image::source::{exec_defaults, fetch, Source};
 use microagent_image::store::Store;
 use std::fs;
 use std::io::{IsTerminal, Read, Write};
@@ -136,12 +136,16 @@ enum Cmd {
 
 #[derive(Debug, Subcommand)]
 enum ImageCmd {
-    /// Pull an image into the local store.
+    /// Pull (or import from oci:, oci-archive:, docker-archive:) into the local store.
     Pull {
         reference: String,
         #[arg(long)]
         insecure: bool,
     },
+    /// Images in the local store.
+    List,
+    /// Forget an image and delete what no other image uses.
+    Rm { reference: String },
 }
 
 fn parse_size(text: &str, flag: &str) -> Result<u64> {
@@ -318,6 +322,8 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             agent: !no_agent,
             created: workspace::now_rfc3339(),
             secrets,
+            defaults: exec_defaults(&store, &pulled)
+                .map_err(|e| CliError::new("image.bad_config", e.to_string()))?,
         };
         fs::write(
             tmp.join("workspace.json"),
@@ -467,7 +473,7 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
     else {
         unreachable!("exec called for another command")
     };
-    workspace::load(home, &name)?;
+    let config = workspace::load(home, &name)?;
     if runtime::state(home, &name) != State::Running {
         return Err(CliError::new(
             "workspace.not_running",
@@ -484,11 +490,14 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
                 })
         })
         .collect::<Result<Vec<_>>>()?;
+    // The image's Env, WorkingDir and User, overridden by the flags.
+    let mut all_env = config.defaults.env.clone();
+    all_env.extend(env);
     let request = ExecRequest {
         argv: command,
-        env,
-        cwd: workdir,
-        user,
+        env: all_env,
+        cwd: workdir.or(config.defaults.working_dir.clone()),
+        user: user.or(config.defaults.user.clone()),
         tty: tty.then(terminal_size),
     };
     let conn = Connection::open(&runtime::agent_socket(home, &name), Duration::from_secs(10))
@@ -748,6 +757,48 @@ fn run(cli: Cli) -> Result<i32> {
             out.say(
                 &format!("pulled {} ({}, {} blobs downloaded)", image.reference, image.manifest_digest, image.downloaded),
                 serde_json::json!({"reference": image.reference, "digest": image.manifest_digest, "downloaded": image.downloaded}),
+            );
+        }
+        Cmd::Image {
+            command: ImageCmd::List,
+        } => {
+            let store = Store::new(home.images());
+            let refs = store.refs();
+            if out.json {
+                let items: Vec<_> = refs
+                    .iter()
+                    .map(|(name, e)| serde_json::json!({"reference": name, "digest": e.manifest_digest, "size": store.size(e), "pulled_unix": e.pulled_unix}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(items));
+            } else {
+                println!("{:<60} {:<20} {:>10}", "REFERENCE", "DIGEST", "SIZE");
+                for (name, e) in &refs {
+                    let short = e.manifest_digest.get(7..19).unwrap_or("");
+                    println!("{name:<60} {short:<20} {:>9}K", store.size(e) >> 10);
+                }
+            }
+        }
+        Cmd::Image {
+            command: ImageCmd::Rm { reference },
+        } => {
+            let store = Store::new(home.images());
+            // Accept the name as typed (alpine:3.20) as well as stored (docker.io/...).
+            let name = match Source::parse(&reference) {
+                Ok(Source::Registry(r)) if !store.refs().contains_key(&reference) => r.to_string(),
+                _ => reference.clone(),
+            };
+            let removed = store
+                .remove(&name)
+                .map_err(|e| CliError::new("image.remove_failed", e.to_string()))?
+                .ok_or_else(|| {
+                    CliError::new(
+                        "image.not_found",
+                        format!("no image {reference} in the store (see `microagent image list`)"),
+                    )
+                })?;
+            out.say(
+                &format!("removed {name} ({removed} files freed)"),
+                serde_json::json!({"removed": name, "files": removed}),
             );
         }
     }

@@ -27,6 +27,9 @@ pub struct Config {
     /// Secrets delivered to /run/secrets at every start: name and host file.
     #[serde(default)]
     pub secrets: Vec<(String, PathBuf)>,
+    /// The image's Env, WorkingDir and User: defaults for every exec.
+    #[serde(default)]
+    pub defaults: microagent_image::source::ExecDefaults,
 }
 
 /// Names: 1-48 of a-z 0-9 -, starting with a letter or digit (no path tricks).

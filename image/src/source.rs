@@ -75,8 +75,63 @@ fn read_json(name: &str, path: &Path) -> Result<Value, Error> {
     serde_json::from_slice(&bytes).map_err(|e| local(name, format!("{}: {e}", path.display())))
 }
 
-/// Pulls or imports `source` into `store`.
+/// Pulls or imports `source` into `store` and records its name.
 pub fn fetch(store: &Store, source: &Source, options: &PullOptions) -> Result<Image, Error> {
+    let image = fetch_blobs(store, source, options)?;
+    let entry = store::Entry {
+        manifest_digest: image.manifest_digest.clone(),
+        config_digest: image.config_digest.clone(),
+        layers: image.layers.iter().map(|(d, _)| d.clone()).collect(),
+        pulled_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    store.tag(&image.reference, entry)?;
+    Ok(image)
+}
+
+/// The defaults an image's config gives the commands run in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExecDefaults {
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+}
+
+/// Reads Env, WorkingDir, User, Entrypoint and Cmd from the image's config blob.
+pub fn exec_defaults(store: &Store, image: &Image) -> Result<ExecDefaults, Error> {
+    let blob = store.read(&image.config_digest)?;
+    let config: Value = serde_json::from_slice(&blob)
+        .map_err(|e| local(&image.reference, format!("image config: {e}")))?;
+    let c = &config["config"];
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+    Ok(ExecDefaults {
+        env: strings(&c["Env"])
+            .into_iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            })
+            .collect(),
+        working_dir: text(&c["WorkingDir"]),
+        user: text(&c["User"]),
+        entrypoint: strings(&c["Entrypoint"]),
+        cmd: strings(&c["Cmd"]),
+    })
+}
+
+fn fetch_blobs(store: &Store, source: &Source, options: &PullOptions) -> Result<Image, Error> {
     match source {
         Source::Registry(reference) => Ok(pull::pull(store, reference, options)?),
         Source::OciLayout { dir, tag } => from_layout(store, dir, tag.as_deref(), &display(source)),

@@ -2,7 +2,9 @@
 //! store only after its sha256 matched the digest it was asked for; an interrupted or
 //! corrupt download leaves nothing behind.
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,16 @@ pub enum Error {
     Mismatch { expected: String, actual: String },
     #[error("image store {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+}
+
+/// What a name in the store points at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub manifest_digest: String,
+    pub config_digest: String,
+    pub layers: Vec<String>,
+    /// When it was last pulled or imported, in seconds since the Unix epoch.
+    pub pulled_unix: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +103,81 @@ impl Store {
             .and_then(|()| fs::rename(&tmp, &path))
             .map_err(self.io(&path))?;
         Ok(path)
+    }
+
+    fn refs_path(&self) -> PathBuf {
+        self.root.join("refs.json")
+    }
+
+    /// Every name with what it points at, sorted by name.
+    pub fn refs(&self) -> BTreeMap<String, Entry> {
+        fs::read(self.refs_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn write_refs(&self, refs: &BTreeMap<String, Entry>) -> Result<(), Error> {
+        fs::create_dir_all(&self.root).map_err(self.io(&self.root))?;
+        let path = self.refs_path();
+        let tmp = self.root.join(format!(".refs-{}.tmp", std::process::id()));
+        let json = serde_json::to_vec_pretty(refs).unwrap_or_default();
+        fs::write(&tmp, json)
+            .and_then(|()| fs::rename(&tmp, &path))
+            .map_err(self.io(&path))
+    }
+
+    /// Records that `name` now points at `entry`.
+    pub fn tag(&self, name: &str, entry: Entry) -> Result<(), Error> {
+        let mut refs = self.refs();
+        refs.insert(name.to_owned(), entry);
+        self.write_refs(&refs)
+    }
+
+    /// Bytes the blobs of `entry` take in the store.
+    pub fn size(&self, entry: &Entry) -> u64 {
+        std::iter::once(&entry.config_digest)
+            .chain(&entry.layers)
+            .filter_map(|d| self.blob_path(d).ok())
+            .filter_map(|p| fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Forgets `name` and deletes every blob, manifest and root disk no other name uses.
+    /// Returns how many files went.
+    pub fn remove(&self, name: &str) -> Result<Option<usize>, Error> {
+        let mut refs = self.refs();
+        let Some(gone) = refs.remove(name) else {
+            return Ok(None);
+        };
+        self.write_refs(&refs)?;
+        let kept: HashSet<&String> = refs
+            .values()
+            .flat_map(|e| {
+                std::iter::once(&e.config_digest)
+                    .chain(&e.layers)
+                    .chain(std::iter::once(&e.manifest_digest))
+            })
+            .collect();
+        let mut removed = 0;
+        for digest in std::iter::once(&gone.config_digest).chain(&gone.layers) {
+            if !kept.contains(digest) && fs::remove_file(self.blob_path(digest)?).is_ok() {
+                removed += 1;
+            }
+        }
+        if !kept.contains(&gone.manifest_digest) {
+            let hex = hex_of(&gone.manifest_digest)?;
+            for path in [
+                self.root.join("manifests").join(format!("{hex}.json")),
+                self.root.join("rootfs").join(format!("{hex}.ext4")),
+            ] {
+                if fs::remove_file(path).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(Some(removed))
     }
 
     pub fn read(&self, digest: &str) -> Result<Vec<u8>, Error> {

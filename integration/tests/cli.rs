@@ -318,3 +318,41 @@ fn shell_completions_name_every_command() {
         }
     }
 }
+
+#[test]
+fn image_pull_list_rm_and_the_image_config_becomes_exec_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    let pulled: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "image", "pull", &image])).unwrap();
+    assert_eq!(pulled["downloaded"], 3);
+    let again: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "image", "pull", &image])).unwrap();
+    assert_eq!(again["downloaded"], 0, "a second pull downloaded blobs");
+    let list: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "image", "list"])).unwrap();
+    assert_eq!(list[0]["reference"], image);
+    assert!(list[0]["size"].as_u64().unwrap() > 0);
+
+    create(&cli, "ws", &image);
+    let inspect: serde_json::Value = serde_json::from_str(&cli.ok(&["inspect", "ws"])).unwrap();
+    let defaults = &inspect["config"]["defaults"];
+    assert_eq!(
+        defaults["env"],
+        serde_json::json!([["PATH", "/bin"]]),
+        "{inspect}"
+    );
+    assert_eq!(defaults["cmd"], serde_json::json!(["/bin/sh"]));
+
+    let blobs = cli.home.join("images/blobs/sha256");
+    assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 3);
+    cli.ok(&["image", "rm", &image]);
+    assert_eq!(
+        std::fs::read_dir(&blobs).unwrap().count(),
+        0,
+        "blobs left after rm"
+    );
+    cli.fails(&["image", "rm", &image], "image.not_found");
+    // The workspace keeps its own copy of the root disk.
+    assert!(cli.home.join("workspaces/ws/rootfs.ext4").is_file());
+}
