@@ -6,10 +6,12 @@
 //!   refusing entries that would escape the root.
 //! - [`rootfs`]: an ext4 root disk made from a directory with `mke2fs -d`, sparse.
 //! - [`store`]: the content-addressed, digest-verified blob store.
-//! - [`pull`]: pulling from registries (oci-client) and building root disks.
+//! - [`pull`]: pulling from registries (oci-client) and building root disks, with
+//!   credentials from Docker's config ([`auth`]).
 //! - [`source`]: `--image` values: registries, `oci:DIR[:TAG]`, `oci-archive:FILE`,
 //!   `docker-archive:FILE`.
 
+pub mod auth;
 pub mod pull;
 pub mod reference;
 pub mod rootfs;

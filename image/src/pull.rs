@@ -7,7 +7,6 @@ use crate::store::{self, Store};
 use crate::unpack;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
-use oci_client::secrets::RegistryAuth;
 use oci_client::Client;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -102,7 +101,7 @@ async fn pull_async(
     options: &PullOptions,
 ) -> Result<Image, Error> {
     let client = client_for(reference, options);
-    let auth = RegistryAuth::Anonymous;
+    let auth = crate::auth::for_registry(&reference.registry);
     let registry_err = |e: oci_client::errors::OciDistributionError| Error::Registry {
         reference: reference.to_string(),
         registry: reference.registry.clone(),
