@@ -24,10 +24,11 @@ pub fn from_config(config: &Value, registry: &str) -> Option<(String, String)> {
         format!("https://{registry}"),
         format!("http://{registry}"),
     ];
-    let entry = keys
-        .iter()
-        .find_map(|k| auths.get(k))
-        .or_else(|| (registry == crate::reference::DOCKER_HUB).then(|| auths.get(DOCKER_HUB_KEY)).flatten())?;
+    let entry = keys.iter().find_map(|k| auths.get(k)).or_else(|| {
+        (registry == crate::reference::DOCKER_HUB)
+            .then(|| auths.get(DOCKER_HUB_KEY))
+            .flatten()
+    })?;
     let decoded = decode_base64(entry["auth"].as_str()?)?;
     let text = String::from_utf8(decoded).ok()?;
     let (user, password) = text.split_once(':')?;
@@ -90,7 +91,10 @@ mod tests {
             from_config(&config, "registry.example.com"),
             Some(("alice".into(), "s3cret".into()))
         );
-        assert_eq!(from_config(&config, "docker.io"), Some(("bob".into(), "pw".into())));
+        assert_eq!(
+            from_config(&config, "docker.io"),
+            Some(("bob".into(), "pw".into()))
+        );
         assert_eq!(from_config(&config, "other.example.com"), None);
         assert_eq!(decode_base64("aGk="), Some(b"hi".to_vec()));
         assert_eq!(decode_base64("a"), None);

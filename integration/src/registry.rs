@@ -76,26 +76,46 @@ fn put_blob(layout: &Path, data: &[u8]) -> (String, usize) {
 
 /// An OCI image layout (tag v1) with the whiteout test layers, the second gzip-compressed.
 pub fn write_layout(layout: &Path) {
+    let (one, two) = whiteout_layers();
+    write_image_layout(layout, &[(one, false), (two, true)]);
+}
+
+/// An OCI image layout (tag v1) of `layers` (uncompressed tars, bottom first), each
+/// stored gzip-compressed when its flag says so; config with Env PATH=/bin, Cmd /bin/sh.
+pub fn write_image_layout(layout: &Path, layers: &[(Vec<u8>, bool)]) {
     fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     fs::write(
         layout.join("oci-layout"),
         r#"{"imageLayoutVersion":"1.0.0"}"#,
     )
     .unwrap();
-    let (one, two) = whiteout_layers();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&two).unwrap();
-    let two_gz = gz.finish().unwrap();
-    let (l1, s1) = put_blob(layout, &one);
-    let (l2, s2) = put_blob(layout, &two_gz);
+    let mut descriptors = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (tar, gzip) in layers {
+        diff_ids.push(format!("\"{}\"", digest(tar)));
+        let (blob, media) = if *gzip {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(tar).unwrap();
+            (
+                gz.finish().unwrap(),
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
+        } else {
+            (tar.clone(), "application/vnd.oci.image.layer.v1.tar")
+        };
+        let (d, size) = put_blob(layout, &blob);
+        descriptors.push(format!(
+            r#"{{"mediaType":"{media}","digest":"{d}","size":{size}}}"#
+        ));
+    }
     let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["{}","{}"]}}}}"#,
-        digest(&one),
-        digest(&two)
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
+        diff_ids.join(",")
     );
     let (c, cs) = put_blob(layout, config.as_bytes());
     let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l1}","size":{s1}}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{l2}","size":{s2}}}]}}"#
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{cs}}},"layers":[{}]}}"#,
+        descriptors.join(",")
     );
     let (m, ms) = put_blob(layout, manifest.as_bytes());
     fs::write(
