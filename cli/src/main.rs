@@ -351,7 +351,12 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
 fn fetch_image(store: &Store, text: &str, insecure: bool) -> Result<microagent_image::pull::Image> {
     let source =
         Source::parse(text).map_err(|e| CliError::new("image.bad_reference", e.to_string()))?;
-    fetch(store, &source, &PullOptions { insecure })
+    // Progress on a terminal only: scripts see stdout alone.
+    let progress = std::io::stderr().is_terminal();
+    if progress {
+        eprintln!("pulling {text}");
+    }
+    fetch(store, &source, &PullOptions { insecure, progress })
         .map_err(|e| CliError::new("image.pull_failed", e.to_string()))
 }
 

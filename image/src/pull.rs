@@ -56,6 +56,8 @@ pub struct Image {
 pub struct PullOptions {
     /// Plain HTTP for this registry (always allowed for localhost and 127.0.0.1).
     pub insecure: bool,
+    /// Report each blob on stderr as it arrives (for terminals).
+    pub progress: bool,
 }
 
 fn client_for(reference: &Reference, options: &PullOptions) -> Client {
@@ -135,17 +137,47 @@ async fn pull_async(
             reference: reference.to_string(),
         });
     };
+    // Every missing blob is fetched at once; each is verified as it lands in the store.
+    let missing: Vec<OciDescriptor> = std::iter::once(&image.config)
+        .chain(image.layers.iter())
+        .filter(|d| !store.has(&d.digest))
+        .cloned()
+        .collect();
+    let total = missing.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for descriptor in missing {
+        let (client, oci_ref) = (client.clone(), oci_ref.clone());
+        tasks.spawn(async move {
+            let mut data = Vec::with_capacity(descriptor.size.max(0) as usize);
+            let result = fetch(&client, &oci_ref, &descriptor, &mut data).await;
+            (descriptor, result.map(|()| data))
+        });
+    }
     let mut downloaded = 0;
-    for descriptor in std::iter::once(&image.config).chain(image.layers.iter()) {
-        if store.has(&descriptor.digest) {
-            continue;
-        }
-        let mut data = Vec::with_capacity(descriptor.size.max(0) as usize);
-        fetch(&client, &oci_ref, descriptor, &mut data)
-            .await
-            .map_err(registry_err)?;
+    while let Some(joined) = tasks.join_next().await {
+        let Ok((descriptor, result)) = joined else {
+            continue; // a panicked task: its blob is missing and the check below fails
+        };
+        let data = result.map_err(registry_err)?;
         store.put(&descriptor.digest, &data)?;
         downloaded += 1;
+        if options.progress {
+            eprintln!(
+                "  {downloaded}/{total} {} {:.1} MiB",
+                &descriptor.digest[..19.min(descriptor.digest.len())],
+                data.len() as f64 / f64::from(1u32 << 20)
+            );
+        }
+    }
+    if let Some(absent) = std::iter::once(&image.config)
+        .chain(image.layers.iter())
+        .find(|d| !store.has(&d.digest))
+    {
+        return Err(Error::Registry {
+            reference: reference.to_string(),
+            registry: reference.registry.clone(),
+            message: format!("blob {} was not fetched", absent.digest),
+        });
     }
     let manifest_json = serde_json::to_vec(&image).unwrap_or_default();
     store.put_manifest(&digest, &manifest_json)?;
