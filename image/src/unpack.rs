@@ -194,17 +194,23 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), Error> {
     Ok(())
 }
 
-/// Applies a layer that may be gzip-compressed (detected by its magic bytes).
+/// Applies a layer that may be gzip- or zstd-compressed (detected by its magic bytes).
 pub fn apply_layer_auto(root: &Path, mut layer: impl Read) -> Result<(), Error> {
-    let mut magic = Vec::with_capacity(2);
+    let mut magic = Vec::with_capacity(4);
     (&mut layer)
-        .take(2)
+        .take(4)
         .read_to_end(&mut magic)
         .map_err(Error::Read)?;
-    let gzip = magic == [0x1f, 0x8b];
+    let gzip = magic.starts_with(&[0x1f, 0x8b]);
+    let zstd = magic == [0x28, 0xb5, 0x2f, 0xfd];
     let head = io::Cursor::new(magic).chain(layer);
     if gzip {
         apply_layer(root, flate2::read::GzDecoder::new(head))
+    } else if zstd {
+        apply_layer(
+            root,
+            zstd::stream::read::Decoder::new(head).map_err(Error::Read)?,
+        )
     } else {
         apply_layer(root, head)
     }

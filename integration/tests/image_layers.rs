@@ -23,6 +23,18 @@ fn whiteouts_delete_and_replace_and_the_ext4_disk_has_the_result() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&two).unwrap();
     apply_layer_auto(&root, &gz.finish().unwrap()[..]).unwrap();
+    // A third layer, zstd-compressed, as newer registries serve them.
+    let mut three = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_path("etc/zstd.conf").unwrap();
+    h.set_size(5);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_cksum();
+    three.append(&h, &b"zstd\n"[..]).unwrap();
+    let three = zstd::encode_all(&three.into_inner().unwrap()[..], 3).unwrap();
+    apply_layer_auto(&root, &three[..]).unwrap();
+    assert_eq!(fs::read(root.join("etc/zstd.conf")).unwrap(), b"zstd\n");
 
     assert!(!root.join("etc/old.conf").exists());
     assert_eq!(fs::read(root.join("etc/keep.conf")).unwrap(), b"keep\n");
