@@ -356,3 +356,37 @@ fn image_pull_list_rm_and_the_image_config_becomes_exec_defaults() {
     // The workspace keeps its own copy of the root disk.
     assert!(cli.home.join("workspaces/ws/rootfs.ext4").is_file());
 }
+
+#[test]
+fn a_start_that_fails_names_the_step_and_leaves_nothing_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    // Not a kernel: the VMM refuses it during start-up.
+    let not_a_kernel = dir.path().join("not-a-kernel");
+    std::fs::write(&not_a_kernel, vec![0x5a; 8192]).unwrap();
+    cli.ok(&[
+        "create",
+        "broken",
+        "--image",
+        &image,
+        "--no-agent",
+        "--memory",
+        "64M",
+        "--kernel",
+        not_a_kernel.to_str().unwrap(),
+    ]);
+    let out = cli.run(&["--json", "start", "broken"]);
+    assert_eq!(out.status.code(), Some(125));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["error"]["code"], "workspace.start_failed", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("microagent-vmm") && message.contains("bzImage"),
+        "{message}"
+    );
+    assert!(
+        !cli.runtime.join("broken").exists(),
+        "runtime directory left behind"
+    );
+    assert_ne!(cli.state("broken")["state"], "running");
+}
