@@ -137,7 +137,16 @@ pub fn setup() -> Result<Root, String> {
     .map_err(|e| e.to_string())?;
     bind("/dev/pts", &format!("{ROOT_MOUNT}/dev/pts")).map_err(|e| e.to_string())?;
     console(&format!("root disk {device} mounted"));
-    Ok(Root(ROOT_MOUNT.into()))
+    let root = Root(ROOT_MOUNT.into());
+    match crate::net::from_cmdline(&cmdline) {
+        Some(Ok(config)) => match crate::net::configure(&root, &config) {
+            Ok(iface) => console(&format!("{iface}: {}/{}", config.addr, config.prefix)),
+            Err(e) => console(&format!("network not configured: {e}")),
+        },
+        Some(Err(e)) => console(&format!("network not configured: {e}")),
+        None => {}
+    }
+    Ok(root)
 }
 
 /// Ends the VM: a reset, which microagent-vmm (i8042, `reboot=k`) and QEMU with

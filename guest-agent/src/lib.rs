@@ -4,7 +4,7 @@
 //! Commands run chrooted into the root disk while the agent stays PID 1 and reaps
 //! every orphan.
 //!
-//! - [`init`]: mounts, root disk, hostname, power-off.
+//! - [`init`]: mounts, root disk, hostname, power-off; [`net`]: static networking.
 //! - [`vsock`]: the AF_VSOCK listener.
 //! - [`reaper`]: the one `waitpid(-1)` loop, handing statuses to their execs.
 //! - [`session`]: one host connection: handshake and request dispatch.
@@ -15,6 +15,7 @@ pub mod exec;
 pub mod files;
 pub mod identity;
 pub mod init;
+pub mod net;
 pub mod reaper;
 pub mod secrets;
 pub mod session;

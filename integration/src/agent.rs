@@ -62,6 +62,8 @@ const APPLETS: &[&str] = &[
     "tr",
     "rm",
     "stat",
+    "ip",
+    "wget",
 ];
 
 /// An ext4 image with busybox, a root and an `app` (uid 1000) user, made with

@@ -58,6 +58,9 @@ pub struct QemuConfig {
     pub vsock: Option<PathBuf>,
     /// vhost-user net socket.
     pub net: Option<PathBuf>,
+    /// QEMU's own user-mode network on a virtio-net device (guest 10.0.2.15, gateway
+    /// 10.0.2.2 reaching the host's loopback, DNS 10.0.2.3).
+    pub user_net: bool,
     /// Where the console log goes.
     pub console: PathBuf,
     /// A human monitor socket (for `pmemsave`), if wanted.
@@ -74,6 +77,7 @@ impl QemuConfig {
             blk: Vec::new(),
             vsock: None,
             net: None,
+            user_net: false,
             console,
             monitor: None,
         }
@@ -117,6 +121,14 @@ impl QemuConfig {
             cmd.arg("-netdev")
                 .arg(format!("vhost-user,id=n0,chardev={id}"))
                 .args(["-device", "virtio-net-device,netdev=n0"]);
+        }
+        if self.user_net {
+            cmd.args([
+                "-netdev",
+                "user,id=u0",
+                "-device",
+                "virtio-net-device,netdev=u0",
+            ]);
         }
         cmd.arg("-kernel")
             .arg(&self.kernel)

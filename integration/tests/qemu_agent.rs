@@ -306,3 +306,45 @@ fn tty_mode_gives_a_sized_terminal_and_host_signals_reach_the_command() {
         .unwrap();
     assert_eq!(exit, Exit::Signal(9));
 }
+
+#[test]
+fn the_agent_configures_static_networking_from_the_kernel_command_line() {
+    use std::io::Write as _;
+    // A host service on loopback, which QEMU's user network shows the guest as 10.0.2.2.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = server.accept() {
+            let mut request = [0u8; 1024];
+            let _ = conn.read(&mut request);
+            let _ = conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 14\r\n\r\nhello-over-net");
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let disk = busybox_root_disk(dir.path(), 64).unwrap();
+    let mut ws = AgentVm::boot_with(dir.path(), Some(&disk), "net", |c| {
+        c.user_net = true;
+        c.cmdline
+            .push_str(" microagent.ip=10.0.2.15/24 microagent.gw=10.0.2.2 microagent.dns=10.0.2.3");
+    });
+    let (_, addr, _) = ws.run(&["ip", "-4", "addr", "show", "eth0"]);
+    assert!(
+        String::from_utf8_lossy(&addr).contains("inet 10.0.2.15/24"),
+        "{}",
+        String::from_utf8_lossy(&addr)
+    );
+    let (_, route, _) = ws.run(&["ip", "route"]);
+    assert!(
+        String::from_utf8_lossy(&route).contains("default via 10.0.2.2"),
+        "{}",
+        String::from_utf8_lossy(&route)
+    );
+    assert_eq!(
+        ws.run(&["cat", "/etc/resolv.conf"]).1,
+        b"nameserver 10.0.2.3\n"
+    );
+    let url = format!("http://10.0.2.2:{port}/");
+    let (exit, body, err) = ws.run(&["wget", "-q", "-O", "-", &url]);
+    assert_eq!(exit, Exit::Code(0), "{}", String::from_utf8_lossy(&err));
+    assert_eq!(body, b"hello-over-net");
+}
