@@ -12,7 +12,10 @@
 //! ```
 //!
 //! Truncated, corrupt, foreign or too-new state is refused with a typed error, so that a
-//! daemon can fail CHECK_DEVICE_STATE instead of adopting garbage.
+//! daemon can fail CHECK_DEVICE_STATE instead of adopting garbage. [`transfer`] moves the
+//! bytes through the descriptor the frontend hands over.
+
+pub mod transfer;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;

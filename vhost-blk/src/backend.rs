@@ -6,10 +6,10 @@ use crate::disk::{self, Disk, SECTOR_SIZE};
 use crate::request::{self, Device, Request, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use crate::state::BlkState;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
-use std::thread::{self, JoinHandle};
+use std::sync::RwLock;
+use std::thread;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -37,8 +37,6 @@ const SEG_MAX: u32 = 254;
 const PARALLEL_BATCH_BYTES: u64 = 512 << 10;
 
 type Parsed = Result<Request, (request::Error, Option<GuestAddress>)>;
-/// Largest device state a LOAD accepts.
-const MAX_STATE: u64 = 1 << 20;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -46,14 +44,10 @@ type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 pub enum Error {
     #[error(transparent)]
     Disk(#[from] disk::Error),
-    #[error("state transfer: {0}")]
-    Transfer(io::Error),
-    #[error("no state transfer was started")]
-    NoTransfer,
+    #[error(transparent)]
+    Transfer(#[from] microagent_device_state::transfer::Error),
     #[error("only the STOPPED phase can transfer state")]
     Phase,
-    #[error("state transfer thread panicked")]
-    TransferPanicked,
     #[error(transparent)]
     State(#[from] microagent_device_state::Error),
     #[error("saved state does not fit this disk: {0}")]
@@ -66,11 +60,6 @@ impl From<Error> for io::Error {
     }
 }
 
-enum Transfer {
-    Saving(JoinHandle<io::Result<()>>),
-    Loading(JoinHandle<io::Result<Vec<u8>>>),
-}
-
 pub struct BlkBackend {
     disk: Disk,
     config: BlkConfig,
@@ -79,7 +68,7 @@ pub struct BlkBackend {
     acked_features: AtomicU64,
     /// A queue whose avail ring is corrupt stops being served until the device is reset.
     broken: Vec<AtomicBool>,
-    transfer: Mutex<Option<Transfer>>,
+    transfer: microagent_device_state::transfer::Slot,
     /// Threads a large batch is spread over.
     io_threads: usize,
 }
@@ -94,7 +83,7 @@ impl BlkBackend {
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
-            transfer: Mutex::new(None),
+            transfer: Default::default(),
             io_threads: thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         })
     }
@@ -263,43 +252,10 @@ impl BlkBackend {
         })
     }
 
-    fn start_save(&self, mut file: File) -> Result<Transfer, Error> {
-        let bytes = self.state().encode()?;
-        let handle = thread::spawn(move || file.write_all(&bytes));
-        Ok(Transfer::Saving(handle))
-    }
-
-    fn start_load(file: File) -> Transfer {
-        Transfer::Loading(thread::spawn(move || {
-            let mut bytes = Vec::new();
-            // One byte over the limit tells an oversized state from one at the limit.
-            file.take(MAX_STATE + 1).read_to_end(&mut bytes)?;
-            Ok(bytes)
-        }))
-    }
-
     fn finish_transfer(&self) -> Result<(), Error> {
-        let transfer = self
-            .transfer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or(Error::NoTransfer)?;
-        match transfer {
-            Transfer::Saving(handle) => handle
-                .join()
-                .map_err(|_| Error::TransferPanicked)?
-                .map_err(Error::Transfer),
-            Transfer::Loading(handle) => {
-                let bytes = handle
-                    .join()
-                    .map_err(|_| Error::TransferPanicked)?
-                    .map_err(Error::Transfer)?;
-                if bytes.len() as u64 > MAX_STATE {
-                    return Err(microagent_device_state::Error::TooLarge(bytes.len()).into());
-                }
-                self.adopt(&BlkState::decode(&bytes)?)
-            }
+        match self.transfer.finish()? {
+            None => Ok(()),
+            Some(bytes) => self.adopt(&BlkState::decode(&bytes)?),
         }
     }
 }
@@ -409,11 +365,13 @@ impl VhostUserBackend for BlkBackend {
         if phase != VhostTransferStatePhase::STOPPED {
             return Err(Error::Phase.into());
         }
-        let transfer = match direction {
-            VhostTransferStateDirection::SAVE => self.start_save(file)?,
-            VhostTransferStateDirection::LOAD => Self::start_load(file),
-        };
-        *self.transfer.lock().unwrap_or_else(|e| e.into_inner()) = Some(transfer);
+        match direction {
+            VhostTransferStateDirection::SAVE => {
+                let state = self.state().encode().map_err(Error::State)?;
+                self.transfer.start_save(file, state);
+            }
+            VhostTransferStateDirection::LOAD => self.transfer.start_load(file),
+        }
         Ok(None)
     }
 

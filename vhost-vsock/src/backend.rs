@@ -10,7 +10,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
@@ -34,7 +33,6 @@ const NUM_QUEUES: usize = 3;
 pub const QUEUE_SIZE: usize = 1024;
 /// epoll id of the timer that retries a pending transport reset.
 const RESET_TIMER_ID: u16 = 9;
-const MAX_STATE: u64 = 1 << 16;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -46,14 +44,10 @@ pub enum Error {
     NotStarted,
     #[error("timer: {0}")]
     Timer(io::Error),
-    #[error("state transfer: {0}")]
-    Transfer(io::Error),
-    #[error("no state transfer was started")]
-    NoTransfer,
+    #[error(transparent)]
+    Transfer(#[from] microagent_device_state::transfer::Error),
     #[error("only the STOPPED phase can transfer state")]
     Phase,
-    #[error("state transfer thread panicked")]
-    TransferPanicked,
     #[error(transparent)]
     State(#[from] microagent_device_state::Error),
     #[error("saved state is for guest CID {saved}, this daemon serves {ours}")]
@@ -66,11 +60,6 @@ impl From<Error> for io::Error {
     }
 }
 
-enum Transfer {
-    Saving(JoinHandle<io::Result<()>>),
-    Loading(JoinHandle<io::Result<Vec<u8>>>),
-}
-
 pub struct VsockBackend {
     config: VsockConfig,
     mem: RwLock<Mem>,
@@ -79,7 +68,7 @@ pub struct VsockBackend {
     reset_timer: OnceLock<Mutex<TimerFd>>,
     /// A transport reset waits to be delivered on the event queue (after a LOAD).
     reset_pending: Mutex<bool>,
-    transfer: Mutex<Option<Transfer>>,
+    transfer: microagent_device_state::transfer::Slot,
 }
 
 impl VsockBackend {
@@ -91,7 +80,7 @@ impl VsockBackend {
             muxer: OnceLock::new(),
             reset_timer: OnceLock::new(),
             reset_pending: Mutex::new(false),
-            transfer: Mutex::new(None),
+            transfer: Default::default(),
         }
     }
 
@@ -281,27 +270,9 @@ impl VsockBackend {
     }
 
     fn finish_transfer(&self) -> Result<(), Error> {
-        let transfer = self
-            .transfer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or(Error::NoTransfer)?;
-        match transfer {
-            Transfer::Saving(handle) => handle
-                .join()
-                .map_err(|_| Error::TransferPanicked)?
-                .map_err(Error::Transfer),
-            Transfer::Loading(handle) => {
-                let bytes = handle
-                    .join()
-                    .map_err(|_| Error::TransferPanicked)?
-                    .map_err(Error::Transfer)?;
-                if bytes.len() as u64 > MAX_STATE {
-                    return Err(microagent_device_state::Error::TooLarge(bytes.len()).into());
-                }
-                self.adopt(&VsockState::decode(&bytes)?)
-            }
+        match self.transfer.finish()? {
+            None => Ok(()),
+            Some(bytes) => self.adopt(&VsockState::decode(&bytes)?),
         }
     }
 }
@@ -430,19 +401,13 @@ impl VhostUserBackend for VsockBackend {
         if phase != VhostTransferStatePhase::STOPPED {
             return Err(Error::Phase.into());
         }
-        let transfer = match direction {
+        match direction {
             VhostTransferStateDirection::SAVE => {
-                let bytes = self.state().encode().map_err(Error::State)?;
-                let mut file = file;
-                Transfer::Saving(thread::spawn(move || file.write_all(&bytes)))
+                let state = self.state().encode().map_err(Error::State)?;
+                self.transfer.start_save(file, state);
             }
-            VhostTransferStateDirection::LOAD => Transfer::Loading(thread::spawn(move || {
-                let mut bytes = Vec::new();
-                file.take(MAX_STATE + 1).read_to_end(&mut bytes)?;
-                Ok(bytes)
-            })),
-        };
-        *self.transfer.lock().unwrap_or_else(|e| e.into_inner()) = Some(transfer);
+            VhostTransferStateDirection::LOAD => self.transfer.start_load(file),
+        }
         Ok(None)
     }
 
