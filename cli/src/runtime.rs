@@ -163,8 +163,8 @@ fn last_vmm_error(home: &Home, name: &str) -> Option<String> {
         .find_map(|v| v["error"]["message"].as_str().map(str::to_owned))
 }
 
-/// A binary installed next to this one (`target/<profile>/` in a checkout).
-pub fn sibling(binary: &str) -> Result<PathBuf> {
+/// The directory of this binary (`target/<profile>/` in a checkout, also for tests).
+fn exe_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe()
         .map_err(|e| CliError::new("host.install_broken", format!("where am I: {e}")))?;
     let dir = exe.parent().unwrap_or(Path::new("/"));
@@ -173,6 +173,12 @@ pub fn sibling(binary: &str) -> Result<PathBuf> {
     } else {
         dir
     };
+    Ok(dir.to_path_buf())
+}
+
+/// A binary installed next to this one.
+pub fn sibling(binary: &str) -> Result<PathBuf> {
+    let dir = exe_dir()?;
     let path = dir.join(binary);
     if path.is_file() {
         Ok(path)
@@ -193,14 +199,7 @@ pub fn static_agent() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("MICROAGENT_AGENT").filter(|p| !p.is_empty()) {
         return Ok(path.into());
     }
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::new("host.install_broken", format!("where am I: {e}")))?;
-    let dir = exe.parent().unwrap_or(Path::new("/"));
-    let dir = if dir.ends_with("deps") {
-        dir.parent().unwrap_or(dir)
-    } else {
-        dir
-    };
+    let dir = exe_dir()?;
     let checkout = dir
         .parent()
         .map(|target| target.join("x86_64-unknown-linux-gnu/release/microagent-agent"));

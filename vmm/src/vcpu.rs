@@ -202,56 +202,49 @@ impl Vcpus {
     }
 }
 
+/// While a pause is requested, counts this vCPU as paused and waits.
+fn wait_while_paused<'a>(
+    control: &'a Control,
+    mut state: MutexGuard<'a, RunState>,
+) -> MutexGuard<'a, RunState> {
+    if state.pause && !state.stop {
+        state.paused += 1;
+        control.changed.notify_all();
+        while state.pause && !state.stop {
+            state = control
+                .changed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        state.paused -= 1;
+        control.changed.notify_all();
+    }
+    state
+}
+
 fn run(id: u8, mut vcpu: VcpuFd, bus: &Bus, control: &Control) {
-    loop {
-        {
-            let mut state = control.state();
-            if state.pause && !state.stop {
-                state.paused += 1;
-                control.changed.notify_all();
-                while state.pause && !state.stop {
-                    state = control
-                        .changed
-                        .wait(state)
-                        .unwrap_or_else(|e| e.into_inner());
-                }
-                state.paused -= 1;
-                control.changed.notify_all();
-            }
-            if state.stop {
-                state.running -= 1;
-                control.changed.notify_all();
-                return;
-            }
+    let ended = loop {
+        if wait_while_paused(control, control.state()).stop {
+            break false;
         }
         if let Some(outcome) = run_once(id, &mut vcpu, bus, control) {
             control.finish(outcome);
-            // Park until the main loop stops the VM.
-            let mut state = control.state();
-            while !state.stop {
-                if state.pause {
-                    // Count as paused so that a pause request does not wait for us.
-                    state.paused += 1;
-                    control.changed.notify_all();
-                    while state.pause && !state.stop {
-                        state = control
-                            .changed
-                            .wait(state)
-                            .unwrap_or_else(|e| e.into_inner());
-                    }
-                    state.paused -= 1;
-                    continue;
-                }
-                state = control
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(|e| e.into_inner());
-            }
-            state.running -= 1;
-            control.changed.notify_all();
-            return;
+            break true;
+        }
+    };
+    let mut state = control.state();
+    // A vCPU that ended the VM parks (pausable) until the main loop stops the VM.
+    while ended && !state.stop {
+        state = wait_while_paused(control, state);
+        if !state.stop && !state.pause {
+            state = control
+                .changed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
+    state.running -= 1;
+    control.changed.notify_all();
 }
 
 /// One KVM_RUN; Some(outcome) when the VM must end.
