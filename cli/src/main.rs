@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 use microagent_agent_protocol::client::Connection;
-use microagent_agent_protocol::message::{ExecRequest, TtySize};
+use microagent_agent_protocol::message::{ExecRequest, HostMessage, TtySize};
 use microagent_cli::error::{CliError, Result, EXIT_ERROR};
 use microagent_cli::home::Home;
 use microagent_cli::initramfs::Initramfs;
@@ -514,7 +514,22 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
     };
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     let raw = RawTerminal::enable(tty && interactive);
-    let result = conn.exec(request, stdin, &mut stdout, &mut stderr);
+    let (controls, received) = std::sync::mpsc::channel();
+    if tty {
+        // Follow the host terminal's size; the thread ends with the channel.
+        let mut size = terminal_size();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let now = terminal_size();
+            if now != size {
+                size = now;
+                if controls.send(HostMessage::Resize(now)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let result = conn.exec_with_controls(request, stdin, &mut stdout, &mut stderr, received);
     drop(raw);
     match result {
         Ok(exit) => Ok(exit.code()),
