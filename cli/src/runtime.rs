@@ -286,18 +286,15 @@ pub fn start(home: &Home, config: &Config) -> Result<Duration> {
             .arg("--disk")
             .arg(workspace::rootfs(home, name))
             .args(["--serial", name]);
-        let blk_pid = spawn_detached(blk, &ws.join("blk.log"))?;
-        write_pids(
-            home,
-            name,
-            &Pids {
-                vmm: 0,
-                blk: blk_pid,
-                vsock: None,
-            },
-        )?;
-        wait_for(&rt.join("blk.sock"), blk_pid, "microagent-vhost-blk")?;
-        let vsock_pid = if config.agent {
+        // Recorded as each process starts, so that a failure stops exactly those.
+        let mut pids = Pids {
+            vmm: 0,
+            blk: spawn_detached(blk, &ws.join("blk.log"))?,
+            vsock: None,
+        };
+        write_pids(home, name, &pids)?;
+        wait_for(&rt.join("blk.sock"), pids.blk, "microagent-vhost-blk")?;
+        if config.agent {
             let mut vsock = Command::new(sibling("microagent-vhost-vsock")?);
             vsock
                 .arg("--socket-path")
@@ -305,20 +302,10 @@ pub fn start(home: &Home, config: &Config) -> Result<Duration> {
                 .args(["--guest-cid", GUEST_CID, "--uds-path"])
                 .arg(agent_socket(home, name));
             let pid = spawn_detached(vsock, &ws.join("vsock.log"))?;
-            write_pids(
-                home,
-                name,
-                &Pids {
-                    vmm: 0,
-                    blk: blk_pid,
-                    vsock: Some(pid),
-                },
-            )?;
+            pids.vsock = Some(pid);
+            write_pids(home, name, &pids)?;
             wait_for(&rt.join("vsock.sock"), pid, "microagent-vhost-vsock")?;
-            Some(pid)
-        } else {
-            None
-        };
+        }
         let mut vmm = Command::new(sibling("microagent-vmm")?);
         vmm.arg("--kernel")
             .arg(&config.kernel)
@@ -341,15 +328,8 @@ pub fn start(home: &Home, config: &Config) -> Result<Duration> {
             vmm.arg("--vsock").arg(rt.join("vsock.sock"));
         }
         let vmm_pid = spawn_detached(vmm, &ws.join("vmm.log"))?;
-        write_pids(
-            home,
-            name,
-            &Pids {
-                vmm: vmm_pid,
-                blk: blk_pid,
-                vsock: vsock_pid,
-            },
-        )?;
+        pids.vmm = vmm_pid;
+        write_pids(home, name, &pids)?;
         wait_for(&api_socket(home, name), vmm_pid, "microagent-vmm")?;
         if config.agent {
             wait_for_agent(home, name, vmm_pid)?;
