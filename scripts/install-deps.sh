@@ -6,6 +6,8 @@ set -euo pipefail
 packages=(
   # guest kernel build (scripts/build-kernel.sh)
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils
+  # oci-client (native-tls: openssl found through pkg-config)
+  pkg-config
   # test rigs: QEMU with TCG, a third-party vhost-user-blk backend, test userland
   qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs
   # image tests: a real registry on loopback and a real pusher
