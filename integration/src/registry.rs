@@ -175,10 +175,13 @@ fn link(b: &mut Builder<Vec<u8>>, kind: EntryType, path: &str, target: &str) {
     b.append(&h, &[][..]).unwrap();
 }
 
-/// Two layers: the second deletes a file and replaces a directory's contents.
+/// Two layers of a busybox-static image: the second deletes a file and replaces a
+/// directory's contents.
 pub fn whiteout_layers() -> (Vec<u8>, Vec<u8>) {
+    let busybox = fs::read(crate::initramfs::BUSYBOX).expect("busybox-static is installed");
     let mut one = Builder::new(Vec::new());
     dir(&mut one, "bin/", 0o755);
+    file(&mut one, "bin/busybox", 0o755, &busybox);
     file(&mut one, "bin/tool", 0o755, b"#!/bin/sh\necho tool\n");
     dir(&mut one, "etc/", 0o755);
     file(&mut one, "etc/old.conf", 0o644, b"old\n");

@@ -49,6 +49,10 @@ fn pull_by_tag_and_digest_builds_the_root_disk_once_and_caches_blobs() {
     assert!(debugfs("stat /etc/old.conf").is_empty(), "whiteout ignored");
     assert!(debugfs("stat /etc/keep.conf").contains("Mode:  0600"));
     assert!(debugfs("stat /bin/sh").contains("Fast link dest: \"tool\""));
+    let busybox = debugfs("stat /bin/busybox");
+    assert!(busybox.contains("Mode:  0755"), "{busybox}");
+    let size = std::fs::metadata("/bin/busybox").unwrap().len();
+    assert!(busybox.contains(&format!("Size: {size}")), "{busybox}");
     let built = fs::metadata(&disk).unwrap().modified().unwrap();
     assert_eq!(root_disk(&store, &pinned, None).unwrap(), disk);
     assert_eq!(
