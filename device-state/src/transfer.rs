@@ -1,11 +1,12 @@
-//! The transfer side of VHOST_USER_SET_DEVICE_STATE_FD, shared by every daemon: the
+//! VHOST_USER_SET_DEVICE_STATE_FD and CHECK_DEVICE_STATE, shared by every daemon: the
 //! state moves through the file descriptor on a thread of its own (the request must not
-//! block), and CHECK_DEVICE_STATE collects the outcome.
+//! block), and the check collects the outcome and hands loaded bytes to the daemon.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::Mutex;
 use std::thread::{self, JoinHandle};
+use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
 
 /// Largest state a LOAD reads: one container at its limit.
 const MAX_STATE: u64 = (crate::MAX_PAYLOAD + 128) as u64;
@@ -20,6 +21,10 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("device state of more than {MAX_STATE} bytes refused")]
     TooLarge,
+    #[error("only the STOPPED phase can transfer state")]
+    Phase,
+    #[error("serializing the device state: {0}")]
+    Encode(crate::Error),
 }
 
 enum Transfer {
@@ -36,15 +41,55 @@ impl Slot {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(transfer);
     }
 
+    /// VHOST_USER_SET_DEVICE_STATE_FD: a SAVE writes what `state` serializes (the
+    /// device is quiesced, its rings stopped), a LOAD reads the frontend's bytes.
+    pub fn set_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+        state: impl FnOnce() -> Result<Vec<u8>, crate::Error>,
+    ) -> io::Result<Option<File>> {
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(io::Error::other(Error::Phase));
+        }
+        match direction {
+            VhostTransferStateDirection::SAVE => {
+                let bytes = state().map_err(|e| io::Error::other(Error::Encode(e)))?;
+                self.start_save(file, bytes);
+            }
+            VhostTransferStateDirection::LOAD => self.start_load(file),
+        }
+        Ok(None)
+    }
+
+    /// VHOST_USER_CHECK_DEVICE_STATE: how the transfer ended; after a LOAD, `adopt`
+    /// validates and takes the bytes. Failures are logged (the frontend learns only
+    /// that it failed).
+    pub fn check<E>(&self, adopt: impl FnOnce(&[u8]) -> Result<(), E>) -> io::Result<()>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let result = match self.finish() {
+            Ok(None) => Ok(()),
+            Ok(Some(bytes)) => adopt(&bytes).map_err(io::Error::other),
+            Err(e) => Err(io::Error::other(e)),
+        };
+        if let Err(e) = &result {
+            log::error!("device state: {e}");
+        }
+        result
+    }
+
     /// SAVE: writes `state` (already serialized, the device quiesced) to `file`.
-    pub fn start_save(&self, mut file: File, state: Vec<u8>) {
+    fn start_save(&self, mut file: File, state: Vec<u8>) {
         self.set(Transfer::Saving(thread::spawn(move || {
             file.write_all(&state)
         })));
     }
 
     /// LOAD: reads the frontend's state from `file` to EOF.
-    pub fn start_load(&self, file: File) {
+    fn start_load(&self, file: File) {
         self.set(Transfer::Loading(thread::spawn(move || {
             let mut bytes = Vec::new();
             // One byte over the limit tells an oversized state from one at the limit.
@@ -54,7 +99,7 @@ impl Slot {
     }
 
     /// Waits for the transfer: `None` after a save, the bytes read after a load.
-    pub fn finish(&self) -> Result<Option<Vec<u8>>, Error> {
+    fn finish(&self) -> Result<Option<Vec<u8>>, Error> {
         let transfer = self
             .0
             .lock()

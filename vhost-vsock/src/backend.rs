@@ -45,10 +45,6 @@ pub enum Error {
     #[error("timer: {0}")]
     Timer(io::Error),
     #[error(transparent)]
-    Transfer(#[from] microagent_device_state::transfer::Error),
-    #[error("only the STOPPED phase can transfer state")]
-    Phase,
-    #[error(transparent)]
     State(#[from] microagent_device_state::Error),
     #[error("saved state is for guest CID {saved}, this daemon serves {ours}")]
     CidMismatch { saved: u64, ours: u64 },
@@ -268,13 +264,6 @@ impl VsockBackend {
         }
         Ok(())
     }
-
-    fn finish_transfer(&self) -> Result<(), Error> {
-        match self.transfer.finish()? {
-            None => Ok(()),
-            Some(bytes) => self.adopt(&VsockState::decode(&bytes)?),
-        }
-    }
 }
 
 fn errno(e: vmm_sys_util::errno::Error) -> Error {
@@ -398,23 +387,12 @@ impl VhostUserBackend for VsockBackend {
         phase: VhostTransferStatePhase,
         file: File,
     ) -> io::Result<Option<File>> {
-        if phase != VhostTransferStatePhase::STOPPED {
-            return Err(Error::Phase.into());
-        }
-        match direction {
-            VhostTransferStateDirection::SAVE => {
-                let state = self.state().encode().map_err(Error::State)?;
-                self.transfer.start_save(file, state);
-            }
-            VhostTransferStateDirection::LOAD => self.transfer.start_load(file),
-        }
-        Ok(None)
+        self.transfer
+            .set_fd(direction, phase, file, || self.state().encode())
     }
 
     fn check_device_state(&self) -> io::Result<()> {
-        self.finish_transfer().map_err(|e| {
-            log::error!("device state: {e}");
-            e.into()
-        })
+        self.transfer
+            .check(|bytes| self.adopt(&VsockState::decode(bytes)?))
     }
 }
