@@ -3,6 +3,7 @@
 //! microagent-vhost-blk; the guest writes a file to ext4 and the host reads it back.
 
 use microagent_integration::daemon::Daemon;
+use microagent_integration::ext4::debugfs;
 use microagent_integration::qemu::run_busybox_guest;
 use std::fs;
 use std::process::Command;
@@ -66,13 +67,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let status = daemon.wait_exit(Duration::from_secs(10))?;
     println!("== microagent-vhost-blk exited with {status} when QEMU disconnected");
 
-    let out = Command::new("debugfs")
-        .args(["-R", "cat /root/progress.txt"])
-        .arg(&disk)
-        .output()?;
     println!(
         "== host reads /root/progress.txt with debugfs: {}",
-        String::from_utf8_lossy(&out.stdout).trim()
+        debugfs(&disk, "cat /root/progress.txt").trim()
     );
     Ok(())
 }

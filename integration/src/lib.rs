@@ -12,11 +12,13 @@
 //! - [`agent`]: the static guest agent and a busybox root disk for it.
 //! - [`process`]: guards that kill what a test started, also when the test fails.
 //! - [`kernel`]: where the cached guest kernel is.
+//! - [`ext4`]: debugfs on ext4 images.
 //! - [`registry`]: a real OCI registry on loopback and test images to push to it.
 //! - [`vmm`]: `microagent-vmm` as a process, and the freestanding test guest it boots.
 
 pub mod agent;
 pub mod daemon;
+pub mod ext4;
 pub mod frontend;
 pub mod initramfs;
 pub mod kernel;

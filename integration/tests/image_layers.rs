@@ -7,9 +7,9 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::Command;
 use tar::{EntryType, Header};
 
+use microagent_integration::ext4::debugfs;
 use microagent_integration::registry::whiteout_layers as layers;
 
 #[test]
@@ -66,14 +66,7 @@ fn whiteouts_delete_and_replace_and_the_ext4_disk_has_the_result() {
     let meta = fs::metadata(&disk).unwrap();
     assert_eq!(meta.len(), size);
     assert!(meta.blocks() * 512 < size / 2, "the disk is not sparse");
-    let debugfs = |cmd: &str| {
-        let out = Command::new("debugfs")
-            .args(["-R", cmd])
-            .arg(&disk)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let debugfs = |request: &str| debugfs(&disk, request);
     let listing = debugfs("ls -l /data");
     assert!(
         listing.contains(" c") && !listing.contains(" a") && !listing.contains(" b"),

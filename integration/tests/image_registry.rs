@@ -5,10 +5,10 @@
 use microagent_image::pull::{pull, root_disk, Error, PullOptions};
 use microagent_image::reference::Reference;
 use microagent_image::store::Store;
+use microagent_integration::ext4::debugfs;
 use microagent_integration::registry::{push, write_layout, Registry};
 use std::fs;
 use std::net::TcpListener;
-use std::process::Command;
 
 #[test]
 fn pull_by_tag_and_digest_builds_the_root_disk_once_and_caches_blobs() {
@@ -33,14 +33,7 @@ fn pull_by_tag_and_digest_builds_the_root_disk_once_and_caches_blobs() {
     assert_eq!(pinned.manifest_digest, image.manifest_digest);
 
     let disk = root_disk(&store, &image, None).unwrap();
-    let debugfs = |cmd: &str| {
-        let out = Command::new("debugfs")
-            .args(["-R", cmd])
-            .arg(&disk)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let debugfs = |request: &str| debugfs(&disk, request);
     let listing = debugfs("ls -l /data");
     assert!(
         listing.contains(" c") && !listing.contains(" a"),

@@ -5,6 +5,7 @@
 use microagent_image::pull::{root_disk, PullOptions};
 use microagent_image::source::{fetch, Source};
 use microagent_image::store::Store;
+use microagent_integration::ext4::debugfs;
 use microagent_integration::registry::{digest, push, write_layout, Registry};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -31,13 +32,7 @@ fn skopeo(from: &str, to: &str, all: bool) {
 fn tree(disk: &Path, scratch: &Path) -> BTreeMap<String, String> {
     let _ = fs::remove_dir_all(scratch);
     fs::create_dir_all(scratch).unwrap();
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("rdump / {}", scratch.display()))
-        .arg(disk)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    debugfs(disk, &format!("rdump / {}", scratch.display()));
     let mut entries = BTreeMap::new();
     let mut stack = vec![scratch.to_path_buf()];
     while let Some(dir) = stack.pop() {

@@ -3,6 +3,7 @@
 //! the same disk, GET_ID through sysfs, and fstrim punching holes in the host file.
 
 use microagent_integration::daemon::Daemon;
+use microagent_integration::ext4::debugfs;
 use microagent_integration::qemu::run_busybox_guest;
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -32,13 +33,7 @@ fn mke2fs(dir: &Path, disk: &Path) {
 }
 
 fn debugfs_dump(disk: &Path, file: &str, out: &Path) -> Vec<u8> {
-    let status = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("dump {file} {}", out.display()))
-        .arg(disk)
-        .output()
-        .unwrap();
-    assert!(status.status.success());
+    debugfs(disk, &format!("dump {file} {}", out.display()));
     fs::read(out).unwrap_or_default()
 }
 
