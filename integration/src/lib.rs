@@ -10,21 +10,28 @@
 //! - [`vsock_guest`]: the harness as a guest's virtio-vsock driver.
 //! - [`daemon`]: microagent's own daemons as real processes.
 //! - [`agent`]: the static guest agent and a busybox root disk for it.
+//! - [`cli`]: the `microagent` command driven with its own home, errors checked by code.
 //! - [`process`]: guards that kill what a test started, also when the test fails.
 //! - [`kernel`]: where the cached guest kernel is.
 //! - [`ext4`]: debugfs on ext4 images.
 //! - [`registry`]: a real OCI registry on loopback and test images to push to it.
 //! - [`vmm`]: `microagent-vmm` as a process, and the freestanding test guest it boots.
+//! - [`nested`]: real Linux under `microagent-vmm` inside an L1 machine with emulated
+//!   AMD SVM, for hosts whose KVM cannot run Linux guests.
+//! - [`report`]: tests that could not run here are recorded, never passed silently.
 
 pub mod agent;
+pub mod cli;
 pub mod daemon;
 pub mod ext4;
 pub mod frontend;
 pub mod initramfs;
 pub mod kernel;
+pub mod nested;
 pub mod process;
 pub mod qemu;
 pub mod registry;
+pub mod report;
 pub mod storage_daemon;
 pub mod vmm;
 pub mod vsock_guest;

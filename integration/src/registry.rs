@@ -201,3 +201,82 @@ pub fn whiteout_layers() -> (Vec<u8>, Vec<u8>) {
     let two = two.into_inner().unwrap();
     (one, two)
 }
+
+/// Applets of the workspace test image (symlinks to busybox in /bin).
+const WORKSPACE_APPLETS: &[&str] = &[
+    "sh",
+    "cat",
+    "echo",
+    "dd",
+    "head",
+    "sleep",
+    "kill",
+    "true",
+    "false",
+    "sha256sum",
+    "ls",
+    "mkdir",
+    "sync",
+    "id",
+    "hostname",
+    "env",
+    "pwd",
+    "tty",
+    "stty",
+    "wc",
+    "tr",
+    "rm",
+    "stat",
+    "ip",
+    "wget",
+    "grep",
+    "seq",
+    "date",
+    "test",
+    "[",
+    "printf",
+    "ps",
+    "nproc",
+    "df",
+    "mount",
+    "uname",
+];
+
+/// One layer of a small workspace image: busybox-static with its applets in /bin, a root
+/// and an `app` user (uid 1000), and the usual empty directories.
+pub fn workspace_layer() -> Vec<u8> {
+    let busybox = fs::read(crate::initramfs::BUSYBOX).expect("busybox-static is installed");
+    let mut b = Builder::new(Vec::new());
+    for d in [
+        "bin/", "etc/", "root/", "home/", "tmp/", "proc/", "sys/", "dev/", "run/",
+    ] {
+        dir(&mut b, d, if d == "tmp/" { 0o1777 } else { 0o755 });
+    }
+    dir(&mut b, "home/app/", 0o755);
+    file(&mut b, "bin/busybox", 0o755, &busybox);
+    for applet in WORKSPACE_APPLETS {
+        link(
+            &mut b,
+            EntryType::Symlink,
+            &format!("bin/{applet}"),
+            "busybox",
+        );
+    }
+    file(
+        &mut b,
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    );
+    file(&mut b, "etc/group", 0o644, b"root:x:0:\napp:x:1000:\n");
+    b.into_inner().unwrap()
+}
+
+/// Pushes a workspace image ([`workspace_layer`], gzip) to `registry` as `name` and
+/// returns its reference.
+pub fn push_workspace_image(dir: &Path, registry: &Registry, name: &str) -> String {
+    let layout = dir.join("workspace-layout");
+    write_image_layout(&layout, &[(workspace_layer(), true)]);
+    push(&layout, registry, name);
+    format!("{}/{name}", registry.addr)
+}

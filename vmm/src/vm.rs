@@ -4,6 +4,7 @@ use crate::api::{self, ApiError, DeviceStatus, Request, Status};
 use crate::boot;
 use crate::config::{Serial, VmmConfig};
 use crate::cpu;
+use crate::devices::i8042::{self, I8042};
 use crate::devices::legacy::{PioBus, COM1_IRQ};
 use crate::devices::virtio_mmio::{self, DeviceKind, InterruptRelay, MmioTransport};
 use crate::devices::EventFdTrigger;
@@ -23,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vm_superio::{I8042Device, Serial as Uart};
+use vm_superio::Serial as Uart;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -161,10 +162,13 @@ pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
         .map_err(setup("serial irqfd"))?;
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?;
     let reset_trigger = reset_evt.try_clone().map_err(Error::EventLoop)?;
+    let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?;
+    vm.register_irqfd(&kbd_irq, i8042::KBD_IRQ)
+        .map_err(setup("i8042 keyboard irqfd"))?;
     let bus = Arc::new(Bus {
         pio: PioBus::new(
             Uart::new(EventFdTrigger(serial_irq), serial_out),
-            I8042Device::new(EventFdTrigger(reset_trigger)),
+            I8042::new(EventFdTrigger(reset_trigger), EventFdTrigger(kbd_irq)),
         ),
         mmio: devices
             .iter()

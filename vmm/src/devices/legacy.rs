@@ -1,10 +1,11 @@
-//! Port I/O: the 8250 UART on COM1 (vm-superio) and the i8042 controller, whose CPU
-//! reset command ends the VM.
+//! Port I/O: the 8250 UART on COM1 (vm-superio) and the i8042 controller
+//! ([`super::i8042`]), whose CPU reset command ends the VM.
 
+use super::i8042::I8042;
 use super::EventFdTrigger;
 use std::io::Write;
 use std::sync::Mutex;
-use vm_superio::{I8042Device, Serial};
+use vm_superio::Serial;
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -17,11 +18,11 @@ pub type SerialDevice = Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box
 /// The port-I/O bus. Unclaimed ports read as all ones and ignore writes, as on a PC.
 pub struct PioBus {
     serial: Mutex<SerialDevice>,
-    i8042: Mutex<I8042Device<EventFdTrigger>>,
+    i8042: Mutex<I8042>,
 }
 
 impl PioBus {
-    pub fn new(serial: SerialDevice, i8042: I8042Device<EventFdTrigger>) -> Self {
+    pub fn new(serial: SerialDevice, i8042: I8042) -> Self {
         Self {
             serial: Mutex::new(serial),
             i8042: Mutex::new(i8042),
@@ -51,9 +52,7 @@ impl PioBus {
                 log::warn!("serial: {e:?}");
             }
         } else if (I8042_BASE..I8042_BASE + I8042_LEN).contains(&port) {
-            if let Err(e) = lock(&self.i8042).write((port - I8042_BASE) as u8, value) {
-                log::warn!("i8042 reset event: {e}");
-            }
+            lock(&self.i8042).write((port - I8042_BASE) as u8, value);
         }
     }
 }
@@ -87,9 +86,10 @@ mod tests {
         let sink = Sink::default();
         let irq = EventFdTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
         let reset = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kbd_irq = EventFdTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
         let bus = PioBus::new(
             Serial::new(irq, Box::new(sink.clone())),
-            I8042Device::new(EventFdTrigger(reset.try_clone().unwrap())),
+            I8042::new(EventFdTrigger(reset.try_clone().unwrap()), kbd_irq),
         );
         for b in b"hi" {
             bus.write(COM1_BASE, &[*b]);

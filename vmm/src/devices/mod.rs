@@ -1,6 +1,7 @@
 //! Devices the VMM itself emulates: the legacy port-I/O devices and the virtio-mmio
 //! transports whose device side lives in vhost-user daemons.
 
+pub mod i8042;
 pub mod legacy;
 pub mod virtio_mmio;
 

@@ -1,0 +1,148 @@
+//! The `microagent` command as a test drives it: its own home and runtime directory,
+//! output captured, `--json` errors checked by code.
+
+use crate::daemon::binary;
+use std::ffi::OsStr;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Cli {
+    pub home: PathBuf,
+    pub runtime: PathBuf,
+}
+
+impl Cli {
+    /// A home and runtime directory under `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            home: dir.join("home"),
+            runtime: dir.join("run"),
+        }
+    }
+
+    /// Makes the project's cached guest kernels visible in this home (the CLI looks for
+    /// `kernels/<config hash>/vmlinux` there).
+    pub fn link_kernels(&self) {
+        let kernel = crate::kernel::guest_kernel().unwrap();
+        let kernels = kernel.parent().and_then(Path::parent).unwrap();
+        std::fs::create_dir_all(&self.home).unwrap();
+        let link = self.home.join("kernels");
+        if !link.exists() {
+            std::os::unix::fs::symlink(kernels, link).unwrap();
+        }
+    }
+
+    fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
+        let mut cmd = Command::new(binary("microagent").unwrap());
+        cmd.arg("--home")
+            .arg(&self.home)
+            .args(args)
+            .env("MICROAGENT_RUNTIME_DIR", &self.runtime);
+        cmd
+    }
+
+    pub fn run<S: AsRef<OsStr>>(&self, args: &[S]) -> Output {
+        self.command(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// Runs with `stdin` fed to the command.
+    pub fn run_with_stdin<S: AsRef<OsStr>>(&self, args: &[S], stdin: &[u8]) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || input.write_all(&data));
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap().unwrap();
+        out
+    }
+
+    /// Runs and expects success; returns stdout.
+    pub fn ok<S: AsRef<OsStr> + std::fmt::Debug>(&self, args: &[S]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "microagent {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs with --json and expects exit 125 with `code`; returns the message.
+    pub fn fails(&self, args: &[&str], code: &str) -> String {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        assert_eq!(out.status.code(), Some(125), "microagent {args:?}: {out:?}");
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(reply["error"]["code"], code, "{reply}");
+        let message = reply["error"]["message"].as_str().unwrap().to_owned();
+        assert!(!message.is_empty());
+        message
+    }
+
+    /// The workspace's entry in `list --json` (Null when it is not listed).
+    pub fn entry(&self, name: &str) -> serde_json::Value {
+        let list: serde_json::Value = serde_json::from_str(&self.ok(&["--json", "list"])).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The workspace's state word (`running`, `paused`, ...), or "absent".
+    pub fn state(&self, name: &str) -> String {
+        let entry = self.entry(name);
+        if entry.is_null() {
+            return "absent".into();
+        }
+        entry["state"]["state"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no state in {entry}"))
+            .to_owned()
+    }
+
+    /// The pids the runtime directory records for a running workspace.
+    pub fn pids(&self, name: &str) -> Vec<u32> {
+        let text = std::fs::read_to_string(self.runtime.join(name).join("state.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        ["vmm", "blk", "vsock"]
+            .iter()
+            .filter_map(|k| v[k].as_u64().map(|p| p as u32))
+            .collect()
+    }
+}
+
+/// A live process (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Processes still there after up to 10 s (a SIGKILLed VMM may take a moment to tear its
+/// VM down on a loaded machine).
+pub fn survivors(pids: &[u32]) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,428 @@
+//! The nested rig: real Linux under `microagent-vmm` on a hardware-virtualization KVM,
+//! on a host whose own KVM cannot run Linux guests (PVM).
+//!
+//! QEMU's software emulation (`-accel tcg -cpu max`) offers AMD SVM with nested paging.
+//! An L1 machine boots Debian's stock kernel (prepared by `scripts/nested-kernel.sh`),
+//! loads kvm-amd, and so has a real `/dev/kvm`. This machine's `/` is shared into it
+//! read-only over virtio-9p, plus one writable scratch folder at the same path as here;
+//! L1's init chroots into the share with fresh proc/sys/dev and tmpfs on `/tmp`, `/run`,
+//! `/root` and `/var/tmp`, runs one command, stores its output and exit status in the
+//! scratch folder, and powers off. Everything the command starts (VMMs, daemons, L2
+//! guests) ends with L1; QEMU itself is killed if the test is dropped early.
+//!
+//! [`on_linux_kvm`] is how tests use it: the test body runs right here where this host's
+//! KVM runs Linux guests, and otherwise the same test function is run inside L1.
+
+use crate::initramfs;
+use crate::process::{self, ChildGuard};
+use crate::report;
+use microagent_cli::home::{self, Home};
+use std::env;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// Set inside L1, so a test never delegates twice.
+pub const INSIDE_ENV: &str = "MICROAGENT_NESTED_L1";
+/// Overrides where the L1 kernel cache is (default `$MICROAGENT_HOME/nested/current`).
+pub const KERNEL_DIR_ENV: &str = "MICROAGENT_NESTED_KERNEL";
+/// L1 memory; L2 guests, their disks and the workspace homes live in it (tmpfs).
+const L1_MEMORY_MIB: u32 = 4096;
+/// Largest 9p message Linux 6.1's virtio transport takes: fewer round trips per read.
+const MSIZE: u32 = 512 * 1024;
+/// How much of a log a failure shows.
+const TAIL: usize = 6000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Home(#[from] home::Error),
+    #[error(
+        "the nested rig's L1 kernel is not prepared at {dir}: run `make nested-kernel` \
+         (scripts/nested-kernel.sh)"
+    )]
+    NoKernel { dir: PathBuf },
+    #[error(transparent)]
+    Initramfs(#[from] initramfs::Error),
+    #[error(transparent)]
+    Process(#[from] process::Error),
+    #[error("nested rig: {what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error(
+        "the L1 machine ended ({status}) without reporting the command's exit status; \
+         L1 console ends with:\n{console}"
+    )]
+    NoStatus { status: ExitStatus, console: String },
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// The L1 kernel and the modules it loads, in load order.
+#[derive(Debug, Clone)]
+pub struct L1Kernel {
+    pub vmlinuz: PathBuf,
+    pub modules: Vec<PathBuf>,
+}
+
+impl L1Kernel {
+    pub fn locate() -> Result<Self, Error> {
+        let dir = match env::var_os(KERNEL_DIR_ENV).filter(|d| !d.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => Home::from_env()?.root().join("nested/current"),
+        };
+        let vmlinuz = dir.join("vmlinuz");
+        let order = fs::read_to_string(dir.join("modules/order"));
+        match order {
+            Ok(order) if vmlinuz.is_file() => Ok(Self {
+                vmlinuz,
+                modules: order
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(|m| dir.join("modules").join(format!("{m}.ko")))
+                    .collect(),
+            }),
+            _ => Err(Error::NoKernel { dir }),
+        }
+    }
+}
+
+/// One command to run inside L1, chrooted into this machine's filesystem.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    /// Added to a minimal environment (PATH, HOME=/root, TMPDIR=/tmp, [`INSIDE_ENV`]).
+    pub env: Vec<(String, String)>,
+    /// Working directory inside L1 (the same path as here).
+    pub cwd: PathBuf,
+    /// The whole L1 run, boot included.
+    pub timeout: Duration,
+    /// Copy the command's output to this process's stdout while it runs.
+    pub stream: bool,
+}
+
+impl Job {
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+            timeout: Duration::from_secs(600),
+            stream: false,
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+}
+
+/// What a job did inside L1.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The command's exit status (128 + signal when killed, as a shell reports it).
+    pub code: i32,
+    /// Its stdout and stderr, interleaved.
+    pub output: String,
+    /// L1's serial console (its kernel log and init's messages).
+    pub console: String,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// The ends of the output and the console, for failure messages.
+    pub fn tails(&self) -> String {
+        format!(
+            "--- command output (end) ---\n{}\n--- L1 console (end) ---\n{}",
+            tail(&self.output),
+            tail(&self.console)
+        )
+    }
+}
+
+/// L1's /init: a busybox script. Paths and the scratch folder come from the kernel
+/// command line (`nested.scratch=`); the job is `$scratch/job.sh`.
+const L1_INIT: &str = r#"
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+say() { echo "nested-l1: $*" >/dev/ttyS0; }
+scratch=$(sed -n 's/.*nested\.scratch=\([^ ]*\).*/\1/p' /proc/cmdline)
+for m in $(cat /modules/order); do
+  insmod /modules/$m.ko 2>/dev/null || say "insmod $m failed"
+done
+[ -c /dev/kvm ] || say "no /dev/kvm after loading kvm-amd"
+ip link set lo up
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=MSIZE host /host || say "cannot mount the host share"
+mount -t proc proc /host/proc
+mount -t sysfs sys /host/sys
+mkdir -p /dev/pts
+mount -o bind /dev /host/dev
+mount -t devpts devpts /host/dev/pts
+for d in tmp run root var/tmp; do mount -t tmpfs -o mode=1777 tmpfs /host/$d; done
+mkdir -p /host$scratch
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=MSIZE scratch /host$scratch || say "cannot mount the scratch share"
+say "running the job"
+chroot /host /bin/sh $scratch/job.sh >/host$scratch/output 2>&1
+echo $? >/host$scratch/status
+sync
+umount /host$scratch
+say "job done"
+reboot -f
+"#;
+
+/// Runs `job` inside a fresh L1 machine and returns what it did. One L1 at a time on
+/// this machine: a second caller waits (two TCG machines on two cores only slow both).
+pub fn run(job: &Job) -> Result<Outcome, Error> {
+    let kernel = L1Kernel::locate()?;
+    let _turn = LockFile::acquire(&env::temp_dir().join("microagent-nested.lock"))?;
+    let scratch = tempfile::Builder::new()
+        .prefix("nested-")
+        .tempdir()
+        .map_err(io_error("scratch folder"))?;
+    let dir = scratch.path();
+    fs::write(dir.join("job.sh"), job_script(job)).map_err(io_error("job.sh"))?;
+
+    let initrd = dir.join("l1-initrd.cpio");
+    let mut image = initramfs::busybox_init(&L1_INIT.replace("MSIZE", &MSIZE.to_string()))?;
+    image.dir("proc").dir("sys").dir("dev").dir("modules");
+    let mut order = String::new();
+    for module in &kernel.modules {
+        let name = module.file_name().unwrap_or_default().to_string_lossy();
+        let bytes = fs::read(module).map_err(io_error(module.display().to_string()))?;
+        image.file(&format!("modules/{name}"), &bytes, 0o644);
+        order.push_str(name.trim_end_matches(".ko"));
+        order.push('\n');
+    }
+    image.file("modules/order", order.as_bytes(), 0o644);
+    image.write(&initrd)?;
+
+    let console = dir.join("l1-console.log");
+    let output = dir.join("output");
+    let started = Instant::now();
+    let mut qemu = ChildGuard::spawn(&mut l1_command(&kernel, &initrd, &console, dir))?;
+    let mut streamed = 0;
+    let status = loop {
+        if job.stream {
+            streamed = stream_new(&output, streamed);
+        }
+        if let Some(status) = qemu.try_status()? {
+            break status;
+        }
+        if started.elapsed() >= job.timeout {
+            // The guard kills QEMU, and with it everything inside L1.
+            drop(qemu);
+            return Err(process::Error::Timeout {
+                what: format!(
+                    "the nested job {} (L1 console:\n{})",
+                    job.program.display(),
+                    tail(&read_lossy(&console))
+                ),
+                timeout: job.timeout,
+            }
+            .into());
+        }
+        sleep(Duration::from_millis(100));
+    };
+    if job.stream {
+        stream_new(&output, streamed);
+    }
+    let console = read_lossy(&console);
+    let code = fs::read_to_string(dir.join("status"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| Error::NoStatus {
+            status,
+            console: tail(&console),
+        })?;
+    Ok(Outcome {
+        code,
+        output: read_lossy(&output),
+        console,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn l1_command(kernel: &L1Kernel, initrd: &Path, console: &Path, scratch: &Path) -> Command {
+    let mut cmd = Command::new(crate::qemu::QEMU);
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
+        .args(["-m", &format!("{L1_MEMORY_MIB}M")])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .args(["-nic", "none"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-virtfs")
+        .arg("local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap")
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=scratch,security_model=none,multidevs=remap",
+            scratch.display()
+        ))
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet nested.scratch={}",
+            scratch.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// The shell script L1 runs in the chroot: the environment, the directory, the command.
+fn job_script(job: &Job) -> String {
+    let mut script = String::from("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp\n");
+    script.push_str(&format!("export {INSIDE_ENV}=1\n"));
+    for (key, value) in &job.env {
+        script.push_str(&format!("export {key}={}\n", quote(value)));
+    }
+    script.push_str(&format!(
+        "cd {} || exit 125\n",
+        quote(&job.cwd.to_string_lossy())
+    ));
+    script.push_str("exec");
+    for word in
+        std::iter::once(job.program.as_os_str()).chain(job.args.iter().map(|a| a.as_os_str()))
+    {
+        script.push(' ');
+        script.push_str(&quote(&word.to_string_lossy()));
+    }
+    script.push('\n');
+    script
+}
+
+/// Single-quoted for sh.
+fn quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Prints what `path` gained since `from` bytes; returns the new length.
+fn stream_new(path: &Path, from: usize) -> usize {
+    use std::io::Write;
+    let Ok(bytes) = fs::read(path) else {
+        return from;
+    };
+    if bytes.len() > from {
+        let mut out = io::stdout().lock();
+        let _ = out.write_all(&bytes[from..]);
+        let _ = out.flush();
+    }
+    bytes.len().max(from)
+}
+
+fn tail(text: &str) -> String {
+    let mut start = text.len().saturating_sub(TAIL);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_owned()
+}
+
+/// An exclusive flock, held while the file stays open (until dropped).
+struct LockFile(#[allow(dead_code)] File);
+
+impl LockFile {
+    fn acquire(path: &Path) -> Result<Self, Error> {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io_error(path.display().to_string()))?;
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io_error("lock for the nested rig")(
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(Self(file))
+    }
+}
+
+/// Whether this host's KVM runs standard Linux guests (VMX/SVM, or inside L1).
+pub fn kvm_runs_linux() -> bool {
+    Path::new("/dev/kvm").exists() && microagent_vmm::host::linux_guest_limitation().is_none()
+}
+
+/// Runs a test that needs Linux guests under `microagent-vmm`: here, where this host's
+/// KVM runs them; otherwise the same test (`name`, as libtest knows it) inside L1 of
+/// the nested rig, failing with L1's output if it fails there. Where neither is
+/// possible the test is recorded as not run (see [`report`]) with the reason.
+pub fn on_linux_kvm(name: &str, body: impl FnOnce()) {
+    if kvm_runs_linux() {
+        body();
+        return;
+    }
+    if env::var_os(INSIDE_ENV).is_some() {
+        panic!("inside the nested rig's L1 but its KVM cannot run Linux guests");
+    }
+    if let Err(why) = L1Kernel::locate() {
+        report::not_run(name, &format!("needs VMX/SVM or the nested rig: {why}"));
+        return;
+    }
+    let exe = env::current_exe().expect("the test binary's path");
+    let mut job = Job::new(exe)
+        .arg("--exact")
+        .arg(name)
+        .arg("--nocapture")
+        .arg("--test-threads=1");
+    for key in ["RUST_BACKTRACE", "RUST_LOG"] {
+        if let Ok(value) = env::var(key) {
+            job.env.push((key.into(), value));
+        }
+    }
+    let outcome = run(&job).unwrap_or_else(|e| panic!("nested rig: {e}"));
+    eprintln!(
+        "{name}: ran inside the nested rig's L1 in {:.1} s",
+        outcome.elapsed.as_secs_f64()
+    );
+    // libtest exits 0 when the filter matched nothing: insist that this test ran.
+    assert!(
+        outcome.code == 0 && outcome.output.contains("test result: ok. 1 passed"),
+        "{name} failed inside the nested rig (exit {}):\n{}",
+        outcome.code,
+        outcome.tails()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_scripts_quote_every_word() {
+        let mut job = Job::new("/bin/echo").arg("it's").arg("a b");
+        job.cwd = PathBuf::from("/work/x y");
+        job.env.push(("K".into(), "v'1".into()));
+        let script = job_script(&job);
+        assert!(script.contains("export K='v'\\''1'\n"), "{script}");
+        assert!(script.contains("cd '/work/x y' || exit 125\n"), "{script}");
+        assert!(
+            script.ends_with("exec '/bin/echo' 'it'\\''s' 'a b'\n"),
+            "{script}"
+        );
+        assert!(script.contains(&format!("export {INSIDE_ENV}=1\n")));
+    }
+}
