@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all deps kernel agent build lint test demo clean-kernel
+.PHONY: all deps kernel nested-kernel agent build lint test demo clean-kernel
 
 all: build
 
@@ -14,6 +14,10 @@ deps:
 
 kernel: deps
 	scripts/build-kernel.sh >/dev/null
+
+# The nested rig's L1 kernel: Debian's stock kernel with kvm-amd (integration/src/nested.rs).
+nested-kernel: deps
+	scripts/nested-kernel.sh >/dev/null
 
 # The guest agent runs as /init in any guest: linked statically, in its own target dir
 # (crt-static must not reach build scripts and proc-macros, hence the explicit --target).
@@ -29,11 +33,18 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 # Daemon binaries are built first: integration tests start them as real processes.
-test: deps kernel lint agent
+# Tests that cannot run on this host record why in $(TEST_REPORT); the summary at the end
+# counts and names them (scripts/test-summary.sh).
+TEST_LOG := target/test-output.log
+TEST_REPORT := target/test-not-run.tsv
+test: deps kernel nested-kernel lint agent
 	$(CARGO) build --workspace --locked
-	$(CARGO) test --workspace --locked
+	@rm -f $(TEST_REPORT)
+	@set -o pipefail; MICROAGENT_TEST_REPORT=$(CURDIR)/$(TEST_REPORT) \
+		$(CARGO) test --workspace --locked 2>&1 | tee $(TEST_LOG); \
+		status=$$?; scripts/test-summary.sh $(TEST_LOG) $(TEST_REPORT); exit $$status
 
-demo: deps kernel build
+demo: deps kernel nested-kernel build
 	scripts/demo.sh
 
 clean-kernel:

@@ -28,14 +28,11 @@ if ma --json doctor | grep -q '"check":"hardware_virtualization","detail":"[^"]*
 fi
 
 echo
-echo "== This host cannot boot a Linux workspace under microagent-vmm (see doctor above)."
-echo "== What it can run, for real:"
-echo
-echo "-- 1. microagent-vmm on this host's KVM booting the freestanding test guest"
-guest=$(ls target/release/build/microagent-integration-*/out/test-guest.elf 2>/dev/null | head -1)
-"$bin/microagent-vmm" --kernel "$guest" --memory 64 \
-  --cmdline "scenario=banner demo=on-this-hosts-kvm" 2>/dev/null
-echo "   (microagent-vmm exited $? after the guest's i8042 reset)"
-echo
-echo "-- 2. the project's Linux kernel under QEMU software emulation, root disk on microagent-vhost-blk"
-cargo run --quiet --release -p microagent-integration --example demo
+echo "== This host's KVM cannot boot a Linux workspace under microagent-vmm (see doctor above)."
+echo "== So the main job runs in the nested rig: an L1 Linux machine under QEMU's software"
+echo "== emulation of AMD SVM (-accel tcg -cpu max), whose kvm-amd offers a real /dev/kvm."
+echo "== Inside it, the same microagent binaries run the same commands a user types."
+layout=$repo/target/demo-image
+cargo run --quiet --release -p microagent-integration --example demo_image -- "$layout" >/dev/null
+kernels=$(dirname "$(dirname "$(scripts/build-kernel.sh --path)")")
+"$bin/microagent-nested" --timeout 900 -- "$repo/scripts/demo-nested.sh" "$layout" "$kernels"

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The main job of `make demo`, run inside the nested rig's L1 machine (scripts/demo.sh
+# starts it there with microagent-nested): a real registry on L1's loopback, then the
+# commands a user types, each shown before its output.
+#   scripts/demo-nested.sh IMAGE_LAYOUT KERNELS_DIR
+set -euo pipefail
+layout=$1
+kernels=$2
+repo=$(cd "$(dirname "$0")/.." && pwd)
+export MICROAGENT_HOME=/tmp/microagent-demo
+mkdir -p "$MICROAGENT_HOME"
+ln -sfn "$kernels" "$MICROAGENT_HOME/kernels"
+
+mkdir -p /tmp/registry
+cat >/tmp/registry/config.yml <<YML
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: /tmp/registry/data
+http:
+  addr: 127.0.0.1:5000
+YML
+docker-registry serve /tmp/registry/config.yml >/tmp/registry/log 2>&1 &
+for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/5000) 2>/dev/null && break; sleep 0.1; done
+echo "(L1) a registry on 127.0.0.1:5000; pushing the demo image (busybox-static) with skopeo"
+skopeo copy --quiet --dest-tls-verify=false "oci:$layout:v1" docker://127.0.0.1:5000/demo/busybox:1
+
+run() {
+  echo
+  echo "\$ $*"
+  "$@"
+}
+ma=$repo/target/release/microagent
+microagent() { "$ma" "$@"; }
+ws=builder
+trap 'microagent delete "$ws" --yes --force >/dev/null 2>&1 || true' EXIT
+run microagent create "$ws" --image 127.0.0.1:5000/demo/busybox:1
+run microagent start "$ws"
+run microagent exec "$ws" -- sh -c "echo checkpoint-1 > /root/progress.txt"
+run microagent exec "$ws" -- cat /root/progress.txt
+run microagent exec "$ws" -- sh -c 'echo "hostname $(hostname), kernel $(uname -r), $(nproc) vCPUs"'
+run microagent list
+run microagent halt "$ws"
+run microagent start "$ws"
+run microagent exec "$ws" -- cat /root/progress.txt
+run microagent halt "$ws"
+run microagent delete "$ws" --yes
+run microagent list
