@@ -27,9 +27,14 @@ for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/5000) 2>/dev/null && break; sl
 echo "(L1) a registry on 127.0.0.1:5000; pushing the demo image (busybox-static) with skopeo"
 skopeo copy --quiet --dest-tls-verify=false "oci:$layout:v1" docker://127.0.0.1:5000/demo/busybox:1
 
+# Shows the command as a user would type it, then runs it.
 run() {
+  local shown="\$" word
+  for word in "$@"; do
+    if [[ $word =~ ^[A-Za-z0-9_./:=@-]+$ ]]; then shown+=" $word"; else shown+=" '$word'"; fi
+  done
   echo
-  echo "\$ $*"
+  echo "$shown"
   "$@"
 }
 ma=$repo/target/release/microagent
