@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
@@ -19,11 +19,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::timerfd::TimerFd;
 
 pub const RX_QUEUE: usize = 0;
@@ -34,7 +32,8 @@ pub const QUEUE_SIZE: usize = 1024;
 /// epoll id of the timer that retries a pending transport reset.
 const RESET_TIMER_ID: u16 = 9;
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+use microagent_daemon_kit::memory::Memory;
+use microagent_daemon_kit::Mem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,7 +44,7 @@ pub enum Error {
     #[error("timer: {0}")]
     Timer(io::Error),
     #[error(transparent)]
-    State(#[from] microagent_device_state::Error),
+    State(#[from] microagent_daemon_kit::state::Error),
     #[error("saved state is for guest CID {saved}, this daemon serves {ours}")]
     CidMismatch { saved: u64, ours: u64 },
 }
@@ -58,20 +57,20 @@ impl From<Error> for io::Error {
 
 pub struct VsockBackend {
     config: VsockConfig,
-    mem: RwLock<Mem>,
+    mem: Memory,
     acked_features: AtomicU64,
     muxer: OnceLock<Mutex<Muxer>>,
     reset_timer: OnceLock<Mutex<TimerFd>>,
     /// A transport reset waits to be delivered on the event queue (after a LOAD).
     reset_pending: Mutex<bool>,
-    transfer: microagent_device_state::transfer::Slot,
+    transfer: microagent_daemon_kit::state::transfer::Slot,
 }
 
 impl VsockBackend {
     pub fn new(config: VsockConfig) -> Self {
         Self {
             config,
-            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            mem: Memory::default(),
             acked_features: AtomicU64::new(0),
             muxer: OnceLock::new(),
             reset_timer: OnceLock::new(),
@@ -114,7 +113,7 @@ impl VsockBackend {
     }
 
     fn memory(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
-        self.mem.read().unwrap_or_else(|e| e.into_inner()).memory()
+        self.mem.get()
     }
 
     /// Packets from the guest.
@@ -331,22 +330,16 @@ impl VhostUserBackend for VsockBackend {
     /// `struct virtio_vsock_config`: the guest CID, padded to the requested size.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let config = self.config.guest_cid.to_le_bytes();
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(size as usize).min(config.len());
-        let mut out = config[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        microagent_daemon_kit::config_space::slice(&config, offset, size)
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
+        self.mem.update(mem);
         Ok(())
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-            .inspect_err(|e| log::error!("worker {thread_index}: no exit event: {e}"))
-            .ok()
+        microagent_daemon_kit::worker::exit_event(thread_index)
     }
 
     fn handle_event(
@@ -388,11 +381,10 @@ impl VhostUserBackend for VsockBackend {
         file: File,
     ) -> io::Result<Option<File>> {
         self.transfer
-            .set_fd(direction, phase, file, || self.state().encode())
+            .set_fd(direction, phase, file, || self.state())
     }
 
     fn check_device_state(&self) -> io::Result<()> {
-        self.transfer
-            .check(|bytes| self.adopt(&VsockState::decode(bytes)?))
+        self.transfer.check(|saved: VsockState| self.adopt(&saved))
     }
 }
