@@ -185,6 +185,29 @@ mod tests {
     }
 
     #[test]
+    fn descriptors_for_rings_and_state_come_out_non_blocking() {
+        use std::os::fd::AsRawFd;
+        for request in [
+            request::SET_VRING_KICK,
+            request::SET_VRING_CALL,
+            request::SET_VRING_ERR,
+            request::SET_DEVICE_STATE_FD,
+        ] {
+            let file = file_of(0);
+            check(
+                request,
+                &0u64.to_le_bytes(),
+                std::slice::from_ref(&file),
+                LIMITS,
+            )
+            .unwrap();
+            // SAFETY: F_GETFL on a descriptor owned by `file`.
+            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+            assert_ne!(flags & libc::O_NONBLOCK, 0, "request {request}");
+        }
+    }
+
+    #[test]
     fn queue_sizes_must_be_powers_of_two_up_to_the_maximum() {
         let num = |index: u32, num: u32| {
             let mut payload = index.to_le_bytes().to_vec();

@@ -135,17 +135,24 @@ impl Slot {
             .ok_or(Error::NoTransfer)?;
         match transfer {
             Transfer::Saving(outcome, deadline) => {
-                wait(&outcome, deadline)??;
+                wait(&outcome, deadline)?.map_err(io_error)?;
                 Ok(None)
             }
             Transfer::Loading(outcome, deadline) => {
-                let bytes = wait(&outcome, deadline)??;
+                let bytes = wait(&outcome, deadline)?.map_err(io_error)?;
                 if bytes.len() as u64 > MAX_STATE {
                     return Err(Error::TooLarge);
                 }
                 Ok(Some(bytes))
             }
         }
+    }
+}
+
+fn io_error(e: io::Error) -> Error {
+    match e.kind() {
+        ErrorKind::TimedOut => Error::TimedOut(TRANSFER_TIMEOUT),
+        _ => Error::Io(e),
     }
 }
 
@@ -275,11 +282,7 @@ mod tests {
         write_end.write_all(b"partial").unwrap();
         let started = Instant::now();
         let err = slot.finish().unwrap_err();
-        assert!(
-            matches!(err, Error::Io(ref e) if e.kind() == ErrorKind::TimedOut)
-                || matches!(err, Error::TimedOut(_)),
-            "{err}"
-        );
+        assert!(matches!(err, Error::TimedOut(_)), "{err}");
         assert!(started.elapsed() < TRANSFER_TIMEOUT + Duration::from_secs(2));
         drop(write_end);
     }
