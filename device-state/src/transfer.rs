@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Mutex;
 use std::thread;
@@ -168,8 +168,8 @@ fn wait<T>(outcome: &Receiver<T>, deadline: Instant) -> Result<T, Error> {
 /// Sets O_NONBLOCK on a descriptor the frontend handed over. The flag lives on the open
 /// file description, which the frontend shares; frontends use non-blocking eventfds and
 /// pipes for these anyway.
-pub fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
-    let raw = fd.as_fd().as_raw_fd();
+pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
     // SAFETY: F_GETFL on a descriptor borrowed for the duration of the call.
     let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
     if flags < 0 {

@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -31,6 +31,9 @@ const NUM_QUEUES: usize = 3;
 pub const QUEUE_SIZE: usize = 1024;
 /// epoll id of the timer that retries a pending transport reset.
 const RESET_TIMER_ID: u16 = 9;
+/// epoll id of the timer that drives [`Muxer::tick`] while it has work.
+const TICK_TIMER_ID: u16 = 10;
+const TICK: Duration = Duration::from_millis(100);
 
 use microagent_daemon_kit::memory::Memory;
 use microagent_daemon_kit::Mem;
@@ -61,6 +64,8 @@ pub struct VsockBackend {
     acked_features: AtomicU64,
     muxer: OnceLock<Mutex<Muxer>>,
     reset_timer: OnceLock<Mutex<TimerFd>>,
+    /// Armed (periodic) while the muxer has pending clients or a paused listener.
+    tick_timer: OnceLock<Mutex<(TimerFd, bool)>>,
     /// A transport reset waits to be delivered on the event queue (after a LOAD).
     reset_pending: Mutex<bool>,
     transfer: microagent_daemon_kit::state::transfer::Slot,
@@ -74,6 +79,7 @@ impl VsockBackend {
             acked_features: AtomicU64::new(0),
             muxer: OnceLock::new(),
             reset_timer: OnceLock::new(),
+            tick_timer: OnceLock::new(),
             reset_pending: Mutex::new(false),
             transfer: Default::default(),
         }
@@ -84,20 +90,33 @@ impl VsockBackend {
     pub fn start(&self, epoll_fd: i32) -> Result<(), Error> {
         let poller = Poller(epoll_fd);
         let muxer = Muxer::new(self.config.guest_cid, &self.config.uds_path, poller)?;
-        let timer = TimerFd::new().map_err(errno)?;
-        let mut event = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: u64::from(RESET_TIMER_ID),
-        };
-        // SAFETY: epoll_ctl with a valid epoll fd, our timer's fd and a valid event.
-        if unsafe { libc::epoll_ctl(epoll_fd, libc::EPOLL_CTL_ADD, timer.as_raw_fd(), &mut event) }
-            < 0
-        {
-            return Err(Error::Timer(io::Error::last_os_error()));
-        }
+        let reset = timer_on(epoll_fd, RESET_TIMER_ID)?;
+        let tick = timer_on(epoll_fd, TICK_TIMER_ID)?;
         let _ = self.muxer.set(Mutex::new(muxer));
-        let _ = self.reset_timer.set(Mutex::new(timer));
+        let _ = self.reset_timer.set(Mutex::new(reset));
+        let _ = self.tick_timer.set(Mutex::new((tick, false)));
         Ok(())
+    }
+
+    /// Arms the tick timer while the muxer needs it, disarms it otherwise.
+    fn update_tick(&self, needed: bool) {
+        let Some(timer) = self.tick_timer.get() else {
+            return;
+        };
+        let mut timer = timer.lock().unwrap_or_else(|e| e.into_inner());
+        let (fd, armed) = &mut *timer;
+        if needed == *armed {
+            return;
+        }
+        let result = if needed {
+            fd.reset(TICK, Some(TICK))
+        } else {
+            fd.clear()
+        };
+        match result {
+            Ok(()) => *armed = needed,
+            Err(e) => log::warn!("tick timer: {e}"),
+        }
     }
 
     fn muxer(&self) -> Option<MutexGuard<'_, Muxer>> {
@@ -265,6 +284,23 @@ impl VsockBackend {
     }
 }
 
+/// A timer registered with the worker's epoll under `id`. Non-blocking: a timer cleared
+/// after epoll reported it must not block the worker in `wait`.
+fn timer_on(epoll_fd: i32, id: u16) -> Result<TimerFd, Error> {
+    let timer = TimerFd::new().map_err(errno)?;
+    microagent_daemon_kit::state::transfer::set_nonblocking(&timer).map_err(Error::Timer)?;
+    let mut event = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: u64::from(id),
+    };
+    // SAFETY: epoll_ctl with a valid epoll fd, our timer's fd and a valid event.
+    if unsafe { libc::epoll_ctl(epoll_fd, libc::EPOLL_CTL_ADD, timer.as_raw_fd(), &mut event) } < 0
+    {
+        return Err(Error::Timer(io::Error::last_os_error()));
+    }
+    Ok(timer)
+}
+
 fn errno(e: vmm_sys_util::errno::Error) -> Error {
     Error::Timer(io::Error::from_raw_os_error(e.errno()))
 }
@@ -367,10 +403,17 @@ impl VhostUserBackend for VsockBackend {
                     let _ = timer.wait();
                 }
             }
+            _ if device_event == TICK_TIMER_ID => {
+                if let Some(timer) = self.tick_timer.get() {
+                    let _ = timer.lock().unwrap_or_else(|e| e.into_inner()).0.wait();
+                }
+                muxer.tick(Instant::now());
+            }
             _ => muxer.fd_event(device_event, evset.bits()),
         }
         self.deliver_reset(event);
         self.process_rx(rx, &mut muxer);
+        self.update_tick(muxer.needs_tick());
         Ok(())
     }
 
