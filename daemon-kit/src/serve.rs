@@ -69,6 +69,12 @@ where
         path: socket.to_owned(),
         reason,
     };
+    // The handler is connected before the frontend is accepted, so that the frontend's
+    // first message does not wait for it.
+    let (relay_end, handler_listener) = private_pair().map_err(Error::Internal)?;
+    daemon
+        .start(&mut Listener::from(handler_listener))
+        .map_err(|e| Error::Daemon(e.to_string()))?;
     // Removes a stale socket first, and the socket file again when dropped.
     let listener = Listener::new(socket, true).map_err(|e| listen_error(e.to_string()))?;
     let frontend = loop {
@@ -78,10 +84,6 @@ where
             Err(e) => return Err(listen_error(e.to_string())),
         }
     };
-    let (relay_end, handler_listener) = private_pair().map_err(Error::Internal)?;
-    daemon
-        .start(&mut Listener::from(handler_listener))
-        .map_err(|e| Error::Daemon(e.to_string()))?;
     let gate = Gate::start(frontend, relay_end, limits)?;
     let result = daemon.wait();
     let refusal = gate.stop();
