@@ -57,6 +57,12 @@ pub enum Refusal {
     QueueSize { index: u32, num: u32, max: u16 },
     #[error("request {request}: making its file descriptor non-blocking: {source}")]
     NonBlocking { request: u32, source: io::Error },
+    #[error("request {request} announces a {size}-byte payload, more than {max}")]
+    TooLarge {
+        request: u32,
+        size: usize,
+        max: usize,
+    },
 }
 
 impl Refusal {
@@ -66,6 +72,7 @@ impl Refusal {
             Self::RegionPastEof { .. } | Self::Fstat { .. } => "vhost_user.region_past_eof",
             Self::QueueSize { .. } => "vhost_user.bad_queue_size",
             Self::NonBlocking { .. } => "vhost_user.bad_fd",
+            Self::TooLarge { .. } => "vhost_user.message_too_large",
         }
     }
 }

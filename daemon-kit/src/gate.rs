@@ -25,8 +25,8 @@ const FLAG_NEED_REPLY: u32 = 0x8;
 pub enum Error {
     #[error("vhost-user socket: {0}")]
     Io(#[from] io::Error),
-    #[error("vhost-user message of {0} bytes is larger than {MAX_MSG_SIZE}")]
-    TooLarge(usize),
+    #[error(transparent)]
+    Refused(Refusal),
     #[error("starting the gate thread: {0}")]
     Spawn(io::Error),
 }
@@ -94,7 +94,12 @@ fn recv(stream: &UnixStream) -> Result<Option<Message>, Error> {
     reader.read_exact(&mut header[got..])?;
     let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
     if size > MAX_MSG_SIZE {
-        return Err(Error::TooLarge(size));
+        let request = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        return Err(Error::Refused(Refusal::TooLarge {
+            request,
+            size,
+            max: MAX_MSG_SIZE,
+        }));
     }
     let mut payload = vec![0u8; size];
     reader.read_exact(&mut payload)?;
@@ -179,6 +184,10 @@ fn relay_requests(
         let msg = match recv(from) {
             Ok(Some(msg)) => msg,
             Ok(None) => break None,
+            Err(Error::Refused(refusal)) => {
+                log::error!("refused [{}]: {refusal}", refusal.code());
+                break Some(refusal);
+            }
             Err(e) => {
                 log::warn!("frontend: {e}");
                 break None;

@@ -275,6 +275,19 @@ mod tests {
     }
 
     #[test]
+    fn a_save_nobody_reads_times_out_instead_of_blocking() {
+        let slot = Slot::default();
+        let (read_end, write_end) = pipe();
+        // More than a pipe holds, and the frontend never reads.
+        slot.start_save(write_end, vec![7; 1 << 20]);
+        let started = Instant::now();
+        let err = slot.finish().unwrap_err();
+        assert!(matches!(err, Error::TimedOut(_)), "{err}");
+        assert!(started.elapsed() < TRANSFER_TIMEOUT + Duration::from_secs(2));
+        drop(read_end);
+    }
+
+    #[test]
     fn a_load_whose_pipe_stays_open_times_out_instead_of_blocking() {
         let slot = Slot::default();
         let (read_end, mut write_end) = pipe();

@@ -218,3 +218,15 @@ fn check_device_state_with_the_load_pipe_held_open_fails_in_bounded_time_and_the
     );
     drop(writer);
 }
+
+#[test]
+fn a_message_announcing_a_huge_payload_is_refused_without_reading_it() {
+    let mut d = start(Kind::Vsock, &[]);
+    let mut raw = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    // GET_FEATURES (1), version 1, a 1 GiB payload that never comes.
+    let mut header = 1u32.to_le_bytes().to_vec();
+    header.extend_from_slice(&1u32.to_le_bytes());
+    header.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    raw.write_all(&header).unwrap();
+    d.assert_refused("1 GiB payload", "vhost_user.message_too_large");
+}
