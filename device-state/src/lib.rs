@@ -60,6 +60,21 @@ pub struct Version {
     pub minor: u16,
 }
 
+/// A daemon's saved state: the kind and version its container carries.
+pub trait Saved: Serialize + DeserializeOwned {
+    /// Names the daemon ("vhost-blk", ...); state of another kind is refused.
+    const KIND: &'static str;
+    const VERSION: Version;
+
+    fn encode(&self) -> Result<Vec<u8>, Error> {
+        encode(Self::KIND, Self::VERSION, self)
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        decode(Self::KIND, Self::VERSION.major, bytes)
+    }
+}
+
 /// Serializes `state` into the container.
 pub fn encode<T: Serialize>(kind: &str, version: Version, state: &T) -> Result<Vec<u8>, Error> {
     let payload = serde_json::to_vec(state)?;

@@ -3,6 +3,7 @@
 use crate::process::{self, ChildGuard};
 use std::env;
 use std::ffi::OsStr;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -21,6 +22,11 @@ pub enum Error {
     Stale { path: PathBuf, newer: PathBuf },
     #[error(transparent)]
     Process(#[from] process::Error),
+    #[error("creating the daemon log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A workspace binary from the same profile as the running test
@@ -100,11 +106,33 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Self::start_with(name, socket, args, Stdio::inherit())
+    }
+
+    /// As [`Daemon::start`], with the daemon's stderr (its log) written to `log`.
+    pub fn start_logged<I, S>(name: &str, socket: &Path, args: I, log: &Path) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let file = File::create(log).map_err(|source| Error::Log {
+            path: log.to_owned(),
+            source,
+        })?;
+        Self::start_with(name, socket, args, Stdio::from(file))
+    }
+
+    fn start_with<I, S>(name: &str, socket: &Path, args: I, stderr: Stdio) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut cmd = Command::new(binary(name)?);
         cmd.arg("--socket-path")
             .arg(socket)
             .args(args)
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            .stderr(stderr);
         let mut process = ChildGuard::spawn(&mut cmd)?;
         process.wait_for_path(socket, Duration::from_secs(10))?;
         Ok(Self { process })

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -33,6 +33,8 @@ pub enum Error {
     Timeout { queue: usize, timeout: Duration },
     #[error("out of guest memory for buffers")]
     OutOfMemory,
+    #[error("this queue's kick is an eventfd, not a pipe")]
+    NotAPipe,
 }
 
 /// Guest memory backed by a memfd, so that a daemon can map it too.
@@ -115,7 +117,8 @@ impl GuestMemory {
             .map_err(|e| Error::Memory(e.to_string()))
     }
 
-    fn regions(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, Error> {
+    /// The regions as SET_MEM_TABLE describes them (tests alter them to send bad ones).
+    pub fn regions(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, Error> {
         self.mem
             .iter()
             .map(|region| {
@@ -162,13 +165,25 @@ pub struct VirtQueue {
     next_desc: u16,
     avail_idx: u16,
     last_used: u16,
+    /// What the daemon reads kicks from: an eventfd, or a pipe's read end.
     kick: EventFd,
+    /// The write end when `kick` is a pipe (see [`Setup::pipe_kick`]).
+    kick_pipe: Option<File>,
     call: EventFd,
 }
 
 impl VirtQueue {
-    fn new(index: usize, mem: &mut GuestMemory, size: u16) -> Result<Self, Error> {
+    fn new(index: usize, mem: &mut GuestMemory, size: u16, pipe_kick: bool) -> Result<Self, Error> {
         let n = u64::from(size);
+        let (kick, kick_pipe) = if pipe_kick {
+            let (read_end, write_end) = pipe()?;
+            // SAFETY: the read end is a fresh descriptor handed over to the EventFd, which
+            // is only used to pass it to the daemon.
+            let kick = unsafe { EventFd::from_raw_fd(read_end.into_raw_fd()) };
+            (kick, Some(File::from(write_end)))
+        } else {
+            (EventFd::new(EFD_NONBLOCK)?, None)
+        };
         Ok(Self {
             index,
             size,
@@ -178,7 +193,8 @@ impl VirtQueue {
             next_desc: 0,
             avail_idx: 0,
             last_used: 0,
-            kick: EventFd::new(EFD_NONBLOCK)?,
+            kick,
+            kick_pipe,
             call: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -250,7 +266,28 @@ impl VirtQueue {
     }
 
     pub fn kick(&self) -> Result<(), Error> {
+        if self.kick_pipe.is_some() {
+            return self.kick_raw(&1u64.to_ne_bytes());
+        }
         self.kick.write(1)?;
+        Ok(())
+    }
+
+    /// Another handle on a pipe kick's write end, which keeps the pipe open after the
+    /// queue is gone.
+    pub fn kick_pipe(&self) -> Result<File, Error> {
+        Ok(self
+            .kick_pipe
+            .as_ref()
+            .ok_or(Error::NotAPipe)?
+            .try_clone()?)
+    }
+
+    /// Writes raw bytes to a pipe kick (a well-formed kick is 8 bytes); tests use it to
+    /// leave a partial value for the daemon to read.
+    pub fn kick_raw(&self, bytes: &[u8]) -> Result<(), Error> {
+        let mut pipe = self.kick_pipe.as_ref().ok_or(Error::NotAPipe)?;
+        pipe.write_all(bytes)?;
         Ok(())
     }
 
@@ -331,6 +368,8 @@ pub struct Setup {
     pub vring_bases: Vec<u16>,
     /// Device state to LOAD before the rings start.
     pub load_state: Option<Vec<u8>>,
+    /// A queue whose kick descriptor is a pipe instead of an eventfd.
+    pub pipe_kick: Option<usize>,
 }
 
 impl Default for Setup {
@@ -341,8 +380,16 @@ impl Default for Setup {
             refuse_features: 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
             vring_bases: Vec::new(),
             load_state: None,
+            pipe_kick: None,
         }
     }
+}
+
+/// A connection whose features are negotiated, nothing else set up yet.
+pub struct Negotiated {
+    pub vu: VuFrontend,
+    pub features: u64,
+    pub protocol_features: VhostUserProtocolFeatures,
 }
 
 /// A connected, configured vhost-user device.
@@ -354,9 +401,9 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    /// Connects to `socket` (retrying while the daemon starts) and runs the vhost-user
-    /// set-up sequence a VMM runs.
-    pub fn connect(socket: &Path, mem: &mut GuestMemory, setup: &Setup) -> Result<Self, Error> {
+    /// Connects to `socket` (retrying while the daemon starts) and negotiates features,
+    /// the first steps a VMM runs; tests that send their own messages start here.
+    pub fn negotiate(socket: &Path, setup: &Setup) -> Result<Negotiated, Error> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut vu = loop {
             match VuFrontend::connect(socket, setup.queues as u64) {
@@ -378,6 +425,21 @@ impl Frontend {
                 vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
         }
+        Ok(Negotiated {
+            vu,
+            features,
+            protocol_features,
+        })
+    }
+
+    /// Connects to `socket` (retrying while the daemon starts) and runs the vhost-user
+    /// set-up sequence a VMM runs.
+    pub fn connect(socket: &Path, mem: &mut GuestMemory, setup: &Setup) -> Result<Self, Error> {
+        let Negotiated {
+            mut vu,
+            features,
+            protocol_features,
+        } = Self::negotiate(socket, setup)?;
         vu.set_mem_table(&mem.regions()?)?;
 
         if let Some(state) = &setup.load_state {
@@ -386,7 +448,8 @@ impl Frontend {
 
         let mut queues = Vec::with_capacity(setup.queues);
         for index in 0..setup.queues {
-            let mut queue = VirtQueue::new(index, mem, setup.queue_size)?;
+            let pipe_kick = setup.pipe_kick == Some(index);
+            let mut queue = VirtQueue::new(index, mem, setup.queue_size, pipe_kick)?;
             let base = setup.vring_bases.get(index).copied().unwrap_or(0);
             queue.next_desc = base % queue.size;
             queue.avail_idx = base;
@@ -424,6 +487,11 @@ impl Frontend {
             protocol_features,
             queues,
         })
+    }
+
+    /// The vhost-user connection, for tests that send messages of their own.
+    pub fn vu(&mut self) -> &mut VuFrontend {
+        &mut self.vu
     }
 
     /// Reads `len` bytes of the device's config space.
@@ -480,7 +548,8 @@ fn load_state(vu: &mut VuFrontend, state: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-fn pipe() -> Result<(File, OwnedFd), Error> {
+/// A pipe: (read end, write end).
+pub fn pipe() -> Result<(File, OwnedFd), Error> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array; the result is checked.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {

@@ -581,3 +581,89 @@ fn corrupt_truncated_or_foreign_state_is_refused() {
         );
     }
 }
+
+/// The daemon's peak resident memory.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn direct_io_with_huge_buffers_outside_guest_memory_fails_without_allocating_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    // Sparse, so that the request below fits the disk.
+    fs::File::create(&disk).unwrap().set_len(8 << 30).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let daemon = Daemon::start(
+        "microagent-vhost-blk",
+        &socket,
+        ["--disk", disk.to_str().unwrap(), "--direct-io"],
+    )
+    .unwrap();
+    let mut mem = GuestMemory::new(16 << 20).unwrap();
+    let fe = Frontend::connect(&socket, &mut mem, &Setup::default()).unwrap();
+    let mut rig = Rig {
+        dir,
+        disk,
+        daemon,
+        mem,
+        fe,
+    };
+
+    // A buffer of almost 4 GiB (the most one chain may describe) far outside the 16 MiB
+    // of guest memory: a bounce buffer sized from the descriptor would be filled from
+    // the disk before the address was found bad.
+    let hdr = rig.mem.alloc(16, 16).unwrap();
+    rig.mem.write(hdr, &header(VIRTIO_BLK_T_IN, 0));
+    let status_at = rig.mem.alloc(1, 1).unwrap();
+    rig.mem.write(status_at, &[0xFF]);
+    let mut bufs = vec![Buf::readable(hdr, 16)];
+    bufs.push(Buf::writable(GuestAddress(1 << 40), 0xFFFF_0000));
+    bufs.push(Buf::writable(status_at, 1));
+    raw(&mut rig, &bufs);
+    assert_eq!(rig.mem.read(status_at, 1), [S_IOERR]);
+
+    assert!(rig.daemon.try_status().unwrap().is_none(), "daemon died");
+    let peak = peak_rss_kib(rig.daemon.pid().unwrap());
+    assert!(peak < 64 << 10, "daemon peak RSS {peak} KiB");
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_IN, 0, Data::In(&[4096]));
+    assert_eq!((done.status, done.data), (S_OK, vec![0; 4096]));
+}
+
+#[test]
+fn direct_io_moves_requests_larger_than_the_bounce_buffer_intact() {
+    let mut rig = rig_with(
+        8 << 20,
+        |i| (i / 512) as u8,
+        &["--direct-io"],
+        Setup::default(),
+    );
+    // 3 MiB over uneven buffers: the bounce buffer (1 MiB) is refilled across them.
+    let lens = [
+        512,
+        (1 << 20) + 1024,
+        3 << 19,
+        (3 << 20) - (1 << 20) - 1536 - (3 << 19),
+    ];
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_IN, 8, Data::In(&lens));
+    assert_eq!(done.status, S_OK);
+    let expected: Vec<u8> = (8 * 512..8 * 512 + (3 << 20))
+        .map(|i: usize| (i / 512) as u8)
+        .collect();
+    assert!(done.data == expected, "read data differs");
+
+    let data = pattern(3 << 20, 9);
+    let (a, b) = data.split_at((1 << 20) + 512);
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_OUT, 16, Data::Out(&[a, b]));
+    assert_eq!(done.status, S_OK);
+    let file = fs::read(&rig.disk).unwrap();
+    assert!(
+        file[16 * 512..16 * 512 + (3 << 20)] == data[..],
+        "file differs"
+    );
+}

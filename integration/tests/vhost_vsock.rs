@@ -445,3 +445,146 @@ fn state_for_another_guest_cid_is_refused() {
     };
     assert!(Frontend::connect(&socket, &mut mem, &setup).is_err());
 }
+
+/// Reads until EOF or `limit`; true on EOF (the daemon closed the client).
+fn closed_within(client: &mut UnixStream, limit: Duration) -> bool {
+    client.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn connect_lines_with_a_sign_port_zero_or_port_any_are_refused() {
+    let mut rig = rig();
+    for line in [
+        "CONNECT +5",
+        "CONNECT 0",
+        "CONNECT 4294967295",
+        "CONNECT 05",
+        "CONNECT 5 ",
+    ] {
+        let mut client = UnixStream::connect(&rig.uds).unwrap();
+        writeln!(client, "{line}").unwrap();
+        assert!(
+            closed_within(&mut client, WAIT),
+            "{line:?}: client left open"
+        );
+        let sent = rig.guest.try_recv(Duration::from_millis(100));
+        assert!(sent.is_none(), "{line:?} reached the guest: {sent:?}");
+    }
+    let mut client = UnixStream::connect(&rig.uds).unwrap();
+    writeln!(client, "CONNECT 4294967294").unwrap();
+    let (req, _) = rig.guest.recv_op();
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, u32::MAX - 1));
+}
+
+#[test]
+fn host_clients_that_never_send_connect_or_get_no_answer_time_out() {
+    let mut rig = rig();
+    let started = Instant::now();
+    let mut silent = UnixStream::connect(&rig.uds).unwrap();
+    silent.write_all(b"CONN").unwrap();
+    let mut unanswered = UnixStream::connect(&rig.uds).unwrap();
+    writeln!(unanswered, "CONNECT 5000").unwrap();
+    let (req, _) = rig.guest.recv_op();
+    assert_eq!(req.op, OP_REQUEST);
+
+    let limit = Duration::from_secs(5) + WAIT;
+    assert!(
+        closed_within(&mut silent, limit),
+        "silent client still open"
+    );
+    assert!(
+        closed_within(&mut unanswered, limit),
+        "unanswered client still open"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "closed before the timeout: {:?}",
+        started.elapsed()
+    );
+    // The guest's half-open side of the unanswered one is reset.
+    let (rst, _) = rig.guest.recv_op();
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (OP_RST, req.src_port, 5000)
+    );
+}
+
+#[test]
+fn host_clients_beyond_the_pending_cap_are_closed_at_once() {
+    let rig = rig();
+    let waiting: Vec<UnixStream> = (0..64)
+        .map(|_| UnixStream::connect(&rig.uds).unwrap())
+        .collect();
+    // Let the daemon accept all of them first.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = UnixStream::connect(&rig.uds).unwrap();
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(2)),
+        "the 65th waiting client was kept"
+    );
+    let mut first = waiting[0].try_clone().unwrap();
+    assert!(
+        !closed_within(&mut first, Duration::from_millis(200)),
+        "a client within the cap was closed"
+    );
+}
+
+/// CPU time (user + system) the process used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(") ").unwrap().1;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn running_out_of_descriptors_does_not_spin_and_accepting_resumes() {
+    use microagent_integration::{daemon, process::ChildGuard};
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vsock");
+    let socket = dir.path().join("vhost.sock");
+    let binary = daemon::binary("microagent-vhost-vsock").unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"ulimit -n 64 && exec "$0" "$@""#)
+        .arg(binary)
+        .args(["--socket-path", socket.to_str().unwrap()])
+        .args(["--guest-cid", "3", "--uds-path", uds.to_str().unwrap()]);
+    let mut process = ChildGuard::spawn(&mut cmd).unwrap();
+    process.wait_for_path(&socket, WAIT).unwrap();
+    let pid = process.id().unwrap();
+    let mut guest = Guest::new(&socket);
+    let used = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert!(used < 54, "{used} descriptors in use before any client");
+
+    // More clients than descriptors left: the rest wait in the listen backlog.
+    let clients: Vec<UnixStream> = (0..(64 - used + 10))
+        .map(|_| UnixStream::connect(&uds).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(pid) - before;
+    assert!(
+        spent < 20,
+        "daemon used {spent}/100 ticks of CPU in one second"
+    );
+
+    drop(clients);
+    let mut client = UnixStream::connect(&uds).unwrap();
+    writeln!(client, "CONNECT 77").unwrap();
+    let (req, _) = guest.recv_op();
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 77));
+    assert!(process.try_status().unwrap().is_none());
+}

@@ -8,7 +8,6 @@ use crate::state::BlkState;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::RwLock;
 use std::thread;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
@@ -23,11 +22,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 /// Largest queue a frontend may set up (QEMU asks for 1024 by default).
 pub const QUEUE_SIZE: usize = 1024;
@@ -38,14 +35,15 @@ const PARALLEL_BATCH_BYTES: u64 = 512 << 10;
 
 type Parsed = Result<Request, (request::Error, Option<GuestAddress>)>;
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+use microagent_daemon_kit::memory::Memory;
+use microagent_daemon_kit::Mem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Disk(#[from] disk::Error),
     #[error(transparent)]
-    State(#[from] microagent_device_state::Error),
+    State(#[from] microagent_daemon_kit::state::Error),
     #[error("saved state does not fit this disk: {0}")]
     Mismatch(String),
 }
@@ -59,12 +57,12 @@ impl From<Error> for io::Error {
 pub struct BlkBackend {
     disk: Disk,
     config: BlkConfig,
-    mem: RwLock<Mem>,
+    mem: Memory,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     /// A queue whose avail ring is corrupt stops being served until the device is reset.
     broken: Vec<AtomicBool>,
-    transfer: microagent_device_state::transfer::Slot,
+    transfer: microagent_daemon_kit::state::transfer::Slot,
     /// Threads a large batch is spread over.
     io_threads: usize,
 }
@@ -76,7 +74,7 @@ impl BlkBackend {
             disk,
             broken: (0..config.queues).map(|_| AtomicBool::new(false)).collect(),
             config,
-            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            mem: Memory::default(),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             transfer: Default::default(),
@@ -156,7 +154,7 @@ impl BlkBackend {
         if broken.load(Ordering::Acquire) {
             return;
         }
-        let mem = self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
+        let mem = self.mem.get();
         let device = Device {
             disk: &self.disk,
             read_only: self.config.read_only,
@@ -302,15 +300,11 @@ impl VhostUserBackend for BlkBackend {
     /// Exactly `size` bytes: fields a newer driver asks for beyond ours read as zero.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let config = self.config_space();
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(size as usize).min(config.len());
-        let mut out = config[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        microagent_daemon_kit::config_space::slice(&config, offset, size)
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
+        self.mem.update(mem);
         Ok(())
     }
 
@@ -321,9 +315,7 @@ impl VhostUserBackend for BlkBackend {
 
     /// Lets the daemon stop its worker threads when the frontend disconnects.
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-            .inspect_err(|e| log::error!("worker {thread_index}: no exit event: {e}"))
-            .ok()
+        microagent_daemon_kit::worker::exit_event(thread_index)
     }
 
     fn handle_event(
@@ -352,11 +344,10 @@ impl VhostUserBackend for BlkBackend {
         file: File,
     ) -> io::Result<Option<File>> {
         self.transfer
-            .set_fd(direction, phase, file, || self.state().encode())
+            .set_fd(direction, phase, file, || self.state())
     }
 
     fn check_device_state(&self) -> io::Result<()> {
-        self.transfer
-            .check(|bytes| self.adopt(&BlkState::decode(bytes)?))
+        self.transfer.check(|saved: BlkState| self.adopt(&saved))
     }
 }

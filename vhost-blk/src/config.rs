@@ -1,6 +1,7 @@
 //! Flags of `microagent-vhost-blk`, checked into a [`BlkConfig`].
 
 use clap::Parser;
+use microagent_daemon_kit::serve::MAX_SOCKET_PATH;
 use std::path::PathBuf;
 
 /// Longest serial virtio-blk can report (VIRTIO_BLK_ID_BYTES).
@@ -14,7 +15,9 @@ pub enum Error {
     SerialTooLong(String),
     #[error("--queues {0} is out of range (1 to {MAX_QUEUES})")]
     Queues(u16),
-    #[error("socket path {0} is longer than a unix socket address allows (107 bytes)")]
+    #[error(
+        "socket path {0} is longer than a unix socket address allows ({MAX_SOCKET_PATH} bytes)"
+    )]
     SocketPathTooLong(PathBuf),
 }
 
@@ -64,7 +67,7 @@ impl TryFrom<Args> for BlkConfig {
         if args.queues == 0 || args.queues > MAX_QUEUES {
             return Err(Error::Queues(args.queues));
         }
-        if args.socket_path.as_os_str().len() > 107 {
+        if args.socket_path.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(Error::SocketPathTooLong(args.socket_path));
         }
         Ok(Self {

@@ -12,6 +12,9 @@ pub const SECTOR_SIZE: u64 = 512;
 
 /// Alignment of bounce buffers for `O_DIRECT`.
 const DIRECT_IO_ALIGN: usize = 4096;
+/// Largest bounce buffer: a request moves through it in pieces of this size, so its
+/// memory does not depend on the lengths a guest puts in its descriptors.
+pub const BOUNCE_MAX: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -89,19 +92,22 @@ impl Disk {
         offset: u64,
         bufs: &[GuestBuf],
     ) -> Result<(), Error> {
+        // Every buffer is checked against guest memory before anything is allocated.
+        let slices = guest_slices(mem, bufs)?;
         if self.direct_io {
             let total = total_len(bufs);
-            let mut bounce = AlignedBuf::new(total);
-            self.transfer(offset, &mut [bounce.iovec()], Direction::FromDisk)?;
-            let mut at = 0;
-            for &(addr, len) in bufs {
-                let chunk = &bounce.as_slice()[at..at + len as usize];
-                copy_to_guest(mem, addr, chunk)?;
-                at += len as usize;
+            let mut bounce = AlignedBuf::new(total.min(BOUNCE_MAX));
+            let mut cursor = Cursor::new(bufs);
+            let mut done = 0;
+            while done < total {
+                let n = (total - done).min(BOUNCE_MAX);
+                let piece = offset + done as u64;
+                self.transfer(piece, &mut [bounce.iovec(n)], Direction::FromDisk)?;
+                cursor.write_guest(mem, &bounce.as_slice()[..n])?;
+                done += n;
             }
             return Ok(());
         }
-        let slices = guest_slices(mem, bufs)?;
         let mut iovecs = iovecs(&slices);
         self.transfer(offset, &mut iovecs, Direction::FromDisk)
     }
@@ -113,17 +119,22 @@ impl Disk {
         offset: u64,
         bufs: &[GuestBuf],
     ) -> Result<(), Error> {
-        if self.direct_io {
-            let mut bounce = AlignedBuf::new(total_len(bufs));
-            let mut at = 0;
-            for &(addr, len) in bufs {
-                let chunk = &mut bounce.as_mut_slice()[at..at + len as usize];
-                copy_from_guest(mem, addr, chunk)?;
-                at += len as usize;
-            }
-            return self.transfer(offset, &mut [bounce.iovec()], Direction::ToDisk);
-        }
+        // Every buffer is checked against guest memory before anything is allocated.
         let slices = guest_slices(mem, bufs)?;
+        if self.direct_io {
+            let total = total_len(bufs);
+            let mut bounce = AlignedBuf::new(total.min(BOUNCE_MAX));
+            let mut cursor = Cursor::new(bufs);
+            let mut done = 0;
+            while done < total {
+                let n = (total - done).min(BOUNCE_MAX);
+                cursor.read_guest(mem, &mut bounce.as_mut_slice()[..n])?;
+                let piece = offset + done as u64;
+                self.transfer(piece, &mut [bounce.iovec(n)], Direction::ToDisk)?;
+                done += n;
+            }
+            return Ok(());
+        }
         let mut iovecs = iovecs(&slices);
         self.transfer(offset, &mut iovecs, Direction::ToDisk)
     }
@@ -284,6 +295,65 @@ fn copy_from_guest(
     })
 }
 
+/// A position in a list of guest buffers, which bounce-buffer pieces are copied to or
+/// from in order.
+struct Cursor<'b> {
+    bufs: &'b [GuestBuf],
+    /// Index of the current buffer, and bytes of it already copied.
+    index: usize,
+    within: u32,
+}
+
+impl<'b> Cursor<'b> {
+    fn new(bufs: &'b [GuestBuf]) -> Self {
+        Self {
+            bufs,
+            index: 0,
+            within: 0,
+        }
+    }
+
+    /// The next run of guest bytes, at most `max` long: (address, length).
+    fn next_run(&mut self, max: usize) -> Option<(GuestAddress, usize)> {
+        while let Some(&(addr, len)) = self.bufs.get(self.index) {
+            let left = (len - self.within) as usize;
+            if left == 0 {
+                self.index += 1;
+                self.within = 0;
+                continue;
+            }
+            let n = left.min(max);
+            let at = GuestAddress(addr.0 + u64::from(self.within));
+            self.within += n as u32;
+            return Some((at, n));
+        }
+        None
+    }
+
+    fn write_guest(&mut self, mem: &GuestMemoryMmap, mut data: &[u8]) -> Result<(), Error> {
+        while !data.is_empty() {
+            let (at, n) = self
+                .next_run(data.len())
+                .ok_or(Error::ShortIo { offset: 0 })?;
+            copy_to_guest(mem, at, &data[..n])?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn read_guest(&mut self, mem: &GuestMemoryMmap, mut data: &mut [u8]) -> Result<(), Error> {
+        while !data.is_empty() {
+            let (at, n) = self
+                .next_run(data.len())
+                .ok_or(Error::ShortIo { offset: 0 })?;
+            let (head, tail) = data.split_at_mut(n);
+            copy_from_guest(mem, at, head)?;
+            data = tail;
+        }
+        Ok(())
+    }
+}
+
 /// A zeroed heap buffer aligned for `O_DIRECT`.
 struct AlignedBuf {
     ptr: *mut u8,
@@ -315,11 +385,11 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
-    /// The buffer as one iovec: aligned start, length as requested (whole sectors).
-    fn iovec(&mut self) -> libc::iovec {
+    /// The first `len` bytes as one iovec: aligned start (`len` is whole sectors).
+    fn iovec(&mut self, len: usize) -> libc::iovec {
         libc::iovec {
             iov_base: self.ptr.cast(),
-            iov_len: self.len,
+            iov_len: len.min(self.len),
         }
     }
 }

@@ -3,16 +3,8 @@ use microagent_vhost_blk::config::{Args, BlkConfig};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let result = BlkConfig::try_from(Args::parse())
-        .map_err(|e| e.to_string())
-        .and_then(|config| microagent_vhost_blk::serve(config).map_err(|e| e.to_string()));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            eprintln!("microagent-vhost-blk: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    microagent_daemon_kit::serve::main("microagent-vhost-blk", || {
+        let config = BlkConfig::try_from(Args::parse()).map_err(|e| e.to_string())?;
+        microagent_vhost_blk::serve(config).map_err(|e| e.to_string())
+    })
 }

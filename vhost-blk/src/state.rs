@@ -5,11 +5,8 @@
 //! travel through GET/SET_VRING_BASE. What remains is what the saved guest's driver
 //! was negotiated against, which a restored daemon must match.
 
+use microagent_daemon_kit::state::{Saved, Version};
 use serde::{Deserialize, Serialize};
-
-pub const KIND: &str = "vhost-blk";
-pub const VERSION: microagent_device_state::Version =
-    microagent_device_state::Version { major: 1, minor: 0 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlkState {
@@ -22,14 +19,9 @@ pub struct BlkState {
     pub serial: String,
 }
 
-impl BlkState {
-    pub fn encode(&self) -> Result<Vec<u8>, microagent_device_state::Error> {
-        microagent_device_state::encode(KIND, VERSION, self)
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, microagent_device_state::Error> {
-        microagent_device_state::decode(KIND, VERSION.major, bytes)
-    }
+impl Saved for BlkState {
+    const KIND: &'static str = "vhost-blk";
+    const VERSION: Version = Version { major: 1, minor: 0 };
 }
 
 #[cfg(test)]

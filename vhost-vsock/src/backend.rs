@@ -9,8 +9,8 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -19,11 +19,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::timerfd::TimerFd;
 
 pub const RX_QUEUE: usize = 0;
@@ -33,8 +31,12 @@ const NUM_QUEUES: usize = 3;
 pub const QUEUE_SIZE: usize = 1024;
 /// epoll id of the timer that retries a pending transport reset.
 const RESET_TIMER_ID: u16 = 9;
+/// epoll id of the timer that drives [`Muxer::tick`] while it has work.
+const TICK_TIMER_ID: u16 = 10;
+const TICK: Duration = Duration::from_millis(100);
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+use microagent_daemon_kit::memory::Memory;
+use microagent_daemon_kit::Mem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,7 +47,7 @@ pub enum Error {
     #[error("timer: {0}")]
     Timer(io::Error),
     #[error(transparent)]
-    State(#[from] microagent_device_state::Error),
+    State(#[from] microagent_daemon_kit::state::Error),
     #[error("saved state is for guest CID {saved}, this daemon serves {ours}")]
     CidMismatch { saved: u64, ours: u64 },
 }
@@ -58,23 +60,26 @@ impl From<Error> for io::Error {
 
 pub struct VsockBackend {
     config: VsockConfig,
-    mem: RwLock<Mem>,
+    mem: Memory,
     acked_features: AtomicU64,
     muxer: OnceLock<Mutex<Muxer>>,
     reset_timer: OnceLock<Mutex<TimerFd>>,
+    /// Armed (periodic) while the muxer has pending clients or a paused listener.
+    tick_timer: OnceLock<Mutex<(TimerFd, bool)>>,
     /// A transport reset waits to be delivered on the event queue (after a LOAD).
     reset_pending: Mutex<bool>,
-    transfer: microagent_device_state::transfer::Slot,
+    transfer: microagent_daemon_kit::state::transfer::Slot,
 }
 
 impl VsockBackend {
     pub fn new(config: VsockConfig) -> Self {
         Self {
             config,
-            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            mem: Memory::default(),
             acked_features: AtomicU64::new(0),
             muxer: OnceLock::new(),
             reset_timer: OnceLock::new(),
+            tick_timer: OnceLock::new(),
             reset_pending: Mutex::new(false),
             transfer: Default::default(),
         }
@@ -85,20 +90,33 @@ impl VsockBackend {
     pub fn start(&self, epoll_fd: i32) -> Result<(), Error> {
         let poller = Poller(epoll_fd);
         let muxer = Muxer::new(self.config.guest_cid, &self.config.uds_path, poller)?;
-        let timer = TimerFd::new().map_err(errno)?;
-        let mut event = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: u64::from(RESET_TIMER_ID),
-        };
-        // SAFETY: epoll_ctl with a valid epoll fd, our timer's fd and a valid event.
-        if unsafe { libc::epoll_ctl(epoll_fd, libc::EPOLL_CTL_ADD, timer.as_raw_fd(), &mut event) }
-            < 0
-        {
-            return Err(Error::Timer(io::Error::last_os_error()));
-        }
+        let reset = timer_on(epoll_fd, RESET_TIMER_ID)?;
+        let tick = timer_on(epoll_fd, TICK_TIMER_ID)?;
         let _ = self.muxer.set(Mutex::new(muxer));
-        let _ = self.reset_timer.set(Mutex::new(timer));
+        let _ = self.reset_timer.set(Mutex::new(reset));
+        let _ = self.tick_timer.set(Mutex::new((tick, false)));
         Ok(())
+    }
+
+    /// Arms the tick timer while the muxer needs it, disarms it otherwise.
+    fn update_tick(&self, needed: bool) {
+        let Some(timer) = self.tick_timer.get() else {
+            return;
+        };
+        let mut timer = timer.lock().unwrap_or_else(|e| e.into_inner());
+        let (fd, armed) = &mut *timer;
+        if needed == *armed {
+            return;
+        }
+        let result = if needed {
+            fd.reset(TICK, Some(TICK))
+        } else {
+            fd.clear()
+        };
+        match result {
+            Ok(()) => *armed = needed,
+            Err(e) => log::warn!("tick timer: {e}"),
+        }
     }
 
     fn muxer(&self) -> Option<MutexGuard<'_, Muxer>> {
@@ -114,7 +132,7 @@ impl VsockBackend {
     }
 
     fn memory(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
-        self.mem.read().unwrap_or_else(|e| e.into_inner()).memory()
+        self.mem.get()
     }
 
     /// Packets from the guest.
@@ -266,6 +284,23 @@ impl VsockBackend {
     }
 }
 
+/// A timer registered with the worker's epoll under `id`. Non-blocking: a timer cleared
+/// after epoll reported it must not block the worker in `wait`.
+fn timer_on(epoll_fd: i32, id: u16) -> Result<TimerFd, Error> {
+    let timer = TimerFd::new().map_err(errno)?;
+    microagent_daemon_kit::state::transfer::set_nonblocking(&timer).map_err(Error::Timer)?;
+    let mut event = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: u64::from(id),
+    };
+    // SAFETY: epoll_ctl with a valid epoll fd, our timer's fd and a valid event.
+    if unsafe { libc::epoll_ctl(epoll_fd, libc::EPOLL_CTL_ADD, timer.as_raw_fd(), &mut event) } < 0
+    {
+        return Err(Error::Timer(io::Error::last_os_error()));
+    }
+    Ok(timer)
+}
+
 fn errno(e: vmm_sys_util::errno::Error) -> Error {
     Error::Timer(io::Error::from_raw_os_error(e.errno()))
 }
@@ -331,22 +366,16 @@ impl VhostUserBackend for VsockBackend {
     /// `struct virtio_vsock_config`: the guest CID, padded to the requested size.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let config = self.config.guest_cid.to_le_bytes();
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(size as usize).min(config.len());
-        let mut out = config[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        microagent_daemon_kit::config_space::slice(&config, offset, size)
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
+        self.mem.update(mem);
         Ok(())
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-            .inspect_err(|e| log::error!("worker {thread_index}: no exit event: {e}"))
-            .ok()
+        microagent_daemon_kit::worker::exit_event(thread_index)
     }
 
     fn handle_event(
@@ -374,10 +403,17 @@ impl VhostUserBackend for VsockBackend {
                     let _ = timer.wait();
                 }
             }
+            _ if device_event == TICK_TIMER_ID => {
+                if let Some(timer) = self.tick_timer.get() {
+                    let _ = timer.lock().unwrap_or_else(|e| e.into_inner()).0.wait();
+                }
+                muxer.tick(Instant::now());
+            }
             _ => muxer.fd_event(device_event, evset.bits()),
         }
         self.deliver_reset(event);
         self.process_rx(rx, &mut muxer);
+        self.update_tick(muxer.needs_tick());
         Ok(())
     }
 
@@ -388,11 +424,10 @@ impl VhostUserBackend for VsockBackend {
         file: File,
     ) -> io::Result<Option<File>> {
         self.transfer
-            .set_fd(direction, phase, file, || self.state().encode())
+            .set_fd(direction, phase, file, || self.state())
     }
 
     fn check_device_state(&self) -> io::Result<()> {
-        self.transfer
-            .check(|bytes| self.adopt(&VsockState::decode(bytes)?))
+        self.transfer.check(|saved: VsockState| self.adopt(&saved))
     }
 }

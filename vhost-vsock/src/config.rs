@@ -1,6 +1,7 @@
 //! Flags of `microagent-vhost-vsock`, checked into a [`VsockConfig`].
 
 use clap::Parser;
+use microagent_daemon_kit::serve::MAX_SOCKET_PATH;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -15,8 +16,6 @@ pub enum Error {
     },
 }
 
-/// Longest unix socket path (sun_path is 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
 /// Room left for "_<port>" on guest-initiated connections.
 const PORT_SUFFIX: usize = 11;
 

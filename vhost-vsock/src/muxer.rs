@@ -6,6 +6,12 @@
 //! [`BUF_ALLOC`] bytes from the guest waiting for a slow host reader (the guest may not
 //! send more than the credit we advertise), and at most [`STAGE_MAX`] bytes read from the
 //! host waiting for RX buffers or guest credit (we stop reading the socket beyond that).
+//!
+//! Host clients are bounded too: at most [`MAX_PENDING`] wait for their CONNECT line or
+//! for the guest's answer, each for at most [`CONNECT_TIMEOUT`], and at most
+//! [`MAX_CONNECTIONS`] connections exist at once. When accept fails for lack of file
+//! descriptors the listener leaves epoll until the next [`Muxer::tick`] (a level-triggered
+//! listener with a connection it cannot accept would wake the worker forever).
 
 use crate::packet::*;
 use std::collections::{HashMap, VecDeque};
@@ -14,6 +20,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Receive buffer we advertise per connection (guest → host).
 pub const BUF_ALLOC: u32 = 256 << 10;
@@ -28,6 +35,12 @@ const MAX_CONTROL: usize = 4096;
 const MAX_CONNECT_LINE: usize = 32;
 /// First port handed to host-initiated connections.
 const FIRST_HOST_PORT: u32 = 1 << 30;
+/// How long a host client may take to send its CONNECT line, and the guest to answer it.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Host clients waiting for their CONNECT line or the guest's answer; more are closed.
+pub const MAX_PENDING: usize = 64;
+/// Connections of either origin; more are refused (closed, or RST to the guest).
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// epoll ids (the vhost-user-backend worker reserves 0..=queues).
 pub const LISTENER_ID: u16 = 8;
@@ -71,6 +84,8 @@ enum State {
 #[derive(Debug)]
 struct Conn {
     stream: UnixStream,
+    /// When the connection was accepted or its REQUEST sent (for [`CONNECT_TIMEOUT`]).
+    since: Instant,
     local_port: u32,
     peer_port: u32,
     state: State,
@@ -96,6 +111,7 @@ impl Conn {
     fn new(stream: UnixStream, local_port: u32, peer_port: u32, state: State) -> Self {
         Self {
             stream,
+            since: Instant::now(),
             local_port,
             peer_port,
             state,
@@ -190,6 +206,10 @@ pub struct Muxer {
     rx_ready: VecDeque<u16>,
     next_id: u16,
     next_host_port: u32,
+    /// The listener is out of epoll after accept ran out of descriptors.
+    listener_paused: bool,
+    /// Accept failed for lack of resources and has not succeeded since (logged once).
+    accept_starved: bool,
 }
 
 impl Muxer {
@@ -219,7 +239,50 @@ impl Muxer {
             rx_ready: VecDeque::new(),
             next_id: CONN_ID_BASE,
             next_host_port: FIRST_HOST_PORT,
+            listener_paused: false,
+            accept_starved: false,
         })
+    }
+
+    /// Host clients still waiting for their CONNECT line or the guest's answer.
+    fn pending(&self) -> usize {
+        self.conns
+            .values()
+            .filter(|c| c.state != State::Established)
+            .count()
+    }
+
+    /// Whether [`Muxer::tick`] has work: a paused listener or a pending client.
+    pub fn needs_tick(&self) -> bool {
+        self.listener_paused || self.pending() > 0
+    }
+
+    /// Periodic housekeeping: puts a paused listener back into epoll and ends host
+    /// clients that waited longer than [`CONNECT_TIMEOUT`] (the guest's side of one
+    /// whose REQUEST went unanswered gets an RST).
+    pub fn tick(&mut self, now: Instant) {
+        if self.listener_paused {
+            let fd = self.listener.as_raw_fd();
+            match self
+                .poller
+                .ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, LISTENER_ID)
+            {
+                Ok(()) => self.listener_paused = false,
+                Err(e) => log::warn!("re-arming the host listener: {e}"),
+            }
+        }
+        let expired: Vec<u16> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.state != State::Established && now.duration_since(c.since) > CONNECT_TIMEOUT
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            log::debug!("host client {id} timed out before its connection was established");
+            self.reset_conn(id);
+        }
     }
 
     pub fn connections(&self) -> usize {
@@ -316,6 +379,14 @@ impl Muxer {
     }
 
     fn guest_connect(&mut self, p: &Packet) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            log::warn!(
+                "{MAX_CONNECTIONS} connections open: refusing guest port {}",
+                p.src_port
+            );
+            self.rst(p);
+            return;
+        }
         let path = format!("{}_{}", self.uds_path.display(), p.dst_port);
         let stream = match UnixStream::connect(&path) {
             Ok(stream) => stream,
@@ -443,6 +514,12 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    self.accept_starved = false;
+                    if self.pending() >= MAX_PENDING || self.conns.len() >= MAX_CONNECTIONS {
+                        // Closed at once: the client sees EOF instead of waiting.
+                        log::warn!("too many host clients waiting; closing a new one");
+                        continue;
+                    }
                     if stream.set_nonblocking(true).is_ok() {
                         let conn = Conn::new(stream, 0, 0, State::AwaitConnect(Vec::new()));
                         if let Some(id) = self.insert(conn) {
@@ -450,8 +527,29 @@ impl Muxer {
                         }
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e)
+                    if e.kind() == ErrorKind::Interrupted
+                        || e.kind() == ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection stays queued and the
+                    // listener readable, so leave epoll until the next tick.
+                    if self.accept_starved {
+                        log::debug!("accepting a host client: {e}; retrying shortly");
+                    } else {
+                        log::warn!("accepting a host client: {e}; retrying shortly");
+                        self.accept_starved = true;
+                    }
+                    let fd = self.listener.as_raw_fd();
+                    if self
+                        .poller
+                        .ctl(libc::EPOLL_CTL_DEL, fd, 0, LISTENER_ID)
+                        .is_ok()
+                    {
+                        self.listener_paused = true;
+                    }
+                    return;
+                }
             }
         }
     }
@@ -477,10 +575,7 @@ impl Muxer {
         let Some(end) = line.iter().position(|&b| b == b'\n') else {
             return line.len() >= MAX_CONNECT_LINE;
         };
-        let port = std::str::from_utf8(&line[..end])
-            .ok()
-            .and_then(|l| l.strip_prefix("CONNECT "))
-            .and_then(|p| p.trim().parse::<u32>().ok());
+        let port = connect_port(&line[..end]);
         let rest = line[end + 1..].to_vec();
         let Some(port) = port else {
             log::debug!("host client sent a malformed CONNECT line");
@@ -493,6 +588,7 @@ impl Muxer {
         conn.local_port = local_port;
         conn.peer_port = port;
         conn.state = State::Connecting;
+        conn.since = Instant::now();
         conn.to_guest = rest;
         self.by_ports.insert((local_port, port), id);
         let request = self.conn_packet(&self.conns[&id], OP_REQUEST, 0, 0);
@@ -675,8 +771,48 @@ impl Muxer {
     }
 }
 
+/// The port of a `CONNECT <port>` line (without its newline), parsed strictly: decimal
+/// digits only (no sign, space or leading zero), from 1 to `u32::MAX - 1`. `u32::MAX` is
+/// VMADDR_PORT_ANY, which names no port, and port 0 is refused as no guest service
+/// listens there (Linux binds from 1024 up unless asked for a port).
+pub fn connect_port(line: &[u8]) -> Option<u32> {
+    let digits = line.strip_prefix(b"CONNECT ")?;
+    let first = *digits.first()?;
+    if !(b'1'..=b'9').contains(&first) || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let port: u32 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    (port != u32::MAX).then_some(port)
+}
+
 impl Drop for Muxer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_lines_are_parsed_strictly() {
+        assert_eq!(connect_port(b"CONNECT 5"), Some(5));
+        assert_eq!(connect_port(b"CONNECT 4294967294"), Some(u32::MAX - 1));
+        for bad in [
+            "CONNECT +5",
+            "CONNECT 0",
+            "CONNECT 4294967295",
+            "CONNECT 4294967296",
+            "CONNECT 05",
+            "CONNECT  5",
+            "CONNECT 5 ",
+            "CONNECT -1",
+            "CONNECT ",
+            "connect 5",
+            "CONNECT 5\r",
+        ] {
+            assert_eq!(connect_port(bad.as_bytes()), None, "{bad:?}");
+        }
     }
 }

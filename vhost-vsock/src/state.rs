@@ -2,11 +2,8 @@
 //! after a restore every connection is reset (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET), as the
 //! host ends of old connections do not survive the process anyway.
 
+use microagent_daemon_kit::state::{Saved, Version};
 use serde::{Deserialize, Serialize};
-
-pub const KIND: &str = "vhost-vsock";
-pub const VERSION: microagent_device_state::Version =
-    microagent_device_state::Version { major: 1, minor: 0 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockState {
@@ -14,14 +11,9 @@ pub struct VsockState {
     pub acked_features: u64,
 }
 
-impl VsockState {
-    pub fn encode(&self) -> Result<Vec<u8>, microagent_device_state::Error> {
-        microagent_device_state::encode(KIND, VERSION, self)
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, microagent_device_state::Error> {
-        microagent_device_state::decode(KIND, VERSION.major, bytes)
-    }
+impl Saved for VsockState {
+    const KIND: &'static str = "vhost-vsock";
+    const VERSION: Version = Version { major: 1, minor: 0 };
 }
 
 #[cfg(test)]
