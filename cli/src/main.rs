@@ -280,8 +280,11 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
     }
     let store = Store::new(home.images());
     let pulled = fetch_image(&store, &image, insecure)?;
+    // Checked before the root disk is built: a config that is not JSON leaves no disk.
+    let defaults =
+        exec_defaults(&store, &pulled).map_err(|e| CliError::new(e.code(), e.to_string()))?;
     let disk = root_disk(&store, &pulled, disk_size)
-        .map_err(|e| CliError::new("image.rootfs_failed", e.to_string()))?;
+        .map_err(|e| CliError::new(e.code(), e.to_string()))?;
 
     // Built in a temporary directory and renamed: a workspace exists whole or not at all.
     let tmp = home.workspaces().join(format!(".creating-{name}"));
@@ -313,7 +316,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
         let config = Config {
             name: name.clone(),
             image: Some(pulled.reference.clone()),
-            image_digest: Some(pulled.manifest_digest.clone()),
+            image_digest: Some(pulled.manifest_digest.to_string()),
             cpus,
             memory_mib,
             kernel: fs::canonicalize(&kernel).unwrap_or(kernel),
@@ -322,8 +325,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             agent: !no_agent,
             created: workspace::now_rfc3339(),
             secrets,
-            defaults: exec_defaults(&store, &pulled)
-                .map_err(|e| CliError::new("image.bad_config", e.to_string()))?,
+            defaults,
         };
         fs::write(
             tmp.join("workspace.json"),
@@ -357,7 +359,7 @@ fn fetch_image(store: &Store, text: &str, insecure: bool) -> Result<microagent_i
         eprintln!("pulling {text}");
     }
     fetch(store, &source, &PullOptions { insecure, progress })
-        .map_err(|e| CliError::new("image.pull_failed", e.to_string()))
+        .map_err(|e| CliError::new(e.code(), e.to_string()))
 }
 
 fn start(home: &Home, out: &Output, name: &str) -> Result<()> {
