@@ -306,6 +306,7 @@ pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<Path
     let _ = fs::remove_dir_all(&tree);
     fs::create_dir_all(&tree).map_err(io(&tree))?;
     let result = (|| {
+        let free_at_start = rootfs::free_bytes(&tree).map_err(io(&tree))?;
         for (digest, _) in &image.layers {
             let blob = store.open(digest)?;
             let compressed = blob.metadata().map_err(io(&store.blob_path(digest)))?.len();
@@ -317,7 +318,7 @@ pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<Path
             unpack::apply_layer_auto(
                 &tree,
                 io::BufReader::new(blob),
-                unpack::expansion_limit(compressed, free),
+                unpack::expansion_limit(compressed, unpack::room(free_at_start, free)),
             )
             .map_err(unpack_err)?;
         }

@@ -292,12 +292,15 @@ fn unpack_archive(store: &Store, file: &Path, name: &str) -> Result<PathBuf, Err
         // The archive is only a container of blobs and JSON: the unpacker's escape checks
         // apply, it cannot expand past its own size, and nothing from it is used until
         // verified against a digest.
-        unpack::apply_layer(&tmp, std::io::BufReader::new(archive), size.min(free / 2)).map_err(
-            |source| Error::Unpack {
-                source_name: name.into(),
-                source,
-            },
+        unpack::apply_layer(
+            &tmp,
+            std::io::BufReader::new(archive),
+            size.min(unpack::room(free, free)),
         )
+        .map_err(|source| Error::Unpack {
+            source_name: name.into(),
+            source,
+        })
     })();
     match result {
         Ok(()) => Ok(tmp),

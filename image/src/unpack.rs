@@ -47,7 +47,7 @@ pub enum Error {
     ThroughSymlink { entry: String, link: String },
     #[error("layer entry {entry:?}: {source}")]
     Write { entry: String, source: io::Error },
-    #[error("the layer expands past {limit} bytes (at most {MAX_RATIO} times its compressed size, and half the free space); refusing it")]
+    #[error("the layer expands past {limit} bytes (at most {MAX_RATIO} times its compressed size, and within half the free space there was when the build started); refusing it")]
     TooLarge { limit: u64 },
 }
 
@@ -64,14 +64,20 @@ impl Error {
     }
 }
 
-/// The most a layer of `compressed` bytes may expand to on a filesystem with `free`
-/// bytes available: [`MAX_RATIO`] times its size (at least [`MIN_LIMIT`]), and never
-/// more than half the free space (the tree and the disk made from it both need room).
-pub fn expansion_limit(compressed: u64, free: u64) -> u64 {
+/// The most a layer of `compressed` bytes may expand to when `room` bytes may still be
+/// used: [`MAX_RATIO`] times its size (at least [`MIN_LIMIT`]), never more than `room`.
+pub fn expansion_limit(compressed: u64, room: u64) -> u64 {
     compressed
         .saturating_mul(MAX_RATIO)
         .max(MIN_LIMIT)
-        .min(free / 2)
+        .min(room)
+}
+
+/// The room a tree may still take: what is free now, less half of what was free when
+/// the build started (kept for the disk made from the tree, and for the host). Summed
+/// over all layers, a tree never takes more than half the starting free space.
+pub fn room(free_at_start: u64, free_now: u64) -> u64 {
+    free_now.saturating_sub(free_at_start - free_at_start / 2)
 }
 
 /// A path inside the root: non-empty, made of normal components only. Built only by
@@ -374,11 +380,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_limit_follows_the_compressed_size_and_half_the_free_space() {
+    fn the_limit_follows_the_compressed_size_and_half_the_starting_free_space() {
         assert_eq!(expansion_limit(1 << 30, u64::MAX), 100 << 30);
         assert_eq!(expansion_limit(1000, u64::MAX), MIN_LIMIT);
-        assert_eq!(expansion_limit(1 << 30, 10 << 30), 5 << 30);
-        assert_eq!(expansion_limit(u64::MAX, u64::MAX), u64::MAX / 2);
+        assert_eq!(expansion_limit(1 << 30, 5 << 30), 5 << 30);
+        assert_eq!(expansion_limit(u64::MAX, u64::MAX), u64::MAX);
+        // 10 GiB free at the start: the first layer may take 5 GiB; after it took 4,
+        // the next may take 1 more; once half is used, nothing.
+        assert_eq!(room(10 << 30, 10 << 30), 5 << 30);
+        assert_eq!(room(10 << 30, 6 << 30), 1 << 30);
+        assert_eq!(room(10 << 30, 4 << 30), 0);
+        assert_eq!(room(11, 11), 5);
     }
 
     #[test]

@@ -573,3 +573,47 @@ fn a_config_that_is_not_json_is_refused_before_a_root_disk_is_built() {
         );
     }
 }
+
+#[test]
+fn a_layer_larger_than_half_the_free_space_is_refused_before_the_disk_fills() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1 MiB of incompressible bytes and 30 MiB of zeros: about 1 MiB compressed, so the
+    // ratio allows 100 MiB; the 40 MiB filesystem it is unpacked on does not.
+    let mut tar = header("data", EntryType::Regular, 0o644, 31 << 20)
+        .as_bytes()
+        .to_vec();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..(1 << 20) / 8 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        tar.extend_from_slice(&x.to_le_bytes());
+    }
+    tar.resize(tar.len() + (30 << 20) + 1024, 0);
+    let layout = dir.path().join("layout");
+    write_image_layout(&layout, &[(tar, true)]);
+    let kernel = dir.path().join("vmlinux");
+    fs::write(&kernel, b"never booted").unwrap();
+    let home = dir.path().join("home");
+    fs::create_dir(&home).unwrap();
+    // The home on a 40 MiB tmpfs in a private mount namespace (gone with the process).
+    let script = format!(
+        "mount -t tmpfs -o size=40m tmpfs {home} && exec {cli} --json --home {home} create ws --no-agent --kernel {kernel} --image oci:{layout}:v1",
+        home = home.display(),
+        cli = binary("microagent").unwrap().display(),
+        kernel = kernel.display(),
+        layout = layout.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .expect("unshare (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("mount") && !stderr.contains("unshare"),
+        "this test needs root (CAP_SYS_ADMIN) for a tmpfs in a mount namespace: {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["error"]["code"], "image.layer_too_large", "{reply}");
+}
