@@ -17,7 +17,7 @@ fn writer_pid(name: &str) -> Option<i32> {
 
 /// Whether a process with this pid exists (a reused pid counts as alive: the entry
 /// then waits for a later run).
-pub fn alive(pid: i32) -> bool {
+fn alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks whether the pid exists; no signal is sent.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)

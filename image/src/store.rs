@@ -241,12 +241,6 @@ impl Store {
         }
     }
 
-    /// Stores `data` as `digest` if it hashes to it.
-    pub fn put(&self, digest: &Digest, data: &[u8]) -> Result<PathBuf, Error> {
-        self.import(data, Some(digest), Some(data.len() as u64))?;
-        Ok(self.blob_path(digest))
-    }
-
     /// Keeps a manifest (as parsed) under its registry digest, for listing and reuse.
     pub fn put_manifest(&self, digest: &Digest, json: &[u8]) -> Result<PathBuf, Error> {
         let dir = self.root.join("manifests");
@@ -411,13 +405,13 @@ mod tests {
         let store = Store::new(dir.path());
         let digest = Digest::of(b"layer");
         assert!(!store.has(&digest));
-        store.put(&digest, b"layer").unwrap();
+        store.import(&b"layer"[..], Some(&digest), Some(5)).unwrap();
         assert!(store.has(&digest));
         assert_eq!(store.read_small(&digest, 100).unwrap(), b"layer");
 
         let other = Digest::of(b"other");
         assert!(matches!(
-            store.put(&other, b"tampered"),
+            store.import(&b"tampered"[..], Some(&other), Some(8)),
             Err(Error::Mismatch { .. })
         ));
         assert!(!store.has(&other));
