@@ -617,3 +617,146 @@ fn a_layer_larger_than_half_the_free_space_is_refused_before_the_disk_fills() {
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["error"]["code"], "image.layer_too_large", "{reply}");
 }
+
+/// A registry that serves one hand-written manifest (`test/img:v1`) and the blobs it is
+/// given, over plain HTTP on loopback, recording every path asked for. Its thread
+/// ends with the test process.
+struct FakeRegistry {
+    addr: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeRegistry {
+    fn start(manifest: String, blobs: Vec<Vec<u8>>) -> Self {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let blobs: BTreeMap<String, Vec<u8>> = blobs.into_iter().map(|b| (digest(&b), b)).collect();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(&stream);
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap_or(0) <= 2 {
+                        break;
+                    }
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                seen.lock().unwrap().push(path.clone());
+                let (status, kind, body) = if path == "/v2/" {
+                    ("200 OK", "application/json", b"{}".to_vec())
+                } else if path.ends_with("/manifests/v1") {
+                    (
+                        "200 OK",
+                        "application/vnd.oci.image.manifest.v1+json",
+                        manifest.as_bytes().to_vec(),
+                    )
+                } else if let Some(blob) =
+                    path.rsplit_once("/blobs/").and_then(|(_, d)| blobs.get(d))
+                {
+                    ("200 OK", "application/octet-stream", blob.clone())
+                } else {
+                    ("404 Not Found", "application/json", b"{}".to_vec())
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nDocker-Content-Digest: {}\r\nConnection: close\r\n\r\n",
+                    body.len(),
+                    digest(&body)
+                );
+                let mut out = &stream;
+                let _ = out.write_all(head.as_bytes());
+                let _ = out.write_all(&body);
+            }
+        });
+        Self { addr, requests }
+    }
+
+    fn blob_requests(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.contains("/blobs/"))
+            .cloned()
+            .collect()
+    }
+}
+
+fn manifest_of(config: (&str, i64), layer: (&str, i64)) -> String {
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+        config.0, config.1, layer.0, layer.1
+    )
+}
+
+#[test]
+fn a_registry_cannot_name_paths_or_make_the_client_read_past_declared_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = br#"{"architecture":"amd64","os":"linux","config":{}}"#.to_vec();
+    let big = vec![1u8; 1 << 20];
+    let (c, cs) = (digest(&config), config.len() as i64);
+    let cases = [
+        (
+            "layer digest that is a path",
+            manifest_of((&c, cs), ("sha256:../../../../etc/passwd", 10)),
+            "image.bad_digest",
+        ),
+        (
+            "config declared as 1 EiB",
+            manifest_of((&c, 1 << 60), (&digest(&big), 1 << 20)),
+            "image.blob_size_mismatch",
+        ),
+        (
+            "layer longer than declared",
+            manifest_of((&c, cs), (&digest(&big), 10)),
+            "image.blob_size_mismatch",
+        ),
+        (
+            "negative size",
+            manifest_of((&c, cs), (&digest(&big), -1)),
+            "image.blob_size_mismatch",
+        ),
+    ];
+    for (i, (case, manifest, code)) in cases.into_iter().enumerate() {
+        let registry = FakeRegistry::start(manifest, vec![config.clone(), big.clone()]);
+        let store = Store::new(dir.path().join(format!("store-{i}")));
+        let text = format!("{}/test/img:v1", registry.addr);
+        let err = promptly(case, {
+            let store = store.clone();
+            move || {
+                fetch(
+                    &store,
+                    &Source::parse(&text).unwrap(),
+                    &PullOptions::default(),
+                )
+                .unwrap_err()
+            }
+        });
+        assert_eq!(err.code(), code, "{case}: {err}");
+        if code == "image.bad_digest" || case == "negative size" {
+            assert!(
+                registry.blob_requests().is_empty(),
+                "{case}: blobs fetched before the manifest was checked: {:?}",
+                registry.blob_requests()
+            );
+        }
+        let blobs = store.root().join("blobs/sha256");
+        let kept: Vec<_> = fs::read_dir(&blobs)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            !kept.iter().any(|n| n.to_string_lossy().starts_with('.')),
+            "{case}: temporary files left: {kept:?}"
+        );
+        assert!(
+            !blobs.join(&digest(&big)[7..]).exists(),
+            "{case}: a refused blob entered the store"
+        );
+    }
+}
