@@ -2,12 +2,16 @@
 //! `workspaces/.<name>.lock`. A command that finds the lock taken says on stderr which
 //! command holds it (the holder writes its pid and command into the file) and gives up
 //! after a bounded time with `workspace.busy`, or waits as long as it takes (`--wait`).
+//! `delete` removes the lock file while holding it, so a lock taken on a file that is no
+//! longer at the path is let go and taken again on the new file.
 
 use crate::error::{CliError, Result};
 use crate::home::Home;
 use std::fs;
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How often a waiting command tries again.
@@ -59,21 +63,40 @@ fn holder(file: &mut fs::File) -> String {
     }
 }
 
-/// Locks workspace `name` for `command` (as the holder is shown to waiters).
-pub fn acquire(home: &Home, name: &str, command: &str, wait: Wait) -> Result<WorkspaceLock> {
-    fs::create_dir_all(home.workspaces()).map_err(unwritable)?;
-    let path = home.workspaces().join(format!(".{name}.lock"));
+fn open(path: &Path) -> Result<fs::File> {
     // Not truncated on open: the holder's note must survive a waiter opening the file.
-    let mut file = fs::OpenOptions::new()
+    fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(unwritable)?;
+        .open(path)
+        .map_err(unwritable)
+}
+
+/// Whether `file` is still the file at `path` (not unlinked by a `delete`).
+fn still_there(file: &fs::File, path: &Path) -> bool {
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
+/// Locks workspace `name` for `command` (as the holder is shown to waiters).
+pub fn acquire(home: &Home, name: &str, command: &str, wait: Wait) -> Result<WorkspaceLock> {
+    fs::create_dir_all(home.workspaces()).map_err(unwritable)?;
+    let path = home.workspaces().join(format!(".{name}.lock"));
+    let mut file = open(&path)?;
     let started = Instant::now();
     let mut told = false;
-    while !try_lock(&file).map_err(unwritable)? {
+    loop {
+        if try_lock(&file).map_err(unwritable)? {
+            if still_there(&file, &path) {
+                break;
+            }
+            file = open(&path)?; // the old one closes, and its lock with it
+            continue;
+        }
         let who = holder(&mut file);
         if let Wait::Bounded(limit) = wait {
             if started.elapsed() >= limit {
@@ -134,5 +157,28 @@ mod tests {
         acquire(&home, "ws", "halt ws", Wait::Bounded(Duration::ZERO)).unwrap();
         let note = fs::read_to_string(dir.path().join("workspaces/.ws.lock")).unwrap();
         assert_eq!(note, format!("pid {pid}: microagent halt ws\n"));
+    }
+
+    #[test]
+    fn a_lock_on_a_file_deleted_meanwhile_is_taken_again_on_the_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path());
+        let path = dir.path().join("workspaces/.ws.lock");
+        let deleting = acquire(&home, "ws", "delete ws", Wait::Forever).unwrap();
+        let waiter = std::thread::spawn({
+            let home = home.clone();
+            move || acquire(&home, "ws", "create ws", Wait::Forever).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // `delete` removes the file while holding the lock, then lets go.
+        fs::remove_file(&path).unwrap();
+        drop(deleting);
+        let waited = waiter.join().unwrap();
+        // The waiter holds the lock of the file now at the path: nobody else can take it.
+        assert!(path.exists());
+        let err = acquire(&home, "ws", "start ws", Wait::Bounded(Duration::ZERO)).unwrap_err();
+        assert_eq!(err.code, "workspace.busy", "{err}");
+        assert!(err.message.contains("microagent create ws"), "{err}");
+        drop(waited);
     }
 }
