@@ -11,6 +11,10 @@
 //! whiteouts naming `.`, `..` or nothing, and entries whose parent directory is a
 //! symlink are refused with an error naming the entry.
 //!
+//! Owners, modes (with setuid/setgid/sticky) and file capabilities
+//! (`SCHILY.xattr.security.capability`) are applied in that order: a chown clears the
+//! others.
+//!
 //! A layer may expand to at most a given number of bytes (see [`expansion_limit`]):
 //! the decompressed stream and the file contents written are both counted.
 
@@ -27,6 +31,9 @@ use tar::{Archive, EntryType};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+/// File capabilities (how Debian's ping gets CAP_NET_RAW), carried as a PAX record.
+const PAX_CAPABILITY: &str = "SCHILY.xattr.security.capability";
+const XATTR_CAPABILITY: &str = "security.capability";
 
 /// How far a compressed layer may expand: generous for real images (text and binaries
 /// compress 2-10x; files of zeros far more), small enough that a gzip bomb (about
@@ -192,6 +199,41 @@ impl Tree<'_> {
     }
 }
 
+/// Sets the `security.capability` attribute of a file (not following symlinks).
+fn set_capability(path: &Path, value: &[u8]) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let name = CString::new(XATTR_CAPABILITY).map_err(io::Error::other)?;
+    // SAFETY: lsetxattr with NUL-terminated path and name, and a value pointer valid
+    // for `value.len()` bytes.
+    let rc = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The file capability a PAX record gives this entry, if any.
+fn capability_of<R: Read>(entry: &mut tar::Entry<R>) -> io::Result<Option<Vec<u8>>> {
+    let Some(extensions) = entry.pax_extensions()? else {
+        return Ok(None);
+    };
+    for extension in extensions {
+        let extension = extension?;
+        if extension.key() == Ok(PAX_CAPABILITY) {
+            return Ok(Some(extension.value_bytes().to_vec()));
+        }
+    }
+    Ok(None)
+}
+
 fn lchown(path: &Path, uid: u64, gid: u64) -> io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: lchown with a NUL-terminated path.
@@ -290,6 +332,7 @@ fn apply_counted(tree: &Tree, layer: impl Read, limit: u64) -> Result<(), Error>
             fs::create_dir_all(dir).map_err(write_err)?;
         }
         let header = entry.header().clone();
+        let capability = capability_of(&mut entry).map_err(Error::Read)?;
         let mode = header.mode().map_err(Error::Read)? & 0o7777;
         // Some writers leave the owner fields blank: root, as tar itself assumes.
         let (uid, gid) = (header.uid().unwrap_or(0), header.gid().unwrap_or(0));
@@ -340,10 +383,13 @@ fn apply_counted(tree: &Tree, layer: impl Read, limit: u64) -> Result<(), Error>
             EntryType::Link => {} // shares its target's inode, owner and mode
             EntryType::Symlink => lchown(&dest, uid, gid).map_err(write_err)?,
             _ => {
-                // Owner first: the kernel clears setuid/setgid on chown, so the mode
-                // (with those bits) is applied after it.
+                // Owner first: the kernel clears setuid/setgid and file capabilities on
+                // chown, so the mode (with those bits) and capabilities come after it.
                 lchown(&dest, uid, gid).map_err(write_err)?;
                 fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(write_err)?;
+                if let Some(value) = &capability {
+                    set_capability(&dest, value).map_err(write_err)?;
+                }
             }
         }
         created.insert(rel);

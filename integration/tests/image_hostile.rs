@@ -360,7 +360,7 @@ fn docker_archive_paths_out_of_the_archive_are_refused() {
 }
 
 #[test]
-fn setuid_and_setgid_bits_survive_onto_the_ext4_root_disk() {
+fn setuid_setgid_and_file_capabilities_survive_onto_the_ext4_root_disk() {
     let dir = tempfile::tempdir().unwrap();
     let mut b = Builder::new(Vec::new());
     let mut entry = |path: &str, kind: EntryType, mode: u32, uid: u64, gid: u64| {
@@ -382,6 +382,18 @@ fn setuid_and_setgid_bits_survive_onto_the_ext4_root_disk() {
     entry("bin/wall", EntryType::Regular, 0o2755, 0, 5);
     entry("bin/mine", EntryType::Regular, 0o4750, 1000, 1000);
     entry("shared/", EntryType::Directory, 0o2775, 0, 100);
+    // ping as Debian ships it: CAP_NET_RAW as a file capability (VFS_CAP_REVISION_2,
+    // effective), which a chown after it would clear like setuid.
+    let mut capability = 0x0200_0001u32.to_le_bytes().to_vec();
+    capability.extend_from_slice(&(1u32 << 13).to_le_bytes());
+    capability.extend_from_slice(&[0; 12]);
+    b.append_pax_extensions([("SCHILY.xattr.security.capability", &capability[..])])
+        .unwrap();
+    b.append(
+        &header("bin/ping", EntryType::Regular, 0o755, 2),
+        &b"x\n"[..],
+    )
+    .unwrap();
     let layer = b.into_inner().unwrap();
     let layout = dir.path().join("layout");
     write_image_layout(&layout, &[(layer, true)]);
@@ -406,6 +418,11 @@ fn setuid_and_setgid_bits_survive_onto_the_ext4_root_disk() {
             "{path}: {stat}"
         );
     }
+    let attrs = debugfs(&disk, "ea_list /bin/ping");
+    assert!(
+        attrs.contains("security.capability (20) = 01 00 00 02 00 20 00 00"),
+        "{attrs}"
+    );
 }
 
 /// One file of `size` zero bytes in a tar, gzip-compressed as tightly as gzip can.
