@@ -5,10 +5,14 @@
 //! - [`workspace`]: a workspace's configuration and files.
 //! - [`runtime`]: starting and stopping a workspace's processes, and its state.
 //! - [`initramfs`]: the cpio image that carries the agent as /init.
+//! - [`lock`]: one command at a time per workspace, with a bounded wait.
+//! - [`memory`]: guest memory checked against the host's.
 //! - [`error`]: user-facing errors with stable codes.
 
 pub mod error;
 pub mod home;
 pub mod initramfs;
+pub mod lock;
+pub mod memory;
 pub mod runtime;
 pub mod workspace;

@@ -4,6 +4,8 @@ use microagent_agent_protocol::message::{ExecRequest, HostMessage, TtySize};
 use microagent_cli::error::{CliError, Result, EXIT_ERROR};
 use microagent_cli::home::Home;
 use microagent_cli::initramfs::Initramfs;
+use microagent_cli::lock::{self, Wait, WorkspaceLock};
+use microagent_cli::memory;
 use microagent_cli::runtime::{self, State};
 use microagent_cli::workspace::{self, Config};
 use microagent_image::pull::{root_disk, PullOptions};
@@ -11,7 +13,6 @@ use microagent_image::source::{exec_defaults, fetch, Source};
 use microagent_image::store::Store;
 use std::fs;
 use std::io::{IsTerminal, Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -26,6 +27,12 @@ struct Cli {
     /// Print JSON for scripts (errors as {"error":{"code","message"}}).
     #[arg(long, global = true)]
     json: bool,
+    /// Wait as long as it takes for a workspace another command is using.
+    #[arg(long, global = true)]
+    wait: bool,
+    /// Seconds to wait for a workspace another command is using (then workspace.busy).
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = lock::DEFAULT_TIMEOUT_SECS)]
+    lock_timeout: u64,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -177,18 +184,16 @@ fn parse_size(text: &str, flag: &str) -> Result<u64> {
         .ok_or_else(bad)
 }
 
-fn lock(home: &Home, name: &str) -> Result<fs::File> {
-    fs::create_dir_all(home.workspaces())
-        .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
-    let file = fs::File::create(home.workspaces().join(format!(".{name}.lock")))
-        .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
-    // SAFETY: flock on a descriptor we own; released when the file closes.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-    Ok(file)
-}
-
 struct Output {
     json: bool,
+    /// How long to wait for a workspace another command holds.
+    wait: Wait,
+}
+
+impl Output {
+    fn lock(&self, home: &Home, name: &str, command: &str) -> Result<WorkspaceLock> {
+        lock::acquire(home, name, &format!("{command} {name}"), self.wait)
+    }
 }
 
 impl Output {
@@ -226,6 +231,12 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             "--memory must be at least 16M",
         ));
     }
+    memory::check(
+        memory_mib,
+        memory::host_total_mib(),
+        "input.memory_exceeds_host",
+        &format!("--memory {memory}"),
+    )?;
     let disk_size = disk_size
         .map(|s| parse_size(&s, "--disk-size"))
         .transpose()?;
@@ -260,7 +271,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             format!("--cpus {cpus} is out of range (1 to 32)"),
         ));
     }
-    let _lock = lock(home, &name)?;
+    let _lock = out.lock(home, &name, "create")?;
     let dir = workspace::dir(home, &name);
     if dir.exists() {
         return Err(CliError::new(
@@ -280,8 +291,11 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
     }
     let store = Store::new(home.images());
     let pulled = fetch_image(&store, &image, insecure)?;
+    // Checked before the root disk is built: a config that is not JSON leaves no disk.
+    let defaults =
+        exec_defaults(&store, &pulled).map_err(|e| CliError::new(e.code(), e.to_string()))?;
     let disk = root_disk(&store, &pulled, disk_size)
-        .map_err(|e| CliError::new("image.rootfs_failed", e.to_string()))?;
+        .map_err(|e| CliError::new(e.code(), e.to_string()))?;
 
     // Built in a temporary directory and renamed: a workspace exists whole or not at all.
     let tmp = home.workspaces().join(format!(".creating-{name}"));
@@ -313,7 +327,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
         let config = Config {
             name: name.clone(),
             image: Some(pulled.reference.clone()),
-            image_digest: Some(pulled.manifest_digest.clone()),
+            image_digest: Some(pulled.manifest_digest.to_string()),
             cpus,
             memory_mib,
             kernel: fs::canonicalize(&kernel).unwrap_or(kernel),
@@ -322,8 +336,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             agent: !no_agent,
             created: workspace::now_rfc3339(),
             secrets,
-            defaults: exec_defaults(&store, &pulled)
-                .map_err(|e| CliError::new("image.bad_config", e.to_string()))?,
+            defaults,
         };
         fs::write(
             tmp.join("workspace.json"),
@@ -357,12 +370,12 @@ fn fetch_image(store: &Store, text: &str, insecure: bool) -> Result<microagent_i
         eprintln!("pulling {text}");
     }
     fetch(store, &source, &PullOptions { insecure, progress })
-        .map_err(|e| CliError::new("image.pull_failed", e.to_string()))
+        .map_err(|e| CliError::new(e.code(), e.to_string()))
 }
 
 fn start(home: &Home, out: &Output, name: &str) -> Result<()> {
     let config = workspace::load(home, name)?;
-    let _lock = lock(home, name)?;
+    let _lock = out.lock(home, name, "start")?;
     match runtime::state(home, name) {
         State::Running | State::Paused => {
             return Err(CliError::new(
@@ -373,6 +386,12 @@ fn start(home: &Home, out: &Output, name: &str) -> Result<()> {
         State::Crashed { .. } => runtime::kill_all(home, name),
         State::Created | State::Halted => {}
     }
+    memory::check(
+        config.memory_mib,
+        memory::host_total_mib(),
+        "workspace.memory_exceeds_host",
+        &format!("workspace {name} (recreate it with a smaller --memory)"),
+    )?;
     if config.agent {
         if let Some(why) = microagent_vmm::host::linux_guest_limitation() {
             return Err(CliError::new(
@@ -558,7 +577,7 @@ fn delete(home: &Home, out: &Output, name: &str, yes: bool, force: bool) -> Resu
             return Err(CliError::new("input.cancelled", "not deleted"));
         }
     }
-    let _lock = lock(home, name)?;
+    let _lock = out.lock(home, name, "delete")?;
     match runtime::state(home, name) {
         State::Running | State::Paused if !force => {
             return Err(CliError::new(
@@ -690,7 +709,14 @@ fn run(cli: Cli) -> Result<i32> {
         Some(dir) => Home::new(dir),
         None => Home::from_env().map_err(|e| CliError::new("home.unknown", e.to_string()))?,
     };
-    let out = Output { json: cli.json };
+    let out = Output {
+        json: cli.json,
+        wait: if cli.wait {
+            Wait::Forever
+        } else {
+            Wait::Bounded(Duration::from_secs(cli.lock_timeout))
+        },
+    };
     match cli.command {
         args @ Cmd::Create { .. } => create(&home, &out, args)?,
         Cmd::Start { name } => start(&home, &out, &name)?,
@@ -717,7 +743,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Halt { name } => {
             let config = workspace::load(&home, &name)?;
-            let _lock = lock(&home, &name)?;
+            let _lock = out.lock(&home, &name, "halt")?;
             runtime::halt(&home, &config);
             out.say(
                 &format!("halted {name}"),

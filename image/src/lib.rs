@@ -1,5 +1,6 @@
 //! OCI images for microagent workspaces:
 //!
+//! - [`digest`]: digests parsed strictly before they name any file.
 //! - [`reference`]: image references, normalised the way Docker does
 //!   (`alpine:3.20` is `docker.io/library/alpine:3.20`).
 //! - [`unpack`]: applying layers in order onto a directory, with OCI whiteouts, and
@@ -8,13 +9,16 @@
 //! - [`store`]: the content-addressed, digest-verified blob store.
 //! - [`pull`]: pulling from registries (oci-client) and building root disks, with
 //!   credentials from Docker's config ([`auth`]).
+//! - [`stale`]: temporary files of dead processes, removed on the next run.
 //! - [`source`]: `--image` values: registries, `oci:DIR[:TAG]`, `oci-archive:FILE`,
 //!   `docker-archive:FILE`.
 
 pub mod auth;
+pub mod digest;
 pub mod pull;
 pub mod reference;
 pub mod rootfs;
 pub mod source;
+pub mod stale;
 pub mod store;
 pub mod unpack;

@@ -1,15 +1,24 @@
 //! Pulling an image from a registry (OCI distribution API, through oci-client) into the
 //! blob store, and building its root disk once per manifest digest.
 
+use crate::digest::{self, Digest};
 use crate::reference::Reference;
 use crate::rootfs;
-use crate::store::{self, Store};
+use crate::store::{self, BlobWriter, Store};
 use crate::unpack;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
+use oci_client::manifest::{OciDescriptor, OciManifest};
 use oci_client::Client;
 use std::fs;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// Prefix of the trees layers are unpacked into (`.tree-<hex>-<pid>` under `rootfs/`).
+pub const TMP_TREE: &str = ".tree-";
+/// Prefix of root disks being built (`.disk-<hex>-<pid>` under `rootfs/`).
+pub const TMP_DISK: &str = ".disk-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -21,6 +30,17 @@ pub enum Error {
     },
     #[error("{reference}: no linux/amd64 image in its index")]
     NoPlatform { reference: String },
+    #[error("{reference}: {source}")]
+    Digest {
+        reference: String,
+        source: digest::Error,
+    },
+    #[error("{reference}: blob {digest} declares a negative size ({size}); refusing it")]
+    BadSize {
+        reference: String,
+        digest: String,
+        size: i64,
+    },
     #[error(transparent)]
     Store(#[from] store::Error),
     #[error("unpacking layer {digest}: {source}")]
@@ -39,14 +59,30 @@ pub enum Error {
     Runtime(std::io::Error),
 }
 
+impl Error {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Registry { .. } => "image.pull_failed",
+            Self::NoPlatform { .. } => "image.no_platform",
+            Self::Digest { source, .. } => source.code(),
+            Self::BadSize { .. } => "image.blob_size_mismatch",
+            Self::Store(e) => e.code(),
+            Self::Unpack { source, .. } => source.code(),
+            Self::Rootfs(e) => e.code(),
+            Self::Io { .. } => "image.store_failed",
+            Self::Runtime(_) => "host.runtime_failed",
+        }
+    }
+}
+
 /// A pulled image: everything it needs is in the store.
 #[derive(Debug, Clone)]
 pub struct Image {
     pub reference: String,
-    pub manifest_digest: String,
-    pub config_digest: String,
+    pub manifest_digest: Digest,
+    pub config_digest: Digest,
     /// Layer digests and media types, bottom first.
-    pub layers: Vec<(String, String)>,
+    pub layers: Vec<(Digest, String)>,
     /// Blobs fetched by this pull (0 when everything was cached).
     pub downloaded: usize,
 }
@@ -87,6 +123,37 @@ fn oci_reference(reference: &Reference, digest: Option<&str>) -> oci_client::Ref
     }
 }
 
+/// A descriptor's size as a byte count, refusing negative ones.
+fn declared_size(reference: &Reference, descriptor: &OciDescriptor) -> Result<u64, Error> {
+    u64::try_from(descriptor.size).map_err(|_| Error::BadSize {
+        reference: reference.to_string(),
+        digest: descriptor.digest.clone(),
+        size: descriptor.size,
+    })
+}
+
+/// A blob download written straight into the store (never held in memory), refused
+/// as soon as it passes its declared size.
+struct Sink(BlobWriter);
+
+impl tokio::io::AsyncWrite for Sink {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(self.get_mut().0.write(buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.get_mut().0.flush())
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// Pulls `reference` (an index resolves to linux/amd64) into `store`; blobs already
 /// there are not fetched again.
 pub fn pull(store: &Store, reference: &Reference, options: &PullOptions) -> Result<Image, Error> {
@@ -109,6 +176,12 @@ async fn pull_async(
         registry: reference.registry.clone(),
         message: e.to_string(),
     };
+    let parse = |text: &str| {
+        Digest::parse(text).map_err(|source| Error::Digest {
+            reference: reference.to_string(),
+            source,
+        })
+    };
     let mut oci_ref = oci_reference(reference, None);
     let (mut manifest, mut digest) = client
         .pull_manifest(&oci_ref, &auth)
@@ -126,98 +199,96 @@ async fn pull_async(
             .ok_or_else(|| Error::NoPlatform {
                 reference: reference.to_string(),
             })?;
-        oci_ref = oci_reference(reference, Some(&entry.digest));
+        oci_ref = oci_reference(reference, Some(parse(&entry.digest)?.as_str()));
         (manifest, digest) = client
             .pull_manifest(&oci_ref, &auth)
             .await
             .map_err(registry_err)?;
     }
+    let digest = parse(&digest)?;
     let OciManifest::Image(image) = manifest else {
         return Err(Error::NoPlatform {
             reference: reference.to_string(),
         });
     };
+    // Every digest and size is checked before anything is fetched or named on disk.
+    let config = (
+        parse(&image.config.digest)?,
+        declared_size(reference, &image.config)?,
+        image.config.clone(),
+    );
+    let mut layers = Vec::new();
+    for descriptor in &image.layers {
+        layers.push((
+            parse(&descriptor.digest)?,
+            declared_size(reference, descriptor)?,
+            descriptor.clone(),
+        ));
+    }
+    let wanted: Vec<_> = std::iter::once(&config).chain(&layers).collect();
     // Every missing blob is fetched at once; each is verified as it lands in the store.
-    let missing: Vec<OciDescriptor> = std::iter::once(&image.config)
-        .chain(image.layers.iter())
-        .filter(|d| !store.has(&d.digest))
-        .cloned()
-        .collect();
-    let total = missing.len();
     let mut tasks = tokio::task::JoinSet::new();
-    for descriptor in missing {
-        let (client, oci_ref) = (client.clone(), oci_ref.clone());
+    let mut total = 0;
+    for (digest, size, descriptor) in wanted.iter().filter(|(d, ..)| !store.has(d)) {
+        let mut sink = Sink(store.writer(Some(digest), *size)?);
+        let (client, oci_ref, descriptor, size) =
+            (client.clone(), oci_ref.clone(), descriptor.clone(), *size);
+        total += 1;
         tasks.spawn(async move {
-            let mut data = Vec::with_capacity(descriptor.size.max(0) as usize);
-            let result = fetch(&client, &oci_ref, &descriptor, &mut data).await;
-            (descriptor, result.map(|()| data))
+            let result = client.pull_blob(&oci_ref, &descriptor, &mut sink).await;
+            (descriptor, size, sink, result)
         });
     }
     let mut downloaded = 0;
     while let Some(joined) = tasks.join_next().await {
-        let Ok((descriptor, result)) = joined else {
+        let Ok((descriptor, size, Sink(writer), result)) = joined else {
             continue; // a panicked task: its blob is missing and the check below fails
         };
-        let data = result.map_err(registry_err)?;
-        store.put(&descriptor.digest, &data)?;
+        if writer.overflowed() {
+            return Err(store::Error::TooLarge {
+                digest: descriptor.digest,
+                limit: size,
+            }
+            .into());
+        }
+        result.map_err(registry_err)?;
+        writer.commit(Some(size))?;
         downloaded += 1;
         if options.progress {
             eprintln!(
                 "  {downloaded}/{total} {} {:.1} MiB",
                 &descriptor.digest[..19.min(descriptor.digest.len())],
-                data.len() as f64 / f64::from(1u32 << 20)
+                size as f64 / f64::from(1u32 << 20)
             );
         }
     }
-    if let Some(absent) = std::iter::once(&image.config)
-        .chain(image.layers.iter())
-        .find(|d| !store.has(&d.digest))
-    {
+    if let Some((absent, ..)) = wanted.iter().find(|(d, ..)| !store.has(d)) {
         return Err(Error::Registry {
             reference: reference.to_string(),
             registry: reference.registry.clone(),
-            message: format!("blob {} was not fetched", absent.digest),
+            message: format!("blob {absent} was not fetched"),
         });
     }
     let manifest_json = serde_json::to_vec(&image).unwrap_or_default();
     store.put_manifest(&digest, &manifest_json)?;
-    Ok(image_of(reference, digest, &image, downloaded))
-}
-
-async fn fetch(
-    client: &Client,
-    reference: &oci_client::Reference,
-    descriptor: &OciDescriptor,
-    out: &mut Vec<u8>,
-) -> Result<(), oci_client::errors::OciDistributionError> {
-    client.pull_blob(reference, descriptor, out).await
-}
-
-fn image_of(
-    reference: &Reference,
-    digest: String,
-    image: &OciImageManifest,
-    downloaded: usize,
-) -> Image {
-    Image {
+    Ok(Image {
         reference: reference.to_string(),
         manifest_digest: digest,
-        config_digest: image.config.digest.clone(),
-        layers: image
-            .layers
-            .iter()
-            .map(|l| (l.digest.clone(), l.media_type.clone()))
+        config_digest: config.0,
+        layers: layers
+            .into_iter()
+            .map(|(d, _, l)| (d, l.media_type))
             .collect(),
         downloaded,
-    }
+    })
 }
 
 /// The image's root disk, built once per manifest digest under `<store>/rootfs/`.
+/// Layers are streamed from their blob files, each bounded by
+/// [`unpack::expansion_limit`]; temporary trees and disks of dead processes are
+/// removed first.
 pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<PathBuf, Error> {
-    let hex = image
-        .manifest_digest
-        .strip_prefix("sha256:")
-        .unwrap_or(&image.manifest_digest);
+    let hex = image.manifest_digest.hex();
     let dir = store.root().join("rootfs");
     let disk = dir.join(format!("{hex}.ext4"));
     if disk.is_file() && size.is_none() {
@@ -228,18 +299,29 @@ pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<Path
         move |source| Error::Io { path, source }
     };
     fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let tree = dir.join(format!(".tree-{hex}-{}", std::process::id()));
+    store.sweep_stale();
+    let pid = std::process::id();
+    let tree = dir.join(format!("{TMP_TREE}{hex}-{pid}"));
+    let tmp = dir.join(format!("{TMP_DISK}{hex}-{pid}"));
     let _ = fs::remove_dir_all(&tree);
     fs::create_dir_all(&tree).map_err(io(&tree))?;
     let result = (|| {
+        let free_at_start = rootfs::free_bytes(&tree).map_err(io(&tree))?;
         for (digest, _) in &image.layers {
-            let blob = store.read(digest)?;
-            unpack::apply_layer_auto(&tree, &blob[..]).map_err(|source| Error::Unpack {
-                digest: digest.clone(),
+            let blob = store.open(digest)?;
+            let compressed = blob.metadata().map_err(io(&store.blob_path(digest)))?.len();
+            let free = rootfs::free_bytes(&tree).map_err(io(&tree))?;
+            let unpack_err = |source| Error::Unpack {
+                digest: digest.to_string(),
                 source,
-            })?;
+            };
+            unpack::apply_layer_auto(
+                &tree,
+                io::BufReader::new(blob),
+                unpack::expansion_limit(compressed, unpack::room(free_at_start, free)),
+            )
+            .map_err(unpack_err)?;
         }
-        let tmp = dir.join(format!(".{hex}.ext4.tmp"));
         rootfs::build_ext4(&tree, &tmp, size)?;
         let out = match size {
             None => disk.clone(),
@@ -249,5 +331,6 @@ pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<Path
         Ok(out)
     })();
     let _ = fs::remove_dir_all(&tree);
+    let _ = fs::remove_file(&tmp);
     result
 }

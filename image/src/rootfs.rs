@@ -1,5 +1,6 @@
 //! An ext4 root disk from a directory, with `mke2fs -d`: sparse, sized to the content
-//! plus headroom unless a size is given.
+//! plus headroom unless a size is given, with enough inodes for every entry of the tree
+//! (mke2fs's default of one inode per 16 KiB runs out on trees of many small files).
 
 use std::fs;
 use std::io;
@@ -9,6 +10,12 @@ use std::process::Command;
 /// Space added to the content: room for the workspace to write.
 const HEADROOM: u64 = 256 << 20;
 const MIN_SIZE: u64 = 64 << 20;
+/// mke2fs's default bytes-per-inode ratio (`inode_ratio` in mke2fs.conf).
+const BYTES_PER_INODE: u64 = 16 << 10;
+/// Bytes an inode takes in the inode table (`inode_size` in mke2fs.conf).
+const INODE_SIZE: u64 = 256;
+/// Inodes added to the tree's count: room for files the workspace creates.
+const SPARE_INODES: u64 = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -24,38 +31,86 @@ pub enum Error {
     Mke2fs { path: PathBuf, stderr: String },
 }
 
-/// Bytes the tree occupies, counting each file and directory in whole 4 KiB blocks.
-pub fn content_size(tree: &Path) -> Result<u64, Error> {
+impl Error {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooSmall { .. } => "input.disk_too_small",
+            Self::Spawn(_) => "host.missing_tool",
+            Self::Walk { .. } | Self::Create { .. } | Self::Mke2fs { .. } => "image.rootfs_failed",
+        }
+    }
+}
+
+/// Bytes available to this user on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: an all-zero statvfs is a valid value for statvfs(3) to overwrite.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs with a NUL-terminated path and a valid output struct.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// What a tree holds: bytes in whole 4 KiB blocks, and entries (each needs an inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Content {
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+/// Bytes the tree occupies (each file and directory in whole 4 KiB blocks) and how
+/// many entries it has.
+pub fn content(tree: &Path) -> Result<Content, Error> {
     let walk_err = |source| Error::Walk {
         path: tree.to_owned(),
         source,
     };
     let mut total = 0u64;
+    let mut entries = 0u64;
     let mut stack = vec![tree.to_owned()];
     while let Some(dir) = stack.pop() {
         for entry in fs::read_dir(&dir).map_err(walk_err)? {
             let entry = entry.map_err(walk_err)?;
             let meta = entry.path().symlink_metadata().map_err(walk_err)?;
             total += meta.len().div_ceil(4096).max(1) * 4096;
+            entries += 1;
             if meta.is_dir() {
                 stack.push(entry.path());
             }
         }
     }
-    Ok(total)
+    Ok(Content {
+        bytes: total,
+        entries,
+    })
+}
+
+/// The inode count for a disk of `size` bytes holding `entries`: mke2fs's default for
+/// that size, or the entries plus a quarter and [`SPARE_INODES`] if that is more.
+pub fn inode_count(size: u64, entries: u64) -> u64 {
+    (size / BYTES_PER_INODE).max(entries + entries / 4 + SPARE_INODES)
 }
 
 /// Makes `out` an ext4 filesystem holding `tree`; returns its size in bytes.
 pub fn build_ext4(tree: &Path, out: &Path, size: Option<u64>) -> Result<u64, Error> {
-    let content = content_size(tree)?;
-    // Inode tables and journal take room too: a quarter on top of the content.
-    let needed = content + content / 4;
+    let Content {
+        bytes: content,
+        entries,
+    } = content(tree)?;
+    // Journal and metadata take room too: a quarter on top of the content, and the
+    // inode table for the inodes the tree needs.
+    let inode_table = inode_count(0, entries) * INODE_SIZE;
+    let needed = content + content / 4 + inode_table;
     let size = match size {
         Some(size) if size < needed => return Err(Error::TooSmall { size, content }),
         Some(size) => size,
         None => (needed + HEADROOM).max(MIN_SIZE),
     }
     .next_multiple_of(1 << 20);
+    let inodes = inode_count(size, entries);
     let file = fs::File::create(out).map_err(|source| Error::Create {
         path: out.to_owned(),
         source,
@@ -67,7 +122,9 @@ pub fn build_ext4(tree: &Path, out: &Path, size: Option<u64>) -> Result<u64, Err
     })?;
     drop(file);
     let output = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-E", "root_owner=0:0", "-d"])
+        .args(["-q", "-F", "-t", "ext4", "-E", "root_owner=0:0", "-N"])
+        .arg(inodes.to_string())
+        .arg("-d")
         .arg(tree)
         .arg(out)
         .output()

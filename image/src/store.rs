@@ -1,22 +1,55 @@
 //! The content-addressed blob store under `$MICROAGENT_HOME/images`. A blob enters the
-//! store only after its sha256 matched the digest it was asked for; an interrupted or
-//! corrupt download leaves nothing behind.
+//! store only after its sha256 matched the digest it was asked for and its length the
+//! size it was declared with; an interrupted or corrupt download leaves nothing behind.
+//!
+//! Paths in the store are built from [`Digest`]s only, which are validated when parsed:
+//! no text from a manifest, an index or `refs.json` becomes a path unchecked. Blobs are
+//! streamed in and out; none is held in memory whole.
 
+use crate::digest::{self, Digest};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::Digest as _;
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Manifests, indexes and image configs are small JSON documents: the OCI distribution
+/// spec lets registries refuse manifests over 4 MiB. Configs get the same bound.
+pub const MAX_JSON: u64 = 4 << 20;
+
+/// Prefixes of the store's temporary names (each ends in `-<pid>`).
+const TMP_BLOB: &str = ".tmp-";
+const TMP_REFS: &str = ".refs.tmp-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unsupported digest {0:?} (only sha256:<64 hex digits>)")]
-    BadDigest(String),
-    #[error("blob {expected}: content hashes to sha256:{actual}; refusing it")]
+    #[error(transparent)]
+    Digest(#[from] digest::Error),
+    #[error("blob {expected}: content hashes to {actual}; refusing it")]
     Mismatch { expected: String, actual: String },
+    #[error("blob {digest}: more than its declared {limit} bytes; refusing it")]
+    TooLarge { digest: String, limit: u64 },
+    #[error("blob {digest}: {actual} bytes where {declared} were declared; refusing it")]
+    SizeMismatch {
+        digest: String,
+        declared: u64,
+        actual: u64,
+    },
     #[error("image store {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+}
+
+impl Error {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Digest(e) => e.code(),
+            Self::Mismatch { .. } => "image.digest_mismatch",
+            Self::TooLarge { .. } | Self::SizeMismatch { .. } => "image.blob_size_mismatch",
+            Self::Io { .. } => "image.store_failed",
+        }
+    }
 }
 
 /// What a name in the store points at.
@@ -34,12 +67,95 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// The hex part of a sha256 digest.
-fn hex_of(digest: &str) -> Result<&str, Error> {
-    digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| Error::BadDigest(digest.into()))
+fn io_err(path: &Path) -> impl Fn(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A blob being written into the store: hashed and counted as it arrives, refused past
+/// its limit, renamed into place by [`BlobWriter::commit`], removed if dropped before.
+pub struct BlobWriter {
+    dir: PathBuf,
+    tmp: PathBuf,
+    file: Option<fs::File>,
+    hasher: sha2::Sha256,
+    written: u64,
+    limit: u64,
+    overflowed: bool,
+    expected: Option<Digest>,
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.written + buf.len() as u64 > self.limit {
+            self.overflowed = true;
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!("more than the declared {} bytes", self.limit),
+            ));
+        }
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob already committed"))?;
+        let n = file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), |f| f.flush())
+    }
+}
+
+impl BlobWriter {
+    /// Whether more than the limit was offered (the write failed).
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    /// Verifies the content (digest, and `declared` size when given) and moves it into
+    /// place under its digest.
+    pub fn commit(mut self, declared: Option<u64>) -> Result<Digest, Error> {
+        let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
+        let name = self
+            .expected
+            .as_ref()
+            .map_or_else(|| actual.to_string(), Digest::to_string);
+        if let Some(expected) = &self.expected {
+            if *expected != actual {
+                return Err(Error::Mismatch {
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+        }
+        if let Some(declared) = declared.filter(|&d| d != self.written) {
+            return Err(Error::SizeMismatch {
+                digest: name,
+                declared,
+                actual: self.written,
+            });
+        }
+        let file = self.file.take();
+        if let Some(file) = &file {
+            file.sync_all().map_err(io_err(&self.tmp))?;
+        }
+        drop(file);
+        let path = self.dir.join(actual.hex());
+        fs::rename(&self.tmp, &path).map_err(io_err(&path))?;
+        Ok(actual)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // After a commit the name is gone and this does nothing.
+        let _ = fs::remove_file(&self.tmp);
+    }
 }
 
 impl Store {
@@ -51,57 +167,89 @@ impl Store {
         &self.root
     }
 
-    fn io(&self, path: &Path) -> impl Fn(io::Error) -> Error + '_ {
-        let path = path.to_owned();
-        move |source| Error::Io {
-            path: path.clone(),
-            source,
-        }
+    fn blobs(&self) -> PathBuf {
+        self.root.join("blobs/sha256")
     }
 
-    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, Error> {
-        Ok(self.root.join("blobs/sha256").join(hex_of(digest)?))
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs().join(digest.hex())
     }
 
-    pub fn has(&self, digest: &str) -> bool {
-        self.blob_path(digest).is_ok_and(|p| p.is_file())
+    pub fn has(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
     }
 
-    /// Stores `data` as `digest` if it hashes to it.
-    pub fn put(&self, digest: &str, data: &[u8]) -> Result<PathBuf, Error> {
-        let path = self.blob_path(digest)?;
-        let actual = format!("{:x}", Sha256::digest(data));
-        if actual != hex_of(digest)? {
-            return Err(Error::Mismatch {
-                expected: digest.into(),
-                actual,
-            });
+    /// Removes temporary files of writers that died (see [`crate::stale`]).
+    pub fn sweep_stale(&self) -> usize {
+        crate::stale::sweep(&self.blobs(), &[TMP_BLOB])
+            + crate::stale::sweep(&self.root.join("manifests"), &[TMP_BLOB])
+            + crate::stale::sweep(&self.root, &[TMP_REFS, crate::source::TMP_IMPORT])
+            + crate::stale::sweep(
+                &self.root.join("rootfs"),
+                &[crate::pull::TMP_TREE, crate::pull::TMP_DISK],
+            )
+    }
+
+    /// Starts writing a blob of at most `limit` bytes; `expected` is checked on commit
+    /// (without it the blob is stored under whatever it hashes to).
+    pub fn writer(&self, expected: Option<&Digest>, limit: u64) -> Result<BlobWriter, Error> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = self.blobs();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let tmp = dir.join(format!(
+            "{TMP_BLOB}{}-{}",
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            std::process::id()
+        ));
+        let file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        Ok(BlobWriter {
+            dir,
+            tmp,
+            file: Some(file),
+            hasher: sha2::Sha256::new(),
+            written: 0,
+            limit,
+            overflowed: false,
+            expected: expected.cloned(),
+        })
+    }
+
+    /// Streams `reader` into the store. With `declared`, no more than that many bytes
+    /// are read and the length must match exactly.
+    pub fn import(
+        &self,
+        reader: impl Read,
+        expected: Option<&Digest>,
+        declared: Option<u64>,
+    ) -> Result<Digest, Error> {
+        let limit = declared.unwrap_or(u64::MAX);
+        let mut writer = self.writer(expected, limit)?;
+        // One byte past the limit is read, so an oversized source is told apart from
+        // one of exactly the declared length.
+        let copied = io::copy(&mut reader.take(limit.saturating_add(1)), &mut writer);
+        let name = expected.map_or_else(|| "blob".to_owned(), Digest::to_string);
+        match copied {
+            Err(e) if e.kind() == io::ErrorKind::FileTooLarge => Err(Error::TooLarge {
+                digest: name,
+                limit,
+            }),
+            Err(e) => Err(Error::Io {
+                path: PathBuf::from(name),
+                source: e,
+            }),
+            Ok(_) => writer.commit(declared),
         }
-        let dir = path.parent().unwrap_or(&self.root).to_owned();
-        fs::create_dir_all(&dir).map_err(self.io(&dir))?;
-        let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), &actual[..16]));
-        let write = || -> io::Result<()> {
-            let mut file = fs::File::create(&tmp)?;
-            file.write_all(data)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(self.io(&path)(e));
-        }
-        Ok(path)
     }
 
     /// Keeps a manifest (as parsed) under its registry digest, for listing and reuse.
-    pub fn put_manifest(&self, digest: &str, json: &[u8]) -> Result<PathBuf, Error> {
+    pub fn put_manifest(&self, digest: &Digest, json: &[u8]) -> Result<PathBuf, Error> {
         let dir = self.root.join("manifests");
-        fs::create_dir_all(&dir).map_err(self.io(&dir))?;
-        let path = dir.join(format!("{}.json", hex_of(digest)?));
-        let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = dir.join(format!("{}.json", digest.hex()));
+        let tmp = dir.join(format!("{TMP_BLOB}{}", std::process::id()));
         fs::write(&tmp, json)
             .and_then(|()| fs::rename(&tmp, &path))
-            .map_err(self.io(&path))?;
+            .map_err(io_err(&path))?;
         Ok(path)
     }
 
@@ -118,13 +266,13 @@ impl Store {
     }
 
     fn write_refs(&self, refs: &BTreeMap<String, Entry>) -> Result<(), Error> {
-        fs::create_dir_all(&self.root).map_err(self.io(&self.root))?;
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
         let path = self.refs_path();
-        let tmp = self.root.join(format!(".refs-{}.tmp", std::process::id()));
+        let tmp = self.root.join(format!("{TMP_REFS}{}", std::process::id()));
         let json = serde_json::to_vec_pretty(refs).unwrap_or_default();
         fs::write(&tmp, json)
             .and_then(|()| fs::rename(&tmp, &path))
-            .map_err(self.io(&path))
+            .map_err(io_err(&path))
     }
 
     /// Records that `name` now points at `entry`.
@@ -134,18 +282,19 @@ impl Store {
         self.write_refs(&refs)
     }
 
-    /// Bytes the blobs of `entry` take in the store.
+    /// Bytes the blobs of `entry` take in the store (digests that do not parse count 0).
     pub fn size(&self, entry: &Entry) -> u64 {
         std::iter::once(&entry.config_digest)
             .chain(&entry.layers)
-            .filter_map(|d| self.blob_path(d).ok())
-            .filter_map(|p| fs::metadata(p).ok())
+            .filter_map(|d| Digest::parse(d).ok())
+            .filter_map(|d| fs::metadata(self.blob_path(&d)).ok())
             .map(|m| m.len())
             .sum()
     }
 
     /// Forgets `name` and deletes every blob, manifest and root disk no other name uses.
-    /// Returns how many files went.
+    /// Returns how many files went. A digest in `refs.json` that does not parse names
+    /// no file, so nothing is deleted for it.
     pub fn remove(&self, name: &str) -> Result<Option<usize>, Error> {
         let mut refs = self.refs();
         let Some(gone) = refs.remove(name) else {
@@ -162,12 +311,18 @@ impl Store {
             .collect();
         let mut removed = 0;
         for digest in std::iter::once(&gone.config_digest).chain(&gone.layers) {
-            if !kept.contains(digest) && fs::remove_file(self.blob_path(digest)?).is_ok() {
+            let Ok(parsed) = Digest::parse(digest) else {
+                continue;
+            };
+            if !kept.contains(digest) && fs::remove_file(self.blob_path(&parsed)).is_ok() {
                 removed += 1;
             }
         }
-        if !kept.contains(&gone.manifest_digest) {
-            let hex = hex_of(&gone.manifest_digest)?;
+        if let (false, Ok(manifest)) = (
+            kept.contains(&gone.manifest_digest),
+            Digest::parse(&gone.manifest_digest),
+        ) {
+            let hex = manifest.hex();
             for path in [
                 self.root.join("manifests").join(format!("{hex}.json")),
                 self.root.join("rootfs").join(format!("{hex}.ext4")),
@@ -180,9 +335,59 @@ impl Store {
         Ok(Some(removed))
     }
 
-    pub fn read(&self, digest: &str) -> Result<Vec<u8>, Error> {
-        let path = self.blob_path(digest)?;
-        fs::read(&path).map_err(self.io(&path))
+    /// Deletes the kept manifest and those of `blobs` that no name in `refs.json` uses
+    /// (what an import that was refused after it arrived left in the store).
+    pub fn discard_unreferenced<'a>(
+        &self,
+        manifest: &Digest,
+        blobs: impl IntoIterator<Item = &'a Digest>,
+    ) {
+        let refs = self.refs();
+        let used: HashSet<&str> = refs
+            .values()
+            .flat_map(|e| {
+                std::iter::once(&e.config_digest)
+                    .chain(&e.layers)
+                    .chain(std::iter::once(&e.manifest_digest))
+            })
+            .map(String::as_str)
+            .collect();
+        if !used.contains(manifest.as_str()) {
+            let _ = fs::remove_file(
+                self.root
+                    .join("manifests")
+                    .join(format!("{}.json", manifest.hex())),
+            );
+            let _ = fs::remove_file(self.blob_path(manifest));
+        }
+        for digest in blobs {
+            if !used.contains(digest.as_str()) {
+                let _ = fs::remove_file(self.blob_path(digest));
+            }
+        }
+    }
+
+    /// Opens a stored blob for streaming.
+    pub fn open(&self, digest: &Digest) -> Result<fs::File, Error> {
+        let path = self.blob_path(digest);
+        fs::File::open(&path).map_err(io_err(&path))
+    }
+
+    /// Reads a small stored blob (a config) whole, refusing one over `max` bytes.
+    pub fn read_small(&self, digest: &Digest, max: u64) -> Result<Vec<u8>, Error> {
+        let path = self.blob_path(digest);
+        let mut data = Vec::new();
+        self.open(digest)?
+            .take(max + 1)
+            .read_to_end(&mut data)
+            .map_err(io_err(&path))?;
+        if data.len() as u64 > max {
+            return Err(Error::TooLarge {
+                digest: digest.to_string(),
+                limit: max,
+            });
+        }
+        Ok(data)
     }
 }
 
@@ -190,29 +395,73 @@ impl Store {
 mod tests {
     use super::*;
 
+    fn leftovers(dir: &Path) -> usize {
+        fs::read_dir(dir.join("blobs/sha256")).unwrap().count()
+    }
+
     #[test]
     fn only_matching_content_enters_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
-        let digest = format!("sha256:{:x}", Sha256::digest(b"layer"));
+        let digest = Digest::of(b"layer");
         assert!(!store.has(&digest));
-        store.put(&digest, b"layer").unwrap();
+        store.import(&b"layer"[..], Some(&digest), Some(5)).unwrap();
         assert!(store.has(&digest));
-        assert_eq!(store.read(&digest).unwrap(), b"layer");
+        assert_eq!(store.read_small(&digest, 100).unwrap(), b"layer");
 
-        let other = format!("sha256:{:x}", Sha256::digest(b"other"));
+        let other = Digest::of(b"other");
         assert!(matches!(
-            store.put(&other, b"tampered"),
+            store.import(&b"tampered"[..], Some(&other), Some(8)),
             Err(Error::Mismatch { .. })
         ));
         assert!(!store.has(&other));
-        let leftovers = fs::read_dir(dir.path().join("blobs/sha256"))
-            .unwrap()
-            .count();
-        assert_eq!(leftovers, 1, "a refused blob left files behind");
+        assert_eq!(leftovers(dir.path()), 1, "a refused blob left files behind");
+    }
+
+    #[test]
+    fn no_more_than_the_declared_size_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let digest = Digest::of(b"abcd");
+        // An endless source (as /dev/zero would be) stops one byte past the declared size.
+        let err = store
+            .import(io::repeat(0), Some(&digest), Some(4))
+            .unwrap_err();
+        assert_eq!(err.code(), "image.blob_size_mismatch", "{err}");
+        assert!(err.to_string().contains("declared 4 bytes"), "{err}");
+        let err = store.import(&b"abc"[..], None, Some(4)).unwrap_err();
+        assert!(
+            matches!(err, Error::SizeMismatch { actual: 3, .. }),
+            "{err}"
+        );
+        assert_eq!(leftovers(dir.path()), 0, "a refused blob left files behind");
+        assert_eq!(
+            store.import(&b"abcd"[..], Some(&digest), Some(4)).unwrap(),
+            digest
+        );
         assert!(matches!(
-            store.put("md5:abc", b""),
-            Err(Error::BadDigest(_))
+            store.read_small(&digest, 3),
+            Err(Error::TooLarge { limit: 3, .. })
         ));
+    }
+
+    #[test]
+    fn digests_from_refs_that_do_not_parse_delete_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        fs::write(dir.path().join("precious"), b"keep").unwrap();
+        store
+            .tag(
+                "evil",
+                Entry {
+                    manifest_digest: "sha256:../precious".into(),
+                    config_digest: "sha256:../../precious".into(),
+                    layers: vec!["sha256:../../precious".into()],
+                    pulled_unix: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(store.remove("evil").unwrap(), Some(0));
+        assert_eq!(fs::read(dir.path().join("precious")).unwrap(), b"keep");
     }
 }

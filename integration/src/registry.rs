@@ -83,6 +83,15 @@ pub fn write_layout(layout: &Path) {
 /// An OCI image layout (tag v1) of `layers` (uncompressed tars, bottom first), each
 /// stored gzip-compressed when its flag says so; config with Env PATH=/bin, Cmd /bin/sh.
 pub fn write_image_layout(layout: &Path, layers: &[(Vec<u8>, bool)]) {
+    write_image_layout_with_config(layout, layers, None);
+}
+
+/// As [`write_image_layout`], with `config` as the config blob when given.
+pub fn write_image_layout_with_config(
+    layout: &Path,
+    layers: &[(Vec<u8>, bool)],
+    config: Option<&[u8]>,
+) {
     fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     fs::write(
         layout.join("oci-layout"),
@@ -108,11 +117,11 @@ pub fn write_image_layout(layout: &Path, layers: &[(Vec<u8>, bool)]) {
             r#"{{"mediaType":"{media}","digest":"{d}","size":{size}}}"#
         ));
     }
-    let config = format!(
+    let default_config = format!(
         r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
         diff_ids.join(",")
     );
-    let (c, cs) = put_blob(layout, config.as_bytes());
+    let (c, cs) = put_blob(layout, config.map_or(default_config.as_bytes(), |c| c));
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{cs}}},"layers":[{}]}}"#,
         descriptors.join(",")
@@ -155,7 +164,7 @@ pub fn header(path: &str, kind: EntryType, mode: u32, size: u64) -> Header {
     h
 }
 
-fn file(b: &mut Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]) {
+pub fn file(b: &mut Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]) {
     b.append(
         &header(path, EntryType::Regular, mode, data.len() as u64),
         data,
@@ -163,12 +172,12 @@ fn file(b: &mut Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]) {
     .unwrap();
 }
 
-fn dir(b: &mut Builder<Vec<u8>>, path: &str, mode: u32) {
+pub fn dir(b: &mut Builder<Vec<u8>>, path: &str, mode: u32) {
     b.append(&header(path, EntryType::Directory, mode, 0), &[][..])
         .unwrap();
 }
 
-fn link(b: &mut Builder<Vec<u8>>, kind: EntryType, path: &str, target: &str) {
+pub fn link(b: &mut Builder<Vec<u8>>, kind: EntryType, path: &str, target: &str) {
     let mut h = header(path, kind, 0o777, 0);
     h.set_link_name(target).unwrap();
     h.set_cksum();

@@ -390,3 +390,138 @@ fn a_start_that_fails_names_the_step_and_leaves_nothing_running() {
     );
     assert_ne!(cli.state("broken")["state"], "running");
 }
+
+/// A CLI with its own home and an `oci:` image (no registry), and a stand-in kernel
+/// file for workspaces that are never booted.
+fn local_setup(dir: &Path) -> (Cli, String, String) {
+    let layout = dir.join("layout");
+    write_layout(&layout);
+    let kernel = dir.join("vmlinux");
+    std::fs::write(&kernel, b"never booted").unwrap();
+    let cli = Cli {
+        home: dir.join("home"),
+        runtime: dir.join("run"),
+    };
+    (
+        cli,
+        format!("oci:{}:v1", layout.display()),
+        kernel.to_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn memory_beyond_the_host_is_refused_at_create_and_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, image, kernel) = local_setup(dir.path());
+    let create = |memory: &str| {
+        vec![
+            "create".to_owned(),
+            "ws".into(),
+            "--image".into(),
+            image.clone(),
+            "--no-agent".into(),
+            "--kernel".into(),
+            kernel.clone(),
+            "--memory".into(),
+            memory.into(),
+        ]
+    };
+    for memory in ["99999999G", "1T"] {
+        let args = create(memory);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli.fails(&args, "input.memory_exceeds_host");
+        let out = cli.run(&args);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains(&format!("--memory {memory}")) && text.contains("more than this host"),
+            "{text}"
+        );
+    }
+    assert!(!cli.home.join("workspaces/ws").exists(), "half-created");
+
+    // A workspace whose memory no longer fits (created elsewhere, or edited).
+    let args = create("64M");
+    cli.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let path = cli.home.join("workspaces/ws/workspace.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["memory_mib"] = serde_json::json!(1u64 << 20);
+    std::fs::write(&path, config.to_string()).unwrap();
+    cli.fails(&["start", "ws"], "workspace.memory_exceeds_host");
+    assert_eq!(cli.state("ws")["state"], "created", "something was started");
+    assert!(
+        !cli.runtime.join("ws/state.json").exists(),
+        "processes were recorded"
+    );
+}
+
+#[test]
+fn a_command_waiting_for_a_busy_workspace_says_so_and_gives_up_or_waits() {
+    use microagent_integration::process::ChildGuard;
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, image, _) = local_setup(dir.path());
+    // Another command holds the workspace's lock.
+    std::fs::create_dir_all(cli.home.join("workspaces")).unwrap();
+    let held = std::fs::File::create(cli.home.join("workspaces/.ws.lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    std::fs::write(
+        cli.home.join("workspaces/.ws.lock"),
+        "pid 4242: microagent start ws\n",
+    )
+    .unwrap();
+    let missing = dir.path().join("no-kernel");
+    let args = [
+        "create",
+        "ws",
+        "--image",
+        &image,
+        "--no-agent",
+        "--kernel",
+        missing.to_str().unwrap(),
+    ];
+
+    let started = std::time::Instant::now();
+    let mut bounded = vec!["--lock-timeout", "1"];
+    bounded.extend_from_slice(&args);
+    cli.fails(&bounded, "workspace.busy");
+    let out = cli.run(&bounded);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("waiting for workspace ws: pid 4242: microagent start ws holds it"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--wait"), "{stderr}");
+
+    // --wait: still waiting after 2 s, and carries on once the lock is free.
+    let mut waiting = ChildGuard::spawn(
+        Command::new(binary("microagent").unwrap())
+            .arg("--home")
+            .arg(&cli.home)
+            .args(["--json", "--wait"])
+            .args(args)
+            .env("MICROAGENT_RUNTIME_DIR", &cli.runtime)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        waiting.try_status().unwrap().is_none(),
+        "gave up despite --wait"
+    );
+    drop(held);
+    waiting
+        .wait_timeout(std::time::Duration::from_secs(20))
+        .unwrap();
+    let out = waiting.into_output().unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["error"]["code"], "kernel.missing", "{reply}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("as long as it takes"),
+        "{out:?}"
+    );
+}

@@ -18,11 +18,11 @@ fn whiteouts_delete_and_replace_and_the_ext4_disk_has_the_result() {
     let root = dir.path().join("root");
     fs::create_dir(&root).unwrap();
     let (one, two) = layers();
-    apply_layer(&root, &one[..]).unwrap();
+    apply_layer(&root, &one[..], u64::MAX).unwrap();
     // The second layer gzip-compressed, as registries serve them.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&two).unwrap();
-    apply_layer_auto(&root, &gz.finish().unwrap()[..]).unwrap();
+    apply_layer_auto(&root, &gz.finish().unwrap()[..], u64::MAX).unwrap();
     // A third layer, zstd-compressed, as newer registries serve them.
     let mut three = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
@@ -33,7 +33,7 @@ fn whiteouts_delete_and_replace_and_the_ext4_disk_has_the_result() {
     h.set_cksum();
     three.append(&h, &b"zstd\n"[..]).unwrap();
     let three = zstd::encode_all(&three.into_inner().unwrap()[..], 3).unwrap();
-    apply_layer_auto(&root, &three[..]).unwrap();
+    apply_layer_auto(&root, &three[..], u64::MAX).unwrap();
     assert_eq!(fs::read(root.join("etc/zstd.conf")).unwrap(), b"zstd\n");
 
     assert!(!root.join("etc/old.conf").exists());
@@ -147,7 +147,7 @@ fn entries_that_escape_the_root_are_refused_by_name() {
         ),
     ];
     for (name, layer) in cases {
-        let err = apply_layer(&root, &layer[..]).unwrap_err();
+        let err = apply_layer(&root, &layer[..], u64::MAX).unwrap_err();
         match (&err, name) {
             (Error::Escape { entry, .. }, "dot-dot") => assert_eq!(entry, "../evil"),
             (Error::Escape { entry, .. }, "absolute") => assert_eq!(entry, "/tmp/evil"),
@@ -173,4 +173,32 @@ fn a_disk_size_below_the_content_is_refused() {
         "{err}"
     );
     assert!(!dir.path().join("d.img").exists());
+}
+
+#[test]
+fn a_tree_of_100000_small_files_fits_on_its_root_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    // 100,000 files of 10 bytes: by size mke2fs's default (one inode per 16 KiB) would
+    // give the disk about 46,000 inodes ("Could not allocate inode").
+    for d in 0..100 {
+        let sub = root.join(format!("many/{d}"));
+        fs::create_dir_all(&sub).unwrap();
+        for f in 0..1000 {
+            fs::write(sub.join(f.to_string()), b"0123456789").unwrap();
+        }
+    }
+    let disk = dir.path().join("many.img");
+    build_ext4(&root, &disk, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(debugfs(&disk, "cat /many/99/999"), "0123456789");
+    let stats = debugfs(&disk, "stats");
+    let free_inodes: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Free inodes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert!(
+        free_inodes >= 16 << 10,
+        "no room left for the workspace: {free_inodes}"
+    );
 }

@@ -197,7 +197,8 @@ fn a_multi_arch_index_resolves_to_linux_amd64() {
         .unwrap();
         if text.starts_with("oci:") {
             assert_eq!(
-                image.manifest_digest, amd64,
+                image.manifest_digest.as_str(),
+                amd64,
                 "{text} did not pick linux/amd64"
             );
         }
