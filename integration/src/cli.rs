@@ -34,7 +34,8 @@ impl Cli {
         }
     }
 
-    fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
+    /// The command, not started yet.
+    pub fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
         let mut cmd = Command::new(binary("microagent").unwrap());
         cmd.arg("--home")
             .arg(&self.home)

@@ -1,93 +1,11 @@
 //! The `microagent` lifecycle on this machine: the KVM test guest as `--kernel …
 //! --no-agent`, a real image from a registry on loopback, real daemons and VMM.
 
-use microagent_integration::daemon::binary;
+use microagent_integration::cli::{alive, survivors, Cli};
 use microagent_integration::registry::{push, write_layout, Registry};
 use microagent_integration::vmm::test_guest;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-struct Cli {
-    home: PathBuf,
-    runtime: PathBuf,
-}
-
-impl Cli {
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(binary("microagent").unwrap())
-            .arg("--home")
-            .arg(&self.home)
-            .args(args)
-            .env("MICROAGENT_RUNTIME_DIR", &self.runtime)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "microagent {args:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs with --json and expects exit 125 with `code`.
-    fn fails(&self, args: &[&str], code: &str) {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let out = self.run(&all);
-        assert_eq!(out.status.code(), Some(125), "microagent {args:?}: {out:?}");
-        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(reply["error"]["code"], code, "{reply}");
-        assert!(!reply["error"]["message"].as_str().unwrap().is_empty());
-    }
-
-    fn state(&self, name: &str) -> serde_json::Value {
-        let list: serde_json::Value = serde_json::from_str(&self.ok(&["--json", "list"])).unwrap();
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|w| w["name"] == name)
-            .map(|w| w["state"].clone())
-            .unwrap_or(serde_json::Value::Null)
-    }
-
-    fn pids(&self, name: &str) -> Vec<u32> {
-        let text = std::fs::read_to_string(self.runtime.join(name).join("state.json")).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        ["vmm", "blk", "vsock"]
-            .iter()
-            .filter_map(|k| v[k].as_u64().map(|p| p as u32))
-            .collect()
-    }
-}
-
-/// Processes that are still there after up to 10 s (a SIGKILLed VMM may take a moment
-/// to tear its VM down on a loaded machine).
-fn survivors(pids: &[u32]) -> Vec<u32> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
-        if left.is_empty() || std::time::Instant::now() >= deadline {
-            return left;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
-}
+use std::path::Path;
+use std::process::Stdio;
 
 fn setup(dir: &Path) -> (Cli, Registry, String) {
     let registry = Registry::start(dir);
@@ -95,10 +13,7 @@ fn setup(dir: &Path) -> (Cli, Registry, String) {
     write_layout(&layout);
     push(&layout, &registry, "test/img:v1");
     let image = format!("{}/test/img:v1", registry.addr);
-    let cli = Cli {
-        home: dir.join("home"),
-        runtime: dir.join("run"),
-    };
+    let cli = Cli::new(dir);
     (cli, registry, image)
 }
 
@@ -125,18 +40,18 @@ fn lifecycle_create_start_pause_resume_halt_start_delete_leaves_nothing_behind()
     let dir = tempfile::tempdir().unwrap();
     let (cli, _registry, image) = setup(dir.path());
     create(&cli, "ws1", &image);
-    assert_eq!(cli.state("ws1")["state"], "created");
+    assert_eq!(cli.state("ws1"), "created");
 
     assert!(cli.ok(&["start", "ws1"]).starts_with("started ws1 in "));
-    assert_eq!(cli.state("ws1")["state"], "running");
+    assert_eq!(cli.state("ws1"), "running");
     let pids = cli.pids("ws1");
     assert_eq!(pids.len(), 2, "vmm and blk daemon");
     assert!(pids.iter().all(|&p| alive(p)));
 
     cli.ok(&["pause", "ws1"]);
-    assert_eq!(cli.state("ws1")["state"], "paused");
+    assert_eq!(cli.state("ws1"), "paused");
     cli.ok(&["resume", "ws1"]);
-    assert_eq!(cli.state("ws1")["state"], "running");
+    assert_eq!(cli.state("ws1"), "running");
     let list = cli.ok(&["list"]);
     assert!(
         list.contains("ws1") && list.contains("running") && list.contains("test/img:v1"),
@@ -144,7 +59,7 @@ fn lifecycle_create_start_pause_resume_halt_start_delete_leaves_nothing_behind()
     );
 
     cli.ok(&["halt", "ws1"]);
-    assert_eq!(cli.state("ws1")["state"], "halted");
+    assert_eq!(cli.state("ws1"), "halted");
     assert_eq!(
         survivors(&pids),
         Vec::<u32>::new(),
@@ -156,7 +71,7 @@ fn lifecycle_create_start_pause_resume_halt_start_delete_leaves_nothing_behind()
     );
 
     cli.ok(&["start", "ws1"]);
-    assert_eq!(cli.state("ws1")["state"], "running");
+    assert_eq!(cli.state("ws1"), "running");
     cli.fails(&["delete", "ws1", "--yes"], "workspace.running");
     let pids = cli.pids("ws1");
     cli.ok(&["delete", "ws1", "--yes", "--force"]);
@@ -181,7 +96,7 @@ fn a_killed_vmm_or_daemon_shows_crashed_and_delete_cleans_up() {
         // SAFETY: SIGKILL to a process this test started through the CLI.
         unsafe { libc::kill(pids[victim] as i32, libc::SIGKILL) };
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let state = cli.state(name);
+        let state = cli.entry(name)["state"].clone();
         assert_eq!(state["state"], "crashed", "{state}");
         assert!(
             state["reason"].as_str().unwrap().contains("is gone"),
@@ -302,10 +217,7 @@ fn bad_input_is_refused_with_a_code_and_nothing_half_created() {
 #[test]
 fn shell_completions_name_every_command() {
     let dir = tempfile::tempdir().unwrap();
-    let cli = Cli {
-        home: dir.path().join("home"),
-        runtime: dir.path().join("run"),
-    };
+    let cli = Cli::new(dir.path());
     for shell in ["bash", "zsh", "fish"] {
         let script = cli.ok(&["completion", shell]);
         for command in [
@@ -388,7 +300,8 @@ fn a_start_that_fails_names_the_step_and_leaves_nothing_running() {
         !cli.runtime.join("broken").exists(),
         "runtime directory left behind"
     );
-    assert_ne!(cli.state("broken")["state"], "running");
+    // The workspace is still there, not started, and can be started again later.
+    assert_eq!(cli.state("broken"), "created");
 }
 
 /// A CLI with its own home and an `oci:` image (no registry), and a stand-in kernel
@@ -398,10 +311,7 @@ fn local_setup(dir: &Path) -> (Cli, String, String) {
     write_layout(&layout);
     let kernel = dir.join("vmlinux");
     std::fs::write(&kernel, b"never booted").unwrap();
-    let cli = Cli {
-        home: dir.join("home"),
-        runtime: dir.join("run"),
-    };
+    let cli = Cli::new(dir);
     (
         cli,
         format!("oci:{}:v1", layout.display()),
@@ -448,7 +358,7 @@ fn memory_beyond_the_host_is_refused_at_create_and_at_start() {
     config["memory_mib"] = serde_json::json!(1u64 << 20);
     std::fs::write(&path, config.to_string()).unwrap();
     cli.fails(&["start", "ws"], "workspace.memory_exceeds_host");
-    assert_eq!(cli.state("ws")["state"], "created", "something was started");
+    assert_eq!(cli.state("ws"), "created", "something was started");
     assert!(
         !cli.runtime.join("ws/state.json").exists(),
         "processes were recorded"
@@ -496,13 +406,13 @@ fn a_command_waiting_for_a_busy_workspace_says_so_and_gives_up_or_waits() {
     assert!(stderr.contains("--wait"), "{stderr}");
 
     // --wait: still waiting after 2 s, and carries on once the lock is free.
+    let waiting_args: Vec<&str> = ["--json", "--wait"]
+        .iter()
+        .chain(args.iter())
+        .copied()
+        .collect();
     let mut waiting = ChildGuard::spawn(
-        Command::new(binary("microagent").unwrap())
-            .arg("--home")
-            .arg(&cli.home)
-            .args(["--json", "--wait"])
-            .args(args)
-            .env("MICROAGENT_RUNTIME_DIR", &cli.runtime)
+        cli.command(&waiting_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
