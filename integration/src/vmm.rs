@@ -127,6 +127,36 @@ impl Vmm {
         }
     }
 
+    /// The control socket's path.
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.id()
+    }
+
+    /// CPU time the VMM's main thread (the event loop) has used so far.
+    pub fn main_thread_cpu(&self) -> Result<Duration, Error> {
+        let pid = self.process.id().unwrap_or(0);
+        let stat =
+            fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).map_err(Error::Api)?;
+        // Fields after the parenthesised command name; utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+        Ok(Duration::from_millis(
+            (ticks(11) + ticks(12)) * 1000 / hz.max(1),
+        ))
+    }
+
     /// Sends one request on a fresh connection and returns the reply.
     pub fn api(&self, request: &str) -> Result<serde_json::Value, Error> {
         let mut stream = UnixStream::connect(self.dir.join("api.sock")).map_err(Error::Api)?;

@@ -2,8 +2,11 @@
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
 //! `{"cmd":"shutdown","timeout_ms":N}` (wait up to N ms for the guest to power off by
-//! itself, then stop it; default 0). Replies: `{"ok":true,...}` or
-//! `{"ok":false,"error":{"code":...,"message":...}}`.
+//! itself, then stop it; default 0; any u64). Replies: `{"ok":true,...}` or
+//! `{"ok":false,"error":{"code":...,"message":...}}`, one per request line, in order;
+//! several requests may be sent without waiting for replies. A line longer than
+//! [`crate::control::MAX_LINE`] is answered with `api.line_too_long` and the
+//! connection closed.
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +41,18 @@ pub struct Status {
 pub struct ApiError {
     pub code: &'static str,
     pub message: String,
+}
+
+/// The reply to a line longer than [`crate::control::MAX_LINE`]; the client is then
+/// dropped.
+pub fn line_too_long() -> ApiError {
+    ApiError {
+        code: "api.line_too_long",
+        message: format!(
+            "request line longer than {} bytes; the connection is closed",
+            crate::control::MAX_LINE
+        ),
+    }
 }
 
 /// Parses one request line; the error is ready to send back.

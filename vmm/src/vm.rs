@@ -3,6 +3,7 @@
 use crate::api::{self, ApiError, DeviceStatus, Request, Status};
 use crate::boot;
 use crate::config::{Serial, VmmConfig};
+use crate::control;
 use crate::cpu;
 use crate::devices::legacy::{PioBus, COM1_IRQ};
 use crate::devices::virtio_mmio::{self, DeviceKind, InterruptRelay, MmioTransport};
@@ -14,11 +15,10 @@ use crate::mptable;
 use crate::vcpu::{Bus, Control, Outcome, Vcpus};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,6 +59,8 @@ pub enum Error {
     Api { path: PathBuf, source: io::Error },
     #[error("event loop: {0}")]
     EventLoop(io::Error),
+    #[error(transparent)]
+    Control(#[from] control::Error),
 }
 
 /// epoll tokens.
@@ -188,14 +190,20 @@ pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
         vcpu_fds.push(vcpu);
     }
 
-    let api = match &config.api_socket {
+    let epoll = Epoll::new().map_err(Error::EventLoop)?;
+    let server = match &config.api_socket {
         Some(path) => {
             let _ = std::fs::remove_file(path);
             let listener = UnixListener::bind(path).map_err(|source| Error::Api {
                 path: path.clone(),
                 source,
             })?;
-            Some((path.clone(), listener))
+            Some(control::Server::new(
+                listener,
+                &epoll,
+                TOKEN_API,
+                TOKEN_CONN_BASE,
+            )?)
         }
         None => None,
     };
@@ -209,24 +217,56 @@ pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
     log::info!("{} vCPU(s) running", vcpus.count());
 
     let mut event_loop = EventLoop {
-        epoll: Epoll::new().map_err(Error::EventLoop)?,
+        epoll,
         control,
         vcpus: Some(vcpus),
         devices,
-        api: api.as_ref().map(|(_, l)| l),
-        conns: HashMap::new(),
+        server,
         memory_mib: config.memory_mib,
         reset_evt,
         exit_evt,
-        shutdown_deadline: None,
+        shutdown: None,
         _vm: &vm,
         _mem: &mem,
     };
     let outcome = event_loop.run();
-    if let Some((path, _)) = &api {
+    if let Some(path) = &config.api_socket {
         let _ = std::fs::remove_file(path);
     }
     outcome
+}
+
+/// A requested shutdown: when the VMM stops the guest if it has not powered off.
+#[derive(Debug, Clone, Copy)]
+enum Shutdown {
+    At(Instant),
+    /// The timeout is beyond what `Instant` can hold: wait for the guest.
+    WhenGuestStops,
+}
+
+impl Shutdown {
+    fn after(timeout_ms: u64) -> Self {
+        Instant::now()
+            .checked_add(Duration::from_millis(timeout_ms))
+            .map_or(Self::WhenGuestStops, Self::At)
+    }
+
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Self::At(at) => Some(at),
+            Self::WhenGuestStops => None,
+        }
+    }
+}
+
+/// epoll_wait's timeout until `deadline` (rounded up), or -1 for none.
+fn epoll_timeout(deadline: Option<Instant>) -> i32 {
+    deadline.map_or(-1, |at| {
+        let left = at.saturating_duration_since(Instant::now());
+        // Round up so that the loop does not wake just before the deadline and spin.
+        let ms = left.as_nanos().div_ceil(1_000_000);
+        i32::try_from(ms).unwrap_or(i32::MAX)
+    })
 }
 
 struct EventLoop<'a> {
@@ -234,12 +274,11 @@ struct EventLoop<'a> {
     control: Arc<Control>,
     vcpus: Option<Vcpus>,
     devices: Vec<(u64, Device)>,
-    api: Option<&'a UnixListener>,
-    conns: HashMap<u64, BufReader<UnixStream>>,
+    server: Option<control::Server>,
     memory_mib: u64,
     reset_evt: EventFd,
     exit_evt: EventFd,
-    shutdown_deadline: Option<Instant>,
+    shutdown: Option<Shutdown>,
     // Kept alive for as long as vCPUs run.
     _vm: &'a VmFd,
     _mem: &'a GuestMemoryMmap,
@@ -255,10 +294,6 @@ impl EventLoop<'_> {
     fn run(&mut self) -> Result<Outcome, Error> {
         self.add(self.exit_evt.as_raw_fd(), TOKEN_EXIT, EventSet::IN)?;
         self.add(self.reset_evt.as_raw_fd(), TOKEN_RESET, EventSet::IN)?;
-        if let Some(listener) = self.api {
-            listener.set_nonblocking(true).map_err(Error::EventLoop)?;
-            self.add(listener.as_raw_fd(), TOKEN_API, EventSet::IN)?;
-        }
         for (index, (_, device)) in self.devices.iter().enumerate() {
             for (queue, &fd) in device.relay.calls.iter().enumerate() {
                 let token = TOKEN_CALL_BASE | ((index as u64) << 16) | queue as u64;
@@ -277,17 +312,19 @@ impl EventLoop<'_> {
             if let Some(outcome) = self.control.outcome() {
                 break outcome;
             }
-            let timeout = match self.shutdown_deadline {
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break Outcome::Shutdown;
-                    }
-                    left.as_millis() as i32 + 1
-                }
-                None => -1,
+            let shutdown_at = self.shutdown.and_then(Shutdown::deadline);
+            if shutdown_at.is_some_and(|at| Instant::now() >= at) {
+                break Outcome::Shutdown;
+            }
+            if let Some(server) = &mut self.server {
+                server.tick(&self.epoll);
+            }
+            let accept_at = self.server.as_ref().and_then(control::Server::wake_at);
+            let wake_at = match (shutdown_at, accept_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
-            let n = match self.epoll.wait(timeout, &mut events) {
+            let n = match self.epoll.wait(epoll_timeout(wake_at), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::EventLoop(e)),
@@ -313,7 +350,11 @@ impl EventLoop<'_> {
                     how: "i8042 reset".into(),
                 });
             }
-            TOKEN_API => self.accept(),
+            TOKEN_API => {
+                if let Some(server) = &mut self.server {
+                    server.accept(&self.epoll);
+                }
+            }
             t if t & !0xffff_ffff == TOKEN_CALL_BASE => {
                 let index = ((t >> 16) & 0xffff) as usize;
                 let queue = (t & 0xffff) as usize;
@@ -347,43 +388,28 @@ impl EventLoop<'_> {
         transport.mark_failed(&device.relay);
     }
 
-    fn accept(&mut self) {
-        let Some(listener) = self.api else { return };
-        while let Ok((stream, _)) = listener.accept() {
-            let fd = stream.as_raw_fd();
-            let token = TOKEN_CONN_BASE | fd as u64;
-            if self
-                .add(fd, token, EventSet::IN | EventSet::READ_HANG_UP)
-                .is_ok()
-            {
-                self.conns.insert(token, BufReader::new(stream));
-            }
-        }
-    }
-
+    /// A control client is readable, writable or gone: answer every complete line.
     fn serve(&mut self, token: u64, events: EventSet) {
-        let Some(mut conn) = self.conns.remove(&token) else {
+        let Some(mut server) = self.server.take() else {
             return;
         };
-        let mut line = String::new();
-        let read = conn.read_line(&mut line);
-        if matches!(read, Ok(0) | Err(_))
-            || (line.is_empty() && events.contains(EventSet::READ_HANG_UP))
-        {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                conn.get_ref().as_raw_fd(),
-                EpollEvent::default(),
-            );
-            return;
+        if server.owns(token) {
+            if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
+                let read = server.read(token);
+                for line in read.lines {
+                    let reply = match api::parse(line.trim()) {
+                        Ok(request) => self.handle(request),
+                        Err(error) => api::reply_err(&error),
+                    };
+                    server.queue(token, &reply);
+                }
+                if read.overflow {
+                    server.queue(token, &api::reply_err(&api::line_too_long()));
+                }
+            }
+            server.flush(&self.epoll, token);
         }
-        let reply = match api::parse(line.trim()) {
-            Ok(request) => self.handle(request),
-            Err(error) => api::reply_err(&error),
-        };
-        if conn.get_mut().write_all(reply.as_bytes()).is_ok() {
-            self.conns.insert(token, conn);
-        }
+        self.server = Some(server);
     }
 
     fn handle(&mut self, request: Request) -> String {
@@ -400,15 +426,13 @@ impl EventLoop<'_> {
                 log::info!("paused {paused} vCPU(s)");
             }
             Request::Resume => vcpus.resume(),
-            Request::Shutdown { timeout_ms } => {
-                self.shutdown_deadline = Some(Instant::now() + Duration::from_millis(timeout_ms));
-            }
+            Request::Shutdown { timeout_ms } => self.shutdown = Some(Shutdown::after(timeout_ms)),
         }
         api::reply_ok(&self.status())
     }
 
     fn status(&self) -> Status {
-        let state = match (&self.vcpus, self.shutdown_deadline) {
+        let state = match (&self.vcpus, self.shutdown) {
             (_, Some(_)) => "stopping",
             (Some(v), None) if v.paused() => "paused",
             _ => "running",
