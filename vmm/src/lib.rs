@@ -10,6 +10,8 @@
 //! - [`devices`]: serial, i8042, virtio-mmio transports with vhost-user frontends.
 //! - [`vm`]: building the VM and its event loop; [`api`]: the control socket's
 //!   messages; [`control`]: its connections, served without blocking the loop.
+//! - [`snapshot`]: snapshot state types, the manifest, sparse memory files, and the
+//!   snapshot directory written whole or not at all.
 //! - [`host`]: what this host's KVM can do (PVM detection).
 
 pub mod api;
@@ -22,5 +24,6 @@ pub mod host;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

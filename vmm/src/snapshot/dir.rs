@@ -1,0 +1,264 @@
+//! A snapshot directory: written whole or not at all, opened with every check first.
+
+use super::manifest::{FileEntry, Manifest, MANIFEST, MEMORY, STATE};
+use super::{memory, Error, SnapshotState};
+use serde::Serialize;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// What [`write`] put on disk.
+#[derive(Debug, Clone, Serialize)]
+pub struct Written {
+    pub dir: PathBuf,
+    /// Guest memory size (the memory file's logical size).
+    pub memory_bytes: u64,
+    /// Bytes of guest memory actually written (populated, non-zero pages).
+    pub memory_populated: u64,
+    pub state_bytes: u64,
+}
+
+/// Writes a snapshot into `dir`, which must not exist: first into a temporary sibling
+/// directory, every file fsynced, then renamed into place and the parent fsynced. On
+/// any failure the temporary directory is removed and `dir` does not exist.
+pub fn write(
+    dir: &Path,
+    manifest: Manifest,
+    state: &SnapshotState,
+    memfd: &File,
+    memory_size: u64,
+) -> Result<Written, Error> {
+    if dir.exists() {
+        return Err(Error::Exists(dir.to_owned()));
+    }
+    let (parent, name) = match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(name)) => (
+            if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            },
+            name,
+        ),
+        _ => return Err(Error::BadDir(dir.to_owned())),
+    };
+    if !parent.is_dir() {
+        return Err(Error::BadDir(dir.to_owned()));
+    }
+    let tmp = parent.join(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&tmp);
+    let io = |step| {
+        let dir = dir.to_owned();
+        move |source: io::Error| write_error(dir, step, source)
+    };
+    fs::create_dir(&tmp).map_err(io("creating the temporary directory"))?;
+    let result = write_files(&tmp, manifest, state, memfd, memory_size, &io).and_then(|w| {
+        fsync_dir(&tmp).map_err(io("syncing the directory"))?;
+        fs::rename(&tmp, dir).map_err(io("renaming into place"))?;
+        fsync_dir(parent).map_err(io("syncing the parent directory"))?;
+        Ok(w)
+    });
+    match result {
+        Ok((memory_populated, state_bytes)) => Ok(Written {
+            dir: dir.to_owned(),
+            memory_bytes: memory_size,
+            memory_populated,
+            state_bytes,
+        }),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn write_files<F, G>(
+    tmp: &Path,
+    mut manifest: Manifest,
+    state: &SnapshotState,
+    memfd: &File,
+    memory_size: u64,
+    io: &F,
+) -> Result<(u64, u64), Error>
+where
+    F: Fn(&'static str) -> G,
+    G: FnOnce(io::Error) -> Error,
+{
+    let state_json = serde_json::to_vec(state).map_err(|e| Error::Encode {
+        what: STATE,
+        message: e.to_string(),
+    })?;
+    write_synced(&tmp.join(STATE), &state_json).map_err(io("writing state.json"))?;
+
+    let mem_file = File::create_new(tmp.join(MEMORY)).map_err(io("creating memory.bin"))?;
+    let saved = memory::save(memfd, memory_size, &mem_file).map_err(|e| {
+        let source = match e.io().raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::other(e.to_string()),
+        };
+        io("writing memory.bin")(source)
+    })?;
+    mem_file.sync_all().map_err(io("syncing memory.bin"))?;
+
+    manifest.memory_populated = saved.populated;
+    manifest.files = vec![
+        FileEntry {
+            name: STATE.into(),
+            size: state_json.len() as u64,
+            sha256: sha256_bytes(&state_json),
+        },
+        FileEntry {
+            name: MEMORY.into(),
+            size: memory_size,
+            sha256: saved.sha256,
+        },
+    ];
+    let mut text = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Encode {
+        what: MANIFEST,
+        message: e.to_string(),
+    })?;
+    text.push(b'\n');
+    write_synced(&tmp.join(MANIFEST), &text).map_err(io("writing manifest.json"))?;
+    Ok((saved.populated, state_json.len() as u64))
+}
+
+/// A full disk or quota gets its own code: the caller can act on it.
+fn write_error(dir: PathBuf, step: &'static str, source: io::Error) -> Error {
+    if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+        Error::NoSpace { dir, step, source }
+    } else {
+        Error::Write { dir, step, source }
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = File::create_new(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn fsync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+fn sha256_bytes(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Reads and checks a file named in the manifest: present, of the recorded size.
+fn entry_path<'m>(
+    dir: &Path,
+    manifest: &'m Manifest,
+    name: &str,
+) -> Result<(PathBuf, &'m FileEntry), Error> {
+    let path = dir.join(name);
+    let entry = manifest.file(name).ok_or_else(|| Error::Corrupt {
+        path: dir.join(MANIFEST),
+        message: format!("no entry for {name}"),
+    })?;
+    let meta = fs::metadata(&path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::FileMissing(path.clone())
+        } else {
+            Error::Read {
+                path: path.clone(),
+                source: e,
+            }
+        }
+    })?;
+    if meta.len() != entry.size {
+        return Err(Error::FileTruncated {
+            path,
+            expected: entry.size,
+            actual: meta.len(),
+        });
+    }
+    Ok((path, entry))
+}
+
+/// A snapshot opened for restore: the manifest and state are checked and parsed; the
+/// memory file is present with the right size (its checksum is checked while it is
+/// loaded, see [`load_memory`]).
+pub struct Opened {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub state: SnapshotState,
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
+    let path = dir.join(MANIFEST);
+    let text = fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::FileMissing(path.clone())
+        } else {
+            Error::Read {
+                path: path.clone(),
+                source: e,
+            }
+        }
+    })?;
+    Manifest::parse(&path, &text)
+}
+
+pub fn open(dir: &Path) -> Result<Opened, Error> {
+    let manifest = read_manifest(dir)?;
+    let (state_path, entry) = entry_path(dir, &manifest, STATE)?;
+    let bytes = fs::read(&state_path).map_err(|source| Error::Read {
+        path: state_path.clone(),
+        source,
+    })?;
+    if sha256_bytes(&bytes) != entry.sha256 {
+        return Err(Error::ChecksumMismatch { path: state_path });
+    }
+    let state = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+        path: state_path,
+        message: e.to_string(),
+    })?;
+    entry_path(dir, &manifest, MEMORY)?;
+    Ok(Opened {
+        dir: dir.to_owned(),
+        manifest,
+        state,
+    })
+}
+
+/// Loads the memory file into fresh guest memory, refusing it if its checksum differs.
+pub fn load_memory(opened: &Opened, memfd: &File) -> Result<u64, Error> {
+    let (path, entry) = entry_path(&opened.dir, &opened.manifest, MEMORY)?;
+    let file = File::open(&path).map_err(|source| Error::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let loaded = memory::load(&file, entry.size, memfd).map_err(|e| Error::Read {
+        path: path.clone(),
+        source: io::Error::new(e.io().kind(), e.to_string()),
+    })?;
+    if loaded.sha256 != entry.sha256 {
+        return Err(Error::ChecksumMismatch { path });
+    }
+    Ok(loaded.populated)
+}
+
+/// Checks every file of a snapshot against the manifest; the first bad file is the
+/// error.
+pub fn verify(dir: &Path) -> Result<Manifest, Error> {
+    let opened = open(dir)?;
+    let (path, entry) = entry_path(dir, &opened.manifest, MEMORY)?;
+    let file = File::open(&path).map_err(|source| Error::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let sum = memory::checksum(&file, entry.size).map_err(|e| Error::Read {
+        path: path.clone(),
+        source: io::Error::new(e.io().kind(), e.to_string()),
+    })?;
+    if sum.sha256 != entry.sha256 {
+        return Err(Error::ChecksumMismatch { path });
+    }
+    Ok(opened.manifest)
+}
