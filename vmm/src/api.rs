@@ -1,7 +1,8 @@
 //! The control socket: one JSON object per line in each direction.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
-//! `{"cmd":"shutdown","timeout_ms":N}` (wait up to N ms for the guest to power off by
+//! `{"cmd":"snapshot","dir":D}` (see [`crate::snapshot`]; refusals carry `snapshot.*`
+//! codes), `{"cmd":"shutdown","timeout_ms":N}` (wait up to N ms for the guest to power off by
 //! itself, then stop it; default 0; any u64). Replies: `{"ok":true,...}` or
 //! `{"ok":false,"error":{"code":...,"message":...}}`, one per request line, in order;
 //! several requests may be sent without waiting for replies. A line longer than
@@ -9,6 +10,7 @@
 //! connection closed.
 
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -19,6 +21,11 @@ pub enum Request {
     Shutdown {
         #[serde(default)]
         timeout_ms: u64,
+    },
+    /// Pause (if running), save the VM into a new directory `dir`, resume (if it was
+    /// running).
+    Snapshot {
+        dir: PathBuf,
     },
 }
 
@@ -35,6 +42,14 @@ pub struct Status {
     pub vcpus: usize,
     pub memory_mib: u64,
     pub devices: Vec<DeviceStatus>,
+}
+
+/// The reply to a snapshot: the VM's status afterwards and what was written.
+#[derive(Debug, Serialize)]
+pub struct SnapshotReply {
+    #[serde(flatten)]
+    pub status: Status,
+    pub snapshot: crate::snapshot::dir::Written,
 }
 
 #[derive(Debug, Serialize)]

@@ -1,8 +1,9 @@
-//! Building a VM from a [`VmmConfig`] and running its event loop until it ends.
+//! A [`Vm`] is built (KVM, memory, devices), then either boots a kernel or is restored
+//! from a snapshot, then runs its event loop until it ends.
 
 use crate::api::{self, ApiError, DeviceStatus, Request, Status};
 use crate::boot;
-use crate::config::{Serial, VmmConfig};
+use crate::config::{Serial, Start, VmmConfig};
 use crate::control;
 use crate::cpu;
 use crate::devices::legacy::{PioBus, COM1_IRQ};
@@ -12,16 +13,17 @@ use crate::host;
 use crate::layout::*;
 use crate::memory;
 use crate::mptable;
+use crate::snapshot::{self, dir, manifest, SnapshotState};
 use crate::vcpu::{Bus, Control, Outcome, Vcpus};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
-use std::fs::OpenOptions;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vm_superio::{I8042Device, Serial as Uart};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -51,6 +53,8 @@ pub enum Error {
     MpTable(#[from] mptable::Error),
     #[error("creating vCPU {id}: {source}")]
     CreateVcpu { id: u8, source: kvm_ioctls::Error },
+    #[error("reading KVM's MSR index list: {0}")]
+    MsrIndexList(kvm_ioctls::Error),
     #[error(transparent)]
     Device(#[from] virtio_mmio::Error),
     #[error("serial console {path}: {source}")]
@@ -61,6 +65,18 @@ pub enum Error {
     EventLoop(io::Error),
     #[error(transparent)]
     Control(#[from] control::Error),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+}
+
+impl Error {
+    /// The stable code printed when the VMM cannot start.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Snapshot(e) => e.code(),
+            _ => "vmm.start_failed",
+        }
+    }
 }
 
 /// epoll tokens.
@@ -76,75 +92,244 @@ struct Device {
     relay: InterruptRelay,
 }
 
-/// Builds the VM, runs it, and returns why it ended.
-pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
-    let kvm = Kvm::new().map_err(Error::Kvm)?;
-    let vm = kvm.create_vm().map_err(Error::CreateVm)?;
-    let setup = |what| move |source| Error::VmSetup { what, source };
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(setup("TSS address"))?;
-    if let Err(e) = vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
-        log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e} (not needed on this host)");
-    }
-    vm.create_irq_chip().map_err(setup("irqchip"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(setup("PIT"))?;
+/// What the guest was started from, as a snapshot records it.
+struct Origin {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    /// Hashes from the snapshot a restored VM came from (a booted VM hashes its files
+    /// when it is first snapshotted).
+    restored: Option<(manifest::Artifact, Option<manifest::Artifact>)>,
+    cmdline: String,
+}
 
-    let mem = memory::create(config.memory_mib)?;
-    for (slot, region) in mem.iter().enumerate() {
-        let region_desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
+/// A built VM: KVM, guest memory and devices, before it boots or is restored.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    mem: GuestMemoryMmap,
+    devices: Vec<(u64, Device)>,
+    /// Device entries for the kernel command line.
+    device_cmdline: String,
+    memory_mib: u64,
+    cpus: u8,
+}
+
+impl Vm {
+    /// Creates the KVM VM (irqchip, PIT), `memory_mib` of guest memory and one
+    /// virtio-mmio transport per device socket of `config`.
+    pub fn build(config: &VmmConfig, memory_mib: u64, cpus: u8) -> Result<Self, Error> {
+        let kvm = Kvm::new().map_err(Error::Kvm)?;
+        let vm = kvm.create_vm().map_err(Error::CreateVm)?;
+        let setup = |what| move |source| Error::VmSetup { what, source };
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(setup("TSS address"))?;
+        if let Err(e) = vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
+            log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e} (not needed on this host)");
+        }
+        vm.create_irq_chip().map_err(setup("irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
         };
-        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM
-        // (both live until this function returns), and the slot numbers are distinct.
-        unsafe { vm.set_user_memory_region(region_desc) }.map_err(setup("memory slot"))?;
+        vm.create_pit2(pit).map_err(setup("PIT"))?;
+
+        let mem = memory::create(memory_mib)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the returned
+            // `Vm` keeps for as long as the VM fd lives, and the slot numbers are
+            // distinct.
+            unsafe { vm.set_user_memory_region(region_desc) }.map_err(setup("memory slot"))?;
+        }
+
+        let mut device_cmdline = String::new();
+        let mut devices = Vec::new();
+        for (index, (kind, path)) in device_sockets(config).enumerate() {
+            let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+            let irq = VIRTIO_IRQ_BASE + index as u32;
+            let transport = MmioTransport::connect(kind, path, &mem, MAX_QUEUE_SIZE)?;
+            let relay = transport.register(&vm, base, irq)?;
+            device_cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            devices.push((
+                base,
+                Device {
+                    transport: Arc::new(Mutex::new(transport)),
+                    relay,
+                },
+            ));
+        }
+        Ok(Self {
+            kvm,
+            fd: vm,
+            mem,
+            devices,
+            device_cmdline,
+            memory_mib,
+            cpus,
+        })
     }
 
-    let mut cmdline = config.cmdline.clone();
-    let mut devices = Vec::new();
-    let sockets = config
+    fn create_vcpu(&self, id: u8) -> Result<VcpuFd, Error> {
+        self.fd
+            .create_vcpu(u64::from(id))
+            .map_err(|source| Error::CreateVcpu { id, source })
+    }
+
+    /// Loads the kernel (and initrd) and sets up every vCPU for its first instruction.
+    fn boot(&self, config: &VmmConfig, kernel_path: &Path) -> Result<Booted, Error> {
+        let cmdline = format!("{}{}", config.cmdline, self.device_cmdline);
+        let kernel = boot::load_kernel(&self.mem, kernel_path)?;
+        let failure_hint = host::linux_guest_limitation().filter(|_| kernel.is_linux);
+        if let Some(hint) = &failure_hint {
+            log::warn!("{hint}");
+        }
+        let initrd = config
+            .initrd
+            .as_deref()
+            .map(|path| boot::load_initrd(&self.mem, path, kernel.end))
+            .transpose()?;
+        boot::configure(&self.mem, &kernel, &boot::cmdline(&cmdline)?, initrd)?;
+        boot::write_page_tables(&self.mem)?;
+        mptable::write(&self.mem, self.cpus)?;
+        log::info!("kernel command line: {cmdline}");
+
+        let mut vcpus = Vec::with_capacity(usize::from(self.cpus));
+        for id in 0..self.cpus {
+            let vcpu = self.create_vcpu(id)?;
+            vcpu.set_cpuid2(&cpu::cpuid(&self.kvm, id, self.cpus)?)
+                .map_err(cpu::Error::SetCpuid)?;
+            cpu::setup_msrs(&vcpu)?;
+            cpu::setup_fpu(&vcpu)?;
+            cpu::setup_lapic(&vcpu)?;
+            if id == 0 {
+                cpu::setup_boot_vcpu(&vcpu, &self.mem, kernel.entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+        Ok(Booted {
+            vcpus,
+            failure_hint,
+            origin: Origin {
+                kernel: kernel_path.to_owned(),
+                initrd: config.initrd.clone(),
+                restored: None,
+                cmdline,
+            },
+        })
+    }
+
+    /// Fills memory from the snapshot and gives the VM and every vCPU its saved state.
+    fn restore(&self, opened: &dir::Opened) -> Result<Vec<VcpuFd>, Error> {
+        let memfd = memfd_of(&self.mem)?;
+        let populated = dir::load_memory(opened, memfd)?;
+        log::info!("restored {populated} bytes of populated guest memory");
+        let restore = |what| {
+            move |e: snapshot::state::Error| snapshot::Error::Restore {
+                what,
+                message: e.to_string(),
+            }
+        };
+        opened
+            .state
+            .vm
+            .apply(&self.fd)
+            .map_err(restore("VM state"))?;
+        if opened.state.vcpus.len() != usize::from(self.cpus) {
+            return Err(snapshot::Error::Corrupt {
+                path: opened.dir.join(manifest::STATE),
+                message: format!(
+                    "{} vCPU states for {} vCPUs",
+                    opened.state.vcpus.len(),
+                    self.cpus
+                ),
+            }
+            .into());
+        }
+        let mut vcpus = Vec::with_capacity(usize::from(self.cpus));
+        for (id, state) in (0..self.cpus).zip(&opened.state.vcpus) {
+            let vcpu = self.create_vcpu(id)?;
+            state.apply(&vcpu).map_err(restore("vCPU state"))?;
+            vcpus.push(vcpu);
+        }
+        Ok(vcpus)
+    }
+}
+
+/// vCPU fds ready to run, and where the guest came from.
+struct Booted {
+    vcpus: Vec<VcpuFd>,
+    failure_hint: Option<String>,
+    origin: Origin,
+}
+
+fn device_sockets(config: &VmmConfig) -> impl Iterator<Item = (DeviceKind, &PathBuf)> {
+    config
         .blk
         .iter()
         .map(|p| (DeviceKind::Block, p))
         .chain(config.net.iter().map(|p| (DeviceKind::Net, p)))
-        .chain(config.vsock.iter().map(|p| (DeviceKind::Vsock, p)));
-    for (index, (kind, path)) in sockets.enumerate() {
-        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-        let irq = VIRTIO_IRQ_BASE + index as u32;
-        let transport = MmioTransport::connect(kind, path, &mem, MAX_QUEUE_SIZE)?;
-        let relay = transport.register(&vm, base, irq)?;
-        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-        devices.push((
-            base,
-            Device {
-                transport: Arc::new(Mutex::new(transport)),
-                relay,
-            },
-        ));
-    }
+        .chain(config.vsock.iter().map(|p| (DeviceKind::Vsock, p)))
+}
 
-    let kernel = boot::load_kernel(&mem, &config.kernel)?;
-    let failure_hint = host::linux_guest_limitation().filter(|_| kernel.is_linux);
-    if let Some(hint) = &failure_hint {
-        log::warn!("{hint}");
-    }
-    let initrd = config
-        .initrd
-        .as_deref()
-        .map(|path| boot::load_initrd(&mem, path, kernel.end))
-        .transpose()?;
-    boot::configure(&mem, &kernel, &boot::cmdline(&cmdline)?, initrd)?;
-    boot::write_page_tables(&mem)?;
-    mptable::write(&mem, config.cpus)?;
-    log::info!("kernel command line: {cmdline}");
+/// The memfd behind guest memory (every region maps the same one).
+fn memfd_of(mem: &GuestMemoryMmap) -> Result<&File, Error> {
+    mem.iter()
+        .next()
+        .and_then(|region| region.file_offset())
+        .map(|offset| offset.file())
+        .ok_or_else(|| Error::Memory(memory::Error::Map("guest memory has no memfd".into())))
+}
 
+/// Builds the VM, boots it or restores it, runs it, and returns why it ended.
+pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
+    let (vm, booted, start_paused) = match &config.start {
+        Start::Boot { kernel } => {
+            let vm = Vm::build(config, config.memory_mib, config.cpus)?;
+            let booted = vm.boot(config, kernel)?;
+            (vm, booted, false)
+        }
+        Start::Restore {
+            dir: snapshot_dir,
+            paused,
+            kernel,
+        } => {
+            let opened = dir::open(snapshot_dir)?;
+            let m = &opened.manifest;
+            let kvm = Kvm::new().map_err(Error::Kvm)?;
+            m.check_cpu(&manifest::CpuIdentity::of_host(&kvm)?)?;
+            let kernel = kernel.as_deref().unwrap_or(&m.kernel.path);
+            m.check_artifacts(kernel, config.initrd.as_deref())?;
+            let kinds: Vec<&str> = device_sockets(config).map(|(k, _)| k.name()).collect();
+            m.check_devices(&kinds)?;
+            let vm = Vm::build(config, m.memory_mib, m.vcpus)?;
+            let vcpus = vm.restore(&opened)?;
+            let origin = Origin {
+                kernel: kernel.to_owned(),
+                initrd: m.initrd.as_ref().map(|a| a.path.clone()),
+                restored: Some((m.kernel.clone(), m.initrd.clone())),
+                cmdline: m.cmdline.clone(),
+            };
+            log::info!("restored snapshot {}", snapshot_dir.display());
+            let booted = Booted {
+                vcpus,
+                failure_hint: None,
+                origin,
+            };
+            (vm, booted, *paused)
+        }
+    };
+    start(config, vm, booted, start_paused)
+}
+
+/// Serial, i8042, the control socket and the vCPU threads; then the event loop.
+fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Outcome, Error> {
+    let setup = |what| move |source| Error::VmSetup { what, source };
     let serial_out: Box<dyn Write + Send> = match &config.serial {
         Serial::Stdio => Box::new(io::stdout()),
         Serial::File(path) => Box::new(
@@ -159,7 +344,8 @@ pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
         ),
     };
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)
+    vm.fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(setup("serial irqfd"))?;
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?;
     let reset_trigger = reset_evt.try_clone().map_err(Error::EventLoop)?;
@@ -168,27 +354,12 @@ pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
             Uart::new(EventFdTrigger(serial_irq), serial_out),
             I8042Device::new(EventFdTrigger(reset_trigger)),
         ),
-        mmio: devices
+        mmio: vm
+            .devices
             .iter()
             .map(|(base, d)| (*base, d.transport.clone()))
             .collect(),
     });
-
-    let mut vcpu_fds = Vec::with_capacity(usize::from(config.cpus));
-    for id in 0..config.cpus {
-        let vcpu = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|source| Error::CreateVcpu { id, source })?;
-        vcpu.set_cpuid2(&cpu::cpuid(&kvm, id, config.cpus)?)
-            .map_err(cpu::Error::SetCpuid)?;
-        cpu::setup_msrs(&vcpu)?;
-        cpu::setup_fpu(&vcpu)?;
-        cpu::setup_lapic(&vcpu)?;
-        if id == 0 {
-            cpu::setup_boot_vcpu(&vcpu, &mem, kernel.entry)?;
-        }
-        vcpu_fds.push(vcpu);
-    }
 
     let epoll = Epoll::new().map_err(Error::EventLoop)?;
     let server = match &config.api_socket {
@@ -208,26 +379,38 @@ pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
         None => None,
     };
 
+    let msr_indices = Arc::new(
+        vm.kvm
+            .get_msr_index_list()
+            .map_err(Error::MsrIndexList)?
+            .as_slice()
+            .to_vec(),
+    );
     let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?;
     let control = Arc::new(Control::new(
         exit_evt.try_clone().map_err(Error::EventLoop)?,
-        failure_hint,
+        booted.failure_hint,
     ));
-    let vcpus = Vcpus::start(vcpu_fds, bus, control.clone()).map_err(Error::EventLoop)?;
-    log::info!("{} vCPU(s) running", vcpus.count());
+    let vcpus = Vcpus::start(booted.vcpus, bus, control.clone(), msr_indices, paused)
+        .map_err(Error::EventLoop)?;
+    log::info!(
+        "{} vCPU(s) {}",
+        vcpus.count(),
+        if paused { "paused" } else { "running" }
+    );
 
+    let cpu = manifest::CpuIdentity::of_host(&vm.kvm)?;
     let mut event_loop = EventLoop {
         epoll,
         control,
         vcpus: Some(vcpus),
-        devices,
         server,
-        memory_mib: config.memory_mib,
         reset_evt,
         exit_evt,
         shutdown: None,
-        _vm: &vm,
-        _mem: &mem,
+        origin: booted.origin,
+        cpu,
+        vm: &vm,
     };
     let outcome = event_loop.run();
     if let Some(path) = &config.api_socket {
@@ -273,15 +456,14 @@ struct EventLoop<'a> {
     epoll: Epoll,
     control: Arc<Control>,
     vcpus: Option<Vcpus>,
-    devices: Vec<(u64, Device)>,
     server: Option<control::Server>,
-    memory_mib: u64,
     reset_evt: EventFd,
     exit_evt: EventFd,
     shutdown: Option<Shutdown>,
-    // Kept alive for as long as vCPUs run.
-    _vm: &'a VmFd,
-    _mem: &'a GuestMemoryMmap,
+    origin: Origin,
+    cpu: manifest::CpuIdentity,
+    /// Outlives the vCPU threads, which are joined before `run` returns.
+    vm: &'a Vm,
 }
 
 impl EventLoop<'_> {
@@ -294,7 +476,7 @@ impl EventLoop<'_> {
     fn run(&mut self) -> Result<Outcome, Error> {
         self.add(self.exit_evt.as_raw_fd(), TOKEN_EXIT, EventSet::IN)?;
         self.add(self.reset_evt.as_raw_fd(), TOKEN_RESET, EventSet::IN)?;
-        for (index, (_, device)) in self.devices.iter().enumerate() {
+        for (index, (_, device)) in self.vm.devices.iter().enumerate() {
             for (queue, &fd) in device.relay.calls.iter().enumerate() {
                 let token = TOKEN_CALL_BASE | ((index as u64) << 16) | queue as u64;
                 self.add(fd, token, EventSet::IN)?;
@@ -358,7 +540,7 @@ impl EventLoop<'_> {
             t if t & !0xffff_ffff == TOKEN_CALL_BASE => {
                 let index = ((t >> 16) & 0xffff) as usize;
                 let queue = (t & 0xffff) as usize;
-                if let Some((_, device)) = self.devices.get(index) {
+                if let Some((_, device)) = self.vm.devices.get(index) {
                     if let Some(&fd) = device.relay.calls.get(queue) {
                         device.relay.used_buffer(fd);
                     }
@@ -371,7 +553,7 @@ impl EventLoop<'_> {
     }
 
     fn daemon_gone(&mut self, index: usize) {
-        let Some((_, device)) = self.devices.get(index) else {
+        let Some((_, device)) = self.vm.devices.get(index) else {
             return;
         };
         let mut transport = device.transport.lock().unwrap_or_else(|e| e.into_inner());
@@ -427,8 +609,106 @@ impl EventLoop<'_> {
             }
             Request::Resume => vcpus.resume(),
             Request::Shutdown { timeout_ms } => self.shutdown = Some(Shutdown::after(timeout_ms)),
+            Request::Snapshot { dir } => {
+                return match self.snapshot(&dir) {
+                    Ok(written) => api::reply_ok(&api::SnapshotReply {
+                        status: self.status(),
+                        snapshot: written,
+                    }),
+                    Err(e) => api::reply_err(&ApiError {
+                        code: e.code(),
+                        message: e.to_string(),
+                    }),
+                }
+            }
         }
         api::reply_ok(&self.status())
+    }
+
+    /// Pauses the vCPUs (if running), writes the snapshot, and resumes them (if they
+    /// were running): a failed snapshot leaves the VM as it was and no directory.
+    fn snapshot(&mut self, dir: &Path) -> Result<dir::Written, snapshot::Error> {
+        if !self.vm.devices.is_empty() {
+            return Err(snapshot::Error::DeviceUnsupported(self.vm.devices.len()));
+        }
+        if dir.exists() {
+            return Err(snapshot::Error::Exists(dir.to_owned()));
+        }
+        let Some(vcpus) = self.vcpus.as_ref() else {
+            return Err(snapshot::Error::Capture(snapshot::state::Error::List {
+                vcpu: 0,
+                message: "the VM is stopping".into(),
+            }));
+        };
+        let (kernel, initrd) = match &self.origin.restored {
+            Some((kernel, initrd)) => (kernel.clone(), initrd.clone()),
+            None => (
+                manifest::Artifact::of(&self.origin.kernel)?,
+                self.origin
+                    .initrd
+                    .as_deref()
+                    .map(manifest::Artifact::of)
+                    .transpose()?,
+            ),
+        };
+        let was_paused = vcpus.paused();
+        if !was_paused {
+            vcpus.pause();
+        }
+        let result = self.capture_and_write(vcpus, dir, kernel, initrd);
+        if !was_paused {
+            vcpus.resume();
+        }
+        if let Ok(written) = &result {
+            log::info!(
+                "snapshot {}: {} of {} memory bytes populated",
+                dir.display(),
+                written.memory_populated,
+                written.memory_bytes
+            );
+        }
+        result
+    }
+
+    fn capture_and_write(
+        &self,
+        vcpus: &Vcpus,
+        dir: &Path,
+        kernel: manifest::Artifact,
+        initrd: Option<manifest::Artifact>,
+    ) -> Result<dir::Written, snapshot::Error> {
+        let vcpu_states = vcpus.save_state().map_err(|message| {
+            snapshot::Error::Capture(snapshot::state::Error::List { vcpu: 0, message })
+        })?;
+        let state = SnapshotState {
+            vm: snapshot::state::VmState::capture(&self.vm.fd).map_err(snapshot::Error::Capture)?,
+            vcpus: vcpu_states,
+        };
+        let manifest = manifest::Manifest {
+            format: manifest::Format {
+                major: manifest::FORMAT_MAJOR,
+                minor: manifest::FORMAT_MINOR,
+            },
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            kernel,
+            initrd,
+            cmdline: self.origin.cmdline.clone(),
+            cpu: self.cpu.clone(),
+            vcpus: self.vm.cpus,
+            memory_mib: self.vm.memory_mib,
+            memory_populated: 0,
+            devices: Vec::new(),
+            files: Vec::new(),
+        };
+        let memfd = memfd_of(&self.vm.mem).map_err(|e| snapshot::Error::Write {
+            dir: dir.to_owned(),
+            step: "finding guest memory",
+            source: io::Error::other(e.to_string()),
+        })?;
+        dir::write(dir, manifest, &state, memfd, self.vm.memory_mib << 20)
     }
 
     fn status(&self) -> Status {
@@ -440,8 +720,9 @@ impl EventLoop<'_> {
         Status {
             state,
             vcpus: self.vcpus.as_ref().map_or(0, Vcpus::count),
-            memory_mib: self.memory_mib,
+            memory_mib: self.vm.memory_mib,
             devices: self
+                .vm
                 .devices
                 .iter()
                 .map(|(_, d)| {

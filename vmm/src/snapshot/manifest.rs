@@ -46,7 +46,7 @@ pub struct CpuIdentity {
     pub family: u32,
     pub model: u32,
     pub stepping: u32,
-    /// sha256 of KVM's supported CPUID entries.
+    /// sha256 of KVM's supported CPUID entries, without the per-host-CPU APIC IDs.
     pub fingerprint: String,
 }
 
@@ -83,7 +83,15 @@ impl CpuIdentity {
         let model = ((eax >> 4) & 0xf) | (((eax >> 16) & 0xf) << 4);
         let mut hash = Sha256::new();
         for e in entries {
-            for word in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+            // KVM fills in the APIC ID of the host CPU the caller runs on: leave it out.
+            let (mut eax, mut ebx, mut edx) = (e.eax, e.ebx, e.edx);
+            match e.function {
+                1 => ebx &= 0x00ff_ffff,
+                0xb | 0x1f => edx = 0,
+                0x8000_001e => (eax, ebx) = (0, ebx & !0xff),
+                _ => {}
+            }
+            for word in [e.function, e.index, e.flags, eax, ebx, e.ecx, edx] {
                 hash.update(word.to_le_bytes());
             }
         }

@@ -1,0 +1,405 @@
+//! Snapshot and restore of `microagent-vmm` on this machine's KVM with the freestanding
+//! test guest's counter: the restored VM continues where the snapshot was taken, in new
+//! processes, and every refusal has its stable code with nothing started or left behind.
+
+use microagent_integration::vmm::{restore_refused, Vmm, VmmArgs};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread::sleep;
+use std::time::Duration;
+
+const RUN: Duration = Duration::from_secs(60);
+
+/// The numbers of every complete `tick N` line, in order.
+fn ticks(console: &str) -> Vec<u64> {
+    console
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim_end().strip_prefix("tick "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// Asserts that `ticks` counts up by one from 0 without gap or repeat.
+fn assert_consecutive(ticks: &[u64], what: &str) {
+    for (i, &t) in ticks.iter().enumerate() {
+        assert_eq!(t, i as u64, "{what}: tick {i} is {t}: {ticks:?}");
+    }
+}
+
+fn snapshot(vmm: &Vmm, dir: &Path) -> serde_json::Value {
+    let request = serde_json::json!({"cmd": "snapshot", "dir": dir}).to_string();
+    vmm.api(&request).unwrap()
+}
+
+/// Boots the counter guest, lets it count, pauses it and snapshots it into
+/// `dir/snap`; returns the VMM (paused) and its console at the snapshot.
+fn paused_counter_snapshot(dir: &Path, extra: &[&str]) -> (Vmm, String, PathBuf) {
+    let mut args = VmmArgs::test_guest("scenario=counter");
+    args.extra = extra.iter().map(Into::into).collect();
+    let vmm = Vmm::start(&args, &dir.join("src-run")).unwrap_or_else(|e| panic!("{e}"));
+    vmm.wait_for("tick 5\n", RUN).unwrap();
+    assert_eq!(vmm.api(r#"{"cmd":"pause"}"#).unwrap()["state"], "paused");
+    let console = vmm.console();
+    let snap = dir.join("snap");
+    let reply = snapshot(&vmm, &snap);
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(
+        reply["state"], "paused",
+        "a paused VM stays paused: {reply}"
+    );
+    (vmm, console, snap)
+}
+
+fn run_dir(parent: &Path, name: &str) -> PathBuf {
+    let dir = parent.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn new_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("src-run")).unwrap();
+    dir
+}
+
+/// Waits until the restored console has at least `n` complete ticks after the
+/// source's console, and checks the whole is one unbroken count.
+fn assert_continues(source_console: &str, restored: &Vmm, n: usize, what: &str) -> Vec<u64> {
+    let before = ticks(source_console).len();
+    for _ in 0..3000 {
+        let all = ticks(&format!("{source_console}{}", restored.console()));
+        if all.len() >= before + n {
+            assert_consecutive(&all, what);
+            return all;
+        }
+        sleep(Duration::from_millis(10));
+    }
+    panic!(
+        "{what}: the restored guest did not count; console:\n{}",
+        restored.console()
+    );
+}
+
+#[test]
+fn a_restored_counter_continues_at_the_snapshot_count_plus_one() {
+    let dir = new_dir();
+    let (source, console, snap) = paused_counter_snapshot(dir.path(), &[]);
+    let at_snapshot = *ticks(&console).last().unwrap();
+
+    let manifest: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(snap.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["format"]["major"], 1);
+    assert_eq!(manifest["vcpus"], 1);
+    assert_eq!(manifest["memory_mib"], 64);
+    assert!(manifest["cmdline"]
+        .as_str()
+        .unwrap()
+        .contains("scenario=counter"));
+    // Only populated pages: a 64 MiB guest that touched a few pages writes little.
+    let populated = manifest["memory_populated"].as_u64().unwrap();
+    assert!(populated > 0 && populated < 4 << 20, "{populated} bytes");
+
+    let restored = Vmm::restore(&snap, &run_dir(dir.path(), "restored"), &[]).unwrap();
+    let all = assert_continues(&console, &restored, 5, "restored");
+    assert_eq!(all[ticks(&console).len()], at_snapshot + 1);
+    assert!(
+        !restored.console().contains("microagent test guest"),
+        "the restored guest booted again"
+    );
+    let status = restored.api(r#"{"cmd":"status"}"#).unwrap();
+    assert_eq!(status["state"], "running", "{status}");
+
+    // The source resumes independently, from the same count.
+    assert_eq!(
+        source.api(r#"{"cmd":"resume"}"#).unwrap()["state"],
+        "running"
+    );
+    source
+        .wait_for(&format!("tick {}\n", at_snapshot + 3), RUN)
+        .unwrap();
+    assert_consecutive(&ticks(&source.console()), "source");
+}
+
+#[test]
+fn two_restores_of_one_snapshot_run_at_once_independently() {
+    let dir = new_dir();
+    let (_source, console, snap) = paused_counter_snapshot(dir.path(), &[]);
+    let a = Vmm::restore(&snap, &run_dir(dir.path(), "a"), &[]).unwrap();
+    let b = Vmm::restore(&snap, &run_dir(dir.path(), "b"), &[]).unwrap();
+    assert_continues(&console, &a, 3, "restore a");
+    assert_continues(&console, &b, 3, "restore b");
+    // Pausing one does not pause the other.
+    assert_eq!(a.api(r#"{"cmd":"pause"}"#).unwrap()["state"], "paused");
+    let b_ticks = ticks(&b.console()).len();
+    assert_continues(
+        &console,
+        &b,
+        b_ticks + 3 - ticks(&console).len(),
+        "restore b",
+    );
+    assert_eq!(a.api(r#"{"cmd":"status"}"#).unwrap()["state"], "paused");
+}
+
+#[test]
+fn a_four_vcpu_vm_is_restored_with_four_vcpus_and_keeps_counting() {
+    let dir = new_dir();
+    let (_source, console, snap) = paused_counter_snapshot(dir.path(), &["--cpus", "4"]);
+    let state: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(snap.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["vcpus"].as_array().unwrap().len(), 4);
+    let restored = Vmm::restore(&snap, &run_dir(dir.path(), "restored"), &[]).unwrap();
+    assert_continues(&console, &restored, 3, "restored");
+    let reply = restored.api(r#"{"cmd":"pause"}"#).unwrap();
+    assert_eq!(reply["vcpus"], 4, "{reply}");
+    assert_eq!(reply["state"], "paused", "{reply}");
+}
+
+#[test]
+fn restore_with_paused_stays_paused_until_resumed() {
+    let dir = new_dir();
+    let (_source, console, snap) = paused_counter_snapshot(dir.path(), &[]);
+    let restored = Vmm::restore(&snap, &run_dir(dir.path(), "restored"), &["--paused"]).unwrap();
+    assert_eq!(
+        restored.api(r#"{"cmd":"status"}"#).unwrap()["state"],
+        "paused"
+    );
+    sleep(Duration::from_millis(500));
+    assert!(
+        ticks(&restored.console()).is_empty(),
+        "the guest ran while paused: {}",
+        restored.console()
+    );
+    assert_eq!(
+        restored.api(r#"{"cmd":"resume"}"#).unwrap()["state"],
+        "running"
+    );
+    assert_continues(&console, &restored, 3, "resumed");
+}
+
+#[test]
+fn a_running_vm_is_snapshotted_and_keeps_running() {
+    let dir = new_dir();
+    let vmm = Vmm::start(
+        &VmmArgs::test_guest("scenario=counter"),
+        &dir.path().join("src-run"),
+    )
+    .unwrap();
+    vmm.wait_for("tick 3\n", RUN).unwrap();
+    let reply = snapshot(&vmm, &dir.path().join("snap"));
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["state"], "running", "{reply}");
+    assert!(reply["snapshot"]["memory_populated"].as_u64().unwrap() > 0);
+    let count = ticks(&vmm.console()).len();
+    vmm.wait_for(&format!("tick {}\n", count + 3), RUN).unwrap();
+    // The snapshot of a running VM restores too (its count is where the pause fell).
+    let restored = Vmm::restore(
+        &dir.path().join("snap"),
+        &run_dir(dir.path(), "restored"),
+        &[],
+    )
+    .unwrap();
+    restored.wait_for("tick ", RUN).unwrap();
+    let first = ticks(&restored.console())[0];
+    assert!(first > 3, "restarted from {first}");
+}
+
+fn error_code(output: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let report: serde_json::Value = stderr
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no JSON error on stderr:\n{stderr}"));
+    assert!(!output.status.success());
+    report["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn copy_snapshot(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .args(["-r", "--sparse=always"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn edit_manifest(snap: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = snap.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut manifest);
+    fs::write(&path, manifest.to_string()).unwrap();
+}
+
+#[test]
+fn damaged_or_foreign_snapshots_are_refused_with_stable_codes_and_nothing_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A kernel of our own, to change after the snapshot.
+    let kernel = dir.path().join("guest.elf");
+    fs::copy(microagent_integration::vmm::test_guest(), &kernel).unwrap();
+    let mut args = VmmArgs::test_guest("scenario=counter");
+    args.kernel = kernel.clone();
+    let src = run_dir(dir.path(), "src-run");
+    let vmm = Vmm::start(&args, &src).unwrap();
+    vmm.wait_for("tick 2\n", RUN).unwrap();
+    let snap = dir.path().join("snap");
+    assert_eq!(snapshot(&vmm, &snap)["ok"], true);
+
+    // Snapshot refusals.
+    let again = snapshot(&vmm, &snap);
+    assert_eq!(again["error"]["code"], "snapshot.exists", "{again}");
+    let nowhere = snapshot(&vmm, &dir.path().join("no/such/parent"));
+    assert_eq!(nowhere["error"]["code"], "snapshot.bad_dir", "{nowhere}");
+    drop(vmm);
+
+    let case = |name: &str, damage: &dyn Fn(&Path), extra: &[&str], code: &str| {
+        let copy = dir.path().join(name);
+        copy_snapshot(&snap, &copy);
+        damage(&copy);
+        let run = run_dir(dir.path(), &format!("{name}-run"));
+        let output = restore_refused(&copy, &run, extra).unwrap();
+        assert_eq!(error_code(&output), code, "{name}: {output:?}");
+        assert!(!run.join("api.sock").exists(), "{name}: the VMM started");
+    };
+    case(
+        "format",
+        &|s| edit_manifest(s, |m| m["format"]["major"] = 99.into()),
+        &[],
+        "snapshot.format_unsupported",
+    );
+    case(
+        "cpu",
+        &|s| {
+            edit_manifest(s, |m| {
+                let model = m["cpu"]["model"].as_u64().unwrap();
+                m["cpu"]["model"] = (model + 1).into();
+            })
+        },
+        &[],
+        "snapshot.cpu_mismatch",
+    );
+    case(
+        "memory-flip",
+        &|s| {
+            // The guest's code is at 2 MiB: a populated page.
+            use std::os::unix::fs::FileExt;
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(s.join("memory.bin"))
+                .unwrap();
+            let mut byte = [0u8];
+            file.read_exact_at(&mut byte, 0x20_0010).unwrap();
+            file.write_all_at(&[byte[0] ^ 0xff], 0x20_0010).unwrap();
+        },
+        &[],
+        "snapshot.checksum_mismatch",
+    );
+    case(
+        "state-flip",
+        &|s| {
+            let path = s.join("state.json");
+            let mut bytes = fs::read(&path).unwrap();
+            let i = bytes.iter().position(|&b| b == b'1').unwrap();
+            bytes[i] = b'2';
+            fs::write(&path, bytes).unwrap();
+        },
+        &[],
+        "snapshot.checksum_mismatch",
+    );
+    case(
+        "missing",
+        &|s| fs::remove_file(s.join("state.json")).unwrap(),
+        &[],
+        "snapshot.file_missing",
+    );
+    case(
+        "truncated",
+        &|s| {
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .open(s.join("memory.bin"))
+                .unwrap();
+            file.set_len(1 << 20).unwrap();
+        },
+        &[],
+        "snapshot.file_truncated",
+    );
+    case(
+        "devices",
+        &|_| {},
+        &["--blk", "/nonexistent/blk.sock"],
+        "snapshot.device_mismatch",
+    );
+    // Last: the kernel the snapshot was taken with changes.
+    let mut bytes = fs::read(&kernel).unwrap();
+    bytes.push(0);
+    fs::write(&kernel, bytes).unwrap();
+    case("kernel", &|_| {}, &[], "snapshot.kernel_mismatch");
+}
+
+#[test]
+fn a_full_disk_leaves_no_snapshot_and_the_vm_running() {
+    let dir = new_dir();
+    let small = dir.path().join("small");
+    fs::create_dir(&small).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a small tmpfs (needs root)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+
+    let vmm = Vmm::start(
+        &VmmArgs::test_guest("scenario=counter"),
+        &dir.path().join("src-run"),
+    )
+    .unwrap();
+    vmm.wait_for("tick 2\n", RUN).unwrap();
+    let reply = snapshot(&vmm, &small.join("snap"));
+    assert_eq!(reply["error"]["code"], "snapshot.no_space", "{reply}");
+    assert_eq!(reply["state"], serde_json::Value::Null);
+    let left: Vec<_> = fs::read_dir(&small).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(vmm.api(r#"{"cmd":"status"}"#).unwrap()["state"], "running");
+    let count = ticks(&vmm.console()).len();
+    vmm.wait_for(&format!("tick {}\n", count + 3), RUN).unwrap();
+}
+
+#[test]
+fn a_vm_with_devices_is_refused_until_device_snapshots_exist() {
+    use microagent_integration::daemon::Daemon;
+    let dir = new_dir();
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let _daemon = Daemon::start(
+        "microagent-vhost-blk",
+        &socket,
+        ["--disk", disk.to_str().unwrap()],
+    )
+    .unwrap();
+    let mut args = VmmArgs::test_guest("scenario=halt");
+    args.blk.push(socket);
+    let vmm = Vmm::start(&args, &dir.path().join("src-run")).unwrap();
+    vmm.wait_for("HALTING", RUN).unwrap();
+    let reply = snapshot(&vmm, &dir.path().join("snap"));
+    assert_eq!(
+        reply["error"]["code"], "snapshot.device_unsupported",
+        "{reply}"
+    );
+    assert!(!dir.path().join("snap").exists());
+    assert_eq!(vmm.api(r#"{"cmd":"status"}"#).unwrap()["state"], "running");
+}
