@@ -233,6 +233,9 @@ fn edit_manifest(snap: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut manifest: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut manifest);
+    // Re-sealed, as a manifest written on another host would be.
+    let checksum = microagent_vmm::snapshot::manifest::checksum_of(&manifest);
+    manifest["checksum"] = checksum.into();
     fs::write(&path, manifest.to_string()).unwrap();
 }
 
@@ -308,6 +311,16 @@ fn damaged_or_foreign_snapshots_are_refused_with_stable_codes_and_nothing_starts
             let i = bytes.iter().position(|&b| b == b'1').unwrap();
             bytes[i] = b'2';
             fs::write(&path, bytes).unwrap();
+        },
+        &[],
+        "snapshot.checksum_mismatch",
+    );
+    case(
+        "manifest-edit",
+        &|s| {
+            let path = s.join("manifest.json");
+            let text = fs::read_to_string(&path).unwrap();
+            fs::write(&path, text.replace("scenario=counter", "scenario=cOunter")).unwrap();
         },
         &[],
         "snapshot.checksum_mismatch",
@@ -402,4 +415,62 @@ fn a_vm_with_devices_is_refused_until_device_snapshots_exist() {
     );
     assert!(!dir.path().join("snap").exists());
     assert_eq!(vmm.api(r#"{"cmd":"status"}"#).unwrap()["state"], "running");
+}
+
+fn snapshot_tool(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let tool = microagent_integration::daemon::binary("microagent-snapshot").unwrap();
+    Command::new(tool).args(args).output().unwrap()
+}
+
+#[test]
+fn microagent_snapshot_verify_catches_one_flipped_byte_in_every_file() {
+    let dir = new_dir();
+    let (_source, _, snap) = paused_counter_snapshot(dir.path(), &[]);
+    let ok = snapshot_tool(&["verify".as_ref(), snap.as_os_str()]);
+    assert!(ok.status.success(), "{ok:?}");
+
+    let inspect = snapshot_tool(&["inspect".as_ref(), "--json".as_ref(), snap.as_os_str()]);
+    assert!(inspect.status.success(), "{inspect:?}");
+    let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(report["manifest"]["vcpus"], 1);
+    let memory = report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "memory.bin")
+        .unwrap();
+    assert_eq!(memory["size"], 64 << 20);
+    assert!(memory["allocated"].as_u64().unwrap() < 4 << 20, "{memory}");
+    let text = snapshot_tool(&["inspect".as_ref(), snap.as_os_str()]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("memory   64 MiB"));
+
+    // (file, offset of the flipped byte): inside the command line, inside the state,
+    // inside the guest's code page.
+    let manifest = fs::read_to_string(snap.join("manifest.json")).unwrap();
+    let in_cmdline = manifest.find("scenario=counter").unwrap() + 3;
+    for (name, offset) in [
+        ("manifest.json", in_cmdline as u64),
+        ("state.json", 100),
+        ("memory.bin", 0x20_0010),
+    ] {
+        let copy = dir.path().join(format!("flip-{name}"));
+        copy_snapshot(&snap, &copy);
+        use std::os::unix::fs::FileExt;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(copy.join(name))
+            .unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, offset).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x01], offset).unwrap();
+        let out = snapshot_tool(&["verify".as_ref(), copy.as_os_str()]);
+        assert!(!out.status.success(), "{name}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(name), "{name}: {stderr}");
+        assert!(
+            stderr.contains("snapshot.checksum_mismatch"),
+            "{name}: {stderr}"
+        );
+    }
 }

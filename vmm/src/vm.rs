@@ -702,6 +702,7 @@ impl EventLoop<'_> {
             memory_populated: 0,
             devices: Vec::new(),
             files: Vec::new(),
+            checksum: String::new(),
         };
         let memfd = memfd_of(&self.vm.mem).map_err(|e| snapshot::Error::Write {
             dir: dir.to_owned(),

@@ -117,11 +117,10 @@ where
             sha256: saved.sha256,
         },
     ];
-    let mut text = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Encode {
+    let text = manifest.to_json().map_err(|e| Error::Encode {
         what: MANIFEST,
         message: e.to_string(),
     })?;
-    text.push(b'\n');
     write_synced(&tmp.join(MANIFEST), &text).map_err(io("writing manifest.json"))?;
     Ok((saved.populated, state_json.len() as u64))
 }

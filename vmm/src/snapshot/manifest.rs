@@ -152,6 +152,19 @@ pub struct Manifest {
     pub memory_populated: u64,
     pub devices: Vec<DeviceEntry>,
     pub files: Vec<FileEntry>,
+    /// sha256 of the manifest itself: see [`checksum_of`].
+    #[serde(default)]
+    pub checksum: String,
+}
+
+/// The manifest's own checksum: sha256 of its compact JSON without the `checksum`
+/// field. Formatting does not count; every value and key does.
+pub fn checksum_of(value: &serde_json::Value) -> String {
+    let mut value = value.clone();
+    if let Some(map) = value.as_object_mut() {
+        map.remove("checksum");
+    }
+    format!("{:x}", Sha256::digest(value.to_string().as_bytes()))
 }
 
 impl Manifest {
@@ -173,7 +186,24 @@ impl Manifest {
                 supported: FORMAT_MAJOR,
             });
         }
+        if value.get("checksum").and_then(|c| c.as_str()) != Some(&checksum_of(&value)) {
+            return Err(Error::ChecksumMismatch {
+                path: path.to_owned(),
+            });
+        }
         serde_json::from_value(value).map_err(corrupt)
+    }
+
+    /// The manifest as written: pretty JSON with its own checksum filled in.
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut value = serde_json::to_value(self)?;
+        let checksum = checksum_of(&value);
+        if let Some(map) = value.as_object_mut() {
+            map.insert("checksum".into(), checksum.into());
+        }
+        let mut text = serde_json::to_vec_pretty(&value)?;
+        text.push(b'\n');
+        Ok(text)
     }
 
     pub fn file(&self, name: &str) -> Option<&FileEntry> {
@@ -280,13 +310,19 @@ mod tests {
             memory_populated: 4096,
             devices: vec![],
             files: vec![],
+            checksum: String::new(),
         }
     }
 
     #[test]
     fn manifests_round_trip_and_a_newer_major_is_refused_before_parsing() {
-        let text = serde_json::to_string(&sample()).unwrap();
-        assert_eq!(Manifest::parse(Path::new("m"), &text).unwrap(), sample());
+        let text = String::from_utf8(sample().to_json().unwrap()).unwrap();
+        let parsed = Manifest::parse(Path::new("m"), &text).unwrap();
+        assert_eq!(parsed.cmdline, sample().cmdline);
+        assert_eq!(parsed.to_json().unwrap(), text.as_bytes());
+        let edited = text.replace("console=ttyS0", "console=ttyS1");
+        let err = Manifest::parse(Path::new("m"), &edited).unwrap_err();
+        assert_eq!(err.code(), "snapshot.checksum_mismatch", "{err}");
         let newer = r#"{"format":{"major":2,"minor":0},"something":"new"}"#;
         let err = Manifest::parse(Path::new("m"), newer).unwrap_err();
         assert_eq!(err.code(), "snapshot.format_unsupported", "{err}");
