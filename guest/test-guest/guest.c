@@ -9,6 +9,12 @@
  *                     blk_pattern= at sector blk_sector=, read it back, reset
  *   scenario=vsock    connect to host port vsock_port= through the virtio-mmio vsock
  *                     device, send vsock_msg=, print what comes back, reset
+ *   scenario=blk_snapshot  write blk_pattern= at blk_sector=, print BLK-WRITTEN, print
+ *                     "wait N" blk_wait= times (time for a snapshot), read the
+ *                     sector back, reset
+ *   scenario=vsock_snapshot  set up vsock, post an event buffer, print VSOCK-READY,
+ *                     wait for an event (a restore's TRANSPORT_RESET), print it, then
+ *                     connect and echo as scenario=vsock
  *   scenario=counter  print "tick N" forever (for pause/resume)
  *   scenario=halt     print the banner, then cli; hlt forever
  */
@@ -114,7 +120,7 @@ static int request(u32 type, u64 sector) {
     return status;
 }
 
-static void blk(void) {
+static void blk_init(void) {
     const char *dev = param("virtio_mmio.device");
     if (!dev) fail("no virtio_mmio.device");
     while (*dev && *dev != '@') dev++;
@@ -138,20 +144,45 @@ static void blk(void) {
     wr(0x70, 1 | 2 | 8 | 4);
     u64 capacity = rd(0x100) | ((u64)rd(0x104) << 32);
     puts_("BLK-CAPACITY="); put_dec(capacity); putc_('\n');
+}
 
-    const char *pattern = param("blk_pattern");
+static u64 blk_sector_arg(void) {
     const char *sector_arg = param("blk_sector");
-    u64 sector = sector_arg ? parse_num(sector_arg) : 1;
+    return sector_arg ? parse_num(sector_arg) : 1;
+}
+
+static void blk_write_pattern(void) {
+    const char *pattern = param("blk_pattern");
     for (int i = 0; i < 512; i++) data[i] = 0;
     for (int i = 0; pattern && pattern[i] && pattern[i] != ' ' && i < 511; i++) data[i] = (u8)pattern[i];
-    int st = request(1, sector);
+    int st = request(1, blk_sector_arg());
     puts_("BLK-WRITE-STATUS="); put_dec((u64)st); putc_('\n');
+}
+
+static void blk_read_back(void) {
     for (int i = 0; i < 512; i++) data[i] = 0;
-    st = request(0, sector);
+    int st = request(0, blk_sector_arg());
     puts_("BLK-READ-STATUS="); put_dec((u64)st); putc_('\n');
     puts_("BLK-READBACK=");
     for (int i = 0; i < 64 && data[i]; i++) putc_((char)data[i]);
     putc_('\n');
+}
+
+static void blk(void) {
+    blk_init();
+    blk_write_pattern();
+    blk_read_back();
+}
+
+/* Prints "wait N" n times, as slowly as the counter: time for a snapshot. */
+static void wait_ticks(u64 n) {
+    for (u64 i = 0; i < n; i++) {
+        puts_("wait ");
+        put_dec(i);
+        putc_('\n');
+        for (volatile u32 j = 0; j < 2000; j++) {
+        }
+    }
 }
 
 /* ---- virtio-mmio vsock, polled: rx (0), tx (1), event (2) ---- */
@@ -223,7 +254,9 @@ static struct vsock_hdr *vsock_recv(void) {
     return (struct vsock_hdr *)copy;
 }
 
-static void vsock(void) {
+static u8 event_buf[8];
+
+static void vsock_init(void) {
     mmio = 0;
     for (const char *p = cmdline; (p = param_from(p, "virtio_mmio.device")); ) {
         const char *at = p;
@@ -246,6 +279,10 @@ static void vsock(void) {
         vqs[0].desc[i] = (struct desc){(u64)rx_bufs[i], sizeof rx_bufs[i], 2, 0};
         vq_push(0, i);
     }
+}
+
+/* Connects to the host port, sends vsock_msg=, prints what comes back, resets. */
+static void vsock_echo(void) {
     const char *port_arg = param("vsock_port");
     u32 port = port_arg ? (u32)parse_num(port_arg) : 5000;
     vsock_send(1, 1234, port, 0); /* REQUEST */
@@ -261,6 +298,24 @@ static void vsock(void) {
     vsock_send(3, 1234, port, 0); /* RST */
 }
 
+static void vsock(void) {
+    vsock_init();
+    vsock_echo();
+}
+
+/* Posts a buffer on the event queue and waits, without a timeout, for an event: a
+ * restored VM gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (id 0) from its new daemon. */
+static void vsock_wait_event(void) {
+    struct vq *q = &vqs[2];
+    q->desc[0] = (struct desc){(u64)event_buf, sizeof event_buf, 2, 0};
+    vq_push(2, 0);
+    puts_("VSOCK-READY\n");
+    while (*(volatile u16 *)&q->used.idx == q->last_used) {
+    }
+    q->last_used++;
+    puts_("VSOCK-EVENT="); put_dec(*(volatile u32 *)event_buf); putc_('\n');
+}
+
 void guest_main(u8 *boot_params) {
     cmdline = (const char *)(u64) * (u32 *)(boot_params + 0x228);
     puts_("microagent test guest: cmdline=[");
@@ -269,6 +324,21 @@ void guest_main(u8 *boot_params) {
     const char *scenario = param("scenario");
     if (value_is(scenario, "blk")) {
         blk();
+        puts_("TEST-GUEST-DONE\n");
+        reset();
+    } else if (value_is(scenario, "blk_snapshot")) {
+        blk_init();
+        blk_write_pattern();
+        puts_("BLK-WRITTEN\n");
+        const char *n = param("blk_wait");
+        wait_ticks(n ? parse_num(n) : 300);
+        blk_read_back();
+        puts_("TEST-GUEST-DONE\n");
+        reset();
+    } else if (value_is(scenario, "vsock_snapshot")) {
+        vsock_init();
+        vsock_wait_event();
+        vsock_echo();
         puts_("TEST-GUEST-DONE\n");
         reset();
     } else if (value_is(scenario, "vsock")) {

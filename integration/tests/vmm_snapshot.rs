@@ -392,7 +392,45 @@ fn a_full_disk_leaves_no_snapshot_and_the_vm_running() {
 }
 
 #[test]
-fn a_vm_with_devices_is_refused_until_device_snapshots_exist() {
+fn a_dead_daemon_fails_the_snapshot_with_no_directory_and_the_vm_running() {
+    use microagent_integration::daemon::Daemon;
+    let dir = new_dir();
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let daemon = Daemon::start(
+        "microagent-vhost-blk",
+        &socket,
+        ["--disk", disk.to_str().unwrap()],
+    )
+    .unwrap();
+    let mut args = VmmArgs::test_guest("scenario=counter");
+    args.blk.push(socket);
+    let vmm = Vmm::start(&args, &dir.path().join("src-run")).unwrap();
+    vmm.wait_for("tick 2\n", RUN).unwrap();
+    drop(daemon); // SIGKILL
+    for _ in 0..200 {
+        if vmm.api(r#"{"cmd":"status"}"#).unwrap()["devices"][0]["failed"] == true {
+            break;
+        }
+        sleep(Duration::from_millis(10));
+    }
+    let reply = snapshot(&vmm, &dir.path().join("snap"));
+    assert_eq!(reply["error"]["code"], "snapshot.device_state", "{reply}");
+    assert!(!dir.path().join("snap").exists());
+    let left: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(vmm.api(r#"{"cmd":"status"}"#).unwrap()["state"], "running");
+    let count = ticks(&vmm.console()).len();
+    vmm.wait_for(&format!("tick {}\n", count + 3), RUN).unwrap();
+}
+
+#[test]
+fn a_restored_guest_reads_its_sector_back_through_a_fresh_blk_daemon_on_a_disk_copy() {
     use microagent_integration::daemon::Daemon;
     let dir = new_dir();
     let disk = dir.path().join("disk.img");
@@ -404,17 +442,119 @@ fn a_vm_with_devices_is_refused_until_device_snapshots_exist() {
         ["--disk", disk.to_str().unwrap()],
     )
     .unwrap();
-    let mut args = VmmArgs::test_guest("scenario=halt");
-    args.blk.push(socket);
-    let vmm = Vmm::start(&args, &dir.path().join("src-run")).unwrap();
-    vmm.wait_for("HALTING", RUN).unwrap();
-    let reply = snapshot(&vmm, &dir.path().join("snap"));
-    assert_eq!(
-        reply["error"]["code"], "snapshot.device_unsupported",
-        "{reply}"
+    let mut args = VmmArgs::test_guest(
+        "scenario=blk_snapshot blk_pattern=written-before-snapshot blk_sector=6 blk_wait=300",
     );
-    assert!(!dir.path().join("snap").exists());
-    assert_eq!(vmm.api(r#"{"cmd":"status"}"#).unwrap()["state"], "running");
+    args.blk.push(socket);
+    let source = Vmm::start(&args, &dir.path().join("src-run")).unwrap();
+    source.wait_for("BLK-WRITTEN\n", RUN).unwrap();
+    let snap = dir.path().join("snap");
+    assert_eq!(source.api(r#"{"cmd":"pause"}"#).unwrap()["state"], "paused");
+    assert!(
+        !source.console().contains("BLK-READBACK"),
+        "the guest read back before the snapshot: raise blk_wait"
+    );
+    let reply = snapshot(&source, &snap);
+    assert_eq!(reply["ok"], true, "{reply}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(snap.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["devices"][0]["kind"], "block", "{manifest}");
+    assert!(snap.join("device-0.state").exists());
+
+    // The caller's disk copy, taken while the source is paused; then the source's own
+    // disk changes, so that what the restored guest reads proves which disk it uses.
+    let copy = dir.path().join("copy.img");
+    fs::copy(&disk, &copy).unwrap();
+    let mut bytes = fs::read(&disk).unwrap();
+    bytes[6 * 512..6 * 512 + 14].copy_from_slice(b"source-changed");
+    bytes[6 * 512 + 14..7 * 512].fill(0);
+    fs::write(&disk, bytes).unwrap();
+
+    let socket2 = dir.path().join("blk2.sock");
+    let _daemon2 = Daemon::start(
+        "microagent-vhost-blk",
+        &socket2,
+        ["--disk", copy.to_str().unwrap()],
+    )
+    .unwrap();
+    let run = run_dir(dir.path(), "restored");
+    let restored = Vmm::restore(&snap, &run, &["--blk", socket2.to_str().unwrap()]).unwrap();
+    let console = restored.wait_for("TEST-GUEST-DONE", RUN).unwrap();
+    assert!(console.contains("BLK-READ-STATUS=0"), "{console}");
+    assert!(
+        console.contains("BLK-READBACK=written-before-snapshot"),
+        "{console}"
+    );
+    assert!(
+        !console.contains("BLK-WRITTEN"),
+        "the guest wrote again: {console}"
+    );
+
+    // The source's rings restarted where GET_VRING_BASE stopped them: it reads its own
+    // (changed) disk after resuming.
+    assert_eq!(
+        source.api(r#"{"cmd":"resume"}"#).unwrap()["state"],
+        "running"
+    );
+    let console = source.wait_for("TEST-GUEST-DONE", RUN).unwrap();
+    assert!(console.contains("BLK-READBACK=source-changed"), "{console}");
+}
+
+#[test]
+fn a_restored_guest_sees_a_vsock_transport_reset_and_a_new_connection_echoes() {
+    use microagent_integration::daemon::Daemon;
+    use std::io::{Read, Write};
+    let dir = new_dir();
+    let vsock_daemon = |name: &str| {
+        let uds = dir.path().join(format!("{name}.vsock"));
+        let socket = dir.path().join(format!("{name}.sock"));
+        let daemon = Daemon::start(
+            "microagent-vhost-vsock",
+            &socket,
+            ["--guest-cid", "3", "--uds-path", uds.to_str().unwrap()],
+        )
+        .unwrap();
+        (daemon, socket, uds)
+    };
+    let (_d1, socket1, _) = vsock_daemon("source");
+    let mut args = VmmArgs::test_guest(
+        "scenario=vsock_snapshot vsock_port=5000 vsock_msg=hello-after-restore",
+    );
+    args.extra = vec!["--vsock".into(), socket1.into()];
+    let source = Vmm::start(&args, &dir.path().join("src-run")).unwrap();
+    source.wait_for("VSOCK-READY\n", RUN).unwrap();
+    let snap = dir.path().join("snap");
+    let reply = snapshot(&source, &snap);
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["state"], "running", "{reply}");
+
+    let (_d2, socket2, uds2) = vsock_daemon("restored");
+    let listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_5000", uds2.display())).unwrap();
+    let host = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        conn.write_all(&[b"echo:", &buf[..n]].concat()).unwrap();
+        buf[..n].to_vec()
+    });
+    let run = run_dir(dir.path(), "restored");
+    let restored = Vmm::restore(&snap, &run, &["--vsock", socket2.to_str().unwrap()]).unwrap();
+    let console = restored.wait_for("TEST-GUEST-DONE", RUN).unwrap();
+    assert!(console.contains("VSOCK-EVENT=0\n"), "{console}");
+    assert!(
+        console.contains("VSOCK-ECHO=echo:hello-after-restore"),
+        "{console}"
+    );
+    assert_eq!(host.join().unwrap(), b"hello-after-restore");
+    // The source, with its own daemon, saw no reset.
+    assert!(
+        !source.console().contains("VSOCK-EVENT"),
+        "{}",
+        source.console()
+    );
 }
 
 fn snapshot_tool(args: &[&std::ffi::OsStr]) -> std::process::Output {

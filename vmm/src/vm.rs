@@ -117,7 +117,14 @@ pub struct Vm {
 impl Vm {
     /// Creates the KVM VM (irqchip, PIT), `memory_mib` of guest memory and one
     /// virtio-mmio transport per device socket of `config`.
-    pub fn build(config: &VmmConfig, memory_mib: u64, cpus: u8) -> Result<Self, Error> {
+    /// With `restore` (the snapshot's transports and daemon states), each transport is
+    /// restored into its new daemon instead of starting fresh.
+    pub fn build(
+        config: &VmmConfig,
+        memory_mib: u64,
+        cpus: u8,
+        restore: Option<&dir::Opened>,
+    ) -> Result<Self, Error> {
         let kvm = Kvm::new().map_err(Error::Kvm)?;
         let vm = kvm.create_vm().map_err(Error::CreateVm)?;
         let setup = |what| move |source| Error::VmSetup { what, source };
@@ -148,12 +155,37 @@ impl Vm {
             unsafe { vm.set_user_memory_region(region_desc) }.map_err(setup("memory slot"))?;
         }
 
+        if let Some(opened) = restore {
+            // Before any daemon is connected: a restored ring must find its memory.
+            let populated = dir::load_memory(opened, memfd_of(&mem)?)?;
+            log::info!("restored {populated} bytes of populated guest memory");
+        }
+
         let mut device_cmdline = String::new();
         let mut devices = Vec::new();
         for (index, (kind, path)) in device_sockets(config).enumerate() {
             let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
             let irq = VIRTIO_IRQ_BASE + index as u32;
-            let transport = MmioTransport::connect(kind, path, &mem, MAX_QUEUE_SIZE)?;
+            let transport = match restore {
+                Some(opened) => {
+                    let state = opened.state.devices.get(index);
+                    let blob = opened.device_states.get(index);
+                    let (Some(state), Some(blob)) = (state, blob) else {
+                        return Err(snapshot::Error::Corrupt {
+                            path: opened.dir.join(manifest::STATE),
+                            message: format!("no state for device {index}"),
+                        }
+                        .into());
+                    };
+                    MmioTransport::restore(path, &mem, MAX_QUEUE_SIZE, state, blob).map_err(
+                        |e| snapshot::Error::Restore {
+                            what: "a device",
+                            message: e.to_string(),
+                        },
+                    )?
+                }
+                None => MmioTransport::connect(kind, path, &mem, MAX_QUEUE_SIZE)?,
+            };
             let relay = transport.register(&vm, base, irq)?;
             device_cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
             devices.push((
@@ -224,11 +256,8 @@ impl Vm {
         })
     }
 
-    /// Fills memory from the snapshot and gives the VM and every vCPU its saved state.
+    /// Gives the VM and every vCPU its saved state (memory was filled by `build`).
     fn restore(&self, opened: &dir::Opened) -> Result<Vec<VcpuFd>, Error> {
-        let memfd = memfd_of(&self.mem)?;
-        let populated = dir::load_memory(opened, memfd)?;
-        log::info!("restored {populated} bytes of populated guest memory");
         let restore = |what| {
             move |e: snapshot::state::Error| snapshot::Error::Restore {
                 what,
@@ -290,7 +319,7 @@ fn memfd_of(mem: &GuestMemoryMmap) -> Result<&File, Error> {
 pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
     let (vm, booted, start_paused) = match &config.start {
         Start::Boot { kernel } => {
-            let vm = Vm::build(config, config.memory_mib, config.cpus)?;
+            let vm = Vm::build(config, config.memory_mib, config.cpus, None)?;
             let booted = vm.boot(config, kernel)?;
             (vm, booted, false)
         }
@@ -307,7 +336,7 @@ pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
             m.check_artifacts(kernel, config.initrd.as_deref())?;
             let kinds: Vec<&str> = device_sockets(config).map(|(k, _)| k.name()).collect();
             m.check_devices(&kinds)?;
-            let vm = Vm::build(config, m.memory_mib, m.vcpus)?;
+            let vm = Vm::build(config, m.memory_mib, m.vcpus, Some(&opened))?;
             let vcpus = vm.restore(&opened)?;
             let origin = Origin {
                 kernel: kernel.to_owned(),
@@ -628,9 +657,6 @@ impl EventLoop<'_> {
     /// Pauses the vCPUs (if running), writes the snapshot, and resumes them (if they
     /// were running): a failed snapshot leaves the VM as it was and no directory.
     fn snapshot(&mut self, dir: &Path) -> Result<dir::Written, snapshot::Error> {
-        if !self.vm.devices.is_empty() {
-            return Err(snapshot::Error::DeviceUnsupported(self.vm.devices.len()));
-        }
         if dir.exists() {
             return Err(snapshot::Error::Exists(dir.to_owned()));
         }
@@ -677,12 +703,25 @@ impl EventLoop<'_> {
         kernel: manifest::Artifact,
         initrd: Option<manifest::Artifact>,
     ) -> Result<dir::Written, snapshot::Error> {
+        // Devices first: once their rings are stopped no daemon writes guest memory.
+        let mut transports = Vec::with_capacity(self.vm.devices.len());
+        let mut device_states = Vec::with_capacity(self.vm.devices.len());
+        for (index, (_, device)) in self.vm.devices.iter().enumerate() {
+            let mut transport = device.transport.lock().unwrap_or_else(|e| e.into_inner());
+            let (state, blob) = transport.save().map_err(|e| snapshot::Error::DeviceState {
+                index,
+                message: e.to_string(),
+            })?;
+            transports.push(state);
+            device_states.push(blob);
+        }
         let vcpu_states = vcpus.save_state().map_err(|message| {
             snapshot::Error::Capture(snapshot::state::Error::List { vcpu: 0, message })
         })?;
         let state = SnapshotState {
             vm: snapshot::state::VmState::capture(&self.vm.fd).map_err(snapshot::Error::Capture)?,
             vcpus: vcpu_states,
+            devices: transports,
         };
         let manifest = manifest::Manifest {
             format: manifest::Format {
@@ -700,7 +739,23 @@ impl EventLoop<'_> {
             vcpus: self.vm.cpus,
             memory_mib: self.vm.memory_mib,
             memory_populated: 0,
-            devices: Vec::new(),
+            devices: self
+                .vm
+                .devices
+                .iter()
+                .enumerate()
+                .map(|(index, (base, device))| manifest::DeviceEntry {
+                    kind: device
+                        .transport
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .kind()
+                        .name()
+                        .into(),
+                    mmio_base: *base,
+                    irq: VIRTIO_IRQ_BASE + index as u32,
+                })
+                .collect(),
             files: Vec::new(),
             checksum: String::new(),
         };
@@ -709,7 +764,14 @@ impl EventLoop<'_> {
             step: "finding guest memory",
             source: io::Error::other(e.to_string()),
         })?;
-        dir::write(dir, manifest, &state, memfd, self.vm.memory_mib << 20)
+        dir::write(
+            dir,
+            manifest,
+            &state,
+            &device_states,
+            memfd,
+            self.vm.memory_mib << 20,
+        )
     }
 
     fn status(&self) -> Status {

@@ -2,6 +2,7 @@
 //! transports whose device side lives in vhost-user daemons.
 
 pub mod legacy;
+pub mod vhost_user;
 pub mod virtio_mmio;
 
 use vm_superio::Trigger;

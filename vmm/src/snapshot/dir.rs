@@ -25,6 +25,7 @@ pub fn write(
     dir: &Path,
     manifest: Manifest,
     state: &SnapshotState,
+    device_states: &[Vec<u8>],
     memfd: &File,
     memory_size: u64,
 ) -> Result<Written, Error> {
@@ -56,7 +57,16 @@ pub fn write(
         move |source: io::Error| write_error(dir, step, source)
     };
     fs::create_dir(&tmp).map_err(io("creating the temporary directory"))?;
-    let result = write_files(&tmp, manifest, state, memfd, memory_size, &io).and_then(|w| {
+    let result = write_files(
+        &tmp,
+        manifest,
+        state,
+        device_states,
+        memfd,
+        memory_size,
+        &io,
+    )
+    .and_then(|w| {
         fsync_dir(&tmp).map_err(io("syncing the directory"))?;
         fs::rename(&tmp, dir).map_err(io("renaming into place"))?;
         fsync_dir(parent).map_err(io("syncing the parent directory"))?;
@@ -80,6 +90,7 @@ fn write_files<F, G>(
     tmp: &Path,
     mut manifest: Manifest,
     state: &SnapshotState,
+    device_states: &[Vec<u8>],
     memfd: &File,
     memory_size: u64,
     io: &F,
@@ -104,8 +115,19 @@ where
     })?;
     mem_file.sync_all().map_err(io("syncing memory.bin"))?;
 
+    let mut files = Vec::new();
+    for (index, bytes) in device_states.iter().enumerate() {
+        let name = device_state_file(index);
+        write_synced(&tmp.join(&name), bytes).map_err(io("writing a device state file"))?;
+        files.push(FileEntry {
+            name,
+            size: bytes.len() as u64,
+            sha256: sha256_bytes(bytes),
+        });
+    }
+
     manifest.memory_populated = saved.populated;
-    manifest.files = vec![
+    files.extend([
         FileEntry {
             name: STATE.into(),
             size: state_json.len() as u64,
@@ -116,13 +138,19 @@ where
             size: memory_size,
             sha256: saved.sha256,
         },
-    ];
+    ]);
+    manifest.files = files;
     let text = manifest.to_json().map_err(|e| Error::Encode {
         what: MANIFEST,
         message: e.to_string(),
     })?;
     write_synced(&tmp.join(MANIFEST), &text).map_err(io("writing manifest.json"))?;
     Ok((saved.populated, state_json.len() as u64))
+}
+
+/// The file holding the daemon state of the device at `index` (manifest order).
+pub fn device_state_file(index: usize) -> String {
+    format!("device-{index}.state")
 }
 
 /// A full disk or quota gets its own code: the caller can act on it.
@@ -187,6 +215,8 @@ pub struct Opened {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub state: SnapshotState,
+    /// Each device's daemon state, in manifest order.
+    pub device_states: Vec<Vec<u8>>,
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
@@ -204,25 +234,36 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
     Manifest::parse(&path, &text)
 }
 
-pub fn open(dir: &Path) -> Result<Opened, Error> {
-    let manifest = read_manifest(dir)?;
-    let (state_path, entry) = entry_path(dir, &manifest, STATE)?;
-    let bytes = fs::read(&state_path).map_err(|source| Error::Read {
-        path: state_path.clone(),
+/// A whole file named in the manifest, its size and checksum checked.
+fn read_checked(dir: &Path, manifest: &Manifest, name: &str) -> Result<Vec<u8>, Error> {
+    let (path, entry) = entry_path(dir, manifest, name)?;
+    let bytes = fs::read(&path).map_err(|source| Error::Read {
+        path: path.clone(),
         source,
     })?;
     if sha256_bytes(&bytes) != entry.sha256 {
-        return Err(Error::ChecksumMismatch { path: state_path });
+        return Err(Error::ChecksumMismatch { path });
     }
+    Ok(bytes)
+}
+
+pub fn open(dir: &Path) -> Result<Opened, Error> {
+    let manifest = read_manifest(dir)?;
+    let bytes = read_checked(dir, &manifest, STATE)?;
+    let state_path = dir.join(STATE);
     let state = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
         path: state_path,
         message: e.to_string(),
     })?;
     entry_path(dir, &manifest, MEMORY)?;
+    let device_states = (0..manifest.devices.len())
+        .map(|index| read_checked(dir, &manifest, &device_state_file(index)))
+        .collect::<Result<_, _>>()?;
     Ok(Opened {
         dir: dir.to_owned(),
         manifest,
         state,
+        device_states,
     })
 }
 

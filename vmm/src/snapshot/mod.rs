@@ -1,10 +1,11 @@
 //! Snapshots of a VM: what they hold, how they are written and how they are checked.
 //!
-//! A snapshot is a directory of three files: `manifest.json` ([`manifest::Manifest`]:
+//! A snapshot is a directory of files: `manifest.json` ([`manifest::Manifest`]:
 //! format version, kernel/initrd sha256, command line, CPU identity, vCPUs, memory,
 //! devices, and the size and sha256 of every other file), `state.json`
 //! ([`SnapshotState`]: KVM VM and vCPU state) and `memory.bin` (guest memory, sparse:
-//! only populated pages, see [`memory`]). It is written into a temporary directory,
+//! only populated pages, see [`memory`]), and one `device-N.state` per virtio device
+//! (the daemon's own state from VHOST_USER_SET_DEVICE_STATE_FD SAVE). It is written into a temporary directory,
 //! fsynced and renamed into place ([`dir::write`]), so it exists whole or not at all.
 //! Every refusal and failure carries a stable `snapshot.*` code ([`Error::code`]).
 
@@ -22,6 +23,8 @@ use std::path::PathBuf;
 pub struct SnapshotState {
     pub vm: state::VmState,
     pub vcpus: Vec<state::VcpuState>,
+    /// Each virtio-mmio transport, in manifest order.
+    pub devices: Vec<crate::devices::virtio_mmio::TransportState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,11 +33,8 @@ pub enum Error {
     Exists(PathBuf),
     #[error("the parent of {0} is not a directory; create it first")]
     BadDir(PathBuf),
-    #[error(
-        "snapshots of VMs with virtio devices are not supported yet ({0} attached); \
-         snapshot a VM without --blk/--vsock/--net"
-    )]
-    DeviceUnsupported(usize),
+    #[error("saving device {index}: {message}; the VM keeps running")]
+    DeviceState { index: usize, message: String },
     #[error("not enough space in {dir} ({step}); free space and retry: {source}")]
     NoSpace {
         dir: PathBuf,
@@ -104,7 +104,7 @@ impl Error {
         match self {
             Self::Exists(_) => "snapshot.exists",
             Self::BadDir(_) => "snapshot.bad_dir",
-            Self::DeviceUnsupported(_) => "snapshot.device_unsupported",
+            Self::DeviceState { .. } => "snapshot.device_state",
             Self::NoSpace { .. } => "snapshot.no_space",
             Self::Write { .. } | Self::Encode { .. } => "snapshot.write_failed",
             Self::Capture(_) => "snapshot.capture_failed",
