@@ -430,6 +430,61 @@ fn a_dead_daemon_fails_the_snapshot_with_no_directory_and_the_vm_running() {
 }
 
 #[test]
+fn a_daemon_killed_while_the_vmm_waits_on_it_mid_snapshot_leaves_no_directory() {
+    use microagent_integration::daemon::Daemon;
+    let dir = new_dir();
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let daemon = Daemon::start(
+        "microagent-vhost-blk",
+        &socket,
+        ["--disk", disk.to_str().unwrap()],
+    )
+    .unwrap();
+    let mut args =
+        VmmArgs::test_guest("scenario=blk_snapshot blk_pattern=x blk_sector=1 blk_wait=100000");
+    args.blk.push(socket);
+    let vmm = Vmm::start(&args, &dir.path().join("src-run")).unwrap();
+    vmm.wait_for("BLK-WRITTEN\n", RUN).unwrap();
+    let pid = daemon.pid().unwrap() as libc::pid_t;
+    // SAFETY: signalling a child process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let snap = dir.path().join("snap");
+    let request = serde_json::json!({"cmd": "snapshot", "dir": &snap}).to_string();
+    let socket = vmm.api_socket();
+    let waiter = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        writeln!(stream, "{request}").unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    });
+    // The VMM is now blocked on the stopped daemon's reply inside the snapshot.
+    sleep(Duration::from_millis(500));
+    assert!(!snap.exists());
+    drop(daemon); // SIGKILL
+    let reply = waiter.join().unwrap();
+    assert_eq!(reply["error"]["code"], "snapshot.device_state", "{reply}");
+    assert!(!snap.exists());
+    assert_eq!(
+        fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+            .count(),
+        0
+    );
+    assert_eq!(vmm.api(r#"{"cmd":"status"}"#).unwrap()["state"], "running");
+    let waits = vmm.console().matches("wait ").count();
+    vmm.wait_for(&format!("wait {}\n", waits + 3), RUN).unwrap();
+}
+
+#[test]
 fn a_restored_guest_reads_its_sector_back_through_a_fresh_blk_daemon_on_a_disk_copy() {
     use microagent_integration::daemon::Daemon;
     let dir = new_dir();

@@ -235,6 +235,13 @@ mod tests {
         let indices = kvm.get_msr_index_list().unwrap().as_slice().to_vec();
         let state = VcpuState::capture(0, &vcpu, &indices).unwrap();
         assert!(!state.msrs.is_empty());
+        // The KVM clock MSRs come with KVM's list and are saved with the rest.
+        const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+        assert!(indices.contains(&MSR_KVM_SYSTEM_TIME_NEW));
+        assert!(state
+            .msrs
+            .iter()
+            .any(|m| m.index == MSR_KVM_SYSTEM_TIME_NEW));
         let vm_state = VmState::capture(&vm).unwrap();
 
         let json = serde_json::to_string(&(&state, &vm_state)).unwrap();
