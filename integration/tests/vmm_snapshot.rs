@@ -111,6 +111,21 @@ fn a_restored_counter_continues_at_the_snapshot_count_plus_one() {
     let status = restored.api(r#"{"cmd":"status"}"#).unwrap();
     assert_eq!(status["state"], "running", "{status}");
 
+    // A restored VM is snapshotted and restored again: the count still continues.
+    assert_eq!(
+        restored.api(r#"{"cmd":"pause"}"#).unwrap()["state"],
+        "paused"
+    );
+    let console2 = format!("{console}{}", restored.console());
+    let snap2 = dir.path().join("snap2");
+    assert_eq!(snapshot(&restored, &snap2)["ok"], true);
+    let manifest2: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(snap2.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest2["kernel"], manifest["kernel"]);
+    assert_eq!(manifest2["cmdline"], manifest["cmdline"]);
+    let again = Vmm::restore(&snap2, &run_dir(dir.path(), "again"), &[]).unwrap();
+    assert_continues(&console2, &again, 3, "restored twice");
+
     // The source resumes independently, from the same count.
     assert_eq!(
         source.api(r#"{"cmd":"resume"}"#).unwrap()["state"],
