@@ -371,39 +371,103 @@ fn damaged_or_foreign_snapshots_are_refused_with_stable_codes_and_nothing_starts
     case("kernel", &|_| {}, &[], "snapshot.kernel_mismatch");
 }
 
-#[test]
-fn a_full_disk_leaves_no_snapshot_and_the_vm_running() {
-    let dir = new_dir();
-    let small = dir.path().join("small");
-    fs::create_dir(&small).unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(status.success(), "mounting a small tmpfs (needs root)");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+/// A tmpfs of `size` mounted on `dir`, unmounted when dropped (needs root).
+struct SmallFs(PathBuf);
 
+impl SmallFs {
+    fn mount(dir: PathBuf, size: &str) -> Self {
+        fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a small tmpfs (needs root)");
+        Self(dir)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_refused_before_the_vm_pauses_and_leaves_nothing() {
+    let dir = new_dir();
+    let small = SmallFs::mount(dir.path().join("small"), "64k");
     let vmm = Vmm::start(
         &VmmArgs::test_guest("scenario=counter"),
         &dir.path().join("src-run"),
     )
     .unwrap();
     vmm.wait_for("tick 2\n", RUN).unwrap();
-    let reply = snapshot(&vmm, &small.join("snap"));
+    let reply = snapshot(&vmm, &small.0.join("snap"));
     assert_eq!(reply["error"]["code"], "snapshot.no_space", "{reply}");
-    assert_eq!(reply["state"], serde_json::Value::Null);
-    let left: Vec<_> = fs::read_dir(&small).unwrap().collect();
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("preflight"), "{message}");
+    let left: Vec<_> = fs::read_dir(&small.0).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     assert_eq!(vmm.api(r#"{"cmd":"status"}"#).unwrap()["state"], "running");
     let count = ticks(&vmm.console()).len();
     vmm.wait_for(&format!("tick {}\n", count + 3), RUN).unwrap();
+}
+
+#[test]
+fn enospc_while_writing_removes_the_partial_snapshot() {
+    use microagent_vmm::snapshot::{dir, manifest, state, SnapshotState};
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let small = SmallFs::mount(tmp.path().join("small"), "1m");
+    // 4 MiB of guest memory, 2 MiB of it populated: more than the file system holds.
+    let memfd = tempfile::tempfile().unwrap();
+    memfd.set_len(4 << 20).unwrap();
+    memfd.write_all_at(&vec![0x5a; 2 << 20], 1 << 20).unwrap();
+    let manifest = manifest::Manifest {
+        format: manifest::Format {
+            major: manifest::FORMAT_MAJOR,
+            minor: manifest::FORMAT_MINOR,
+        },
+        vmm_version: "test".into(),
+        created_unix: 0,
+        kernel: manifest::Artifact {
+            path: "/k".into(),
+            sha256: String::new(),
+        },
+        initrd: None,
+        cmdline: String::new(),
+        cpu: manifest::CpuIdentity {
+            vendor: String::new(),
+            family: 0,
+            model: 0,
+            stepping: 0,
+            fingerprint: String::new(),
+        },
+        vcpus: 0,
+        memory_mib: 4,
+        memory_populated: 0,
+        devices: Vec::new(),
+        files: Vec::new(),
+        checksum: String::new(),
+    };
+    let snapshot_state = SnapshotState {
+        vm: state::VmState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+        },
+        vcpus: Vec::new(),
+        devices: Vec::new(),
+    };
+    let target = small.0.join("snap");
+    let err = dir::write(&target, manifest, &snapshot_state, &[], &memfd, 4 << 20).unwrap_err();
+    assert_eq!(err.code(), "snapshot.no_space", "{err}");
+    assert!(err.to_string().contains("memory.bin"), "{err}");
+    let left: Vec<_> = fs::read_dir(&small.0).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]

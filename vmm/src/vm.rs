@@ -657,9 +657,12 @@ impl EventLoop<'_> {
     /// Pauses the vCPUs (if running), writes the snapshot, and resumes them (if they
     /// were running): a failed snapshot leaves the VM as it was and no directory.
     fn snapshot(&mut self, dir: &Path) -> Result<dir::Written, snapshot::Error> {
-        if dir.exists() {
-            return Err(snapshot::Error::Exists(dir.to_owned()));
-        }
+        let memfd = memfd_of(&self.vm.mem).map_err(|e| snapshot::Error::Write {
+            dir: dir.to_owned(),
+            step: "finding guest memory",
+            source: io::Error::other(e.to_string()),
+        })?;
+        dir::preflight(dir, memfd, self.vm.memory_mib << 20)?;
         let Some(vcpus) = self.vcpus.as_ref() else {
             return Err(snapshot::Error::Capture(snapshot::state::Error::List {
                 vcpu: 0,

@@ -18,6 +18,78 @@ pub struct Written {
     pub state_bytes: u64,
 }
 
+/// Room kept for the manifest, state and device files on top of memory.
+const STATE_ALLOWANCE: u64 = 4 << 20;
+
+/// Checks, before the VM is paused or a byte written, that `dir` can be created and
+/// that its file system has room for the populated memory (an upper bound: SEEK_DATA
+/// extents, zero pages included) plus the state files.
+pub fn preflight(dir: &Path, memfd: &File, memory_size: u64) -> Result<(), Error> {
+    if dir.exists() {
+        return Err(Error::Exists(dir.to_owned()));
+    }
+    let parent = parent_of(dir)?;
+    let needed = memory::data_extents(memfd, memory_size, "guest memory")
+        .map_err(|e| Error::Write {
+            dir: dir.to_owned(),
+            step: "preflight",
+            source: io::Error::other(e.to_string()),
+        })?
+        .iter()
+        .map(|(_, len)| len)
+        .sum::<u64>()
+        + STATE_ALLOWANCE;
+    let free = free_bytes(parent).map_err(|source| Error::Write {
+        dir: dir.to_owned(),
+        step: "preflight",
+        source,
+    })?;
+    if free < needed {
+        return Err(Error::NoSpace {
+            dir: dir.to_owned(),
+            step: "preflight",
+            source: io::Error::other(format!(
+                "{needed} bytes needed, {free} free in {}",
+                parent.display()
+            )),
+        });
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `path`.
+fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: an all-zero statvfs is a valid value for statvfs to overwrite.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out-pointer; the result is checked.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// The existing directory `dir` will be created in.
+fn parent_of(dir: &Path) -> Result<&Path, Error> {
+    match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(_)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            if parent.is_dir() {
+                Ok(parent)
+            } else {
+                Err(Error::BadDir(dir.to_owned()))
+            }
+        }
+        _ => Err(Error::BadDir(dir.to_owned())),
+    }
+}
+
 /// Writes a snapshot into `dir`, which must not exist: first into a temporary sibling
 /// directory, every file fsynced, then renamed into place and the parent fsynced. On
 /// any failure the temporary directory is removed and `dir` does not exist.
@@ -32,25 +104,9 @@ pub fn write(
     if dir.exists() {
         return Err(Error::Exists(dir.to_owned()));
     }
-    let (parent, name) = match (dir.parent(), dir.file_name()) {
-        (Some(parent), Some(name)) => (
-            if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            },
-            name,
-        ),
-        _ => return Err(Error::BadDir(dir.to_owned())),
-    };
-    if !parent.is_dir() {
-        return Err(Error::BadDir(dir.to_owned()));
-    }
-    let tmp = parent.join(format!(
-        ".{}.partial-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let parent = parent_of(dir)?;
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     let io = |step| {
         let dir = dir.to_owned();
