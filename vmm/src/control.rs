@@ -289,3 +289,16 @@ fn pending_line_len(input: &[u8]) -> usize {
         None => input.len(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unterminated_tail_is_what_counts_against_the_line_limit() {
+        assert_eq!(pending_line_len(b""), 0);
+        assert_eq!(pending_line_len(b"abc"), 3);
+        assert_eq!(pending_line_len(b"{\"cmd\":1}\n"), 0);
+        assert_eq!(pending_line_len(b"one\ntwo\nthr"), 3);
+    }
+}

@@ -664,10 +664,7 @@ impl EventLoop<'_> {
         })?;
         dir::preflight(dir, memfd, self.vm.memory_mib << 20)?;
         let Some(vcpus) = self.vcpus.as_ref() else {
-            return Err(snapshot::Error::Capture(snapshot::state::Error::List {
-                vcpu: 0,
-                message: "the VM is stopping".into(),
-            }));
+            return Err(snapshot::Error::Stopping);
         };
         let (kernel, initrd) = match &self.origin.restored {
             Some((kernel, initrd)) => (kernel.clone(), initrd.clone()),
@@ -718,9 +715,7 @@ impl EventLoop<'_> {
             transports.push(state);
             device_states.push(blob);
         }
-        let vcpu_states = vcpus.save_state().map_err(|message| {
-            snapshot::Error::Capture(snapshot::state::Error::List { vcpu: 0, message })
-        })?;
+        let vcpu_states = vcpus.save_state().map_err(snapshot::Error::VcpuThreads)?;
         let state = SnapshotState {
             vm: snapshot::state::VmState::capture(&self.vm.fd).map_err(snapshot::Error::Capture)?,
             vcpus: vcpu_states,

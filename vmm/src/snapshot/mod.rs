@@ -51,6 +51,10 @@ pub enum Error {
     Encode { what: &'static str, message: String },
     #[error("saving vCPU and VM state: {0}")]
     Capture(state::Error),
+    #[error("saving vCPU state: {0}")]
+    VcpuThreads(String),
+    #[error("the VM is stopping; nothing to snapshot")]
+    Stopping,
     #[error("{0} is missing; the snapshot is incomplete")]
     FileMissing(PathBuf),
     #[error("{path} is {actual} bytes, the manifest says {expected}; the snapshot is truncated or damaged")]
@@ -107,7 +111,8 @@ impl Error {
             Self::DeviceState { .. } => "snapshot.device_state",
             Self::NoSpace { .. } => "snapshot.no_space",
             Self::Write { .. } | Self::Encode { .. } => "snapshot.write_failed",
-            Self::Capture(_) => "snapshot.capture_failed",
+            Self::Capture(_) | Self::VcpuThreads(_) => "snapshot.capture_failed",
+            Self::Stopping => "snapshot.vm_stopping",
             Self::FileMissing(_) => "snapshot.file_missing",
             Self::FileTruncated { .. } => "snapshot.file_truncated",
             Self::ChecksumMismatch { .. } => "snapshot.checksum_mismatch",
