@@ -16,6 +16,8 @@
  *                     wait for an event (a restore's TRANSPORT_RESET), print it, then
  *                     connect and echo as scenario=vsock
  *   scenario=counter  print "tick N" forever (for pause/resume)
+ *   scenario=smp      start smp_aps= application processors (INIT/SIPI), each counts
+ *                     in its own slot; print "tick N ap0=.. ap1=.." forever
  *   scenario=halt     print the banner, then cli; hlt forever
  */
 typedef unsigned char u8;
@@ -30,6 +32,53 @@ __asm__(".globl _start\n"
         "1: cli\n"
         "  hlt\n"
         "  jmp 1b\n");
+
+/* Application processors: the SIPI trampoline (copied to 0x10000, entered in real
+ * mode at CS=0x1000) loads the VMM's boot GDT (0x500: 0x8 is 64-bit code, 0x10 data),
+ * turns on PAE, the boot page tables (CR3 0x9000), long mode and paging, and jumps to
+ * ap_entry64, which takes an index and a stack and calls ap_main. */
+__asm__(".globl tramp_start, tramp_end\n"
+        ".code16\n"
+        "tramp_start:\n"
+        "  cli\n"
+        "  mov %cs, %ax\n"
+        "  mov %ax, %ds\n"
+        "  lgdtl tramp_gdtp - tramp_start\n"
+        "  mov %cr4, %eax\n"
+        "  or $0x20, %eax\n"
+        "  mov %eax, %cr4\n"
+        "  mov $0x9000, %eax\n"
+        "  mov %eax, %cr3\n"
+        "  mov $0xc0000080, %ecx\n"
+        "  rdmsr\n"
+        "  or $0x100, %eax\n"
+        "  wrmsr\n"
+        "  mov %cr0, %eax\n"
+        "  or $0x80000001, %eax\n"
+        "  mov %eax, %cr0\n"
+        "  ljmpl $0x8, $ap_entry64\n"
+        "tramp_gdtp:\n"
+        "  .word 0x1f\n"
+        "  .long 0x500\n"
+        "tramp_end:\n"
+        ".code64\n"
+        ".globl ap_entry64\n"
+        "ap_entry64:\n"
+        "  mov $0x10, %ax\n"
+        "  mov %ax, %ds\n"
+        "  mov %ax, %es\n"
+        "  mov %ax, %ss\n"
+        "  mov $1, %eax\n"
+        "  lock xadd %eax, ap_count(%rip)\n"
+        "  mov %eax, %edi\n"
+        "  lea 1(%rax), %rsp\n"
+        "  shl $12, %rsp\n"
+        "  lea ap_stacks(%rip), %rax\n"
+        "  add %rax, %rsp\n"
+        "  call ap_main\n"
+        "2: cli\n"
+        "  hlt\n"
+        "  jmp 2b\n");
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static void putc_(char c) { outb(0x3f8, (u8)c); }
@@ -316,6 +365,53 @@ static void vsock_wait_event(void) {
     puts_("VSOCK-EVENT="); put_dec(*(volatile u32 *)event_buf); putc_('\n');
 }
 
+/* ---- several vCPUs: each AP counts in its own slot ---- */
+#define MAX_APS 31
+volatile u32 ap_count;
+u8 ap_stacks[MAX_APS][4096] __attribute__((aligned(4096)));
+static volatile u64 ap_counters[MAX_APS];
+extern u8 tramp_start[], tramp_end[];
+
+void ap_main(u32 index) {
+    if (index >= MAX_APS) halt_forever();
+    for (;;) ap_counters[index]++;
+}
+
+static void lapic_icr(u32 high, u32 low) {
+    *(volatile u32 *)0xfee00310 = high;
+    *(volatile u32 *)0xfee00300 = low;
+    while (*(volatile u32 *)0xfee00300 & (1 << 12)) {
+    }
+}
+
+/* Starts every AP (INIT, SIPI, SIPI to all but self), then prints a tick line with
+ * each AP's counter, forever. */
+static void smp(void) {
+    const char *arg = param("smp_aps");
+    u32 aps = arg ? (u32)parse_num(arg) : 1;
+    u8 *dst = (u8 *)0x10000;
+    for (u8 *p = tramp_start; p < tramp_end; p++) *dst++ = *p;
+    lapic_icr(0, 0x000c4500);
+    lapic_icr(0, 0x000c4610);
+    lapic_icr(0, 0x000c4610);
+    for (u32 spins = 0; ap_count < aps; spins++)
+        if (spins > 50000000) { puts_("SMP-FAIL ap_count="); put_dec(ap_count); putc_('\n'); reset(); }
+    puts_("SMP-UP="); put_dec(ap_count); putc_('\n');
+    for (u64 i = 0;; i++) {
+        puts_("tick ");
+        put_dec(i);
+        for (u32 a = 0; a < aps; a++) {
+            puts_(" ap");
+            put_dec(a);
+            putc_('=');
+            put_dec(ap_counters[a]);
+        }
+        putc_('\n');
+        for (volatile u32 j = 0; j < 2000; j++) {
+        }
+    }
+}
+
 void guest_main(u8 *boot_params) {
     cmdline = (const char *)(u64) * (u32 *)(boot_params + 0x228);
     puts_("microagent test guest: cmdline=[");
@@ -353,6 +449,8 @@ void guest_main(u8 *boot_params) {
             for (volatile u32 j = 0; j < 2000; j++) {
             }
         }
+    } else if (value_is(scenario, "smp")) {
+        smp();
     } else if (value_is(scenario, "halt")) {
         puts_("HALTING\n");
         halt_forever();

@@ -17,7 +17,20 @@ fn ticks(console: &str) -> Vec<u64> {
         .split_inclusive('\n')
         .filter(|l| l.ends_with('\n'))
         .filter_map(|l| l.trim_end().strip_prefix("tick "))
-        .filter_map(|n| n.parse().ok())
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// The AP counters of every complete `tick N ap0=.. ap1=..` line, in order.
+fn ap_counters(console: &str) -> Vec<Vec<u64>> {
+    console
+        .split_inclusive('\n')
+        .filter(|l| l.starts_with("tick ") && l.ends_with('\n'))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.split_once('=')?.1.parse().ok())
+                .collect()
+        })
         .collect()
 }
 
@@ -158,14 +171,40 @@ fn two_restores_of_one_snapshot_run_at_once_independently() {
 }
 
 #[test]
-fn a_four_vcpu_vm_is_restored_with_four_vcpus_and_keeps_counting() {
+fn four_vcpus_counting_each_on_its_own_continue_after_restore() {
     let dir = new_dir();
-    let (_source, console, snap) = paused_counter_snapshot(dir.path(), &["--cpus", "4"]);
+    let mut args = VmmArgs::test_guest("scenario=smp smp_aps=3");
+    args.extra = vec!["--cpus".into(), "4".into()];
+    let source = Vmm::start(&args, &dir.path().join("src-run")).unwrap();
+    source.wait_for("SMP-UP=3\n", RUN).unwrap();
+    source.wait_for("tick 3 ", RUN).unwrap();
+    assert_eq!(source.api(r#"{"cmd":"pause"}"#).unwrap()["state"], "paused");
+    let console = source.console();
+    let at_snapshot = ap_counters(&console).last().unwrap().clone();
+    assert_eq!(at_snapshot.len(), 3, "{console}");
+    let snap = dir.path().join("snap");
+    assert_eq!(snapshot(&source, &snap)["ok"], true);
     let state: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(snap.join("state.json")).unwrap()).unwrap();
     assert_eq!(state["vcpus"].as_array().unwrap().len(), 4);
+
     let restored = Vmm::restore(&snap, &run_dir(dir.path(), "restored"), &[]).unwrap();
-    assert_continues(&console, &restored, 3, "restored");
+    let all = assert_continues(&console, &restored, 5, "restored");
+    assert!(all.len() >= 5);
+    // Every AP resumed from its own count: never below it, and moving on.
+    let after = ap_counters(&format!("{console}{}", restored.console()));
+    let last = after.last().unwrap();
+    for (ap, (&then, &now)) in at_snapshot.iter().zip(last).enumerate() {
+        assert!(
+            now > then,
+            "AP {ap} did not count after restore: {then} -> {now}"
+        );
+    }
+    for line in &after[ap_counters(&console).len()..] {
+        for (ap, (&then, &now)) in at_snapshot.iter().zip(line).enumerate() {
+            assert!(now >= then, "AP {ap} restarted: {then} -> {now}");
+        }
+    }
     let reply = restored.api(r#"{"cmd":"pause"}"#).unwrap();
     assert_eq!(reply["vcpus"], 4, "{reply}");
     assert_eq!(reply["state"], "paused", "{reply}");
