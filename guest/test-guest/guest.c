@@ -9,7 +9,15 @@
  *                     blk_pattern= at sector blk_sector=, read it back, reset
  *   scenario=vsock    connect to host port vsock_port= through the virtio-mmio vsock
  *                     device, send vsock_msg=, print what comes back, reset
+ *   scenario=blk_snapshot  write blk_pattern= at blk_sector=, print BLK-WRITTEN, print
+ *                     "wait N" blk_wait= times (time for a snapshot), read the
+ *                     sector back, reset
+ *   scenario=vsock_snapshot  set up vsock, post an event buffer, print VSOCK-READY,
+ *                     wait for an event (a restore's TRANSPORT_RESET), print it, then
+ *                     connect and echo as scenario=vsock
  *   scenario=counter  print "tick N" forever (for pause/resume)
+ *   scenario=smp      start smp_aps= application processors (INIT/SIPI), each counts
+ *                     in its own slot; print "tick N ap0=.. ap1=.." forever
  *   scenario=halt     print the banner, then cli; hlt forever
  */
 typedef unsigned char u8;
@@ -24,6 +32,53 @@ __asm__(".globl _start\n"
         "1: cli\n"
         "  hlt\n"
         "  jmp 1b\n");
+
+/* Application processors: the SIPI trampoline (copied to 0x10000, entered in real
+ * mode at CS=0x1000) loads the VMM's boot GDT (0x500: 0x8 is 64-bit code, 0x10 data),
+ * turns on PAE, the boot page tables (CR3 0x9000), long mode and paging, and jumps to
+ * ap_entry64, which takes an index and a stack and calls ap_main. */
+__asm__(".globl tramp_start, tramp_end\n"
+        ".code16\n"
+        "tramp_start:\n"
+        "  cli\n"
+        "  mov %cs, %ax\n"
+        "  mov %ax, %ds\n"
+        "  lgdtl tramp_gdtp - tramp_start\n"
+        "  mov %cr4, %eax\n"
+        "  or $0x20, %eax\n"
+        "  mov %eax, %cr4\n"
+        "  mov $0x9000, %eax\n"
+        "  mov %eax, %cr3\n"
+        "  mov $0xc0000080, %ecx\n"
+        "  rdmsr\n"
+        "  or $0x100, %eax\n"
+        "  wrmsr\n"
+        "  mov %cr0, %eax\n"
+        "  or $0x80000001, %eax\n"
+        "  mov %eax, %cr0\n"
+        "  ljmpl $0x8, $ap_entry64\n"
+        "tramp_gdtp:\n"
+        "  .word 0x1f\n"
+        "  .long 0x500\n"
+        "tramp_end:\n"
+        ".code64\n"
+        ".globl ap_entry64\n"
+        "ap_entry64:\n"
+        "  mov $0x10, %ax\n"
+        "  mov %ax, %ds\n"
+        "  mov %ax, %es\n"
+        "  mov %ax, %ss\n"
+        "  mov $1, %eax\n"
+        "  lock xadd %eax, ap_count(%rip)\n"
+        "  mov %eax, %edi\n"
+        "  lea 1(%rax), %rsp\n"
+        "  shl $12, %rsp\n"
+        "  lea ap_stacks(%rip), %rax\n"
+        "  add %rax, %rsp\n"
+        "  call ap_main\n"
+        "2: cli\n"
+        "  hlt\n"
+        "  jmp 2b\n");
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static void putc_(char c) { outb(0x3f8, (u8)c); }
@@ -114,7 +169,7 @@ static int request(u32 type, u64 sector) {
     return status;
 }
 
-static void blk(void) {
+static void blk_init(void) {
     const char *dev = param("virtio_mmio.device");
     if (!dev) fail("no virtio_mmio.device");
     while (*dev && *dev != '@') dev++;
@@ -138,20 +193,45 @@ static void blk(void) {
     wr(0x70, 1 | 2 | 8 | 4);
     u64 capacity = rd(0x100) | ((u64)rd(0x104) << 32);
     puts_("BLK-CAPACITY="); put_dec(capacity); putc_('\n');
+}
 
-    const char *pattern = param("blk_pattern");
+static u64 blk_sector_arg(void) {
     const char *sector_arg = param("blk_sector");
-    u64 sector = sector_arg ? parse_num(sector_arg) : 1;
+    return sector_arg ? parse_num(sector_arg) : 1;
+}
+
+static void blk_write_pattern(void) {
+    const char *pattern = param("blk_pattern");
     for (int i = 0; i < 512; i++) data[i] = 0;
     for (int i = 0; pattern && pattern[i] && pattern[i] != ' ' && i < 511; i++) data[i] = (u8)pattern[i];
-    int st = request(1, sector);
+    int st = request(1, blk_sector_arg());
     puts_("BLK-WRITE-STATUS="); put_dec((u64)st); putc_('\n');
+}
+
+static void blk_read_back(void) {
     for (int i = 0; i < 512; i++) data[i] = 0;
-    st = request(0, sector);
+    int st = request(0, blk_sector_arg());
     puts_("BLK-READ-STATUS="); put_dec((u64)st); putc_('\n');
     puts_("BLK-READBACK=");
     for (int i = 0; i < 64 && data[i]; i++) putc_((char)data[i]);
     putc_('\n');
+}
+
+static void blk(void) {
+    blk_init();
+    blk_write_pattern();
+    blk_read_back();
+}
+
+/* Prints "wait N" n times, as slowly as the counter: time for a snapshot. */
+static void wait_ticks(u64 n) {
+    for (u64 i = 0; i < n; i++) {
+        puts_("wait ");
+        put_dec(i);
+        putc_('\n');
+        for (volatile u32 j = 0; j < 2000; j++) {
+        }
+    }
 }
 
 /* ---- virtio-mmio vsock, polled: rx (0), tx (1), event (2) ---- */
@@ -223,7 +303,9 @@ static struct vsock_hdr *vsock_recv(void) {
     return (struct vsock_hdr *)copy;
 }
 
-static void vsock(void) {
+static u8 event_buf[8];
+
+static void vsock_init(void) {
     mmio = 0;
     for (const char *p = cmdline; (p = param_from(p, "virtio_mmio.device")); ) {
         const char *at = p;
@@ -246,6 +328,10 @@ static void vsock(void) {
         vqs[0].desc[i] = (struct desc){(u64)rx_bufs[i], sizeof rx_bufs[i], 2, 0};
         vq_push(0, i);
     }
+}
+
+/* Connects to the host port, sends vsock_msg=, prints what comes back, resets. */
+static void vsock_echo(void) {
     const char *port_arg = param("vsock_port");
     u32 port = port_arg ? (u32)parse_num(port_arg) : 5000;
     vsock_send(1, 1234, port, 0); /* REQUEST */
@@ -261,6 +347,71 @@ static void vsock(void) {
     vsock_send(3, 1234, port, 0); /* RST */
 }
 
+static void vsock(void) {
+    vsock_init();
+    vsock_echo();
+}
+
+/* Posts a buffer on the event queue and waits, without a timeout, for an event: a
+ * restored VM gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (id 0) from its new daemon. */
+static void vsock_wait_event(void) {
+    struct vq *q = &vqs[2];
+    q->desc[0] = (struct desc){(u64)event_buf, sizeof event_buf, 2, 0};
+    vq_push(2, 0);
+    puts_("VSOCK-READY\n");
+    while (*(volatile u16 *)&q->used.idx == q->last_used) {
+    }
+    q->last_used++;
+    puts_("VSOCK-EVENT="); put_dec(*(volatile u32 *)event_buf); putc_('\n');
+}
+
+/* ---- several vCPUs: each AP counts in its own slot ---- */
+#define MAX_APS 31
+volatile u32 ap_count;
+u8 ap_stacks[MAX_APS][4096] __attribute__((aligned(4096)));
+static volatile u64 ap_counters[MAX_APS];
+extern u8 tramp_start[], tramp_end[];
+
+void ap_main(u32 index) {
+    if (index >= MAX_APS) halt_forever();
+    for (;;) ap_counters[index]++;
+}
+
+static void lapic_icr(u32 high, u32 low) {
+    *(volatile u32 *)0xfee00310 = high;
+    *(volatile u32 *)0xfee00300 = low;
+    while (*(volatile u32 *)0xfee00300 & (1 << 12)) {
+    }
+}
+
+/* Starts every AP (INIT, SIPI, SIPI to all but self), then prints a tick line with
+ * each AP's counter, forever. */
+static void smp(void) {
+    const char *arg = param("smp_aps");
+    u32 aps = arg ? (u32)parse_num(arg) : 1;
+    u8 *dst = (u8 *)0x10000;
+    for (u8 *p = tramp_start; p < tramp_end; p++) *dst++ = *p;
+    lapic_icr(0, 0x000c4500);
+    lapic_icr(0, 0x000c4610);
+    lapic_icr(0, 0x000c4610);
+    for (u32 spins = 0; ap_count < aps; spins++)
+        if (spins > 50000000) { puts_("SMP-FAIL ap_count="); put_dec(ap_count); putc_('\n'); reset(); }
+    puts_("SMP-UP="); put_dec(ap_count); putc_('\n');
+    for (u64 i = 0;; i++) {
+        puts_("tick ");
+        put_dec(i);
+        for (u32 a = 0; a < aps; a++) {
+            puts_(" ap");
+            put_dec(a);
+            putc_('=');
+            put_dec(ap_counters[a]);
+        }
+        putc_('\n');
+        for (volatile u32 j = 0; j < 2000; j++) {
+        }
+    }
+}
+
 void guest_main(u8 *boot_params) {
     cmdline = (const char *)(u64) * (u32 *)(boot_params + 0x228);
     puts_("microagent test guest: cmdline=[");
@@ -269,6 +420,21 @@ void guest_main(u8 *boot_params) {
     const char *scenario = param("scenario");
     if (value_is(scenario, "blk")) {
         blk();
+        puts_("TEST-GUEST-DONE\n");
+        reset();
+    } else if (value_is(scenario, "blk_snapshot")) {
+        blk_init();
+        blk_write_pattern();
+        puts_("BLK-WRITTEN\n");
+        const char *n = param("blk_wait");
+        wait_ticks(n ? parse_num(n) : 300);
+        blk_read_back();
+        puts_("TEST-GUEST-DONE\n");
+        reset();
+    } else if (value_is(scenario, "vsock_snapshot")) {
+        vsock_init();
+        vsock_wait_event();
+        vsock_echo();
         puts_("TEST-GUEST-DONE\n");
         reset();
     } else if (value_is(scenario, "vsock")) {
@@ -283,6 +449,8 @@ void guest_main(u8 *boot_params) {
             for (volatile u32 j = 0; j < 2000; j++) {
             }
         }
+    } else if (value_is(scenario, "smp")) {
+        smp();
     } else if (value_is(scenario, "halt")) {
         puts_("HALTING\n");
         halt_forever();

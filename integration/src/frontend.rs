@@ -2,15 +2,15 @@
 //! as guest memory, shares it with the daemon, drives split virtqueues in that memory
 //! (descriptor chains, avail ring, kicks) and collects completions from the used ring.
 
+use microagent_vmm::devices::vhost_user::{load_device_state, save_device_state};
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
-    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -35,6 +35,8 @@ pub enum Error {
     OutOfMemory,
     #[error("this queue's kick is an eventfd, not a pipe")]
     NotAPipe,
+    #[error(transparent)]
+    DeviceState(#[from] microagent_vmm::devices::vhost_user::Error),
 }
 
 /// Guest memory backed by a memfd, so that a daemon can map it too.
@@ -443,7 +445,7 @@ impl Frontend {
         vu.set_mem_table(&mem.regions()?)?;
 
         if let Some(state) = &setup.load_state {
-            load_state(&mut vu, state)?;
+            load_device_state(&mut vu, state)?;
         }
 
         let mut queues = Vec::with_capacity(setup.queues);
@@ -515,37 +517,8 @@ impl Frontend {
     /// SET_DEVICE_STATE_FD(SAVE) after [`Frontend::stop`]: reads the state to EOF and
     /// checks it with CHECK_DEVICE_STATE.
     pub fn save_state(&mut self) -> Result<Vec<u8>, Error> {
-        let (mut read_end, write_end) = pipe()?;
-        let reply = self.vu.set_device_state_fd(
-            VhostTransferStateDirection::SAVE,
-            VhostTransferStatePhase::STOPPED,
-            write_end,
-        )?;
-        let mut state = Vec::new();
-        match reply {
-            Some(mut file) => file.read_to_end(&mut state)?,
-            None => read_end.read_to_end(&mut state)?,
-        };
-        self.vu.check_device_state()?;
-        Ok(state)
+        Ok(save_device_state(&mut self.vu)?)
     }
-}
-
-fn load_state(vu: &mut VuFrontend, state: &[u8]) -> Result<(), Error> {
-    let (read_end, write_end) = pipe()?;
-    let reply = vu.set_device_state_fd(
-        VhostTransferStateDirection::LOAD,
-        VhostTransferStatePhase::STOPPED,
-        OwnedFd::from(read_end),
-    )?;
-    let mut sink = match reply {
-        Some(file) => file,
-        None => File::from(write_end),
-    };
-    sink.write_all(state)?;
-    drop(sink);
-    vu.check_device_state()?;
-    Ok(())
 }
 
 /// A pipe: (read end, write end).

@@ -89,6 +89,29 @@ impl VmmArgs {
     }
 }
 
+/// `microagent-vmm --restore SNAPSHOT` with its serial log and control socket in `dir`.
+fn restore_command(snapshot: &Path, dir: &Path, extra: &[&str]) -> Result<Command, Error> {
+    let mut cmd = Command::new(binary("microagent-vmm")?);
+    cmd.arg("--restore")
+        .arg(snapshot)
+        .arg("--serial")
+        .arg(dir.join("serial.log"))
+        .arg("--api-socket")
+        .arg(dir.join("api.sock"))
+        .args(extra)
+        .stdin(Stdio::null());
+    Ok(cmd)
+}
+
+/// Runs a restore that is expected to be refused; returns its output once it exits.
+pub fn restore_refused(snapshot: &Path, dir: &Path, extra: &[&str]) -> Result<Output, Error> {
+    let mut cmd = restore_command(snapshot, dir, extra)?;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = ChildGuard::spawn(&mut cmd)?;
+    child.wait_timeout(Duration::from_secs(30))?;
+    child.into_output().map_err(Error::Run)
+}
+
 /// A running VMM, killed when dropped.
 pub struct Vmm {
     process: ChildGuard,
@@ -99,6 +122,16 @@ impl Vmm {
     pub fn start(args: &VmmArgs, dir: &Path) -> Result<Self, Error> {
         let mut process = ChildGuard::spawn(&mut args.command(dir)?)?;
         process.wait_for_path(&dir.join("api.sock"), Duration::from_secs(10))?;
+        Ok(Self {
+            process,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Restores a snapshot into a new VMM process whose files live in `dir`.
+    pub fn restore(snapshot: &Path, dir: &Path, extra: &[&str]) -> Result<Self, Error> {
+        let mut process = ChildGuard::spawn(&mut restore_command(snapshot, dir, extra)?)?;
+        process.wait_for_path(&dir.join("api.sock"), Duration::from_secs(30))?;
         Ok(Self {
             process,
             dir: dir.to_owned(),
@@ -125,6 +158,36 @@ impl Vmm {
             }
             sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The control socket's path.
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.id()
+    }
+
+    /// CPU time the VMM's main thread (the event loop) has used so far.
+    pub fn main_thread_cpu(&self) -> Result<Duration, Error> {
+        let pid = self.process.id().unwrap_or(0);
+        let stat =
+            fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).map_err(Error::Api)?;
+        // Fields after the parenthesised command name; utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+        Ok(Duration::from_millis(
+            (ticks(11) + ticks(12)) * 1000 / hz.max(1),
+        ))
     }
 
     /// Sends one request on a fresh connection and returns the reply.

@@ -251,3 +251,195 @@ fn test_guest_reaches_a_host_listener_through_microagent_vhost_vsock() {
     );
     assert_eq!(host.join().unwrap(), b"ping-from-kvm");
 }
+
+// ---- The control socket never blocks the event loop (issue 19 item 2, issue 16) ----
+
+mod control_socket {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    fn connect(vmm: &Vmm) -> UnixStream {
+        let stream = UnixStream::connect(vmm.api_socket()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    }
+
+    fn read_reply(reader: &mut impl BufRead) -> serde_json::Value {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    #[test]
+    fn a_client_sending_half_a_line_does_not_stall_another_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = Vmm::start(&VmmArgs::test_guest("scenario=counter"), dir.path()).unwrap();
+        vmm.wait_for("tick 1\n", RUN).unwrap();
+        let mut slow = connect(&vmm);
+        slow.write_all(br#"{"cmd":"sta"#).unwrap();
+        sleep(Duration::from_millis(100));
+        // Before the fix the loop sat in a blocking read of the slow client.
+        let reply = vmm.api(r#"{"cmd":"status"}"#).unwrap();
+        assert_eq!(reply["state"], "running", "{reply}");
+        let reply = vmm.api(r#"{"cmd":"pause"}"#).unwrap();
+        assert_eq!(reply["state"], "paused", "{reply}");
+        // The slow client's line, once finished, is answered.
+        slow.write_all(b"tus\"}\n").unwrap();
+        let reply = read_reply(&mut BufReader::new(slow));
+        assert_eq!(reply["ok"], true, "{reply}");
+        assert_eq!(reply["state"], "paused", "{reply}");
+    }
+
+    #[test]
+    fn pipelined_requests_in_one_write_are_all_answered_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = Vmm::start(&VmmArgs::test_guest("scenario=halt"), dir.path()).unwrap();
+        vmm.wait_for("HALTING", RUN).unwrap();
+        let mut conn = connect(&vmm);
+        conn.write_all(
+            b"{\"cmd\":\"status\"}\n{\"cmd\":\"pause\"}\n{\"cmd\":\"explode\"}\n{\"cmd\":\"resume\"}\n",
+        )
+        .unwrap();
+        let mut reader = BufReader::new(conn);
+        assert_eq!(read_reply(&mut reader)["state"], "running");
+        assert_eq!(read_reply(&mut reader)["state"], "paused");
+        let bad = read_reply(&mut reader);
+        assert_eq!(bad["error"]["code"], "api.bad_request", "{bad}");
+        assert_eq!(read_reply(&mut reader)["state"], "running");
+    }
+
+    #[test]
+    fn a_client_that_never_reads_its_replies_does_not_stall_the_vmm() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = Vmm::start(&VmmArgs::test_guest("scenario=halt"), dir.path()).unwrap();
+        vmm.wait_for("HALTING", RUN).unwrap();
+        let mut flood = connect(&vmm);
+        let writer = std::thread::spawn(move || {
+            let request = b"{\"cmd\":\"status\"}\n".repeat(20_000);
+            let _ = flood.write_all(&request);
+            flood
+        });
+        sleep(Duration::from_millis(500));
+        // Before the fix the loop sat in a blocking write to the flooding client.
+        let reply = vmm.api(r#"{"cmd":"status"}"#).unwrap();
+        assert_eq!(reply["ok"], true, "{reply}");
+        let mut flood = writer.join().unwrap();
+        // The VMM dropped the client once its unread replies passed the bound: reading
+        // ends (EOF or reset) well short of 20,000 replies instead of timing out.
+        let mut answer = Vec::new();
+        let end = flood.read_to_end(&mut answer);
+        if let Err(e) = &end {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        }
+        let replies = answer.iter().filter(|&&b| b == b'\n').count();
+        assert!(
+            replies < 20_000,
+            "all {replies} replies were kept for the client"
+        );
+        assert_eq!(vmm.api(r#"{"cmd":"status"}"#).unwrap()["ok"], true);
+    }
+
+    #[test]
+    fn an_oversized_line_drops_that_client_and_the_vmm_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = Vmm::start(&VmmArgs::test_guest("scenario=halt"), dir.path()).unwrap();
+        vmm.wait_for("HALTING", RUN).unwrap();
+        let mut big = connect(&vmm);
+        let chunk = vec![b'x'; 1 << 20];
+        let mut sent = 0usize;
+        while sent < 200 << 20 {
+            if big.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        assert!(sent < 8 << 20, "the VMM took {sent} bytes of one line");
+        let mut answer = Vec::new();
+        let _ = big.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.contains("api.line_too_long"), "{answer:?}");
+        let rss_kib = fs::read_to_string(format!("/proc/{}/status", vmm.pid().unwrap()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            .unwrap();
+        assert!(rss_kib < 64 << 10, "VMM RSS {rss_kib} KiB");
+        assert_eq!(vmm.api(r#"{"cmd":"status"}"#).unwrap()["ok"], true);
+    }
+
+    #[test]
+    fn shutdown_with_a_huge_timeout_neither_overflows_nor_spins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vmm = Vmm::start(&VmmArgs::test_guest("scenario=halt"), dir.path()).unwrap();
+        vmm.wait_for("HALTING", RUN).unwrap();
+        // The old deadline became `left_ms as i32 + 1`: 2^31 ms (left 2^31 - 1 a few
+        // microseconds later) overflowed that addition and the VMM panicked; near 2^32
+        // it wrapped to an epoll timeout of 0 (a spin).
+        for timeout_ms in [1u64 << 31, (1 << 31) + 1, (1 << 32) - 1, 1 << 32, u64::MAX] {
+            let reply = vmm
+                .api(&format!(
+                    r#"{{"cmd":"shutdown","timeout_ms":{timeout_ms}}}"#
+                ))
+                .unwrap_or_else(|e| panic!("timeout_ms {timeout_ms}: {e}"));
+            assert_eq!(reply["state"], "stopping", "{reply}");
+        }
+        let before = vmm.main_thread_cpu().unwrap();
+        sleep(Duration::from_secs(1));
+        let used = vmm.main_thread_cpu().unwrap() - before;
+        assert!(
+            used < Duration::from_millis(200),
+            "event loop used {used:?} of 1 s"
+        );
+        assert!(vmm.try_status().unwrap().is_none(), "the VMM ended early");
+        let reply = vmm.api(r#"{"cmd":"shutdown","timeout_ms":0}"#).unwrap();
+        assert_eq!(reply["ok"], true, "{reply}");
+        assert!(vmm.wait_exit(Duration::from_secs(10)).unwrap().success());
+    }
+
+    #[test]
+    fn running_out_of_file_descriptors_does_not_spin_the_accept_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = Vmm::start(&VmmArgs::test_guest("scenario=halt"), dir.path()).unwrap();
+        vmm.wait_for("HALTING", RUN).unwrap();
+        let pid = vmm.pid().unwrap();
+        let open = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+        let set_limit = |soft: u64| {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: 4096,
+            };
+            // SAFETY: prlimit on a child we started, with a valid rlimit and no old-value
+            // pointer.
+            let rc = unsafe {
+                libc::prlimit(
+                    pid as libc::pid_t,
+                    libc::RLIMIT_NOFILE,
+                    &limit,
+                    std::ptr::null_mut(),
+                )
+            };
+            assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+        };
+        set_limit(open + 2);
+        let clients: Vec<UnixStream> = (0..8).map(|_| connect(&vmm)).collect();
+        sleep(Duration::from_millis(200));
+        let before = vmm.main_thread_cpu().unwrap();
+        sleep(Duration::from_secs(1));
+        let used = vmm.main_thread_cpu().unwrap() - before;
+        assert!(
+            used < Duration::from_millis(200),
+            "event loop used {used:?} of 1 s"
+        );
+        drop(clients);
+        set_limit(1024);
+        // After the back-off the VMM accepts again.
+        assert_eq!(vmm.api(r#"{"cmd":"status"}"#).unwrap()["ok"], true);
+    }
+}

@@ -1,11 +1,16 @@
 //! The control socket: one JSON object per line in each direction.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
-//! `{"cmd":"shutdown","timeout_ms":N}` (wait up to N ms for the guest to power off by
-//! itself, then stop it; default 0). Replies: `{"ok":true,...}` or
-//! `{"ok":false,"error":{"code":...,"message":...}}`.
+//! `{"cmd":"snapshot","dir":D}` (see [`crate::snapshot`]; refusals carry `snapshot.*`
+//! codes), `{"cmd":"shutdown","timeout_ms":N}` (wait up to N ms for the guest to power off by
+//! itself, then stop it; default 0; any u64). Replies: `{"ok":true,...}` or
+//! `{"ok":false,"error":{"code":...,"message":...}}`, one per request line, in order;
+//! several requests may be sent without waiting for replies. A line longer than
+//! [`crate::control::MAX_LINE`] is answered with `api.line_too_long` and the
+//! connection closed.
 
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -16,6 +21,11 @@ pub enum Request {
     Shutdown {
         #[serde(default)]
         timeout_ms: u64,
+    },
+    /// Pause (if running), save the VM into a new directory `dir`, resume (if it was
+    /// running).
+    Snapshot {
+        dir: PathBuf,
     },
 }
 
@@ -34,10 +44,30 @@ pub struct Status {
     pub devices: Vec<DeviceStatus>,
 }
 
+/// The reply to a snapshot: the VM's status afterwards and what was written.
+#[derive(Debug, Serialize)]
+pub struct SnapshotReply {
+    #[serde(flatten)]
+    pub status: Status,
+    pub snapshot: crate::snapshot::dir::Written,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ApiError {
     pub code: &'static str,
     pub message: String,
+}
+
+/// The reply to a line longer than [`crate::control::MAX_LINE`]; the client is then
+/// dropped.
+pub fn line_too_long() -> ApiError {
+    ApiError {
+        code: "api.line_too_long",
+        message: format!(
+            "request line longer than {} bytes; the connection is closed",
+            crate::control::MAX_LINE
+        ),
+    }
 }
 
 /// Parses one request line; the error is ready to send back.

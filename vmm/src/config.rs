@@ -19,6 +19,10 @@ pub enum Error {
     NoKernel(PathBuf),
     #[error("--initrd {0} does not exist")]
     NoInitrd(PathBuf),
+    #[error("--kernel is required unless --restore is given")]
+    KernelRequired,
+    #[error("--restore {0} is not a directory")]
+    NoSnapshot(PathBuf),
 }
 
 /// A minimal KVM virtual machine monitor whose devices are vhost-user daemons.
@@ -26,12 +30,23 @@ pub enum Error {
 /// The VMM appends one `virtio_mmio.device=` entry per device to the kernel command
 /// line. It exits 0 when the guest resets or powers off (i8042 reset, triple fault) or
 /// when told to shut down, and 1 with a JSON error on stderr when a vCPU fails.
+///
+/// `--restore DIR` starts from a snapshot instead of booting: memory, vCPUs and the VM
+/// come from DIR, `--cpus`/`--memory`/`--cmdline` from its manifest; the kernel (and
+/// initrd) must be the ones the snapshot was taken with (`--kernel` names it when it
+/// moved), and the device sockets must be of the same kinds.
 #[derive(Debug, Parser)]
 #[command(name = "microagent-vmm", version)]
 pub struct Args {
     /// Guest kernel: ELF vmlinux (PVH entry when it has the note) or bzImage.
     #[arg(long)]
-    pub kernel: PathBuf,
+    pub kernel: Option<PathBuf>,
+    /// Restore the snapshot in this directory instead of booting.
+    #[arg(long, conflicts_with_all = ["cpus", "memory", "cmdline"])]
+    pub restore: Option<PathBuf>,
+    /// With --restore: keep the vCPUs paused until a `resume` request.
+    #[arg(long, requires = "restore")]
+    pub paused: bool,
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
@@ -67,9 +82,23 @@ pub enum Serial {
     File(PathBuf),
 }
 
+/// How the guest starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    Boot {
+        kernel: PathBuf,
+    },
+    Restore {
+        dir: PathBuf,
+        paused: bool,
+        /// The snapshot's kernel when it is no longer at the recorded path.
+        kernel: Option<PathBuf>,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct VmmConfig {
-    pub kernel: PathBuf,
+    pub start: Start,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub cpus: u8,
@@ -94,16 +123,32 @@ impl TryFrom<Args> for VmmConfig {
         if args.blk.len() > MAX_BLK {
             return Err(Error::TooManyBlk);
         }
-        if !args.kernel.is_file() {
-            return Err(Error::NoKernel(args.kernel));
+        if let Some(kernel) = &args.kernel {
+            if !kernel.is_file() {
+                return Err(Error::NoKernel(kernel.clone()));
+            }
         }
+        let start = match (args.restore, args.kernel) {
+            (Some(dir), kernel) => {
+                if !dir.is_dir() {
+                    return Err(Error::NoSnapshot(dir));
+                }
+                Start::Restore {
+                    dir,
+                    paused: args.paused,
+                    kernel,
+                }
+            }
+            (None, Some(kernel)) => Start::Boot { kernel },
+            (None, None) => return Err(Error::KernelRequired),
+        };
         if let Some(initrd) = &args.initrd {
             if !initrd.is_file() {
                 return Err(Error::NoInitrd(initrd.clone()));
             }
         }
         Ok(Self {
-            kernel: args.kernel,
+            start,
             initrd: args.initrd,
             cmdline: args.cmdline,
             cpus: args.cpus,
@@ -123,6 +168,10 @@ impl TryFrom<Args> for VmmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn path(p: &std::path::Path) -> &str {
+        p.to_str().unwrap()
+    }
 
     #[test]
     fn bad_flags_are_refused() {
@@ -144,5 +193,28 @@ mod tests {
         assert_eq!(config.serial, Serial::File("/tmp/console.log".into()));
         let args = Args::parse_from(["microagent-vmm", "--kernel", "/nonexistent"]);
         assert!(matches!(VmmConfig::try_from(args), Err(Error::NoKernel(_))));
+        let args = Args::parse_from(["microagent-vmm"]);
+        assert!(matches!(
+            VmmConfig::try_from(args),
+            Err(Error::KernelRequired)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let args = Args::parse_from(["microagent-vmm", "--restore", path(dir.path()), "--paused"]);
+        assert_eq!(
+            VmmConfig::try_from(args).unwrap().start,
+            Start::Restore {
+                dir: dir.path().to_owned(),
+                paused: true,
+                kernel: None
+            }
+        );
+        let args = Args::parse_from(["microagent-vmm", "--restore", "/nonexistent"]);
+        assert!(matches!(
+            VmmConfig::try_from(args),
+            Err(Error::NoSnapshot(_))
+        ));
+        assert!(Args::try_parse_from(["microagent-vmm", "--kernel", k, "--paused"]).is_err());
+        let restore_with_memory = ["microagent-vmm", "--restore", "/tmp", "--memory", "64"];
+        assert!(Args::try_parse_from(restore_with_memory).is_err());
     }
 }

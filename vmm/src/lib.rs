@@ -8,17 +8,22 @@
 //!   architectural state, and the MP table through which Linux finds several CPUs.
 //! - [`vcpu`]: vCPU threads, exits, pause/resume.
 //! - [`devices`]: serial, i8042, virtio-mmio transports with vhost-user frontends.
-//! - [`vm`]: building the VM and its event loop; [`api`]: the control socket.
+//! - [`vm`]: building the VM and its event loop; [`api`]: the control socket's
+//!   messages; [`control`]: its connections, served without blocking the loop.
+//! - [`snapshot`]: snapshot state types, the manifest, sparse memory files, and the
+//!   snapshot directory written whole or not at all.
 //! - [`host`]: what this host's KVM can do (PVM detection).
 
 pub mod api;
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod host;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

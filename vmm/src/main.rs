@@ -27,7 +27,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{}", error_json("vmm.start_failed", &e.to_string()));
+            eprintln!("{}", error_json(e.code(), &e.to_string()));
             ExitCode::FAILURE
         }
     }

@@ -7,6 +7,7 @@
 use crate::devices::legacy::PioBus;
 use crate::devices::virtio_mmio::MmioTransport;
 use crate::layout::VIRTIO_MMIO_SIZE;
+use crate::snapshot::state::VcpuState;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
 use std::os::unix::thread::JoinHandleExt;
@@ -75,6 +76,33 @@ struct RunState {
     stop: bool,
     paused: usize,
     running: usize,
+    /// Bumped to ask every paused vCPU thread to save its state into `saved`.
+    save_seq: u64,
+    saved: Vec<Option<Result<VcpuState, String>>>,
+}
+
+/// What a vCPU thread needs to save its state when asked.
+struct Saver<'a> {
+    id: u8,
+    vcpu: &'a VcpuFd,
+    msr_indices: &'a [u32],
+    seen: u64,
+}
+
+impl Saver<'_> {
+    /// Saves this vCPU's state if a save was asked for since the last one; true if it did.
+    fn serve(&mut self, state: &mut RunState) -> bool {
+        if state.save_seq == self.seen {
+            return false;
+        }
+        self.seen = state.save_seq;
+        let result =
+            VcpuState::capture(self.id, self.vcpu, self.msr_indices).map_err(|e| e.to_string());
+        if let Some(slot) = state.saved.get_mut(usize::from(self.id)) {
+            *slot = Some(result);
+        }
+        true
+    }
 }
 
 /// Shared between the VMM's main loop and its vCPU threads.
@@ -129,26 +157,64 @@ pub struct Vcpus {
 }
 
 impl Vcpus {
+    /// Starts one thread per vCPU; with `paused`, none enters KVM_RUN until resumed.
+    /// `msr_indices` (KVM's MSR index list) is what a snapshot saves.
     pub fn start(
         vcpus: Vec<VcpuFd>,
         bus: Arc<Bus>,
         control: Arc<Control>,
+        msr_indices: Arc<Vec<u32>>,
+        paused: bool,
     ) -> std::io::Result<Self> {
         extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
         register_signal_handler(kick_signal(), noop)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        control.state().running = vcpus.len();
+        {
+            let mut state = control.state();
+            state.running = vcpus.len();
+            state.pause = paused;
+        }
         let mut threads = Vec::with_capacity(vcpus.len());
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             let bus = bus.clone();
             let control = control.clone();
+            let msr_indices = msr_indices.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("vcpu{id}"))
-                    .spawn(move || run(id as u8, vcpu, &bus, &control))?,
+                    .spawn(move || run(id as u8, vcpu, &bus, &control, &msr_indices))?,
             );
         }
-        Ok(Self { control, threads })
+        let vcpus = Self { control, threads };
+        if paused {
+            vcpus.kick_until(|s| s.paused == s.running);
+        }
+        Ok(vcpus)
+    }
+
+    /// Every vCPU's state, saved by its own thread; the vCPUs must be paused.
+    pub fn save_state(&self) -> Result<Vec<VcpuState>, String> {
+        let mut state = self.control.state();
+        if !(state.pause && state.paused == state.running) {
+            return Err("the vCPUs are not paused".into());
+        }
+        state.saved = (0..self.threads.len()).map(|_| None).collect();
+        state.save_seq += 1;
+        self.control.changed.notify_all();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while state.saved.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err("a vCPU thread did not save its state within 10 s".into());
+            }
+            state = self
+                .control
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state.saved.drain(..).flatten().collect()
     }
 
     fn kick_until(&self, done: impl Fn(&RunState) -> bool) {
@@ -202,15 +268,20 @@ impl Vcpus {
     }
 }
 
-/// While a pause is requested, counts this vCPU as paused and waits.
+/// While a pause is requested, counts this vCPU as paused and waits, saving its state
+/// when asked.
 fn wait_while_paused<'a>(
     control: &'a Control,
     mut state: MutexGuard<'a, RunState>,
+    saver: &mut Saver<'_>,
 ) -> MutexGuard<'a, RunState> {
     if state.pause && !state.stop {
         state.paused += 1;
         control.changed.notify_all();
         while state.pause && !state.stop {
+            if saver.serve(&mut state) {
+                control.changed.notify_all();
+            }
             state = control
                 .changed
                 .wait(state)
@@ -222,9 +293,18 @@ fn wait_while_paused<'a>(
     state
 }
 
-fn run(id: u8, mut vcpu: VcpuFd, bus: &Bus, control: &Control) {
+fn run(id: u8, mut vcpu: VcpuFd, bus: &Bus, control: &Control, msr_indices: &[u32]) {
+    let mut seen = control.state().save_seq;
     let ended = loop {
-        if wait_while_paused(control, control.state()).stop {
+        let mut saver = Saver {
+            id,
+            vcpu: &vcpu,
+            msr_indices,
+            seen,
+        };
+        let stop = wait_while_paused(control, control.state(), &mut saver).stop;
+        seen = saver.seen;
+        if stop {
             break false;
         }
         if let Some(outcome) = run_once(id, &mut vcpu, bus, control) {
@@ -232,10 +312,16 @@ fn run(id: u8, mut vcpu: VcpuFd, bus: &Bus, control: &Control) {
             break true;
         }
     };
+    let mut saver = Saver {
+        id,
+        vcpu: &vcpu,
+        msr_indices,
+        seen,
+    };
     let mut state = control.state();
     // A vCPU that ended the VM parks (pausable) until the main loop stops the VM.
     while ended && !state.stop {
-        state = wait_while_paused(control, state);
+        state = wait_while_paused(control, state, &mut saver);
         if !state.stop && !state.pause {
             state = control
                 .changed

@@ -1,8 +1,10 @@
-//! Building a VM from a [`VmmConfig`] and running its event loop until it ends.
+//! A [`Vm`] is built (KVM, memory, devices), then either boots a kernel or is restored
+//! from a snapshot, then runs its event loop until it ends.
 
 use crate::api::{self, ApiError, DeviceStatus, Request, Status};
 use crate::boot;
-use crate::config::{Serial, VmmConfig};
+use crate::config::{Serial, Start, VmmConfig};
+use crate::control;
 use crate::cpu;
 use crate::devices::i8042::{self, I8042};
 use crate::devices::legacy::{PioBus, COM1_IRQ};
@@ -12,17 +14,17 @@ use crate::host;
 use crate::layout::*;
 use crate::memory;
 use crate::mptable;
+use crate::snapshot::{self, dir, manifest, SnapshotState};
 use crate::vcpu::{Bus, Control, Outcome, Vcpus};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
-use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::io::{self, BufRead, BufReader, Write};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vm_superio::Serial as Uart;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -52,6 +54,8 @@ pub enum Error {
     MpTable(#[from] mptable::Error),
     #[error("creating vCPU {id}: {source}")]
     CreateVcpu { id: u8, source: kvm_ioctls::Error },
+    #[error("reading KVM's MSR index list: {0}")]
+    MsrIndexList(kvm_ioctls::Error),
     #[error(transparent)]
     Device(#[from] virtio_mmio::Error),
     #[error("serial console {path}: {source}")]
@@ -60,6 +64,20 @@ pub enum Error {
     Api { path: PathBuf, source: io::Error },
     #[error("event loop: {0}")]
     EventLoop(io::Error),
+    #[error(transparent)]
+    Control(#[from] control::Error),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+}
+
+impl Error {
+    /// The stable code printed when the VMM cannot start.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Snapshot(e) => e.code(),
+            _ => "vmm.start_failed",
+        }
+    }
 }
 
 /// epoll tokens.
@@ -75,75 +93,273 @@ struct Device {
     relay: InterruptRelay,
 }
 
-/// Builds the VM, runs it, and returns why it ended.
-pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
-    let kvm = Kvm::new().map_err(Error::Kvm)?;
-    let vm = kvm.create_vm().map_err(Error::CreateVm)?;
-    let setup = |what| move |source| Error::VmSetup { what, source };
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(setup("TSS address"))?;
-    if let Err(e) = vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
-        log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e} (not needed on this host)");
-    }
-    vm.create_irq_chip().map_err(setup("irqchip"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(setup("PIT"))?;
+/// What the guest was started from, as a snapshot records it.
+struct Origin {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    /// Hashes from the snapshot a restored VM came from (a booted VM hashes its files
+    /// when it is first snapshotted).
+    restored: Option<(manifest::Artifact, Option<manifest::Artifact>)>,
+    cmdline: String,
+}
 
-    let mem = memory::create(config.memory_mib)?;
-    for (slot, region) in mem.iter().enumerate() {
-        let region_desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
+/// A built VM: KVM, guest memory and devices, before it boots or is restored.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    mem: GuestMemoryMmap,
+    devices: Vec<(u64, Device)>,
+    /// Device entries for the kernel command line.
+    device_cmdline: String,
+    memory_mib: u64,
+    cpus: u8,
+}
+
+impl Vm {
+    /// Creates the KVM VM (irqchip, PIT), `memory_mib` of guest memory and one
+    /// virtio-mmio transport per device socket of `config`.
+    /// With `restore` (the snapshot's transports and daemon states), each transport is
+    /// restored into its new daemon instead of starting fresh.
+    pub fn build(
+        config: &VmmConfig,
+        memory_mib: u64,
+        cpus: u8,
+        restore: Option<&dir::Opened>,
+    ) -> Result<Self, Error> {
+        let kvm = Kvm::new().map_err(Error::Kvm)?;
+        let vm = kvm.create_vm().map_err(Error::CreateVm)?;
+        let setup = |what| move |source| Error::VmSetup { what, source };
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(setup("TSS address"))?;
+        if let Err(e) = vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
+            log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e} (not needed on this host)");
+        }
+        vm.create_irq_chip().map_err(setup("irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
         };
-        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM
-        // (both live until this function returns), and the slot numbers are distinct.
-        unsafe { vm.set_user_memory_region(region_desc) }.map_err(setup("memory slot"))?;
+        vm.create_pit2(pit).map_err(setup("PIT"))?;
+
+        let mem = memory::create(memory_mib)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the returned
+            // `Vm` keeps for as long as the VM fd lives, and the slot numbers are
+            // distinct.
+            unsafe { vm.set_user_memory_region(region_desc) }.map_err(setup("memory slot"))?;
+        }
+
+        if let Some(opened) = restore {
+            // Before any daemon is connected: a restored ring must find its memory.
+            let populated = dir::load_memory(opened, memfd_of(&mem)?)?;
+            log::info!("restored {populated} bytes of populated guest memory");
+        }
+
+        let mut device_cmdline = String::new();
+        let mut devices = Vec::new();
+        for (index, (kind, path)) in device_sockets(config).enumerate() {
+            let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+            let irq = VIRTIO_IRQ_BASE + index as u32;
+            let transport = match restore {
+                Some(opened) => {
+                    let state = opened.state.devices.get(index);
+                    let blob = opened.device_states.get(index);
+                    let (Some(state), Some(blob)) = (state, blob) else {
+                        return Err(snapshot::Error::Corrupt {
+                            path: opened.dir.join(manifest::STATE),
+                            message: format!("no state for device {index}"),
+                        }
+                        .into());
+                    };
+                    MmioTransport::restore(path, &mem, MAX_QUEUE_SIZE, state, blob).map_err(
+                        |e| snapshot::Error::Restore {
+                            what: "a device",
+                            message: e.to_string(),
+                        },
+                    )?
+                }
+                None => MmioTransport::connect(kind, path, &mem, MAX_QUEUE_SIZE)?,
+            };
+            let relay = transport.register(&vm, base, irq)?;
+            device_cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            devices.push((
+                base,
+                Device {
+                    transport: Arc::new(Mutex::new(transport)),
+                    relay,
+                },
+            ));
+        }
+        Ok(Self {
+            kvm,
+            fd: vm,
+            mem,
+            devices,
+            device_cmdline,
+            memory_mib,
+            cpus,
+        })
     }
 
-    let mut cmdline = config.cmdline.clone();
-    let mut devices = Vec::new();
-    let sockets = config
+    fn create_vcpu(&self, id: u8) -> Result<VcpuFd, Error> {
+        self.fd
+            .create_vcpu(u64::from(id))
+            .map_err(|source| Error::CreateVcpu { id, source })
+    }
+
+    /// Loads the kernel (and initrd) and sets up every vCPU for its first instruction.
+    fn boot(&self, config: &VmmConfig, kernel_path: &Path) -> Result<Booted, Error> {
+        let cmdline = format!("{}{}", config.cmdline, self.device_cmdline);
+        let kernel = boot::load_kernel(&self.mem, kernel_path)?;
+        let failure_hint = host::linux_guest_limitation().filter(|_| kernel.is_linux);
+        if let Some(hint) = &failure_hint {
+            log::warn!("{hint}");
+        }
+        let initrd = config
+            .initrd
+            .as_deref()
+            .map(|path| boot::load_initrd(&self.mem, path, kernel.end))
+            .transpose()?;
+        boot::configure(&self.mem, &kernel, &boot::cmdline(&cmdline)?, initrd)?;
+        boot::write_page_tables(&self.mem)?;
+        mptable::write(&self.mem, self.cpus)?;
+        log::info!("kernel command line: {cmdline}");
+
+        let mut vcpus = Vec::with_capacity(usize::from(self.cpus));
+        for id in 0..self.cpus {
+            let vcpu = self.create_vcpu(id)?;
+            vcpu.set_cpuid2(&cpu::cpuid(&self.kvm, id, self.cpus)?)
+                .map_err(cpu::Error::SetCpuid)?;
+            cpu::setup_msrs(&vcpu)?;
+            cpu::setup_fpu(&vcpu)?;
+            cpu::setup_lapic(&vcpu)?;
+            if id == 0 {
+                cpu::setup_boot_vcpu(&vcpu, &self.mem, kernel.entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+        Ok(Booted {
+            vcpus,
+            failure_hint,
+            origin: Origin {
+                kernel: kernel_path.to_owned(),
+                initrd: config.initrd.clone(),
+                restored: None,
+                cmdline,
+            },
+        })
+    }
+
+    /// Gives the VM and every vCPU its saved state (memory was filled by `build`).
+    fn restore(&self, opened: &dir::Opened) -> Result<Vec<VcpuFd>, Error> {
+        let restore = |what| {
+            move |e: snapshot::state::Error| snapshot::Error::Restore {
+                what,
+                message: e.to_string(),
+            }
+        };
+        opened
+            .state
+            .vm
+            .apply(&self.fd)
+            .map_err(restore("VM state"))?;
+        if opened.state.vcpus.len() != usize::from(self.cpus) {
+            return Err(snapshot::Error::Corrupt {
+                path: opened.dir.join(manifest::STATE),
+                message: format!(
+                    "{} vCPU states for {} vCPUs",
+                    opened.state.vcpus.len(),
+                    self.cpus
+                ),
+            }
+            .into());
+        }
+        let mut vcpus = Vec::with_capacity(usize::from(self.cpus));
+        for (id, state) in (0..self.cpus).zip(&opened.state.vcpus) {
+            let vcpu = self.create_vcpu(id)?;
+            state.apply(&vcpu).map_err(restore("vCPU state"))?;
+            vcpus.push(vcpu);
+        }
+        Ok(vcpus)
+    }
+}
+
+/// vCPU fds ready to run, and where the guest came from.
+struct Booted {
+    vcpus: Vec<VcpuFd>,
+    failure_hint: Option<String>,
+    origin: Origin,
+}
+
+fn device_sockets(config: &VmmConfig) -> impl Iterator<Item = (DeviceKind, &PathBuf)> {
+    config
         .blk
         .iter()
         .map(|p| (DeviceKind::Block, p))
         .chain(config.net.iter().map(|p| (DeviceKind::Net, p)))
-        .chain(config.vsock.iter().map(|p| (DeviceKind::Vsock, p)));
-    for (index, (kind, path)) in sockets.enumerate() {
-        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-        let irq = VIRTIO_IRQ_BASE + index as u32;
-        let transport = MmioTransport::connect(kind, path, &mem, MAX_QUEUE_SIZE)?;
-        let relay = transport.register(&vm, base, irq)?;
-        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-        devices.push((
-            base,
-            Device {
-                transport: Arc::new(Mutex::new(transport)),
-                relay,
-            },
-        ));
-    }
+        .chain(config.vsock.iter().map(|p| (DeviceKind::Vsock, p)))
+}
 
-    let kernel = boot::load_kernel(&mem, &config.kernel)?;
-    let failure_hint = host::linux_guest_limitation().filter(|_| kernel.is_linux);
-    if let Some(hint) = &failure_hint {
-        log::warn!("{hint}");
-    }
-    let initrd = config
-        .initrd
-        .as_deref()
-        .map(|path| boot::load_initrd(&mem, path, kernel.end))
-        .transpose()?;
-    boot::configure(&mem, &kernel, &boot::cmdline(&cmdline)?, initrd)?;
-    boot::write_page_tables(&mem)?;
-    mptable::write(&mem, config.cpus)?;
-    log::info!("kernel command line: {cmdline}");
+/// The memfd behind guest memory (every region maps the same one).
+fn memfd_of(mem: &GuestMemoryMmap) -> Result<&File, Error> {
+    mem.iter()
+        .next()
+        .and_then(|region| region.file_offset())
+        .map(|offset| offset.file())
+        .ok_or_else(|| Error::Memory(memory::Error::Map("guest memory has no memfd".into())))
+}
 
+/// Builds the VM, boots it or restores it, runs it, and returns why it ended.
+pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
+    let (vm, booted, start_paused) = match &config.start {
+        Start::Boot { kernel } => {
+            let vm = Vm::build(config, config.memory_mib, config.cpus, None)?;
+            let booted = vm.boot(config, kernel)?;
+            (vm, booted, false)
+        }
+        Start::Restore {
+            dir: snapshot_dir,
+            paused,
+            kernel,
+        } => {
+            let opened = dir::open(snapshot_dir)?;
+            let m = &opened.manifest;
+            let kvm = Kvm::new().map_err(Error::Kvm)?;
+            m.check_cpu(&manifest::CpuIdentity::of_host(&kvm)?)?;
+            let kernel = kernel.as_deref().unwrap_or(&m.kernel.path);
+            m.check_artifacts(kernel, config.initrd.as_deref())?;
+            let kinds: Vec<&str> = device_sockets(config).map(|(k, _)| k.name()).collect();
+            m.check_devices(&kinds)?;
+            let vm = Vm::build(config, m.memory_mib, m.vcpus, Some(&opened))?;
+            let vcpus = vm.restore(&opened)?;
+            let origin = Origin {
+                kernel: kernel.to_owned(),
+                initrd: m.initrd.as_ref().map(|a| a.path.clone()),
+                restored: Some((m.kernel.clone(), m.initrd.clone())),
+                cmdline: m.cmdline.clone(),
+            };
+            log::info!("restored snapshot {}", snapshot_dir.display());
+            let booted = Booted {
+                vcpus,
+                failure_hint: None,
+                origin,
+            };
+            (vm, booted, *paused)
+        }
+    };
+    start(config, vm, booted, start_paused)
+}
+
+/// Serial, i8042, the control socket and the vCPU threads; then the event loop.
+fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Outcome, Error> {
+    let setup = |what| move |source| Error::VmSetup { what, source };
     let serial_out: Box<dyn Write + Send> = match &config.serial {
         Serial::Stdio => Box::new(io::stdout()),
         Serial::File(path) => Box::new(
@@ -158,95 +374,130 @@ pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
         ),
     };
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)
+    vm.fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(setup("serial irqfd"))?;
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?;
     let reset_trigger = reset_evt.try_clone().map_err(Error::EventLoop)?;
     let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?;
-    vm.register_irqfd(&kbd_irq, i8042::KBD_IRQ)
+    vm.fd
+        .register_irqfd(&kbd_irq, i8042::KBD_IRQ)
         .map_err(setup("i8042 keyboard irqfd"))?;
     let bus = Arc::new(Bus {
         pio: PioBus::new(
             Uart::new(EventFdTrigger(serial_irq), serial_out),
             I8042::new(EventFdTrigger(reset_trigger), EventFdTrigger(kbd_irq)),
         ),
-        mmio: devices
+        mmio: vm
+            .devices
             .iter()
             .map(|(base, d)| (*base, d.transport.clone()))
             .collect(),
     });
 
-    let mut vcpu_fds = Vec::with_capacity(usize::from(config.cpus));
-    for id in 0..config.cpus {
-        let vcpu = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|source| Error::CreateVcpu { id, source })?;
-        vcpu.set_cpuid2(&cpu::cpuid(&kvm, id, config.cpus)?)
-            .map_err(cpu::Error::SetCpuid)?;
-        cpu::setup_msrs(&vcpu)?;
-        cpu::setup_fpu(&vcpu)?;
-        cpu::setup_lapic(&vcpu)?;
-        if id == 0 {
-            cpu::setup_boot_vcpu(&vcpu, &mem, kernel.entry)?;
-        }
-        vcpu_fds.push(vcpu);
-    }
-
-    let api = match &config.api_socket {
+    let epoll = Epoll::new().map_err(Error::EventLoop)?;
+    let server = match &config.api_socket {
         Some(path) => {
             let _ = std::fs::remove_file(path);
             let listener = UnixListener::bind(path).map_err(|source| Error::Api {
                 path: path.clone(),
                 source,
             })?;
-            Some((path.clone(), listener))
+            Some(control::Server::new(
+                listener,
+                &epoll,
+                TOKEN_API,
+                TOKEN_CONN_BASE,
+            )?)
         }
         None => None,
     };
 
+    let msr_indices = Arc::new(
+        vm.kvm
+            .get_msr_index_list()
+            .map_err(Error::MsrIndexList)?
+            .as_slice()
+            .to_vec(),
+    );
     let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?;
     let control = Arc::new(Control::new(
         exit_evt.try_clone().map_err(Error::EventLoop)?,
-        failure_hint,
+        booted.failure_hint,
     ));
-    let vcpus = Vcpus::start(vcpu_fds, bus, control.clone()).map_err(Error::EventLoop)?;
-    log::info!("{} vCPU(s) running", vcpus.count());
+    let vcpus = Vcpus::start(booted.vcpus, bus, control.clone(), msr_indices, paused)
+        .map_err(Error::EventLoop)?;
+    log::info!(
+        "{} vCPU(s) {}",
+        vcpus.count(),
+        if paused { "paused" } else { "running" }
+    );
 
+    let cpu = manifest::CpuIdentity::of_host(&vm.kvm)?;
     let mut event_loop = EventLoop {
-        epoll: Epoll::new().map_err(Error::EventLoop)?,
+        epoll,
         control,
         vcpus: Some(vcpus),
-        devices,
-        api: api.as_ref().map(|(_, l)| l),
-        conns: HashMap::new(),
-        memory_mib: config.memory_mib,
+        server,
         reset_evt,
         exit_evt,
-        shutdown_deadline: None,
-        _vm: &vm,
-        _mem: &mem,
+        shutdown: None,
+        origin: booted.origin,
+        cpu,
+        vm: &vm,
     };
     let outcome = event_loop.run();
-    if let Some((path, _)) = &api {
+    if let Some(path) = &config.api_socket {
         let _ = std::fs::remove_file(path);
     }
     outcome
+}
+
+/// A requested shutdown: when the VMM stops the guest if it has not powered off.
+#[derive(Debug, Clone, Copy)]
+enum Shutdown {
+    At(Instant),
+    /// The timeout is beyond what `Instant` can hold: wait for the guest.
+    WhenGuestStops,
+}
+
+impl Shutdown {
+    fn after(timeout_ms: u64) -> Self {
+        Instant::now()
+            .checked_add(Duration::from_millis(timeout_ms))
+            .map_or(Self::WhenGuestStops, Self::At)
+    }
+
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Self::At(at) => Some(at),
+            Self::WhenGuestStops => None,
+        }
+    }
+}
+
+/// epoll_wait's timeout until `deadline` (rounded up), or -1 for none.
+fn epoll_timeout(deadline: Option<Instant>) -> i32 {
+    deadline.map_or(-1, |at| {
+        let left = at.saturating_duration_since(Instant::now());
+        // Round up so that the loop does not wake just before the deadline and spin.
+        let ms = left.as_nanos().div_ceil(1_000_000);
+        i32::try_from(ms).unwrap_or(i32::MAX)
+    })
 }
 
 struct EventLoop<'a> {
     epoll: Epoll,
     control: Arc<Control>,
     vcpus: Option<Vcpus>,
-    devices: Vec<(u64, Device)>,
-    api: Option<&'a UnixListener>,
-    conns: HashMap<u64, BufReader<UnixStream>>,
-    memory_mib: u64,
+    server: Option<control::Server>,
     reset_evt: EventFd,
     exit_evt: EventFd,
-    shutdown_deadline: Option<Instant>,
-    // Kept alive for as long as vCPUs run.
-    _vm: &'a VmFd,
-    _mem: &'a GuestMemoryMmap,
+    shutdown: Option<Shutdown>,
+    origin: Origin,
+    cpu: manifest::CpuIdentity,
+    /// Outlives the vCPU threads, which are joined before `run` returns.
+    vm: &'a Vm,
 }
 
 impl EventLoop<'_> {
@@ -259,11 +510,7 @@ impl EventLoop<'_> {
     fn run(&mut self) -> Result<Outcome, Error> {
         self.add(self.exit_evt.as_raw_fd(), TOKEN_EXIT, EventSet::IN)?;
         self.add(self.reset_evt.as_raw_fd(), TOKEN_RESET, EventSet::IN)?;
-        if let Some(listener) = self.api {
-            listener.set_nonblocking(true).map_err(Error::EventLoop)?;
-            self.add(listener.as_raw_fd(), TOKEN_API, EventSet::IN)?;
-        }
-        for (index, (_, device)) in self.devices.iter().enumerate() {
+        for (index, (_, device)) in self.vm.devices.iter().enumerate() {
             for (queue, &fd) in device.relay.calls.iter().enumerate() {
                 let token = TOKEN_CALL_BASE | ((index as u64) << 16) | queue as u64;
                 self.add(fd, token, EventSet::IN)?;
@@ -281,17 +528,19 @@ impl EventLoop<'_> {
             if let Some(outcome) = self.control.outcome() {
                 break outcome;
             }
-            let timeout = match self.shutdown_deadline {
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break Outcome::Shutdown;
-                    }
-                    left.as_millis() as i32 + 1
-                }
-                None => -1,
+            let shutdown_at = self.shutdown.and_then(Shutdown::deadline);
+            if shutdown_at.is_some_and(|at| Instant::now() >= at) {
+                break Outcome::Shutdown;
+            }
+            if let Some(server) = &mut self.server {
+                server.tick(&self.epoll);
+            }
+            let accept_at = self.server.as_ref().and_then(control::Server::wake_at);
+            let wake_at = match (shutdown_at, accept_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
-            let n = match self.epoll.wait(timeout, &mut events) {
+            let n = match self.epoll.wait(epoll_timeout(wake_at), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::EventLoop(e)),
@@ -317,11 +566,15 @@ impl EventLoop<'_> {
                     how: "i8042 reset".into(),
                 });
             }
-            TOKEN_API => self.accept(),
+            TOKEN_API => {
+                if let Some(server) = &mut self.server {
+                    server.accept(&self.epoll);
+                }
+            }
             t if t & !0xffff_ffff == TOKEN_CALL_BASE => {
                 let index = ((t >> 16) & 0xffff) as usize;
                 let queue = (t & 0xffff) as usize;
-                if let Some((_, device)) = self.devices.get(index) {
+                if let Some((_, device)) = self.vm.devices.get(index) {
                     if let Some(&fd) = device.relay.calls.get(queue) {
                         device.relay.used_buffer(fd);
                     }
@@ -334,7 +587,7 @@ impl EventLoop<'_> {
     }
 
     fn daemon_gone(&mut self, index: usize) {
-        let Some((_, device)) = self.devices.get(index) else {
+        let Some((_, device)) = self.vm.devices.get(index) else {
             return;
         };
         let mut transport = device.transport.lock().unwrap_or_else(|e| e.into_inner());
@@ -351,43 +604,28 @@ impl EventLoop<'_> {
         transport.mark_failed(&device.relay);
     }
 
-    fn accept(&mut self) {
-        let Some(listener) = self.api else { return };
-        while let Ok((stream, _)) = listener.accept() {
-            let fd = stream.as_raw_fd();
-            let token = TOKEN_CONN_BASE | fd as u64;
-            if self
-                .add(fd, token, EventSet::IN | EventSet::READ_HANG_UP)
-                .is_ok()
-            {
-                self.conns.insert(token, BufReader::new(stream));
-            }
-        }
-    }
-
+    /// A control client is readable, writable or gone: answer every complete line.
     fn serve(&mut self, token: u64, events: EventSet) {
-        let Some(mut conn) = self.conns.remove(&token) else {
+        let Some(mut server) = self.server.take() else {
             return;
         };
-        let mut line = String::new();
-        let read = conn.read_line(&mut line);
-        if matches!(read, Ok(0) | Err(_))
-            || (line.is_empty() && events.contains(EventSet::READ_HANG_UP))
-        {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                conn.get_ref().as_raw_fd(),
-                EpollEvent::default(),
-            );
-            return;
+        if server.owns(token) {
+            if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
+                let read = server.read(token);
+                for line in read.lines {
+                    let reply = match api::parse(line.trim()) {
+                        Ok(request) => self.handle(request),
+                        Err(error) => api::reply_err(&error),
+                    };
+                    server.queue(token, &reply);
+                }
+                if read.overflow {
+                    server.queue(token, &api::reply_err(&api::line_too_long()));
+                }
+            }
+            server.flush(&self.epoll, token);
         }
-        let reply = match api::parse(line.trim()) {
-            Ok(request) => self.handle(request),
-            Err(error) => api::reply_err(&error),
-        };
-        if conn.get_mut().write_all(reply.as_bytes()).is_ok() {
-            self.conns.insert(token, conn);
-        }
+        self.server = Some(server);
     }
 
     fn handle(&mut self, request: Request) -> String {
@@ -404,15 +642,143 @@ impl EventLoop<'_> {
                 log::info!("paused {paused} vCPU(s)");
             }
             Request::Resume => vcpus.resume(),
-            Request::Shutdown { timeout_ms } => {
-                self.shutdown_deadline = Some(Instant::now() + Duration::from_millis(timeout_ms));
+            Request::Shutdown { timeout_ms } => self.shutdown = Some(Shutdown::after(timeout_ms)),
+            Request::Snapshot { dir } => {
+                return match self.snapshot(&dir) {
+                    Ok(written) => api::reply_ok(&api::SnapshotReply {
+                        status: self.status(),
+                        snapshot: written,
+                    }),
+                    Err(e) => api::reply_err(&ApiError {
+                        code: e.code(),
+                        message: e.to_string(),
+                    }),
+                }
             }
         }
         api::reply_ok(&self.status())
     }
 
+    /// Pauses the vCPUs (if running), writes the snapshot, and resumes them (if they
+    /// were running): a failed snapshot leaves the VM as it was and no directory.
+    fn snapshot(&mut self, dir: &Path) -> Result<dir::Written, snapshot::Error> {
+        let memfd = memfd_of(&self.vm.mem).map_err(|e| snapshot::Error::Write {
+            dir: dir.to_owned(),
+            step: "finding guest memory",
+            source: io::Error::other(e.to_string()),
+        })?;
+        dir::preflight(dir, memfd, self.vm.memory_mib << 20)?;
+        let Some(vcpus) = self.vcpus.as_ref() else {
+            return Err(snapshot::Error::Stopping);
+        };
+        let (kernel, initrd) = match &self.origin.restored {
+            Some((kernel, initrd)) => (kernel.clone(), initrd.clone()),
+            None => (
+                manifest::Artifact::of(&self.origin.kernel)?,
+                self.origin
+                    .initrd
+                    .as_deref()
+                    .map(manifest::Artifact::of)
+                    .transpose()?,
+            ),
+        };
+        let was_paused = vcpus.paused();
+        if !was_paused {
+            vcpus.pause();
+        }
+        let result = self.capture_and_write(vcpus, dir, kernel, initrd);
+        if !was_paused {
+            vcpus.resume();
+        }
+        if let Ok(written) = &result {
+            log::info!(
+                "snapshot {}: {} of {} memory bytes populated",
+                dir.display(),
+                written.memory_populated,
+                written.memory_bytes
+            );
+        }
+        result
+    }
+
+    fn capture_and_write(
+        &self,
+        vcpus: &Vcpus,
+        dir: &Path,
+        kernel: manifest::Artifact,
+        initrd: Option<manifest::Artifact>,
+    ) -> Result<dir::Written, snapshot::Error> {
+        // Devices first: once their rings are stopped no daemon writes guest memory.
+        let mut transports = Vec::with_capacity(self.vm.devices.len());
+        let mut device_states = Vec::with_capacity(self.vm.devices.len());
+        for (index, (_, device)) in self.vm.devices.iter().enumerate() {
+            let mut transport = device.transport.lock().unwrap_or_else(|e| e.into_inner());
+            let (state, blob) = transport.save().map_err(|e| snapshot::Error::DeviceState {
+                index,
+                message: e.to_string(),
+            })?;
+            transports.push(state);
+            device_states.push(blob);
+        }
+        let vcpu_states = vcpus.save_state().map_err(snapshot::Error::VcpuThreads)?;
+        let state = SnapshotState {
+            vm: snapshot::state::VmState::capture(&self.vm.fd).map_err(snapshot::Error::Capture)?,
+            vcpus: vcpu_states,
+            devices: transports,
+        };
+        let manifest = manifest::Manifest {
+            format: manifest::Format {
+                major: manifest::FORMAT_MAJOR,
+                minor: manifest::FORMAT_MINOR,
+            },
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            kernel,
+            initrd,
+            cmdline: self.origin.cmdline.clone(),
+            cpu: self.cpu.clone(),
+            vcpus: self.vm.cpus,
+            memory_mib: self.vm.memory_mib,
+            memory_populated: 0,
+            devices: self
+                .vm
+                .devices
+                .iter()
+                .enumerate()
+                .map(|(index, (base, device))| manifest::DeviceEntry {
+                    kind: device
+                        .transport
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .kind()
+                        .name()
+                        .into(),
+                    mmio_base: *base,
+                    irq: VIRTIO_IRQ_BASE + index as u32,
+                })
+                .collect(),
+            files: Vec::new(),
+            checksum: String::new(),
+        };
+        let memfd = memfd_of(&self.vm.mem).map_err(|e| snapshot::Error::Write {
+            dir: dir.to_owned(),
+            step: "finding guest memory",
+            source: io::Error::other(e.to_string()),
+        })?;
+        dir::write(
+            dir,
+            manifest,
+            &state,
+            &device_states,
+            memfd,
+            self.vm.memory_mib << 20,
+        )
+    }
+
     fn status(&self) -> Status {
-        let state = match (&self.vcpus, self.shutdown_deadline) {
+        let state = match (&self.vcpus, self.shutdown) {
             (_, Some(_)) => "stopping",
             (Some(v), None) if v.paused() => "paused",
             _ => "running",
@@ -420,8 +786,9 @@ impl EventLoop<'_> {
         Status {
             state,
             vcpus: self.vcpus.as_ref().map_or(0, Vcpus::count),
-            memory_mib: self.memory_mib,
+            memory_mib: self.vm.memory_mib,
             devices: self
+                .vm
                 .devices
                 .iter()
                 .map(|(_, d)| {

@@ -3,6 +3,7 @@
 
 pub mod i8042;
 pub mod legacy;
+pub mod vhost_user;
 pub mod virtio_mmio;
 
 use vm_superio::Trigger;

@@ -7,7 +7,9 @@
 //! InterruptStatus before they look at the rings). DRIVER_OK starts the daemon's rings,
 //! a reset (status 0) stops them.
 
+use super::vhost_user::{load_device_state, save_device_state};
 use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -54,10 +56,22 @@ pub enum Error {
     Kvm(kvm_ioctls::Error),
     #[error("{path} offers no virtio 1.x (VIRTIO_F_VERSION_1)")]
     NotModern { path: PathBuf },
+    #[error("the daemon on {path} cannot save or load device state (no VHOST_USER_PROTOCOL_F_DEVICE_STATE)")]
+    NoDeviceState { path: PathBuf },
+    #[error("the daemon on {path} has failed")]
+    Failed { path: PathBuf },
+    #[error("device state of the daemon on {path}: {source}")]
+    DeviceState {
+        path: PathBuf,
+        source: super::vhost_user::Error,
+    },
+    #[error("the daemon on {path} differs from the snapshot's: {message}")]
+    Mismatch { path: PathBuf, message: String },
 }
 
 /// Which virtio device a daemon implements (vhost-user does not say).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DeviceKind {
     Net,
     Block,
@@ -91,13 +105,33 @@ impl DeviceKind {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-struct QueueConfig {
-    size: u16,
-    ready: bool,
-    desc: u64,
-    avail: u64,
-    used: u64,
+/// One queue's registers as the driver set them, and where the daemon's ring stood.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// The next available-ring index the daemon will read: 0 until a snapshot stops
+    /// the ring and GET_VRING_BASE reports it.
+    pub next_avail: u16,
+}
+
+/// What the guest sees of a transport: plain data, saved in snapshots and restored
+/// into a transport connected to a new daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub kind: DeviceKind,
+    /// Features offered to the guest (the daemon's, without vhost-user's own bit).
+    pub device_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueState>,
+    pub status: u32,
+    pub interrupt_status: u32,
 }
 
 /// Everything the event loop needs to relay one transport's interrupts.
@@ -125,21 +159,17 @@ impl InterruptRelay {
 }
 
 pub struct MmioTransport {
-    kind: DeviceKind,
     path: PathBuf,
     vu: Frontend,
     mem: GuestMemoryMmap,
-    /// Features offered to the guest (the daemon's, without vhost-user's own bit).
-    device_features: u64,
+    /// The guest-visible registers (interrupt status lives in `interrupt_status`, shared
+    /// with the interrupt relay).
+    regs: TransportState,
     /// Whether the daemon speaks vhost-user protocol features.
     protocol: bool,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    queues: Vec<QueueConfig>,
+    /// Whether it agreed to VHOST_USER_PROTOCOL_F_DEVICE_STATE.
+    device_state: bool,
     max_queue_size: u16,
-    status: u32,
     interrupt_status: Arc<AtomicU32>,
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
@@ -187,6 +217,7 @@ impl MmioTransport {
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let protocol = features & protocol_bit != 0;
         let mut num_queues = kind.default_queues();
+        let mut device_state = false;
         if protocol {
             let offered = vu
                 .get_protocol_features()
@@ -198,6 +229,7 @@ impl MmioTransport {
             let acked = offered & wanted;
             vu.set_protocol_features(acked)
                 .map_err(req("SET_PROTOCOL_FEATURES"))?;
+            device_state = acked.contains(VhostUserProtocolFeatures::DEVICE_STATE);
             if acked.contains(VhostUserProtocolFeatures::MQ) {
                 num_queues = vu.get_queue_num().map_err(req("GET_QUEUE_NUM"))? as usize;
             }
@@ -216,19 +248,23 @@ impl MmioTransport {
                 .map_err(Error::EventFd)
         };
         Ok(Self {
-            kind,
             path: path.to_owned(),
             vu,
             mem: mem.clone(),
-            device_features: features & !protocol_bit,
+            regs: TransportState {
+                kind,
+                device_features: features & !protocol_bit,
+                device_features_sel: 0,
+                driver_features_sel: 0,
+                driver_features: 0,
+                queue_sel: 0,
+                queues: vec![QueueState::default(); num_queues],
+                status: 0,
+                interrupt_status: 0,
+            },
             protocol,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            queues: vec![QueueConfig::default(); num_queues],
+            device_state,
             max_queue_size,
-            status: 0,
             interrupt_status: Arc::new(AtomicU32::new(0)),
             kicks: eventfds(num_queues)?,
             calls: eventfds(num_queues)?,
@@ -239,7 +275,7 @@ impl MmioTransport {
     }
 
     pub fn kind(&self) -> DeviceKind {
-        self.kind
+        self.regs.kind
     }
 
     pub fn path(&self) -> &Path {
@@ -274,7 +310,7 @@ impl MmioTransport {
     pub fn mark_failed(&mut self, relay: &InterruptRelay) {
         self.failed = true;
         self.started = false;
-        self.status |= STATUS_DEVICE_NEEDS_RESET;
+        self.regs.status |= STATUS_DEVICE_NEEDS_RESET;
         relay.raise(INT_CONFIG);
     }
 
@@ -283,24 +319,27 @@ impl MmioTransport {
             self.read_config(offset - 0x100, data);
             return;
         }
-        let queue = self.queues.get(self.queue_sel as usize).copied();
+        let queue = self.regs.queues.get(self.regs.queue_sel as usize).copied();
         let value = match offset {
             0x000 => MAGIC_VALUE,
             0x004 => MMIO_VERSION,
-            0x008 => self.kind.device_id(),
+            0x008 => self.regs.kind.device_id(),
             0x00c => VENDOR_ID,
-            0x010 => match self.device_features_sel {
-                0 => self.device_features as u32,
-                1 => (self.device_features >> 32) as u32,
+            0x010 => match self.regs.device_features_sel {
+                0 => self.regs.device_features as u32,
+                1 => (self.regs.device_features >> 32) as u32,
                 _ => 0,
             },
             0x034 => queue.map_or(0, |_| u32::from(self.max_queue_size)),
             0x044 => queue.map_or(0, |q| u32::from(q.ready)),
             0x060 => self.interrupt_status.load(Ordering::Acquire),
-            0x070 => self.status,
+            0x070 => self.regs.status,
             0x0fc => 0, // config generation: the config never changes under the driver
             _ => {
-                log::debug!("{}: read of unknown register {offset:#x}", self.kind.name());
+                log::debug!(
+                    "{}: read of unknown register {offset:#x}",
+                    self.regs.kind.name()
+                );
                 0
             }
         };
@@ -309,25 +348,26 @@ impl MmioTransport {
 
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= 0x100 {
-            log::debug!("{}: config space write ignored", self.kind.name());
+            log::debug!("{}: config space write ignored", self.regs.kind.name());
             return;
         }
         let value = read_le(data);
-        let sel = self.queue_sel as usize;
+        let sel = self.regs.queue_sel as usize;
         match offset {
-            0x014 => self.device_features_sel = value,
-            0x020 => match self.driver_features_sel {
+            0x014 => self.regs.device_features_sel = value,
+            0x020 => match self.regs.driver_features_sel {
                 0 => {
-                    self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    self.regs.driver_features =
+                        (self.regs.driver_features & !0xffff_ffff) | u64::from(value)
                 }
                 1 => {
-                    self.driver_features =
-                        (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    self.regs.driver_features =
+                        (self.regs.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
                 }
                 _ => {}
             },
-            0x024 => self.driver_features_sel = value,
-            0x030 => self.queue_sel = value,
+            0x024 => self.regs.driver_features_sel = value,
+            0x030 => self.regs.queue_sel = value,
             0x038 => self.with_queue(sel, |q| q.size = value as u16),
             0x044 => self.with_queue(sel, |q| q.ready = value == 1),
             0x064 => {
@@ -342,21 +382,21 @@ impl MmioTransport {
             0x0a4 => self.with_queue(sel, |q| set_high(&mut q.used, value)),
             _ => log::debug!(
                 "{}: write of unknown register {offset:#x}",
-                self.kind.name()
+                self.regs.kind.name()
             ),
         }
     }
 
     /// Queue registers change only while the driver has not started the device.
-    fn with_queue(&mut self, index: usize, f: impl FnOnce(&mut QueueConfig)) {
-        if self.status & STATUS_DRIVER_OK != 0 {
+    fn with_queue(&mut self, index: usize, f: impl FnOnce(&mut QueueState)) {
+        if self.regs.status & STATUS_DRIVER_OK != 0 {
             log::warn!(
                 "{}: queue register written after DRIVER_OK",
-                self.kind.name()
+                self.regs.kind.name()
             );
             return;
         }
-        if let Some(queue) = self.queues.get_mut(index) {
+        if let Some(queue) = self.regs.queues.get_mut(index) {
             f(queue);
         }
     }
@@ -369,45 +409,62 @@ impl MmioTransport {
         if self.failed {
             return;
         }
-        if value & STATUS_FEATURES_OK != 0 && self.driver_features & !self.device_features != 0 {
+        if value & STATUS_FEATURES_OK != 0
+            && self.regs.driver_features & !self.regs.device_features != 0
+        {
             // The driver asked for something we do not offer: refuse FEATURES_OK.
-            self.status = value & !STATUS_FEATURES_OK;
+            self.regs.status = value & !STATUS_FEATURES_OK;
             return;
         }
-        let starting = value & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
-        self.status = value;
+        let starting = value & STATUS_DRIVER_OK != 0 && self.regs.status & STATUS_DRIVER_OK == 0;
+        self.regs.status = value;
         if starting {
             if let Err(e) = self.activate() {
                 log::error!(
                     "{}: starting device on {}: {e}",
-                    self.kind.name(),
+                    self.regs.kind.name(),
                     self.path.display()
                 );
                 self.failed = true;
-                self.status |= STATUS_DEVICE_NEEDS_RESET;
+                self.regs.status |= STATUS_DEVICE_NEEDS_RESET;
             }
         }
     }
 
     /// DRIVER_OK: hand the negotiated features and every ready queue to the daemon.
     fn activate(&mut self) -> Result<(), Error> {
+        self.set_features()?;
+        self.start_rings()?;
+        log::info!(
+            "{}: started on {}",
+            self.regs.kind.name(),
+            self.path.display()
+        );
+        Ok(())
+    }
+
+    fn request_error(&self, request: &'static str) -> impl FnOnce(vhost::Error) -> Error {
         let path = self.path.clone();
-        let req = |request: &'static str| {
-            let path = path.clone();
-            move |source| Error::Request {
-                request,
-                path,
-                source,
-            }
-        };
-        let mut features = self.driver_features;
+        move |source| Error::Request {
+            request,
+            path,
+            source,
+        }
+    }
+
+    fn set_features(&mut self) -> Result<(), Error> {
+        let mut features = self.regs.driver_features;
         if self.protocol {
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
         self.vu
             .set_features(features)
-            .map_err(req("SET_FEATURES"))?;
-        for (index, q) in self.queues.iter().enumerate() {
+            .map_err(self.request_error("SET_FEATURES"))
+    }
+
+    /// Starts every ready queue at its `next_avail` index.
+    fn start_rings(&mut self) -> Result<(), Error> {
+        for (index, q) in self.regs.queues.clone().into_iter().enumerate() {
             if !q.ready {
                 continue;
             }
@@ -432,48 +489,132 @@ impl MmioTransport {
             };
             self.vu
                 .set_vring_num(index, q.size)
-                .map_err(req("SET_VRING_NUM"))?;
+                .map_err(self.request_error("SET_VRING_NUM"))?;
             self.vu
                 .set_vring_addr(index, &config)
-                .map_err(req("SET_VRING_ADDR"))?;
+                .map_err(self.request_error("SET_VRING_ADDR"))?;
             self.vu
-                .set_vring_base(index, 0)
-                .map_err(req("SET_VRING_BASE"))?;
+                .set_vring_base(index, q.next_avail)
+                .map_err(self.request_error("SET_VRING_BASE"))?;
             self.vu
                 .set_vring_call(index, &self.calls[index])
-                .map_err(req("SET_VRING_CALL"))?;
+                .map_err(self.request_error("SET_VRING_CALL"))?;
             self.vu
                 .set_vring_kick(index, &self.kicks[index])
-                .map_err(req("SET_VRING_KICK"))?;
+                .map_err(self.request_error("SET_VRING_KICK"))?;
             if self.protocol {
                 self.vu
                     .set_vring_enable(index, true)
-                    .map_err(req("SET_VRING_ENABLE"))?;
+                    .map_err(self.request_error("SET_VRING_ENABLE"))?;
             }
         }
         self.started = true;
-        log::info!("{}: started on {}", self.kind.name(), self.path.display());
         Ok(())
+    }
+
+    /// Stops the daemon's rings (GET_VRING_BASE records where each stood) and asks it
+    /// for its device state; then starts the rings again where they stopped. The vCPUs
+    /// must be paused.
+    pub fn save(&mut self) -> Result<(TransportState, Vec<u8>), Error> {
+        if self.failed {
+            return Err(Error::Failed {
+                path: self.path.clone(),
+            });
+        }
+        if !self.device_state {
+            return Err(Error::NoDeviceState {
+                path: self.path.clone(),
+            });
+        }
+        let started = self.started;
+        if started {
+            for index in 0..self.regs.queues.len() {
+                if self.regs.queues[index].ready {
+                    let base = self
+                        .vu
+                        .get_vring_base(index)
+                        .map_err(self.request_error("GET_VRING_BASE"))?;
+                    self.regs.queues[index].next_avail = base as u16;
+                }
+            }
+            self.started = false;
+        }
+        let saved = save_device_state(&mut self.vu).map_err(|source| Error::DeviceState {
+            path: self.path.clone(),
+            source,
+        });
+        if started {
+            self.start_rings()?;
+        }
+        let mut regs = self.regs.clone();
+        regs.interrupt_status = self.interrupt_status.load(Ordering::Acquire);
+        Ok((regs, saved?))
+    }
+
+    /// Connects to a fresh daemon and gives it the saved transport and device state;
+    /// a started device's rings restart where they stopped.
+    pub fn restore(
+        path: &Path,
+        mem: &GuestMemoryMmap,
+        max_queue_size: u16,
+        state: &TransportState,
+        device_state: &[u8],
+    ) -> Result<Self, Error> {
+        let mut transport = Self::connect(state.kind, path, mem, max_queue_size)?;
+        if transport.regs.device_features != state.device_features
+            || transport.regs.queues.len() != state.queues.len()
+        {
+            return Err(Error::Mismatch {
+                path: path.to_owned(),
+                message: format!(
+                    "features {:#x} and {} queues, the snapshot has {:#x} and {}",
+                    transport.regs.device_features,
+                    transport.regs.queues.len(),
+                    state.device_features,
+                    state.queues.len()
+                ),
+            });
+        }
+        if !transport.device_state {
+            return Err(Error::NoDeviceState {
+                path: path.to_owned(),
+            });
+        }
+        transport.regs = state.clone();
+        transport
+            .interrupt_status
+            .store(state.interrupt_status, Ordering::Release);
+        if state.status & STATUS_DRIVER_OK != 0 {
+            transport.set_features()?;
+            load_device_state(&mut transport.vu, device_state).map_err(|source| {
+                Error::DeviceState {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
+            transport.start_rings()?;
+        }
+        Ok(transport)
     }
 
     /// Device reset: stop the daemon's rings and forget the driver's settings.
     fn reset(&mut self) {
         if self.started {
-            for (index, q) in self.queues.iter().enumerate() {
+            for (index, q) in self.regs.queues.iter().enumerate() {
                 if q.ready {
                     if let Err(e) = self.vu.get_vring_base(index) {
-                        log::warn!("{}: stopping queue {index}: {e}", self.kind.name());
+                        log::warn!("{}: stopping queue {index}: {e}", self.regs.kind.name());
                     }
                 }
             }
             self.started = false;
         }
-        self.status = 0;
-        self.driver_features = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.queue_sel = 0;
-        self.queues.fill(QueueConfig::default());
+        self.regs.status = 0;
+        self.regs.driver_features = 0;
+        self.regs.device_features_sel = 0;
+        self.regs.driver_features_sel = 0;
+        self.regs.queue_sel = 0;
+        self.regs.queues.fill(QueueState::default());
         self.interrupt_status.store(0, Ordering::Release);
     }
 
@@ -493,8 +634,8 @@ impl MmioTransport {
             Ok((_, payload)) if payload.len() == end => {
                 data.copy_from_slice(&payload[offset as usize..])
             }
-            Ok(_) => log::warn!("{}: short config read", self.kind.name()),
-            Err(e) => log::warn!("{}: GET_CONFIG: {e}", self.kind.name()),
+            Ok(_) => log::warn!("{}: short config read", self.regs.kind.name()),
+            Err(e) => log::warn!("{}: GET_CONFIG: {e}", self.regs.kind.name()),
         }
     }
 }
@@ -518,5 +659,41 @@ fn write_le(data: &mut [u8], value: u32) {
     let bytes = value.to_le_bytes();
     for (i, b) in data.iter_mut().enumerate() {
         *b = bytes.get(i).copied().unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_state_round_trips_through_json() {
+        let state = TransportState {
+            kind: DeviceKind::Vsock,
+            device_features: 1 << 32 | 1 << 29,
+            device_features_sel: 1,
+            driver_features_sel: 0,
+            driver_features: 1 << 32,
+            queue_sel: 2,
+            queues: vec![
+                QueueState {
+                    size: 8,
+                    ready: true,
+                    desc: 0x20_1000,
+                    avail: 0x20_1080,
+                    used: 0x20_10a0,
+                    next_avail: 9,
+                },
+                QueueState::default(),
+            ],
+            status: 0xf,
+            interrupt_status: INT_VRING,
+        };
+        let json = serde_json::to_string(&state).unwrap();
+        assert!(json.contains(r#""kind":"vsock""#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<TransportState>(&json).unwrap(),
+            state
+        );
     }
 }
