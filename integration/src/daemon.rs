@@ -6,7 +6,6 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,52 +47,41 @@ pub fn binary(name: &str) -> Result<PathBuf, Error> {
     Ok(path)
 }
 
-/// Fails when a Rust source or manifest of the workspace (outside this test crate) is
-/// newer than `binary`: `cargo test` builds test binaries, not the programs they start.
+/// Fails when a source file `binary` was built from is newer than it: `cargo test`
+/// builds test binaries, not the programs they start. Cargo lists those sources in the
+/// dep-info file next to the binary (`NAME.d`); without one there is nothing to check.
 fn check_fresh(binary: &Path) -> Result<(), Error> {
-    static NEWEST: OnceLock<Option<(SystemTime, PathBuf)>> = OnceLock::new();
-    let newest = NEWEST.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-        newest_source(workspace)
-    });
-    let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok();
-    match (newest, built) {
-        (Some((changed, source)), Some(built)) if *changed > built => Err(Error::Stale {
+    let dep_info = binary.with_extension("d");
+    let (Ok(deps), Ok(built)) = (
+        std::fs::read_to_string(&dep_info),
+        std::fs::metadata(binary).and_then(|m| m.modified()),
+    ) else {
+        return Ok(());
+    };
+    match newest_source(&deps) {
+        Some((changed, source)) if changed > built => Err(Error::Stale {
             path: binary.to_owned(),
-            newer: source.clone(),
+            newer: source,
         }),
         _ => Ok(()),
     }
 }
 
-/// The most recently modified `.rs` file or `Cargo.toml` under `dir`, skipping build
-/// output, git data and the integration crate itself.
-fn newest_source(dir: &Path) -> Option<(SystemTime, PathBuf)> {
+/// The most recently modified file among the prerequisites of a dep-info file's first
+/// rule (`target: source source ...`, spaces in names escaped with a backslash).
+fn newest_source(dep_info: &str) -> Option<(SystemTime, PathBuf)> {
+    let (_, sources) = dep_info.lines().next()?.split_once(": ")?;
     let mut newest: Option<(SystemTime, PathBuf)> = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let name = entry.file_name();
-        let Ok(kind) = entry.file_type() else {
+    for source in sources
+        .replace("\\ ", "\0")
+        .split_whitespace()
+        .map(|s| PathBuf::from(s.replace('\0', " ")))
+    {
+        let Ok(modified) = std::fs::metadata(&source).and_then(|m| m.modified()) else {
             continue;
         };
-        let candidate = if kind.is_dir() {
-            if matches!(name.to_str(), Some("target" | ".git" | "integration")) {
-                continue;
-            }
-            newest_source(&path)
-        } else if path.extension().is_some_and(|e| e == "rs") || name == "Cargo.toml" {
-            entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .map(|t| (t, path))
-        } else {
-            None
-        };
-        if let Some(c) = candidate {
-            if newest.as_ref().is_none_or(|n| c.0 > n.0) {
-                newest = Some(c);
-            }
+        if newest.as_ref().is_none_or(|(t, _)| modified > *t) {
+            newest = Some((modified, source));
         }
     }
     newest
@@ -177,17 +165,27 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_source_skips_build_output_and_other_files() {
+    fn a_binary_older_than_one_of_its_own_sources_is_stale() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        touch(&d.join("vmm/src/vm.rs"), 100);
-        touch(&d.join("vmm/Cargo.toml"), 50);
-        touch(&d.join("target/debug/build/x.rs"), 0);
-        touch(&d.join("integration/src/lib.rs"), 0);
-        touch(&d.join("docs/testing.md"), 0);
-        let (_, path) = newest_source(d).unwrap();
-        assert_eq!(path, d.join("vmm/Cargo.toml"));
-        touch(&d.join("cli/src/main.rs"), 10);
-        assert_eq!(newest_source(d).unwrap().1, d.join("cli/src/main.rs"));
+        touch(&d.join("src/main.rs"), 100);
+        touch(&d.join("src/my file.rs"), 100);
+        touch(&d.join("other/lib.rs"), 0);
+        touch(&d.join("bin"), 50);
+        let main = d.join("src/main.rs").display().to_string();
+        let spaced = d.join("src/my\\ file.rs").display().to_string();
+        let rule = format!("{}: {main} {spaced}\n", d.join("bin").display());
+        fs::write(d.join("bin.d"), rule).unwrap();
+        // Only its own sources count: a newer file elsewhere does not make it stale.
+        check_fresh(&d.join("bin")).unwrap();
+        touch(&d.join("src/my file.rs"), 10);
+        let err = check_fresh(&d.join("bin")).unwrap_err();
+        assert!(
+            matches!(err, Error::Stale { ref newer, .. } if newer.ends_with("my file.rs")),
+            "{err}"
+        );
+        // No dep-info: nothing to check.
+        fs::remove_file(d.join("bin.d")).unwrap();
+        check_fresh(&d.join("bin")).unwrap();
     }
 }

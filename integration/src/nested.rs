@@ -226,8 +226,9 @@ pub fn run(job: &Job) -> Result<Outcome, Error> {
             drop(qemu);
             return Err(process::Error::Timeout {
                 what: format!(
-                    "the nested job {} (L1 console:\n{})",
+                    "the nested job {} (command output:\n{}\nL1 console:\n{})",
                     job.program.display(),
+                    tail(&read_lossy(&output)),
                     tail(&read_lossy(&console))
                 ),
                 timeout: job.timeout,

@@ -192,10 +192,13 @@ impl Vmm {
 
     /// Sends one request on a fresh connection and returns the reply.
     pub fn api(&self, request: &str) -> Result<serde_json::Value, Error> {
+        self.api_within(request, Duration::from_secs(10))
+    }
+
+    /// [`Self::api`] for requests that may take long (a snapshot of a large guest).
+    pub fn api_within(&self, request: &str, timeout: Duration) -> Result<serde_json::Value, Error> {
         let mut stream = UnixStream::connect(self.dir.join("api.sock")).map_err(Error::Api)?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(Error::Api)?;
+        stream.set_read_timeout(Some(timeout)).map_err(Error::Api)?;
         writeln!(stream, "{request}").map_err(Error::Api)?;
         let mut line = String::new();
         BufReader::new(stream)
