@@ -86,6 +86,18 @@ impl VsockBackend {
         let poller = Poller(epoll_fd);
         let muxer = Muxer::new(self.config.guest_cid, &self.config.uds_path, poller)?;
         let timer = TimerFd::new().map_err(errno)?;
+        // Non-blocking: an expiry that epoll reported may be gone by the time it is read
+        // (another event of the same batch delivered the reset and cleared the timer),
+        // and a blocking read of a disarmed timer would stall the worker for good.
+        // SAFETY: fcntl on the timer's own descriptor with valid flags; results checked.
+        let nonblocking = unsafe {
+            let flags = libc::fcntl(timer.as_raw_fd(), libc::F_GETFL);
+            flags >= 0
+                && libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+        };
+        if !nonblocking {
+            return Err(Error::Timer(io::Error::last_os_error()));
+        }
         let mut event = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: u64::from(RESET_TIMER_ID),
@@ -394,5 +406,42 @@ impl VhostUserBackend for VsockBackend {
     fn check_device_state(&self) -> io::Result<()> {
         self.transfer
             .check(|bytes| self.adopt(&VsockState::decode(bytes)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// The worker reads the reset timer after epoll reported it; if another event of the
+    /// same batch delivered the reset and cleared the timer, the read must not block
+    /// (it did: the worker then never handled a kick again).
+    #[test]
+    fn reading_a_cleared_reset_timer_does_not_block_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(VsockBackend::new(VsockConfig {
+            socket_path: dir.path().join("vsock.sock"),
+            guest_cid: 3,
+            uds_path: dir.path().join("vm.vsock"),
+        }));
+        // SAFETY: epoll_create1 with valid flags; the result is checked.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epoll >= 0);
+        backend.start(epoll).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let reader = backend.clone();
+        std::thread::spawn(move || {
+            if let Some(mut timer) = reader.timer() {
+                let _ = timer.wait();
+            }
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(2)).is_ok(),
+            "reading the disarmed reset timer blocked"
+        );
+        // SAFETY: closing the epoll descriptor created above.
+        unsafe { libc::close(epoll) };
     }
 }
