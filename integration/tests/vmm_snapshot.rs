@@ -589,6 +589,8 @@ fn a_daemon_killed_while_the_vmm_waits_on_it_mid_snapshot_leaves_no_directory() 
     let reply = waiter.join().unwrap();
     assert_eq!(reply["error"]["code"], "snapshot.device_state", "{reply}");
     assert!(!snap.exists());
+    let status = vmm.api(r#"{"cmd":"status"}"#).unwrap();
+    assert_eq!(status["devices"][0]["failed"], true, "{status}");
     assert_eq!(
         fs::read_dir(dir.path())
             .unwrap()

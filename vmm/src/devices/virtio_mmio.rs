@@ -529,12 +529,23 @@ impl MmioTransport {
         let started = self.started;
         if started {
             for index in 0..self.regs.queues.len() {
-                if self.regs.queues[index].ready {
-                    let base = self
-                        .vu
-                        .get_vring_base(index)
-                        .map_err(self.request_error("GET_VRING_BASE"))?;
-                    self.regs.queues[index].next_avail = base as u16;
+                if !self.regs.queues[index].ready {
+                    continue;
+                }
+                match self.vu.get_vring_base(index) {
+                    Ok(base) => self.regs.queues[index].next_avail = base as u16,
+                    Err(source) => {
+                        // Some rings may be stopped already: the device cannot go on
+                        // as if nothing happened; the guest sees it needs a reset.
+                        self.failed = true;
+                        self.started = false;
+                        self.regs.status |= STATUS_DEVICE_NEEDS_RESET;
+                        return Err(Error::Request {
+                            request: "GET_VRING_BASE",
+                            path: self.path.clone(),
+                            source,
+                        });
+                    }
                 }
             }
             self.started = false;
