@@ -42,8 +42,10 @@ fn assert_consecutive(ticks: &[u64], what: &str) {
 }
 
 fn snapshot(vmm: &Vmm, dir: &Path) -> serde_json::Value {
-    let request = serde_json::json!({"cmd": "snapshot", "dir": dir}).to_string();
-    vmm.api(&request).unwrap()
+    let request = microagent_vmm::api::Request::Snapshot {
+        dir: dir.to_owned(),
+    };
+    vmm.api(request.to_line().trim_end()).unwrap()
 }
 
 /// Boots the counter guest, lets it count, pauses it and snapshots it into
