@@ -3,16 +3,19 @@
 //! Create: wall time of the `snapshot` request on the control socket (pause, save vCPU
 //! and VM state, write populated memory, fsync, rename, resume). Restore: wall time from
 //! spawning `microagent-vmm --restore` to its control socket answering `status` with the
-//! vCPUs running. Peer in the same run: writing every byte of guest memory to a file
+//! vCPUs running (polled every 0.2 ms). Peer in the same run: writing every byte of guest memory to a file
 //! and fsyncing it (what a full-memory snapshot such as Firecracker's does).
 //!
 //! cargo build --release -p microagent-vmm
 //! cargo run --release -p microagent-integration --example bench_snapshot [-- RUNS]
 
+use microagent_integration::daemon::binary;
+use microagent_integration::process::ChildGuard;
 use microagent_integration::vmm::{Vmm, VmmArgs};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -33,6 +36,43 @@ fn full_dump(path: &Path, bytes: u64) -> f64 {
     drop(file);
     fs::remove_file(path).unwrap();
     ms
+}
+
+/// Spawns `microagent-vmm --restore` and retries `status` every 0.2 ms until it
+/// answers; returns the wall time and the reply. The process is killed afterwards.
+fn restore_until_status(snap: &Path, run_dir: &Path) -> (f64, serde_json::Value) {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+    let socket = run_dir.join("api.sock");
+    let start = Instant::now();
+    let mut child = ChildGuard::spawn(
+        Command::new(binary("microagent-vmm").unwrap())
+            .arg("--restore")
+            .arg(snap)
+            .arg("--serial")
+            .arg(run_dir.join("serial.log"))
+            .arg("--api-socket")
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    loop {
+        if let Ok(mut stream) = UnixStream::connect(&socket) {
+            stream.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(stream).read_line(&mut line).unwrap();
+            let ms = start.elapsed().as_secs_f64() * 1000.0;
+            assert!(child.try_status().unwrap().is_none());
+            return (ms, serde_json::from_str(&line).unwrap());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no control socket"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 fn main() {
@@ -63,12 +103,9 @@ fn main() {
 
             let run_dir = dir.path().join(format!("restore{run}"));
             fs::create_dir(&run_dir).unwrap();
-            let start = Instant::now();
-            let restored = Vmm::restore(&snap, &run_dir, &[]).unwrap();
-            let status = restored.api(r#"{"cmd":"status"}"#).unwrap();
-            restore.push(start.elapsed().as_secs_f64() * 1000.0);
+            let (ms, status) = restore_until_status(&snap, &run_dir);
+            restore.push(ms);
             assert_eq!(status["state"], "running", "{status}");
-            drop(restored);
             fs::remove_dir_all(&snap).unwrap();
 
             peer.push(full_dump(

@@ -2,12 +2,11 @@
 //! as guest memory, shares it with the daemon, drives split virtqueues in that memory
 //! (descriptor chains, avail ring, kicks) and collects completions from the used ring.
 
-use microagent_vmm::devices::vhost_user::{load_device_state, save_device_state};
+use microagent_vmm::devices::vhost_user::{self, load_device_state, save_device_state};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -406,14 +405,7 @@ impl Frontend {
     /// Connects to `socket` (retrying while the daemon starts) and negotiates features,
     /// the first steps a VMM runs; tests that send their own messages start here.
     pub fn negotiate(socket: &Path, setup: &Setup) -> Result<Negotiated, Error> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut vu = loop {
-            match VuFrontend::connect(socket, setup.queues as u64) {
-                Ok(vu) => break vu,
-                Err(_) if Instant::now() < deadline => sleep(Duration::from_millis(10)),
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let mut vu = vhost_user::connect(socket, setup.queues as u64, Duration::from_secs(10))?;
         vu.set_owner()?;
         let offered = vu.get_features()?;
         let features = offered & !setup.refuse_features;

@@ -42,8 +42,10 @@ fn assert_consecutive(ticks: &[u64], what: &str) {
 }
 
 fn snapshot(vmm: &Vmm, dir: &Path) -> serde_json::Value {
-    let request = serde_json::json!({"cmd": "snapshot", "dir": dir}).to_string();
-    vmm.api(&request).unwrap()
+    let request = microagent_vmm::api::Request::Snapshot {
+        dir: dir.to_owned(),
+    };
+    vmm.api(request.to_line().trim_end()).unwrap()
 }
 
 /// Boots the counter guest, lets it count, pauses it and snapshots it into
@@ -589,6 +591,8 @@ fn a_daemon_killed_while_the_vmm_waits_on_it_mid_snapshot_leaves_no_directory() 
     let reply = waiter.join().unwrap();
     assert_eq!(reply["error"]["code"], "snapshot.device_state", "{reply}");
     assert!(!snap.exists());
+    let status = vmm.api(r#"{"cmd":"status"}"#).unwrap();
+    assert_eq!(status["devices"][0]["failed"], true, "{status}");
     assert_eq!(
         fs::read_dir(dir.path())
             .unwrap()

@@ -99,3 +99,65 @@ pub fn verify(snapshot: &Path) -> Result<Manifest, Error> {
 pub fn error_json(e: &Error) -> String {
     serde_json::json!({"error": {"code": e.code(), "message": e.to_string()}}).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use microagent_vmm::snapshot::manifest::{
+        Artifact, CpuIdentity, DeviceEntry, Format, FORMAT_MAJOR, FORMAT_MINOR,
+    };
+
+    #[test]
+    fn render_lists_the_manifest_devices_and_file_sizes() {
+        let inspection = Inspection {
+            manifest: Manifest {
+                format: Format {
+                    major: FORMAT_MAJOR,
+                    minor: FORMAT_MINOR,
+                },
+                vmm_version: "0.1.0".into(),
+                created_unix: 7,
+                kernel: Artifact {
+                    path: "/k/vmlinux".into(),
+                    sha256: "ab".into(),
+                },
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+                cpu: CpuIdentity {
+                    vendor: "AuthenticAMD".into(),
+                    family: 25,
+                    model: 17,
+                    stepping: 1,
+                    fingerprint: "0123456789abcdef".into(),
+                },
+                vcpus: 2,
+                memory_mib: 128,
+                memory_populated: 61440,
+                devices: vec![DeviceEntry {
+                    kind: "block".into(),
+                    mmio_base: 0xd000_0000,
+                    irq: 5,
+                }],
+                files: Vec::new(),
+                checksum: String::new(),
+            },
+            files: vec![FileReport {
+                name: "memory.bin".into(),
+                size: 128 << 20,
+                allocated: 61440,
+            }],
+        };
+        let text = render(&inspection);
+        assert!(
+            text.contains("memory   128 MiB (61440 bytes populated)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("device   block at 0xd0000000 irq 5"),
+            "{text}"
+        );
+        assert!(text.contains("AuthenticAMD family 25 model 17"), "{text}");
+        assert!(text.contains("memory.bin"), "{text}");
+        assert!(text.contains("134217728"), "{text}");
+    }
+}

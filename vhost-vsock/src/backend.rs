@@ -431,3 +431,40 @@ impl VhostUserBackend for VsockBackend {
         self.transfer.check(|saved: VsockState| self.adopt(&saved))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// The worker reads the reset timer after epoll reported it; if another event of the
+    /// same batch delivered the reset and cleared the timer, the read must not block
+    /// (it did: the worker then never handled a kick again).
+    #[test]
+    fn reading_a_cleared_reset_timer_does_not_block_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(VsockBackend::new(VsockConfig {
+            socket_path: dir.path().join("vsock.sock"),
+            guest_cid: 3,
+            uds_path: dir.path().join("vm.vsock"),
+        }));
+        // SAFETY: epoll_create1 with valid flags; the result is checked.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epoll >= 0);
+        backend.start(epoll).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let reader = backend.clone();
+        std::thread::spawn(move || {
+            if let Some(mut timer) = reader.timer() {
+                let _ = timer.wait();
+            }
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(2)).is_ok(),
+            "reading the disarmed reset timer blocked"
+        );
+        // SAFETY: closing the epoll descriptor created above.
+        unsafe { libc::close(epoll) };
+    }
+}

@@ -12,7 +12,8 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-#[derive(Debug, Deserialize, PartialEq, Eq)]
+/// One request; clients (the CLI) build these and send [`Request::to_line`].
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
@@ -56,6 +57,15 @@ pub struct SnapshotReply {
 pub struct ApiError {
     pub code: &'static str,
     pub message: String,
+}
+
+impl Request {
+    /// The request as one line, newline included, as the control socket reads it.
+    pub fn to_line(&self) -> String {
+        // Serializing a plain enum of strings and integers cannot fail.
+        let json = serde_json::to_string(self).unwrap_or_default();
+        format!("{json}\n")
+    }
 }
 
 /// The reply to a line longer than [`crate::control::MAX_LINE`]; the client is then
@@ -108,6 +118,14 @@ mod tests {
             parse(r#"{"cmd":"shutdown"}"#).unwrap(),
             Request::Shutdown { timeout_ms: 0 }
         );
+        let snapshot = Request::Snapshot {
+            dir: "/tmp/snap".into(),
+        };
+        assert_eq!(
+            snapshot.to_line(),
+            "{\"cmd\":\"snapshot\",\"dir\":\"/tmp/snap\"}\n"
+        );
+        assert_eq!(parse(snapshot.to_line().trim()).unwrap(), snapshot);
         let err = parse(r#"{"cmd":"explode"}"#).unwrap_err();
         assert_eq!(err.code, "api.bad_request");
         let reply: serde_json::Value = serde_json::from_str(&reply_err(&err)).unwrap();

@@ -1,10 +1,14 @@
 //! vhost-user frontend steps shared by the VMM's transports and the integration
-//! harness (`integration/src/frontend.rs`): moving a daemon's device state through
-//! VHOST_USER_SET_DEVICE_STATE_FD and checking it with CHECK_DEVICE_STATE.
+//! harness (`integration/src/frontend.rs`): connecting to a daemon that may still be
+//! starting, and moving its device state through VHOST_USER_SET_DEVICE_STATE_FD and
+//! checking it with CHECK_DEVICE_STATE.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 
@@ -18,6 +22,19 @@ pub enum Error {
     Transfer(io::Error),
     #[error("VHOST_USER_CHECK_DEVICE_STATE: the daemon reports a failed transfer: {0}")]
     Check(vhost::Error),
+}
+
+/// Connects to a daemon's socket, retrying until `timeout` while the daemon starts;
+/// the last connection error otherwise.
+pub fn connect(path: &Path, max_queues: u64, timeout: Duration) -> Result<Frontend, vhost::Error> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match Frontend::connect(path, max_queues) {
+            Ok(vu) => return Ok(vu),
+            Err(_) if Instant::now() < deadline => sleep(Duration::from_millis(10)),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Asks a daemon whose rings are stopped (GET_VRING_BASE) for its device state.

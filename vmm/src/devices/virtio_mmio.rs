@@ -7,7 +7,7 @@
 //! InterruptStatus before they look at the rings). DRIVER_OK starts the daemon's rings,
 //! a reset (status 0) stops them.
 
-use super::vhost_user::{load_device_state, save_device_state};
+use super::vhost_user::{self, load_device_state, save_device_state};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
 use std::io;
@@ -15,8 +15,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -186,19 +185,11 @@ impl MmioTransport {
         mem: &GuestMemoryMmap,
         max_queue_size: u16,
     ) -> Result<Self, Error> {
-        let deadline = Instant::now() + CONNECT_TIMEOUT;
-        let mut vu = loop {
-            match Frontend::connect(path, 16) {
-                Ok(vu) => break vu,
-                Err(_) if Instant::now() < deadline => sleep(Duration::from_millis(20)),
-                Err(source) => {
-                    return Err(Error::Connect {
-                        path: path.to_owned(),
-                        source,
-                    })
-                }
-            }
-        };
+        let mut vu =
+            vhost_user::connect(path, 16, CONNECT_TIMEOUT).map_err(|source| Error::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
         let req = |request: &'static str| {
             let path = path.to_owned();
             move |source| Error::Request {
@@ -529,12 +520,23 @@ impl MmioTransport {
         let started = self.started;
         if started {
             for index in 0..self.regs.queues.len() {
-                if self.regs.queues[index].ready {
-                    let base = self
-                        .vu
-                        .get_vring_base(index)
-                        .map_err(self.request_error("GET_VRING_BASE"))?;
-                    self.regs.queues[index].next_avail = base as u16;
+                if !self.regs.queues[index].ready {
+                    continue;
+                }
+                match self.vu.get_vring_base(index) {
+                    Ok(base) => self.regs.queues[index].next_avail = base as u16,
+                    Err(source) => {
+                        // Some rings may be stopped already: the device cannot go on
+                        // as if nothing happened; the guest sees it needs a reset.
+                        self.failed = true;
+                        self.started = false;
+                        self.regs.status |= STATUS_DEVICE_NEEDS_RESET;
+                        return Err(Error::Request {
+                            request: "GET_VRING_BASE",
+                            path: self.path.clone(),
+                            source,
+                        });
+                    }
                 }
             }
             self.started = false;
