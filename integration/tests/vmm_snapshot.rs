@@ -502,6 +502,7 @@ fn enospc_while_writing_removes_the_partial_snapshot() {
         },
         vcpus: Vec::new(),
         devices: Vec::new(),
+        legacy: Default::default(),
     };
     let target = small.0.join("snap");
     let err = dir::write(&target, manifest, &snapshot_state, &[], &memfd, 4 << 20).unwrap_err();

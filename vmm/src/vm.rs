@@ -6,7 +6,7 @@ use crate::config::{Serial, Start, VmmConfig};
 use crate::control;
 use crate::cpu;
 use crate::devices::i8042::{self, I8042};
-use crate::devices::legacy::{PioBus, COM1_IRQ};
+use crate::devices::legacy::{self, LegacyState, PioBus, COM1_IRQ};
 use crate::devices::virtio_mmio::{self, DeviceKind, InterruptRelay, MmioTransport};
 use crate::devices::EventFdTrigger;
 use crate::host;
@@ -26,7 +26,6 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vm_superio::Serial as Uart;
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -239,6 +238,7 @@ impl Vm {
         }
         Ok(Booted {
             vcpus,
+            legacy: LegacyState::default(),
             failure_hint,
             origin: Origin {
                 kernel: kernel_path.to_owned(),
@@ -286,6 +286,8 @@ impl Vm {
 /// vCPU fds ready to run, and where the guest came from.
 struct Booted {
     vcpus: Vec<VcpuFd>,
+    /// Serial and i8042 registers (as out of reset for a boot).
+    legacy: LegacyState,
     failure_hint: Option<String>,
     origin: Origin,
 }
@@ -340,6 +342,7 @@ pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
             log::info!("restored snapshot {}", snapshot_dir.display());
             let booted = Booted {
                 vcpus,
+                legacy: opened.state.legacy.clone(),
                 failure_hint: None,
                 origin,
             };
@@ -375,10 +378,23 @@ fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Out
     vm.fd
         .register_irqfd(&kbd_irq, i8042::KBD_IRQ)
         .map_err(setup("i8042 keyboard irqfd"))?;
+    let serial = legacy::serial_from(
+        &booted.legacy.serial,
+        EventFdTrigger(serial_irq),
+        serial_out,
+    )
+    .map_err(|message| snapshot::Error::Restore {
+        what: "serial state",
+        message,
+    })?;
     let bus = Arc::new(Bus {
         pio: PioBus::new(
-            Uart::new(EventFdTrigger(serial_irq), serial_out),
-            I8042::new(EventFdTrigger(reset_trigger), EventFdTrigger(kbd_irq)),
+            serial,
+            I8042::restore(
+                booted.legacy.i8042,
+                EventFdTrigger(reset_trigger),
+                EventFdTrigger(kbd_irq),
+            ),
         ),
         mmio: vm
             .devices
@@ -417,8 +433,14 @@ fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Out
         exit_evt.try_clone().map_err(Error::EventLoop)?,
         booted.failure_hint,
     ));
-    let vcpus = Vcpus::start(booted.vcpus, bus, control.clone(), msr_indices, paused)
-        .map_err(Error::EventLoop)?;
+    let vcpus = Vcpus::start(
+        booted.vcpus,
+        bus.clone(),
+        control.clone(),
+        msr_indices,
+        paused,
+    )
+    .map_err(Error::EventLoop)?;
     log::info!(
         "{} vCPU(s) {}",
         vcpus.count(),
@@ -437,6 +459,7 @@ fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Out
         origin: booted.origin,
         cpu,
         vm: &vm,
+        bus,
     };
     let outcome = event_loop.run();
     if let Some(path) = &config.api_socket {

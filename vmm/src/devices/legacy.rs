@@ -1,10 +1,12 @@
 //! Port I/O: the 8250 UART on COM1 (vm-superio) and the i8042 controller
 //! ([`super::i8042`]), whose CPU reset command ends the VM.
 
-use super::i8042::I8042;
+use super::i8042::{I8042State, I8042};
 use super::EventFdTrigger;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::sync::Mutex;
+use vm_superio::serial::SerialState;
 use vm_superio::Serial;
 
 pub const COM1_BASE: u16 = 0x3f8;
@@ -57,6 +59,95 @@ impl PioBus {
     }
 }
 
+/// What the guest can observe of the port-I/O devices: plain data for snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyState {
+    pub serial: SerialRegisters,
+    pub i8042: I8042State,
+}
+
+/// The UART's registers and receive FIFO (vm-superio's `SerialState`, which has no serde).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialRegisters {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl Default for SerialRegisters {
+    /// A UART as it comes out of reset.
+    fn default() -> Self {
+        Self::from(&SerialState::default())
+    }
+}
+
+impl From<&SerialState> for SerialRegisters {
+    fn from(s: &SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl From<&SerialRegisters> for SerialState {
+    fn from(s: &SerialRegisters) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl PioBus {
+    /// The devices' state; call with the vCPUs paused (no port access in flight).
+    pub fn state(&self) -> LegacyState {
+        LegacyState {
+            serial: SerialRegisters::from(&lock(&self.serial).state()),
+            i8042: lock(&self.i8042).state().clone(),
+        }
+    }
+}
+
+/// The UART from saved registers (a fresh one from the default state), raising `irq`
+/// and writing to `out`. Fails only for a receive FIFO larger than the UART's.
+pub fn serial_from(
+    state: &SerialRegisters,
+    irq: EventFdTrigger,
+    out: Box<dyn Write + Send>,
+) -> Result<SerialDevice, String> {
+    Serial::from_state(
+        &SerialState::from(state),
+        irq,
+        vm_superio::serial::NoEvents,
+        out,
+    )
+    .map_err(|e| format!("{e:?}"))
+}
+
 /// A poisoned device lock only means another vCPU thread panicked mid-access; the
 /// device state is still usable.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -101,5 +192,55 @@ mod tests {
         assert!(reset.read().is_err(), "reset before the command");
         bus.write(0x64, &[0xfe]);
         assert_eq!(reset.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn uart_and_i8042_state_round_trips_into_new_devices() {
+        let sink = Sink::default();
+        let trigger = || EventFdTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
+        let bus = PioBus::new(
+            serial_from(
+                &SerialRegisters::default(),
+                trigger(),
+                Box::new(sink.clone()),
+            )
+            .unwrap(),
+            I8042::new(trigger(), trigger()),
+        );
+        // Linux's 8250 set-up: divisor latch, 8N1, interrupts on; an i8042 control byte.
+        for (reg, value) in [
+            (3u16, 0x80u8),
+            (0, 0x01),
+            (1, 0x00),
+            (3, 0x03),
+            (1, 0x05),
+            (7, 0x5a),
+        ] {
+            bus.write(COM1_BASE + reg, &[value]);
+        }
+        bus.write(0x64, &[0x60]);
+        bus.write(0x60, &[0x65]);
+        let state = bus.state();
+        let json = serde_json::to_string(&state).unwrap();
+        let state: LegacyState = serde_json::from_str(&json).unwrap();
+        let restored = PioBus::new(
+            serial_from(&state.serial, trigger(), Box::new(sink.clone())).unwrap(),
+            I8042::restore(state.i8042.clone(), trigger(), trigger()),
+        );
+        assert_eq!(restored.state(), state);
+        let mut byte = [0u8];
+        restored.read(COM1_BASE + 1, &mut byte);
+        assert_eq!(byte[0], 0x05, "interrupt enable register");
+        restored.read(COM1_BASE + 3, &mut byte);
+        assert_eq!(byte[0], 0x03, "line control register");
+        restored.read(COM1_BASE + 7, &mut byte);
+        assert_eq!(byte[0], 0x5a, "scratch register");
+        restored.write(0x64, &[0x20]);
+        restored.read(0x60, &mut byte);
+        assert_eq!(byte[0], 0x65, "i8042 control byte");
+        // An oversized receive FIFO in a damaged state file is refused, not trusted.
+        let mut bad = state.serial.clone();
+        bad.in_buffer = vec![0; 4096];
+        assert!(serial_from(&bad, trigger(), Box::new(sink)).is_err());
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// Breaking changes bump the major; additive ones the minor. A reader refuses a major it
 /// does not know and ignores fields it does not know within its major.
 pub const FORMAT_MAJOR: u32 = 1;
-pub const FORMAT_MINOR: u32 = 0;
+pub const FORMAT_MINOR: u32 = 1;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const STATE: &str = "state.json";

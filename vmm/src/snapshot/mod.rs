@@ -3,7 +3,7 @@
 //! A snapshot is a directory of files: `manifest.json` ([`manifest::Manifest`]:
 //! format version, kernel/initrd sha256, command line, CPU identity, vCPUs, memory,
 //! devices, and the size and sha256 of every other file), `state.json`
-//! ([`SnapshotState`]: KVM VM and vCPU state) and `memory.bin` (guest memory, sparse:
+//! ([`SnapshotState`]: KVM VM and vCPU state, transports, serial and i8042) and `memory.bin` (guest memory, sparse:
 //! only populated pages, see [`memory`]), and one `device-N.state` per virtio device
 //! (the daemon's own state from VHOST_USER_SET_DEVICE_STATE_FD SAVE). It is written into a temporary directory,
 //! fsynced and renamed into place ([`dir::write`]), so it exists whole or not at all.
@@ -25,6 +25,10 @@ pub struct SnapshotState {
     pub vcpus: Vec<state::VcpuState>,
     /// Each virtio-mmio transport, in manifest order.
     pub devices: Vec<crate::devices::virtio_mmio::TransportState>,
+    /// The serial port and the i8042 (added in format 1.1: older snapshots restore
+    /// them fresh).
+    #[serde(default)]
+    pub legacy: crate::devices::legacy::LegacyState,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@ use crate::api::{self, ApiError, DeviceStatus, Request, Status};
 use crate::control;
 use crate::layout::VIRTIO_IRQ_BASE;
 use crate::snapshot::{self, dir, manifest, SnapshotState};
-use crate::vcpu::{Control, Outcome, Vcpus};
+use crate::vcpu::{Bus, Control, Outcome, Vcpus};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -68,6 +68,8 @@ pub(super) struct EventLoop<'a> {
     pub(super) cpu: manifest::CpuIdentity,
     /// Outlives the vCPU threads, which are joined before `run` returns.
     pub(super) vm: &'a Vm,
+    /// The devices the vCPUs reach; the port-I/O ones are saved from here.
+    pub(super) bus: Arc<Bus>,
 }
 
 impl EventLoop<'_> {
@@ -295,6 +297,7 @@ impl EventLoop<'_> {
             vm: snapshot::state::VmState::capture(&self.vm.fd).map_err(snapshot::Error::Capture)?,
             vcpus: vcpu_states,
             devices: transports,
+            legacy: self.bus.pio.state(),
         };
         let manifest = manifest::Manifest {
             format: manifest::Format {
