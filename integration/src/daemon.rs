@@ -73,14 +73,20 @@ fn newest_source(dir: &Path) -> Option<(SystemTime, PathBuf)> {
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
         let name = entry.file_name();
-        let Ok(kind) = entry.file_type() else { continue };
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
         let candidate = if kind.is_dir() {
             if matches!(name.to_str(), Some("target" | ".git" | "integration")) {
                 continue;
             }
             newest_source(&path)
         } else if path.extension().is_some_and(|e| e == "rs") || name == "Cargo.toml" {
-            entry.metadata().and_then(|m| m.modified()).ok().map(|t| (t, path))
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, path))
         } else {
             None
         };
