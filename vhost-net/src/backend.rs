@@ -173,12 +173,14 @@ impl NetBackend {
             let mut writers = Vec::new();
             let mut room = 0;
             while room < need && (mergeable || writers.is_empty()) {
-                let Some(chain) = state
-                    .get_queue_mut()
-                    .iter(&*mem)
-                    .ok()
-                    .and_then(|mut iter| iter.next())
-                else {
+                let chain = match state.get_queue_mut().iter(&*mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => {
+                        log::debug!("RX queue: {e}");
+                        None
+                    }
+                };
+                let Some(chain) = chain else {
                     break;
                 };
                 let head = chain.head_index();

@@ -148,6 +148,40 @@ fn udp<'a>(ip: &Ipv4Repr, body: &'a [u8]) -> Verdict<'a> {
     }
 }
 
+/// The source address of an IPv4 frame on the guest network (the guest's own address).
+pub fn guest_source(frame: &[u8]) -> Option<Ipv4Address> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let src = Ipv4Packet::new_checked(eth.payload()).ok()?.src_addr();
+    let net = |a: Ipv4Address| u32::from(a) & u32::from(NETMASK);
+    (net(src) == net(GATEWAY) && src != GATEWAY && src != DNS && !src.is_broadcast()).then_some(src)
+}
+
+/// An ARP reply from `ip` at `mac` to the gateway: fed to the stack so that it knows
+/// the guest's MAC without asking (its first answer, after a restore say, would
+/// otherwise be dropped while it asks).
+pub fn arp_from_guest(mac: EthernetAddress, ip: Ipv4Address) -> Vec<u8> {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: mac,
+        source_protocol_addr: ip,
+        target_hardware_addr: GATEWAY_MAC,
+        target_protocol_addr: GATEWAY,
+    };
+    let mut frame = vec![0u8; ETHERNET_HEADER + repr.buffer_len()];
+    let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+    EthernetRepr {
+        src_addr: mac,
+        dst_addr: GATEWAY_MAC,
+        ethertype: EthernetProtocol::Arp,
+    }
+    .emit(&mut eth);
+    repr.emit(&mut ArpPacket::new_unchecked(eth.payload_mut()));
+    frame
+}
+
 /// An Ethernet/IPv4/UDP frame for the guest, checksums filled in. `None` when the
 /// payload does not fit one frame.
 pub fn udp_frame(
@@ -267,6 +301,22 @@ mod tests {
         assert!(udp_frame(from, to, GUEST_MAC, &[0; MAX_UDP_PAYLOAD + 1]).is_none());
         let frame = udp_frame(from, to, GUEST_MAC, &[0; MAX_UDP_PAYLOAD]).unwrap();
         assert_eq!(frame.len(), MAX_FRAME);
+    }
+
+    #[test]
+    fn the_guest_source_is_an_address_on_its_network_other_than_ours() {
+        assert_eq!(guest_source(&guest_udp(b"x")), Some(GUEST));
+        let from_dns = udp_frame(
+            SocketAddrV4::new(DNS, 53),
+            SocketAddrV4::new(GUEST, 4000),
+            GUEST_MAC,
+            b"x",
+        )
+        .unwrap();
+        assert_eq!(guest_source(&from_dns), None);
+        let announce = arp_from_guest(GUEST_MAC, GUEST);
+        assert_eq!(guest_source(&announce), None);
+        assert_eq!(classify(&announce), (Some(GUEST_MAC), Verdict::Stack));
     }
 
     #[test]

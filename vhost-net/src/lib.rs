@@ -16,6 +16,8 @@
 //! Serving, the checks on the frontend's messages, memory and state transfer come from
 //! `microagent-daemon-kit`.
 
+pub use smoltcp;
+
 pub mod backend;
 pub mod config;
 pub mod dhcp;

