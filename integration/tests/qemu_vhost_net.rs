@@ -71,7 +71,7 @@ fn field<'a>(console: &'a str, key: &str) -> &'a str {
 #[test]
 fn linux_guest_gets_dhcp_pings_resolves_transfers_both_ways_and_is_reachable_when_published() {
     let dir = tempfile::tempdir().unwrap();
-    let size = 4 << 20;
+    let size = 32 << 20;
     let blob = pattern(size);
     let want = sha256_hex(&blob);
     let http = http_server(blob);
@@ -155,4 +155,53 @@ reboot -f
     );
     qemu.finish().unwrap();
     assert!(daemon.wait_exit(Duration::from_secs(10)).unwrap().success());
+}
+
+#[test]
+fn two_guests_with_the_same_mac_and_address_both_fetch_at_once() {
+    let size = 8 << 20;
+    let blob = pattern(size);
+    let want = sha256_hex(&blob);
+    let http = http_server(blob);
+    let sink = sha_sink();
+    let dns = dns_server(DNS_NAME, DNS_ANSWER);
+    let script = format!(
+        "wget -q -O /tmp/blob http://10.0.2.2:{http_port}/blob && echo \"GET-SHA $(sha256sum /tmp/blob)\"
+echo \"PUT $(nc 10.0.2.2 {sink_port} < /tmp/blob)\"
+echo \"RESOLVED $(nslookup {DNS_NAME} | tr '\\n' ' ')\"
+echo TWO-DONE
+reboot -f
+",
+        http_port = http.port(),
+        sink_port = sink.port(),
+    );
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut guests: Vec<_> = dirs
+        .iter()
+        .map(|dir| {
+            let (daemon, socket) = daemon(dir.path(), "net", &["--dns".into(), dns.to_string()]);
+            // Both QEMUs give the guest the same default MAC, 52:54:00:12:34:56.
+            (daemon, boot(dir.path(), &script, &socket))
+        })
+        .collect();
+    for (i, (daemon, qemu)) in guests.iter_mut().enumerate() {
+        let console = qemu.wait_for("TWO-DONE", BOOT + TRANSFER).unwrap();
+        let context = format!("guest {i} console:\n{console}");
+        assert!(
+            console.contains("DHCP-BOUND ip=10.0.2.15 router=10.0.2.2 dns=10.0.2.3"),
+            "{context}"
+        );
+        assert!(field(&console, "GET-SHA").starts_with(&want), "{context}");
+        assert_eq!(
+            field(&console, "PUT "),
+            format!("{size} {want}"),
+            "{context}"
+        );
+        assert!(
+            field(&console, "RESOLVED").contains(&DNS_ANSWER.to_string()),
+            "{context}"
+        );
+        qemu.finish().unwrap();
+        assert!(daemon.wait_exit(Duration::from_secs(10)).unwrap().success());
+    }
 }
