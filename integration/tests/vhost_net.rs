@@ -373,3 +373,71 @@ fn dhcp_discover_is_offered_the_guest_address_over_the_rings() {
     assert_eq!(repr.transaction_id, 0xfeed);
     rig.assert_alive();
 }
+
+#[test]
+fn a_udp_flow_to_the_gateway_reaches_a_host_socket_and_the_answer_comes_back() {
+    use microagent_vhost_net::frame::udp_frame;
+    use microagent_vhost_net::smoltcp::wire::{EthernetFrame, UdpPacket};
+    use std::net::{SocketAddrV4, UdpSocket};
+    let mut rig = start(&[]);
+    let echo = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let mut reply = b"echo:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = echo.send_to(&reply, from);
+        }
+    });
+    let mut guest = NetGuest::new(&rig.socket);
+    let mut frame = udp_frame(
+        SocketAddrV4::new(GUEST, 5000),
+        SocketAddrV4::new(GATEWAY, port),
+        GATEWAY_MAC,
+        b"ping",
+    )
+    .unwrap();
+    frame[6..12].copy_from_slice(GUEST_MAC.as_bytes());
+    guest.send(&frame);
+    let answer = guest.recv_until("UDP answer", |f| {
+        let Ok(eth) = EthernetFrame::new_checked(f) else {
+            return false;
+        };
+        let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            return false;
+        };
+        UdpPacket::new_checked(ip.payload()).is_ok_and(|u| u.dst_port() == 5000)
+    });
+    let eth = EthernetFrame::new_checked(&answer[..]).unwrap();
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!((ip.src_addr(), ip.dst_addr()), (GATEWAY, GUEST));
+    let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+    assert_eq!(udp.src_port(), port);
+    assert_eq!(udp.payload(), b"echo:ping");
+    rig.assert_alive();
+}
+
+#[test]
+fn syns_beyond_the_flow_limit_are_reset_and_the_limit_holds() {
+    use microagent_vhost_net::nat::MAX_TCP_FLOWS;
+    let mut rig = start(&[]);
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut guest = NetGuest::new(&rig.socket);
+    let attempts = MAX_TCP_FLOWS + 44;
+    let (mut accepted, mut reset) = (0, 0);
+    for i in 0..attempts {
+        let src = 20000 + i as u16;
+        guest.send(&tcp_segment(src, (GATEWAY, port), TcpControl::Syn, 7, None));
+        let answer = guest.recv_until("SYN-ACK or RST", |f| {
+            parse_tcp(f).is_some_and(|s| s.dst_port == src && (s.rst || (s.syn && s.ack)))
+        });
+        match parse_tcp(&answer) {
+            Some(s) if s.rst => reset += 1,
+            _ => accepted += 1,
+        }
+    }
+    assert_eq!((accepted, reset), (MAX_TCP_FLOWS, attempts - MAX_TCP_FLOWS));
+    rig.assert_alive();
+}

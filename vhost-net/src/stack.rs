@@ -24,6 +24,13 @@ const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 /// A listener whose SYN the stack did not take (bad segment) is dropped after this.
 const LISTEN_GRACE: Duration = Duration::from_secs(2);
+/// A host connection not established by then is given up (the guest gets a reset).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alive probes to the guest on idle connections, and the silence after which a
+/// connection is dropped: a guest that went away (restored elsewhere, say) does not
+/// hold flows forever.
+const KEEP_ALIVE: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+const GUEST_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(180);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -425,6 +432,8 @@ fn new_tcp_socket() -> tcp::Socket<'static> {
         tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
     );
     socket.set_nagle_enabled(false);
+    socket.set_keep_alive(Some(KEEP_ALIVE));
+    socket.set_timeout(Some(GUEST_TIMEOUT));
     socket
 }
 
@@ -445,6 +454,11 @@ fn service_tcp_flow(flow: &mut TcpFlow, socket: &mut tcp::Socket) -> bool {
     if flow.connecting {
         match flow.host.take_error() {
             Ok(None) if flow.host.peer_addr().is_ok() => flow.connecting = false,
+            Ok(None) if flow.created.elapsed() > CONNECT_TIMEOUT => {
+                log::debug!("TCP host connect: timed out");
+                socket.abort();
+                return false;
+            }
             Ok(None) => return false,
             Ok(Some(e)) | Err(e) => {
                 log::debug!("TCP host connect: {e}");
