@@ -205,3 +205,71 @@ reboot -f
         assert!(daemon.wait_exit(Duration::from_secs(10)).unwrap().success());
     }
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_thousand_short_connections_leave_the_daemon_memory_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = http_server(b"tiny\n".to_vec());
+    let (daemon, socket) = daemon(dir.path(), "net", &["--dns".into(), "127.0.0.1:9".into()]);
+    let pid = daemon.pid().unwrap();
+    let fetches = |n: u32, marker: &str| {
+        format!(
+            "i=0; while [ $i -lt {n} ]; do wget -q -O /dev/null http://10.0.2.2:{port}/ || echo FETCH-FAILED; i=$((i+1)); done
+echo {marker}
+sleep 3
+",
+            port = http.port()
+        )
+    };
+    let script = format!(
+        "{}{}echo SHORT-DONE\nreboot -f\n",
+        fetches(100, "WARM-DONE"),
+        fetches(1000, "THOUSAND-DONE")
+    );
+    let mut qemu = boot(dir.path(), &script, &socket);
+    qemu.wait_for("WARM-DONE", BOOT + TRANSFER).unwrap();
+    sleep_a_second();
+    let (warm, warm_fds) = (rss_kib(pid), open_fds(pid));
+    let started = Instant::now();
+    let console = qemu.wait_for("THOUSAND-DONE", TRANSFER).unwrap();
+    let elapsed = started.elapsed();
+    sleep_a_second();
+    let (after, after_fds) = (rss_kib(pid), open_fds(pid));
+    println!(
+        "1000 connections in {:.1} s ({:.0}/s); daemon RSS {warm} KiB after 100, {after} KiB \
+         after 1100; {warm_fds} then {after_fds} open descriptors",
+        elapsed.as_secs_f64(),
+        1000.0 / elapsed.as_secs_f64()
+    );
+    // Closed flows are gone with their host sockets.
+    assert!(
+        after_fds <= warm_fds + 4,
+        "{warm_fds} -> {after_fds} descriptors"
+    );
+    assert!(!console.contains("FETCH-FAILED"), "{console}");
+    assert!(
+        after < warm + 2048,
+        "RSS grew from {warm} KiB to {after} KiB over 1000 connections"
+    );
+    qemu.wait_for("SHORT-DONE", BOOT).unwrap();
+    qemu.finish().unwrap();
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn sleep_a_second() {
+    std::thread::sleep(Duration::from_secs(1));
+}
