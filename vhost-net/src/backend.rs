@@ -12,7 +12,7 @@ use microagent_daemon_kit::Mem;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use vhost::vhost_user::message::{
@@ -24,7 +24,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
 };
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueOwnedT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -63,6 +63,7 @@ pub struct NetBackend {
     mem: Memory,
     mac: Mutex<[u8; 6]>,
     acked_features: AtomicU64,
+    event_idx: AtomicBool,
     net: OnceLock<Mutex<Net>>,
     timer: OnceLock<Mutex<TimerFd>>,
     transfer: microagent_daemon_kit::state::transfer::Slot,
@@ -75,6 +76,7 @@ impl NetBackend {
             config,
             mem: Memory::default(),
             acked_features: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
             net: OnceLock::new(),
             timer: OnceLock::new(),
             transfer: Default::default(),
@@ -126,35 +128,48 @@ impl NetBackend {
     fn process_tx(&self, vring: &VringRwLock<Mem>, net: &mut Net) -> bool {
         let mem = self.mem.get();
         let header_len = self.header_len();
+        let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut state = vring.get_mut();
         let mut used = 0;
         let mut frame = Vec::with_capacity(MAX_FRAME);
-        while used < TX_BATCH {
-            let Some(chain) = state
-                .get_queue_mut()
-                .iter(&*mem)
-                .ok()
-                .and_then(|mut iter| iter.next())
-            else {
-                break;
-            };
-            let head = chain.head_index();
-            match read_frame(&mem, chain, header_len, &mut frame) {
-                Ok(()) => net.guest_frame(&frame),
-                Err(why) => log::debug!("TX: dropped a frame: {why}"),
+        'rounds: loop {
+            if event_idx {
+                let _ = state.disable_notification();
             }
-            if let Err(e) = state.add_used(head, 0) {
-                log::error!("TX queue: {e}");
+            while used < TX_BATCH {
+                let chain = match state.get_queue_mut().iter(&*mem) {
+                    Ok(mut iter) => iter.next(),
+                    // Not started (or broken): nothing to read.
+                    Err(_) => break 'rounds,
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                match read_frame(&mem, chain, header_len, &mut frame) {
+                    Ok(()) => net.guest_frame(&frame),
+                    Err(why) => log::debug!("TX: dropped a frame: {why}"),
+                }
+                if let Err(e) = state.add_used(head, 0) {
+                    log::error!("TX queue: {e}");
+                    break;
+                }
+                used += 1;
+            }
+            // With EVENT_IDX the driver kicks only past the index published here, so it
+            // is published whenever the device stops reading; chains that arrived
+            // meanwhile are read now.
+            let more = !event_idx || state.enable_notification().unwrap_or(false);
+            if used >= TX_BATCH || !event_idx || !more {
                 break;
             }
-            used += 1;
         }
-        if used > 0 {
+        if used > 0 && state.needs_notification().unwrap_or(true) {
             if let Err(e) = state.signal_used_queue() {
                 log::warn!("TX queue: signalling: {e}");
             }
         }
-        used == TX_BATCH
+        used >= TX_BATCH
     }
 
     /// Frames for the guest, as long as it has RX buffers; `true` if any was delivered.
@@ -165,9 +180,10 @@ impl NetBackend {
         let mem = self.mem.get();
         let header_len = self.header_len();
         let mergeable = self.mergeable();
+        let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut state = vring.get_mut();
         let mut used_any = false;
-        while let Some(frame) = net.link.to_guest.front() {
+        'frames: while let Some(frame) = net.link.to_guest.front() {
             let need = header_len + frame.len();
             // Buffers until the frame fits: one without mergeable buffers.
             let mut writers = Vec::new();
@@ -176,11 +192,20 @@ impl NetBackend {
                 let chain = match state.get_queue_mut().iter(&*mem) {
                     Ok(mut iter) => iter.next(),
                     Err(e) => {
+                        // Not started yet (or broken): frames wait.
                         log::debug!("RX queue: {e}");
-                        None
+                        for _ in &writers {
+                            state.get_queue_mut().go_to_previous_position();
+                        }
+                        break 'frames;
                     }
                 };
                 let Some(chain) = chain else {
+                    // Out of buffers: with EVENT_IDX, ask for a kick when the driver
+                    // adds some (and use any that arrived meanwhile).
+                    if event_idx && state.enable_notification().unwrap_or(false) {
+                        continue;
+                    }
                     break;
                 };
                 let head = chain.head_index();
@@ -232,7 +257,7 @@ impl NetBackend {
             used_any = true;
             net.link.to_guest.pop_front();
         }
-        if used_any {
+        if used_any && state.needs_notification().unwrap_or(true) {
             if let Err(e) = state.signal_used_queue() {
                 log::warn!("RX queue: signalling: {e}");
             }
@@ -322,6 +347,7 @@ impl VhostUserBackend for NetBackend {
     fn features(&self) -> u64 {
         1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_NET_F_MAC
             | 1 << VIRTIO_NET_F_STATUS
             | 1 << VIRTIO_NET_F_MTU
@@ -330,6 +356,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        log::debug!("acked features {features:#x}");
         self.acked_features.store(features, Ordering::Release);
     }
 
@@ -339,7 +366,9 @@ impl VhostUserBackend for NetBackend {
             | VhostUserProtocolFeatures::DEVICE_STATE
     }
 
-    fn set_event_idx(&self, _enabled: bool) {}
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mac = *self.mac.lock().unwrap_or_else(|e| e.into_inner());
@@ -380,15 +409,17 @@ impl VhostUserBackend for NetBackend {
         // Whatever woke the worker, both rings and every flow are served: the stack's
         // state changes with each of them.
         let mut delay = None;
+        let mut more_tx = false;
         for _ in 0..8 {
-            let more_tx = self.process_tx(tx, &mut net);
+            more_tx = self.process_tx(tx, &mut net);
             delay = net.poll();
             let delivered = self.process_rx(rx, &mut net);
             if !more_tx && !delivered {
                 break;
             }
         }
-        self.arm_timer(delay);
+        // TX chains left for later: come back at once (no kick will say so).
+        self.arm_timer(if more_tx { Some(Duration::ZERO) } else { delay });
         Ok(())
     }
 
