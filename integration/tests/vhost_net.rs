@@ -441,3 +441,30 @@ fn syns_beyond_the_flow_limit_are_reset_and_the_limit_holds() {
     assert_eq!((accepted, reset), (MAX_TCP_FLOWS, attempts - MAX_TCP_FLOWS));
     rig.assert_alive();
 }
+
+#[test]
+fn with_event_idx_arp_and_tcp_still_flow() {
+    let mut rig = start(&[]);
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut guest = NetGuest::connect(
+        &rig.socket,
+        Setup {
+            queues: 2,
+            refuse_features: 0,
+            ..Setup::default()
+        },
+    );
+    assert_ne!(
+        guest.fe.features & 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
+        0
+    );
+    for _ in 0..3 {
+        arp_gateway(&mut guest, GATEWAY);
+    }
+    for i in 0..3 {
+        guest_connect(&mut guest, 41000 + i, port);
+        listener.accept().unwrap();
+    }
+    rig.assert_alive();
+}
