@@ -91,13 +91,12 @@ impl FromStr for Publish {
 
     fn from_str(spec: &str) -> Result<Self, Error> {
         let bad = || Error::BadPublish(spec.to_owned());
-        let (ports, proto) = match spec.rsplit_once('/') {
-            Some((ports, "tcp")) => (ports, "tcp"),
+        let ports = match spec.rsplit_once('/') {
+            Some((ports, "tcp")) => ports,
             Some((_, "udp")) => return Err(Error::PublishUdp(spec.to_owned())),
             Some(_) => return Err(bad()),
-            None => (spec, "tcp"),
+            None => spec,
         };
-        debug_assert_eq!(proto, "tcp");
         let (rest, guest) = ports.rsplit_once(':').ok_or_else(bad)?;
         let (ip, host) = match rest.rsplit_once(':') {
             Some((ip, host)) => {
