@@ -6,7 +6,7 @@
 use crate::config::{NetConfig, Publish};
 use crate::dhcp;
 use crate::frame::{self, Verdict, DNS, GATEWAY, GATEWAY_MAC, GUEST, PREFIX_LEN};
-use crate::link::{Link, FROM_GUEST_FRAMES};
+use crate::link::{Link, FROM_GUEST_FRAMES, TO_GUEST_FRAMES};
 use crate::nat::{self, TcpFlow, UdpFlow, MAX_TCP_FLOWS, MAX_UDP_FLOWS, TCP_BUFFER};
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::socket::tcp;
@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 /// Ephemeral ports the gateway connects from for published ports.
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+/// Egress passes per poll: at most this many segments per flow at once.
+const EGRESS_PASSES: usize = 256;
 /// While flows exist the owner polls at least this often (closing, expiry).
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 /// A listener whose SYN the stack did not take (bad segment) is dropped after this.
@@ -188,6 +190,20 @@ impl Net {
     fn poll_stack(&mut self) {
         let now = self.now();
         self.iface.poll(now, &mut self.link, &mut self.sockets);
+        // An egress pass sends at most one segment per socket: keep passing while the
+        // stack has more to send (a bulk transfer would otherwise trickle out one
+        // segment per event), up to what the link queue takes.
+        for _ in 0..EGRESS_PASSES {
+            let queued = self.link.to_guest.len();
+            if queued >= TO_GUEST_FRAMES {
+                break;
+            }
+            self.iface
+                .poll_egress(now, &mut self.link, &mut self.sockets);
+            if self.link.to_guest.len() == queued {
+                break;
+            }
+        }
     }
 
     /// Starts the host connection for a guest SYN and puts a listener for it in the
