@@ -305,7 +305,6 @@ fn after_save_and_load_old_flows_are_reset_new_ones_work_and_the_mac_is_kept() {
     guest_connect(&mut guest, 40011, port);
     let (_new, _) = listener.accept().unwrap();
     assert!(restored.try_status().unwrap().is_none());
-    let _ = GUEST_MAC;
 }
 
 #[test]
