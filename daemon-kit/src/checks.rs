@@ -18,11 +18,13 @@ use std::io;
 
 /// vhost-user request codes (vhost-user spec, "Front-end message types").
 pub mod request {
+    pub const SET_FEATURES: u32 = 2;
     pub const SET_MEM_TABLE: u32 = 5;
     pub const SET_VRING_NUM: u32 = 8;
     pub const SET_VRING_KICK: u32 = 12;
     pub const SET_VRING_CALL: u32 = 13;
     pub const SET_VRING_ERR: u32 = 14;
+    pub const SET_VRING_ENABLE: u32 = 18;
     pub const ADD_MEM_REG: u32 = 37;
     pub const SET_DEVICE_STATE_FD: u32 = 42;
 }
@@ -114,6 +116,56 @@ pub fn check(request: u32, payload: &[u8], files: &[File], limits: Limits) -> Re
             .try_for_each(set_nonblocking)
             .map_err(|source| Refusal::NonBlocking { request, source }),
         _ => Ok(()),
+    }
+}
+
+/// VHOST_USER_F_PROTOCOL_FEATURES, a virtio feature bit only vhost-user uses.
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// Message order the handler is stricter about than frontends are. QEMU's virtio-net
+/// (7.2) sends SET_VRING_ENABLE when the device is realized, before SET_FEATURES has
+/// acked VHOST_USER_F_PROTOCOL_FEATURES, and does not send it again when it starts the
+/// device; vhost's handler answers that early message with an error that ends the
+/// session. So the gate answers early enables itself, keeps the last state asked for
+/// each ring, and replays those states to the handler right after the SET_FEATURES that
+/// acks the feature (until then the rings cannot run anyway).
+#[derive(Debug, Default)]
+pub struct Order {
+    protocol_features_acked: bool,
+    /// SET_VRING_ENABLE payloads held back, the last one per ring.
+    held: Vec<[u8; 8]>,
+}
+
+/// What the gate does with a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit {
+    Forward,
+    /// The gate answers it (success) and holds it back.
+    AnswerHere,
+    /// Forward it, then send these SET_VRING_ENABLE payloads (no reply wanted).
+    ForwardThenEnable(Vec<[u8; 8]>),
+}
+
+impl Order {
+    pub fn admit(&mut self, request: u32, payload: &[u8]) -> Admit {
+        match request {
+            request::SET_FEATURES => {
+                self.protocol_features_acked = u64_at(payload, 0) & PROTOCOL_FEATURES != 0;
+                if self.protocol_features_acked && !self.held.is_empty() {
+                    Admit::ForwardThenEnable(std::mem::take(&mut self.held))
+                } else {
+                    Admit::Forward
+                }
+            }
+            request::SET_VRING_ENABLE if !self.protocol_features_acked => {
+                if let Some(state) = payload.get(..8).and_then(|p| <[u8; 8]>::try_from(p).ok()) {
+                    self.held.retain(|held| held[..4] != state[..4]);
+                    self.held.push(state);
+                }
+                Admit::AnswerHere
+            }
+            _ => Admit::Forward,
+        }
     }
 }
 
@@ -212,6 +264,43 @@ mod tests {
             let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
             assert_ne!(flags & libc::O_NONBLOCK, 0, "request {request}");
         }
+    }
+
+    #[test]
+    fn early_ring_enables_are_answered_held_and_replayed_after_protocol_features() {
+        let mut order = Order::default();
+        let ring = |index: u32, on: u32| {
+            let mut p = [0u8; 8];
+            p[..4].copy_from_slice(&index.to_le_bytes());
+            p[4..].copy_from_slice(&on.to_le_bytes());
+            p
+        };
+        assert_eq!(
+            order.admit(request::SET_VRING_ENABLE, &ring(0, 1)),
+            Admit::AnswerHere
+        );
+        assert_eq!(
+            order.admit(request::SET_VRING_ENABLE, &ring(1, 0)),
+            Admit::AnswerHere
+        );
+        assert_eq!(
+            order.admit(request::SET_VRING_ENABLE, &ring(1, 1)),
+            Admit::AnswerHere
+        );
+        // SET_FEATURES without the feature changes nothing yet.
+        let plain = (1u64 << 32).to_le_bytes();
+        assert_eq!(order.admit(request::SET_FEATURES, &plain), Admit::Forward);
+        let acked = (1u64 << 32 | PROTOCOL_FEATURES).to_le_bytes();
+        assert_eq!(
+            order.admit(request::SET_FEATURES, &acked),
+            Admit::ForwardThenEnable(vec![ring(0, 1), ring(1, 1)])
+        );
+        assert_eq!(
+            order.admit(request::SET_VRING_ENABLE, &ring(0, 0)),
+            Admit::Forward
+        );
+        assert_eq!(order.admit(request::SET_FEATURES, &acked), Admit::Forward);
+        assert_eq!(order.admit(request::SET_MEM_TABLE, &[]), Admit::Forward);
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! handler over a private socket. Every frontend message passes [`crate::checks`] first;
 //! a refused one is answered with a failed REPLY_ACK (when the frontend asked for one)
 //! and ends the session, as a request the handler itself refuses does. Replies flow back
-//! unchanged. Only control messages take this path: rings and kicks do not.
+//! unchanged. Only control messages take this path: rings and kicks do not. The gate
+//! also evens out one ordering difference between frontends and the handler
+//! ([`checks::Order`]: QEMU's early SET_VRING_ENABLE).
 
-use crate::checks::{self, Limits, Refusal};
+use crate::checks::{self, Admit, Limits, Order, Refusal};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -52,15 +54,28 @@ impl Message {
         self.word(4) & FLAG_NEED_REPLY != 0
     }
 
-    /// A REPLY_ACK carrying failure, for this request.
-    fn nack(&self) -> Self {
+    /// A request of the gate's own, wanting no reply.
+    fn new_request(request: u32, payload: &[u8]) -> Self {
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(&request.to_le_bytes());
+        header[4..8].copy_from_slice(&FLAG_VERSION_1.to_le_bytes());
+        header[8..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        Self {
+            header,
+            payload: payload.to_vec(),
+            files: Vec::new(),
+        }
+    }
+
+    /// A REPLY_ACK for this request: 0 for success, anything else for failure.
+    fn ack(&self, status: u64) -> Self {
         let mut header = [0u8; HEADER_LEN];
         header[..4].copy_from_slice(&self.request().to_le_bytes());
         header[4..8].copy_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
         header[8..].copy_from_slice(&8u32.to_le_bytes());
         Self {
             header,
-            payload: 1u64.to_le_bytes().to_vec(),
+            payload: status.to_le_bytes().to_vec(),
             files: Vec::new(),
         }
     }
@@ -180,6 +195,7 @@ fn relay_requests(
     replies: &Mutex<UnixStream>,
     limits: Limits,
 ) -> Option<Refusal> {
+    let mut order = Order::default();
     let refusal = loop {
         let msg = match recv(from) {
             Ok(Some(msg)) => msg,
@@ -197,12 +213,40 @@ fn relay_requests(
             log::error!("refused [{}]: {refusal}", refusal.code());
             if msg.need_reply() {
                 let out = replies.lock().unwrap_or_else(|e| e.into_inner());
-                let _ = send(&out, &msg.nack());
+                let _ = send(&out, &msg.ack(1));
             }
             break Some(refusal);
         }
-        if send(to, &msg).is_err() {
-            break None;
+        log::trace!(
+            "request {} flags {:#x} payload {:02x?}",
+            msg.request(),
+            msg.word(4),
+            &msg.payload[..msg.payload.len().min(16)]
+        );
+        match order.admit(msg.request(), &msg.payload) {
+            Admit::Forward => {
+                if send(to, &msg).is_err() {
+                    break None;
+                }
+            }
+            Admit::AnswerHere => {
+                log::debug!("SET_VRING_ENABLE before PROTOCOL_FEATURES: held for later");
+                if msg.need_reply() {
+                    let out = replies.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = send(&out, &msg.ack(0));
+                }
+            }
+            Admit::ForwardThenEnable(states) => {
+                let replayed = states
+                    .iter()
+                    .map(|state| Message::new_request(checks::request::SET_VRING_ENABLE, state));
+                if std::iter::once(msg)
+                    .chain(replayed)
+                    .any(|m| send(to, &m).is_err())
+                {
+                    break None;
+                }
+            }
         }
     };
     let _ = to.shutdown(Shutdown::Both);

@@ -18,6 +18,8 @@
 //! - [`vmm`]: `microagent-vmm` as a process, and the freestanding test guest it boots.
 //! - [`nested`]: real Linux under `microagent-vmm` inside an L1 machine with emulated
 //!   AMD SVM, for hosts whose KVM cannot run Linux guests.
+//! - [`net_guest`]: the harness as a guest's virtio-net driver, and frame builders.
+//! - [`net_services`]: HTTP, a sha256 sink and DNS on loopback for network tests.
 //! - [`report`]: tests that could not run here are recorded, never passed silently.
 
 pub mod agent;
@@ -28,6 +30,8 @@ pub mod frontend;
 pub mod initramfs;
 pub mod kernel;
 pub mod nested;
+pub mod net_guest;
+pub mod net_services;
 pub mod process;
 pub mod qemu;
 pub mod registry;

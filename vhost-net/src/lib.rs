@@ -1,1 +1,49 @@
-//! vhost-user user-mode network daemon: not implemented yet.
+//! `microagent-vhost-net`: a vhost-user net device with a user-mode network, a private
+//! network per daemon in the manner of QEMU's slirp: guest 10.0.2.15/24 by DHCP,
+//! gateway 10.0.2.2 (the host's loopback), DNS 10.0.2.3 (the host's resolvers), guest
+//! TCP and UDP flows as host sockets, published host ports forwarded in.
+//!
+//! - [`config`]: flags checked into a [`config::NetConfig`].
+//! - [`frame`]: guest frames sorted and UDP frames built (pure functions).
+//! - [`dhcp`]: the DHCP server (pure function).
+//! - [`link`]: the frame queues smoltcp sees as its Ethernet device.
+//! - [`nat`]: where guest flows go on the host, and flow limits.
+//! - [`stack`]: the TCP/IP stack (smoltcp) and the flows.
+//! - [`virtio`]: the virtio-net header and config space.
+//! - [`backend`]: the vhost-user backend: queues, events, device state.
+//! - [`state`]: the serialized device state.
+//!
+//! Serving, the checks on the frontend's messages, memory and state transfer come from
+//! `microagent-daemon-kit`.
+
+pub use smoltcp;
+
+pub mod backend;
+pub mod config;
+pub mod dhcp;
+pub mod frame;
+pub mod link;
+pub mod nat;
+pub mod stack;
+pub mod state;
+pub mod virtio;
+
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Serve(#[from] microagent_daemon_kit::serve::Error),
+}
+
+/// Serves one frontend on the configured socket, returns when it disconnects.
+pub fn serve(config: config::NetConfig) -> Result<(), Error> {
+    let socket = config.socket_path.clone();
+    let backend = Arc::new(backend::NetBackend::new(config));
+    let wired = backend.clone();
+    microagent_daemon_kit::serve::serve("microagent-vhost-net", &socket, backend, |epolls| {
+        let worker = epolls.first().ok_or(backend::Error::NotStarted)?;
+        wired.start(*worker)
+    })?;
+    Ok(())
+}
