@@ -134,26 +134,31 @@ pub fn open(home: &Home, name: &str, tag: &str) -> Result<Snapshot> {
     Ok(Snapshot { dir, info })
 }
 
-/// Every complete snapshot of a workspace, oldest first.
+/// Every complete snapshot of a workspace, oldest first (by when `snapshot.json` was
+/// written: `created` has whole seconds only).
 pub fn list(home: &Home, name: &str) -> Vec<Entry> {
-    let mut out: Vec<Entry> = fs::read_dir(root(home, name))
+    let mut out: Vec<(std::time::SystemTime, Entry)> = fs::read_dir(root(home, name))
         .map(|d| {
             d.flatten()
                 .filter_map(|e| {
                     let tag = e.file_name().to_string_lossy().into_owned();
                     let snapshot = open(home, name, &tag).ok()?;
+                    let written = fs::metadata(snapshot.dir.join(INFO))
+                        .and_then(|m| m.modified())
+                        .ok()?;
                     let (logical, allocated) = usage(&snapshot.dir);
-                    Some(Entry {
+                    let entry = Entry {
                         info: snapshot.info,
                         logical,
                         allocated,
-                    })
+                    };
+                    Some((written, entry))
                 })
                 .collect()
         })
         .unwrap_or_default();
-    out.sort_by(|a, b| (&a.info.created, &a.info.tag).cmp(&(&b.info.created, &b.info.tag)));
-    out
+    out.sort_by(|a, b| (a.0, &a.1.info.tag).cmp(&(b.0, &b.1.info.tag)));
+    out.into_iter().map(|(_, e)| e).collect()
 }
 
 pub fn count(home: &Home, name: &str) -> usize {
