@@ -300,8 +300,10 @@ fn forks_continue_from_the_snapshot_count_and_outlive_their_deleted_source() {
     cli.ok(&["halt", "src"]);
     let source_ticks = numbers(&console(&cli, "src"), "tick");
 
-    // Three forks at once.
-    let forks = ["fork-1", "fork-2", "fork-3"];
+    // Eight forks at once.
+    let forks = [
+        "fork-1", "fork-2", "fork-3", "fork-4", "fork-5", "fork-6", "fork-7", "fork-8",
+    ];
     let children: Vec<_> = forks
         .iter()
         .map(|f| {
