@@ -4,8 +4,8 @@
 //! answers with the vCPUs running) and the host memory each fork's processes use
 //! (VmRSS of the VMM and the blk daemon, which counts the guest memfd pages they map).
 //!
-//! cargo build -p microagent-cli -p microagent-vmm -p microagent-vhost-blk
-//! cargo run -p microagent-integration --example bench_fork [-- RUNS]
+//! cargo build --release -p microagent-cli -p microagent-vmm -p microagent-vhost-blk
+//! cargo run --release -p microagent-integration --example bench_fork [-- RUNS]
 
 use microagent_integration::cli::Cli;
 use microagent_integration::registry::{push, write_layout, Registry};
