@@ -91,7 +91,19 @@ fn linux_snapshot_rollback_and_fork_walkthrough() {
             "builder",
             "echo after-snapshot > /root/progress.txt && sync",
         );
+        // An exec still running when the workspace goes back ends with a clear error.
+        let running = cli
+            .command(&["exec", "builder", "--", "sleep", "600"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(1));
         cli.ok(&["halt", "builder"]);
+        let ended = running.wait_with_output().unwrap();
+        assert_ne!(ended.status.code(), Some(0), "{ended:?}");
+        let why = String::from_utf8_lossy(&ended.stderr);
+        assert!(why.starts_with("microagent: "), "{ended:?}");
         let out = cli.ok(&["start", "builder", "--from-snapshot", "baseline"]);
         assert!(
             out.starts_with("started builder from snapshot baseline in "),
