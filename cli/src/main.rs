@@ -13,6 +13,7 @@ use microagent_cli::workspace::{self, Config};
 use microagent_image::pull::{root_disk, PullOptions};
 use microagent_image::source::{exec_defaults, fetch, Source};
 use microagent_image::store::Store;
+use microagent_vmm::api::Request;
 use std::fs;
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -879,14 +880,14 @@ fn run(cli: Cli) -> Result<i32> {
             workspace::load(&home, &name)?;
         }
         Cmd::Pause { name } => {
-            runtime::vmm_request(&home, &name, r#"{"cmd":"pause"}"#)?;
+            runtime::vmm_call(&home, &name, &Request::Pause, runtime::CONTROL_TIMEOUT)?;
             out.say(
                 &format!("paused {name}"),
                 serde_json::json!({"paused": name}),
             );
         }
         Cmd::Resume { name } => {
-            runtime::vmm_request(&home, &name, r#"{"cmd":"resume"}"#)?;
+            runtime::vmm_call(&home, &name, &Request::Resume, runtime::CONTROL_TIMEOUT)?;
             out.say(
                 &format!("resumed {name}"),
                 serde_json::json!({"resumed": name}),

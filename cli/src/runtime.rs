@@ -93,10 +93,8 @@ fn alive(pid: u32, binary: &str) -> bool {
     is_ours && !zombie
 }
 
-/// One JSON request to the VMM's control socket.
-pub fn vmm_request(home: &Home, name: &str, request: &str) -> Result<serde_json::Value> {
-    exchange(home, name, request, Duration::from_secs(10))
-}
+/// How long a control request other than a snapshot may take.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One [`Request`] to the VMM, waiting up to `timeout` for the reply; a refusal keeps
 /// the VMM's own code (`snapshot.no_space`, ...).
@@ -175,7 +173,7 @@ pub fn state(home: &Home, name: &str) -> State {
         }
         return State::Crashed { reason };
     }
-    match vmm_request(home, name, r#"{"cmd":"status"}"#) {
+    match vmm_call(home, name, &Request::Status, CONTROL_TIMEOUT) {
         Ok(reply) if reply["state"] == "paused" => State::Paused,
         Ok(_) => State::Running,
         Err(e) => State::Crashed { reason: e.message },
@@ -439,7 +437,8 @@ pub fn halt(home: &Home, config: &Config) {
                 .and_then(Connection::shutdown)
                 .is_ok();
         if !graceful {
-            let _ = vmm_request(home, name, r#"{"cmd":"shutdown"}"#);
+            let shutdown = Request::Shutdown { timeout_ms: 0 };
+            let _ = vmm_call(home, name, &shutdown, CONTROL_TIMEOUT);
         }
         let deadline = Instant::now() + HALT_TIMEOUT;
         while alive(pids.vmm, "microagent-vmm") && Instant::now() < deadline {

@@ -258,7 +258,9 @@ pub fn create(home: &Home, config: &Config, tag: &str) -> Result<Info> {
     // The agent answers only while the guest runs: a paused agent workspace runs for the
     // scrub and for getting its secrets back, and is paused again at the end.
     let runs_meanwhile = was_running || config.agent;
-    let vmm = |request: Request| runtime::vmm_call(home, name, &request, AGENT_TIMEOUT).map(drop);
+    let vmm = |request: Request| {
+        runtime::vmm_call(home, name, &request, runtime::CONTROL_TIMEOUT).map(drop)
+    };
     let made = (|| {
         if config.agent {
             if !was_running {
