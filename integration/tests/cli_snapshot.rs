@@ -139,6 +139,7 @@ fn snapshot_dirs(cli: &Cli, name: &str) -> Vec<String> {
 fn snapshots_of_running_and_paused_workspaces_list_and_delete_with_exact_formats() {
     let dir = tempfile::tempdir().unwrap();
     let (cli, _registry, image) = setup(dir.path());
+    let _reaper = cli.reaper();
     create(&cli, "ws", &image, test_guest(), "scenario=counter");
     cli.ok(&["start", "ws"]);
     counts_past(&cli, "ws", 0, "tick", 3);
@@ -232,6 +233,7 @@ fn snapshots_of_running_and_paused_workspaces_list_and_delete_with_exact_formats
 fn rollback_brings_back_the_count_and_the_disk_block_written_before_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let (cli, _registry, image) = setup(dir.path());
+    let _reaper = cli.reaper();
     create(
         &cli,
         "ws",
@@ -292,6 +294,7 @@ fn rollback_brings_back_the_count_and_the_disk_block_written_before_the_snapshot
 fn forks_continue_from_the_snapshot_count_and_outlive_their_deleted_source() {
     let dir = tempfile::tempdir().unwrap();
     let (cli, _registry, image) = setup(dir.path());
+    let _reaper = cli.reaper();
     create(&cli, "src", &image, test_guest(), "scenario=counter");
     cli.ok(&["start", "src"]);
     counts_past(&cli, "src", 0, "tick", 3);
@@ -390,6 +393,7 @@ fn forks_continue_from_the_snapshot_count_and_outlive_their_deleted_source() {
 fn a_changed_kernel_is_refused_for_rollback_and_fork() {
     let dir = tempfile::tempdir().unwrap();
     let (cli, _registry, image) = setup(dir.path());
+    let _reaper = cli.reaper();
     let kernel = dir.path().join("kernel");
     fs::copy(test_guest(), &kernel).unwrap();
     create(&cli, "ws", &image, &kernel, "scenario=counter");
@@ -449,6 +453,8 @@ fn a_full_home_refuses_the_snapshot_leaves_nothing_and_the_workspace_running() {
     let dir = tempfile::tempdir().unwrap();
     let (cli, _registry, image) = setup(dir.path());
     let small = SmallFs::mount(cli.home.clone(), "64m");
+    // Dropped before the tmpfs is unmounted.
+    let _reaper = cli.reaper();
     create(&cli, "ws", &image, test_guest(), "scenario=counter");
     cli.ok(&["start", "ws"]);
     counts_past(&cli, "ws", 0, "tick", 2);
@@ -487,4 +493,17 @@ fn a_full_home_refuses_the_snapshot_leaves_nothing_and_the_workspace_running() {
     cli.ok(&["snapshot", "create", "ws", "--tag", "full"]);
     assert_eq!(snapshot_dirs(&cli, "ws"), vec!["full".to_owned()]);
     cli.ok(&["delete", "ws", "--yes", "--force"]);
+}
+
+#[test]
+fn the_reaper_kills_workspaces_a_failing_test_leaves_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    let reaper = cli.reaper();
+    create(&cli, "ws", &image, test_guest(), "scenario=halt");
+    cli.ok(&["start", "ws"]);
+    let pids = cli.pids("ws");
+    assert!(pids.iter().all(|&p| alive(p)));
+    drop(reaper);
+    assert_eq!(survivors(&pids), Vec::<u32>::new());
 }

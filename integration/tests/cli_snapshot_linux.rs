@@ -36,6 +36,7 @@ fn linux_snapshot_rollback_and_fork_walkthrough() {
         let registry = Registry::start(d);
         let image = push_workspace_image(d, &registry, "test/workspace:v1");
         let cli = Cli::new(d);
+        let _reaper = cli.reaper();
         cli.link_kernels();
         let secret = d.join("token.txt");
         fs::write(&secret, format!("{SECRET}\n")).unwrap();
