@@ -28,6 +28,27 @@ fn assert_secret(cli: &Cli, name: &str, when: &str) {
     );
 }
 
+/// Runs a command that starts `name`; on failure the panic shows the workspace's logs.
+fn starts(cli: &Cli, name: &str, args: &[&str]) -> String {
+    let out = cli.run(args);
+    if !out.status.success() {
+        let dir = cli.home.join("workspaces").join(name);
+        let logs: Vec<String> = ["blk.log", "vsock.log", "vmm.log", "console.log"]
+            .iter()
+            .map(|f| {
+                let text = fs::read_to_string(dir.join(f)).unwrap_or_default();
+                format!("--- {f}:\n{}", &text[text.len().saturating_sub(3000)..])
+            })
+            .collect();
+        panic!(
+            "microagent {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            logs.join("\n")
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn linux_snapshot_rollback_and_fork_walkthrough() {
     on_linux_kvm("linux_snapshot_rollback_and_fork_walkthrough", || {
@@ -51,7 +72,7 @@ fn linux_snapshot_rollback_and_fork_walkthrough() {
             "--secret",
             &format!("token=@{}", secret.display()),
         ]);
-        cli.ok(&["start", "builder"]);
+        starts(&cli, "builder", &["start", "builder"]);
         assert_secret(&cli, "builder", "after start");
         exec(&cli, "builder", "echo checkpoint-1 > /root/progress.txt");
         let source_id = exec(&cli, "builder", "cat /etc/machine-id 2>/dev/null; hostname");
@@ -105,7 +126,11 @@ fn linux_snapshot_rollback_and_fork_walkthrough() {
         assert_ne!(ended.status.code(), Some(0), "{ended:?}");
         let why = String::from_utf8_lossy(&ended.stderr);
         assert!(why.starts_with("microagent: "), "{ended:?}");
-        let out = cli.ok(&["start", "builder", "--from-snapshot", "baseline"]);
+        let out = starts(
+            &cli,
+            "builder",
+            &["start", "builder", "--from-snapshot", "baseline"],
+        );
         assert!(
             out.starts_with("started builder from snapshot baseline in "),
             "{out}"
@@ -122,12 +147,16 @@ fn linux_snapshot_rollback_and_fork_walkthrough() {
         );
 
         // A fork: its own disk, name, machine-id and secret.
-        let out = cli.ok(&[
-            "create",
+        let out = starts(
+            &cli,
             "builder-fork",
-            "--from-snapshot",
-            "builder:baseline",
-        ]);
+            &[
+                "create",
+                "builder-fork",
+                "--from-snapshot",
+                "builder:baseline",
+            ],
+        );
         assert!(
             out.starts_with("created builder-fork from snapshot builder:baseline, running in "),
             "{out}"
