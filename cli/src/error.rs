@@ -2,20 +2,30 @@
 //! `--json` prints `{"error":{"code":...,"message":...}}`; the exit status is 125.
 
 use serde::Serialize;
+use std::borrow::Cow;
 
 /// Exit status for microagent's own errors (Docker's convention).
 pub const EXIT_ERROR: u8 = 125;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CliError {
-    pub code: &'static str,
+    /// Ours are literals; codes relayed from the VMM's control socket are owned.
+    pub code: Cow<'static, str>,
     pub message: String,
 }
 
 impl CliError {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
         Self {
-            code,
+            code: Cow::Borrowed(code),
+            message: message.into(),
+        }
+    }
+
+    /// An error whose code comes from another component (the VMM's `snapshot.*`).
+    pub fn relayed(code: String, message: impl Into<String>) -> Self {
+        Self {
+            code: Cow::Owned(code),
             message: message.into(),
         }
     }

@@ -5,6 +5,8 @@
 //! - [`workspace`]: a workspace's configuration and files.
 //! - [`runtime`]: starting and stopping a workspace's processes, and its state.
 //! - [`initramfs`]: the cpio image that carries the agent as /init.
+//! - [`snapshot`]: workspace snapshots (VM state plus a disk copy) by tag.
+//! - [`restore`]: rollback in place and forks from a snapshot.
 //! - [`lock`]: one command at a time per workspace, with a bounded wait.
 //! - [`memory`]: guest memory checked against the host's.
 //! - [`error`]: user-facing errors with stable codes.
@@ -14,5 +16,7 @@ pub mod home;
 pub mod initramfs;
 pub mod lock;
 pub mod memory;
+pub mod restore;
 pub mod runtime;
+pub mod snapshot;
 pub mod workspace;

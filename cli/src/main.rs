@@ -6,11 +6,14 @@ use microagent_cli::home::Home;
 use microagent_cli::initramfs::Initramfs;
 use microagent_cli::lock::{self, Wait, WorkspaceLock};
 use microagent_cli::memory;
+use microagent_cli::restore;
 use microagent_cli::runtime::{self, State};
+use microagent_cli::snapshot;
 use microagent_cli::workspace::{self, Config};
 use microagent_image::pull::{root_disk, PullOptions};
 use microagent_image::source::{exec_defaults, fetch, Source};
 use microagent_image::store::Store;
+use microagent_vmm::api::Request;
 use std::fs;
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -39,11 +42,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Create a workspace from an image.
+    /// Create a workspace from an image, or fork a running one from a snapshot.
     Create {
         name: String,
-        #[arg(long)]
-        image: String,
+        #[arg(long, required_unless_present = "from_snapshot")]
+        image: Option<String>,
+        /// Fork: a new running workspace from WORKSPACE:TAG (its own disk copy, daemons
+        /// and identity).
+        #[arg(long, value_name = "WORKSPACE:TAG", conflicts_with_all = [
+            "image", "cpus", "memory", "disk_size", "kernel", "initrd", "cmdline", "no_agent",
+            "insecure", "secrets",
+        ])]
+        from_snapshot: Option<String>,
         #[arg(long, default_value_t = 2)]
         cpus: u8,
         /// Guest memory: 512M, 1G, or a number of MiB.
@@ -73,6 +83,15 @@ enum Cmd {
     /// Start a workspace and wait until it answers.
     Start {
         name: String,
+        /// Roll back: disk, memory and devices return to this snapshot (a halted
+        /// workspace only).
+        #[arg(long, value_name = "TAG")]
+        from_snapshot: Option<String>,
+    },
+    /// Snapshots of a workspace: VM state plus a copy of its disk.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCmd,
     },
     /// Run a command in a running workspace; exits with its status.
     Exec {
@@ -139,6 +158,21 @@ enum Cmd {
         #[command(subcommand)]
         command: ImageCmd,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCmd {
+    /// Snapshot a running (briefly paused) or paused workspace.
+    Create {
+        name: String,
+        /// The snapshot's name (default: the UTC time, 20260611T085244Z).
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// A workspace's snapshots: TAG SIZE CREATED IMAGE.
+    List { name: String },
+    /// Delete one snapshot.
+    Delete { name: String, tag: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +244,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
     let Cmd::Create {
         name,
         image,
+        from_snapshot,
         cpus,
         memory,
         disk_size,
@@ -222,6 +257,15 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
     } = args
     else {
         unreachable!("create called for another command")
+    };
+    if let Some(source) = from_snapshot {
+        return fork(home, out, &name, &source);
+    }
+    let Some(image) = image else {
+        return Err(CliError::new(
+            "input.missing_image",
+            "create needs --image (or --from-snapshot WORKSPACE:TAG)",
+        ));
     };
     workspace::validate_name(&name)?;
     let memory_mib = parse_size(&memory, "--memory")? >> 20;
@@ -373,19 +417,26 @@ fn fetch_image(store: &Store, text: &str, insecure: bool) -> Result<microagent_i
         .map_err(|e| CliError::new(e.code(), e.to_string()))
 }
 
-fn start(home: &Home, out: &Output, name: &str) -> Result<()> {
-    let config = workspace::load(home, name)?;
-    let _lock = out.lock(home, name, "start")?;
-    match runtime::state(home, name) {
-        State::Running | State::Paused => {
-            return Err(CliError::new(
-                "workspace.running",
-                format!("{name} is already running"),
-            ))
-        }
-        State::Crashed { .. } => runtime::kill_all(home, name),
-        State::Created | State::Halted => {}
-    }
+fn fork(home: &Home, out: &Output, new: &str, source: &str) -> Result<()> {
+    workspace::validate_name(new)?;
+    let (from, tag) = restore::parse_source(source)?;
+    let snap = snapshot::open(home, from, tag)?;
+    host_can_run(new, &snap.info.workspace)?;
+    let _lock = out.lock(home, new, "create")?;
+    let (config, took) = restore::fork(home, new, &snap)?;
+    out.say(
+        &format!(
+            "created {new} from snapshot {from}:{tag}, running in {:.2}s",
+            took.as_secs_f64()
+        ),
+        serde_json::json!({"created": new, "from_snapshot": source, "image": config.image, "seconds": took.as_secs_f64()}),
+    );
+    Ok(())
+}
+
+/// Refuses what this host cannot run: more memory than it has, a Linux guest without
+/// hardware virtualization.
+fn host_can_run(name: &str, config: &Config) -> Result<()> {
     memory::check(
         config.memory_mib,
         memory::host_total_mib(),
@@ -400,9 +451,38 @@ fn start(home: &Home, out: &Output, name: &str) -> Result<()> {
             ));
         }
     }
+    Ok(())
+}
+
+fn start(home: &Home, out: &Output, name: &str, from_snapshot: Option<&str>) -> Result<()> {
+    let config = workspace::load(home, name)?;
+    let _lock = out.lock(home, name, "start")?;
+    if let Some(tag) = from_snapshot {
+        host_can_run(name, &config)?;
+        let took = restore::rollback(home, &config, tag)?;
+        out.say(
+            &format!(
+                "started {name} from snapshot {tag} in {:.2}s",
+                took.as_secs_f64()
+            ),
+            serde_json::json!({"started": name, "from_snapshot": tag, "seconds": took.as_secs_f64()}),
+        );
+        return Ok(());
+    }
+    match runtime::state(home, name) {
+        State::Running | State::Paused => {
+            return Err(CliError::new(
+                "workspace.running",
+                format!("{name} is already running"),
+            ))
+        }
+        State::Crashed { .. } => runtime::kill_all(home, name),
+        State::Created | State::Halted => {}
+    }
+    host_can_run(name, &config)?;
     let took = runtime::start(home, &config)?;
     if !config.secrets.is_empty() {
-        let delivered = deliver_secrets(home, &config);
+        let delivered = runtime::deliver_secrets(home, &config);
         if let Err(e) = delivered {
             runtime::halt(home, &config);
             return Err(e);
@@ -413,27 +493,6 @@ fn start(home: &Home, out: &Output, name: &str) -> Result<()> {
         serde_json::json!({"started": name, "seconds": took.as_secs_f64()}),
     );
     Ok(())
-}
-
-fn deliver_secrets(home: &Home, config: &Config) -> Result<()> {
-    let values = config
-        .secrets
-        .iter()
-        .map(|(name, file)| {
-            fs::read(file).map(|v| (name.clone(), v)).map_err(|e| {
-                CliError::new(
-                    "secret.unreadable",
-                    format!("secret {name}: {}: {e}", file.display()),
-                )
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Connection::open(
-        &runtime::agent_socket(home, &config.name),
-        Duration::from_secs(10),
-    )
-    .and_then(|c| c.put_secrets(&values))
-    .map_err(|e| CliError::new("secret.delivery_failed", e.to_string()))
 }
 
 /// The host terminal in raw mode for a TTY exec; restored when dropped.
@@ -610,23 +669,75 @@ fn list(home: &Home, out: &Output) {
     if out.json {
         let items: Vec<_> = rows
             .iter()
-            .map(|(c, s)| serde_json::json!({"name": c.name, "state": s, "image": c.image, "cpus": c.cpus, "memory_mib": c.memory_mib, "created": c.created}))
+            .map(|(c, s)| serde_json::json!({"name": c.name, "state": s, "image": c.image, "cpus": c.cpus, "memory_mib": c.memory_mib, "created": c.created, "snapshots": snapshot::count(home, &c.name)}))
             .collect();
         println!("{}", serde_json::Value::Array(items));
         return;
     }
-    println!("NAME                 STATE     IMAGE                                    CPUS  MEMORY CREATED");
+    println!("NAME                 STATE     IMAGE                                    CPUS  MEMORY CREATED              SNAPSHOTS");
     for (c, s) in rows {
         println!(
-            "{:<20} {:<9} {:<40} {:>4} {:>6}M {}",
+            "{:<20} {:<9} {:<40} {:>4} {:>6}M {:<20} {}",
             c.name,
             s.name(),
             c.image.as_deref().unwrap_or("-"),
             c.cpus,
             c.memory_mib,
-            c.created
+            c.created,
+            snapshot::count(home, &c.name)
         );
     }
+}
+
+fn snapshot_cmd(home: &Home, out: &Output, command: SnapshotCmd) -> Result<()> {
+    match command {
+        SnapshotCmd::Create { name, tag } => {
+            let config = workspace::load(home, &name)?;
+            let tag = tag.unwrap_or_else(|| snapshot::default_tag(&workspace::now_rfc3339()));
+            snapshot::validate_tag(&tag)?;
+            let _lock = out.lock(home, &name, "snapshot create")?;
+            let info = snapshot::create(home, &config, &tag)?;
+            out.say(
+                &format!(
+                    "snapshot {tag} created ({} MiB RAM, {} vCPU) at {}",
+                    config.memory_mib, config.cpus, info.created
+                ),
+                serde_json::json!({"snapshot": tag, "workspace": name, "created": info.created, "memory_mib": config.memory_mib, "cpus": config.cpus}),
+            );
+        }
+        SnapshotCmd::List { name } => {
+            workspace::load(home, &name)?;
+            let entries = snapshot::list(home, &name);
+            if out.json {
+                let items: Vec<_> = entries
+                    .iter()
+                    .map(|e| serde_json::json!({"tag": e.info.tag, "created": e.info.created, "image": e.info.workspace.image, "logical_bytes": e.logical, "allocated_bytes": e.allocated}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(items));
+                return Ok(());
+            }
+            println!("TAG SIZE CREATED IMAGE");
+            for e in entries {
+                println!(
+                    "{} {} {} {}",
+                    e.info.tag,
+                    snapshot::human(e.allocated),
+                    e.info.created,
+                    e.info.workspace.image.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        SnapshotCmd::Delete { name, tag } => {
+            workspace::load(home, &name)?;
+            let _lock = out.lock(home, &name, "snapshot delete")?;
+            snapshot::delete(home, &name, &tag)?;
+            out.say(
+                &format!("deleted snapshot {tag} of {name}"),
+                serde_json::json!({"deleted_snapshot": tag, "workspace": name}),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn doctor(home: &Home, out: &Output) {
@@ -719,7 +830,11 @@ fn run(cli: Cli) -> Result<i32> {
     };
     match cli.command {
         args @ Cmd::Create { .. } => create(&home, &out, args)?,
-        Cmd::Start { name } => start(&home, &out, &name)?,
+        Cmd::Start {
+            name,
+            from_snapshot,
+        } => start(&home, &out, &name, from_snapshot.as_deref())?,
+        Cmd::Snapshot { command } => snapshot_cmd(&home, &out, command)?,
         args @ Cmd::Exec { .. } => return exec(&home, args),
         Cmd::Shell { name } => {
             let args = Cmd::Exec {
@@ -755,20 +870,24 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Inspect { name } => {
             let config = workspace::load(&home, &name)?;
             let state = runtime::state(&home, &name);
-            println!("{}", serde_json::json!({"config": config, "state": state}));
+            let snapshots = snapshot::count(&home, &name);
+            println!(
+                "{}",
+                serde_json::json!({"config": config, "state": state, "snapshots": snapshots})
+            );
         }
         Cmd::Pause { name } | Cmd::Resume { name } if workspace::load(&home, &name).is_err() => {
             workspace::load(&home, &name)?;
         }
         Cmd::Pause { name } => {
-            runtime::vmm_request(&home, &name, r#"{"cmd":"pause"}"#)?;
+            runtime::vmm_call(&home, &name, &Request::Pause, runtime::CONTROL_TIMEOUT)?;
             out.say(
                 &format!("paused {name}"),
                 serde_json::json!({"paused": name}),
             );
         }
         Cmd::Resume { name } => {
-            runtime::vmm_request(&home, &name, r#"{"cmd":"resume"}"#)?;
+            runtime::vmm_call(&home, &name, &Request::Resume, runtime::CONTROL_TIMEOUT)?;
             out.say(
                 &format!("resumed {name}"),
                 serde_json::json!({"resumed": name}),

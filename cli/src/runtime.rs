@@ -6,6 +6,7 @@ use crate::error::{CliError, Result};
 use crate::home::Home;
 use crate::workspace::{self, Config};
 use microagent_agent_protocol::client::Connection;
+use microagent_vmm::api::Request;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -92,8 +93,22 @@ fn alive(pid: u32, binary: &str) -> bool {
     is_ours && !zombie
 }
 
-/// One JSON request to the VMM's control socket.
-pub fn vmm_request(home: &Home, name: &str, request: &str) -> Result<serde_json::Value> {
+/// How long a control request other than a snapshot may take.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One [`Request`] to the VMM, waiting up to `timeout` for the reply; a refusal keeps
+/// the VMM's own code (`snapshot.no_space`, ...).
+pub fn vmm_call(
+    home: &Home,
+    name: &str,
+    request: &Request,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    exchange(home, name, &request.to_line(), timeout)
+}
+
+/// Sends one request line (newline included) and reads the reply line.
+fn exchange(home: &Home, name: &str, line: &str, timeout: Duration) -> Result<serde_json::Value> {
     let fail = |e: String| {
         CliError::new(
             "vmm.control_failed",
@@ -103,21 +118,24 @@ pub fn vmm_request(home: &Home, name: &str, request: &str) -> Result<serde_json:
     let mut stream =
         UnixStream::connect(api_socket(home, name)).map_err(|e| fail(e.to_string()))?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(timeout))
         .map_err(|e| fail(e.to_string()))?;
-    writeln!(stream, "{request}").map_err(|e| fail(e.to_string()))?;
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
     let mut line = String::new();
     BufReader::new(stream)
         .read_line(&mut line)
         .map_err(|e| fail(e.to_string()))?;
     let reply: serde_json::Value = serde_json::from_str(&line).map_err(|e| fail(e.to_string()))?;
     if reply["ok"] != true {
-        return Err(fail(
-            reply["error"]["message"]
-                .as_str()
-                .unwrap_or("refused")
-                .into(),
-        ));
+        let message = reply["error"]["message"].as_str().unwrap_or("refused");
+        return Err(match reply["error"]["code"].as_str() {
+            Some(code) if code.starts_with("snapshot.") => {
+                CliError::relayed(code.to_owned(), format!("{name}: {message}"))
+            }
+            _ => fail(message.into()),
+        });
     }
     Ok(reply)
 }
@@ -147,7 +165,7 @@ pub fn state(home: &Home, name: &str) -> State {
         }
         return State::Crashed { reason };
     }
-    match vmm_request(home, name, r#"{"cmd":"status"}"#) {
+    match vmm_call(home, name, &Request::Status, CONTROL_TIMEOUT) {
         Ok(reply) if reply["state"] == "paused" => State::Paused,
         Ok(_) => State::Running,
         Err(e) => State::Crashed { reason: e.message },
@@ -266,9 +284,26 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// How the VMM begins: booting the kernel, or from a snapshot's VM directory.
+#[derive(Debug, Clone, Copy)]
+pub enum Launch<'a> {
+    Boot,
+    Restore(&'a Path),
+}
+
 /// Starts the daemons and the VMM and waits until the workspace answers. On failure
 /// everything started is stopped again and the error names the step.
 pub fn start(home: &Home, config: &Config) -> Result<Duration> {
+    launch(home, config, Launch::Boot)
+}
+
+/// Like [`start`], but new daemons and a new VMM continue from a snapshot (`--restore`):
+/// the disk must already be the snapshot's copy.
+pub fn restore(home: &Home, config: &Config, vm_dir: &Path) -> Result<Duration> {
+    launch(home, config, Launch::Restore(vm_dir))
+}
+
+fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
     let started = Instant::now();
     let name = &config.name;
     let rt = dir(home, name);
@@ -307,15 +342,21 @@ pub fn start(home: &Home, config: &Config) -> Result<Duration> {
             wait_for(&rt.join("vsock.sock"), pid, "microagent-vhost-vsock")?;
         }
         let mut vmm = Command::new(sibling("microagent-vmm")?);
-        vmm.arg("--kernel")
-            .arg(&config.kernel)
-            .arg("--cmdline")
-            .arg(&config.cmdline)
-            .arg("--cpus")
-            .arg(config.cpus.to_string())
-            .arg("--memory")
-            .arg(config.memory_mib.to_string())
-            .arg("--serial")
+        vmm.arg("--kernel").arg(&config.kernel);
+        match how {
+            Launch::Boot => {
+                vmm.arg("--cmdline")
+                    .arg(&config.cmdline)
+                    .arg("--cpus")
+                    .arg(config.cpus.to_string())
+                    .arg("--memory")
+                    .arg(config.memory_mib.to_string());
+            }
+            Launch::Restore(dir) => {
+                vmm.arg("--restore").arg(dir);
+            }
+        }
+        vmm.arg("--serial")
             .arg(workspace::console_log(home, name))
             .arg("--blk")
             .arg(rt.join("blk.sock"))
@@ -388,7 +429,8 @@ pub fn halt(home: &Home, config: &Config) {
                 .and_then(Connection::shutdown)
                 .is_ok();
         if !graceful {
-            let _ = vmm_request(home, name, r#"{"cmd":"shutdown"}"#);
+            let shutdown = Request::Shutdown { timeout_ms: 0 };
+            let _ = vmm_call(home, name, &shutdown, CONTROL_TIMEOUT);
         }
         let deadline = Instant::now() + HALT_TIMEOUT;
         while alive(pids.vmm, "microagent-vmm") && Instant::now() < deadline {
@@ -419,4 +461,23 @@ pub fn kill_all(home: &Home, name: &str) {
         }
     }
     let _ = fs::remove_dir_all(dir(home, name));
+}
+
+/// Reads every secret from its host file and hands them to the agent for /run/secrets.
+pub fn deliver_secrets(home: &Home, config: &Config) -> Result<()> {
+    let values = config
+        .secrets
+        .iter()
+        .map(|(name, file)| {
+            fs::read(file).map(|v| (name.clone(), v)).map_err(|e| {
+                CliError::new(
+                    "secret.unreadable",
+                    format!("secret {name}: {}: {e}", file.display()),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Connection::open(&agent_socket(home, &config.name), SOCKET_TIMEOUT)
+        .and_then(|c| c.put_secrets(&values))
+        .map_err(|e| CliError::new("secret.delivery_failed", e.to_string()))
 }

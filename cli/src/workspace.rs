@@ -99,22 +99,34 @@ pub fn list(home: &Home) -> Vec<Config> {
     out
 }
 
-/// Copies the image's root disk for one workspace: a reflink where the filesystem can,
-/// else a sparse copy (`cp --sparse=always`).
+/// Copies a root disk: a reflink where the filesystem can, else a sparse copy
+/// (`cp --sparse=always`). A full file system is `home.no_space`.
 pub fn copy_disk(from: &Path, to: &Path) -> Result<()> {
-    let status = std::process::Command::new("cp")
+    let out = std::process::Command::new("cp")
         .args(["--reflink=auto", "--sparse=always"])
         .arg(from)
         .arg(to)
-        .status()
+        .stdin(std::process::Stdio::null())
+        .output()
         .map_err(|e| CliError::new("workspace.disk_copy_failed", format!("running cp: {e}")))?;
-    if !status.success() {
-        return Err(CliError::new(
-            "workspace.disk_copy_failed",
-            format!("copying {} to {} failed", from.display(), to.display()),
-        ));
+    if out.status.success() {
+        return Ok(());
     }
-    Ok(())
+    let why = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let _ = fs::remove_file(to);
+    let code = if why.contains("No space left") {
+        "home.no_space"
+    } else {
+        "workspace.disk_copy_failed"
+    };
+    Err(CliError::new(
+        code,
+        format!(
+            "copying {} to {} failed: {why}",
+            from.display(),
+            to.display()
+        ),
+    ))
 }
 
 /// Now as RFC 3339 UTC (`2026-06-11T08:52:44Z`).

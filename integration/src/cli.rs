@@ -147,3 +147,46 @@ pub fn survivors(pids: &[u32]) -> Vec<u32> {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Kills, when dropped, every process the CLI recorded under `runtime` (workspaces that
+/// a failing test left running: the CLI starts them detached, so no child guard holds
+/// them). Only processes whose command is one of microagent's binaries are signalled.
+pub struct Reaper {
+    runtime: PathBuf,
+}
+
+impl Cli {
+    pub fn reaper(&self) -> Reaper {
+        Reaper {
+            runtime: self.runtime.clone(),
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let Ok(dirs) = std::fs::read_dir(&self.runtime) else {
+            return;
+        };
+        for dir in dirs.flatten() {
+            let Ok(text) = std::fs::read_to_string(dir.path().join("state.json")) else {
+                continue;
+            };
+            let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            for key in ["vmm", "blk", "vsock"] {
+                let Some(pid) = state[key].as_u64().and_then(|p| i32::try_from(p).ok()) else {
+                    continue;
+                };
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+                if pid > 0 && String::from_utf8_lossy(argv0).contains("/microagent-") {
+                    // SAFETY: SIGKILL to a process the CLI under test recorded as its own,
+                    // checked to still run one of microagent's binaries.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}

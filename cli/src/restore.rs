@@ -1,0 +1,182 @@
+//! Starting from a snapshot: a halted workspace rolled back in place
+//! (`start NAME --from-snapshot T`), or a new workspace forked from one
+//! (`create NEW --from-snapshot NAME:T`). Both refuse a kernel or initrd other than the
+//! snapshot's before anything changes, start new daemons and a new VMM on a disk copy,
+//! and give an agent its secrets again; a fork also gets its own identity.
+
+use crate::error::{CliError, Result};
+use crate::home::Home;
+use crate::runtime::{self, State};
+use crate::snapshot::{self, Snapshot};
+use crate::workspace::{self, Config};
+use microagent_agent_protocol::client::Connection;
+use std::fs;
+use std::io::Read;
+use std::time::Duration;
+
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Entropy handed to a fork's kernel RNG.
+const ENTROPY_BYTES: usize = 64;
+
+/// Rolls a halted (or created, or crashed) workspace back to snapshot `tag`: disk,
+/// memory and devices; everything since is discarded. Running when this returns.
+pub fn rollback(home: &Home, config: &Config, tag: &str) -> Result<Duration> {
+    let name = &config.name;
+    match runtime::state(home, name) {
+        State::Running | State::Paused => {
+            return Err(CliError::new(
+                "workspace.running",
+                format!(
+                    "{name} is running: halt it before rolling it back (microagent halt {name})"
+                ),
+            ))
+        }
+        State::Crashed { .. } => runtime::kill_all(home, name),
+        State::Created | State::Halted => {}
+    }
+    let snap = snapshot::open(home, name, tag)?;
+    snap.check_artifacts(&config.kernel, config.initrd.as_deref())?;
+    let disk = workspace::rootfs(home, name);
+    let tmp = workspace::dir(home, name).join(".rootfs.restoring");
+    let _ = fs::remove_file(&tmp);
+    workspace::copy_disk(&snap.disk(), &tmp)?;
+    fs::rename(&tmp, &disk).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        CliError::new("home.unwritable", format!("{}: {e}", disk.display()))
+    })?;
+    let took = runtime::restore(home, config, &snap.vm_dir())?;
+    if config.agent && !config.secrets.is_empty() {
+        if let Err(e) = runtime::deliver_secrets(home, config) {
+            runtime::halt(home, config);
+            return Err(e);
+        }
+    }
+    Ok(took)
+}
+
+/// `NAME:TAG` as `create --from-snapshot` takes it.
+pub fn parse_source(text: &str) -> Result<(&str, &str)> {
+    let (name, tag) = text.split_once(':').ok_or_else(|| {
+        CliError::new(
+            "input.bad_snapshot_ref",
+            format!("--from-snapshot {text:?} is not WORKSPACE:TAG"),
+        )
+    })?;
+    workspace::validate_name(name)?;
+    snapshot::validate_tag(tag)?;
+    Ok((name, tag))
+}
+
+/// Creates workspace `new` from a snapshot and starts it: a private copy of the disk
+/// and initrd, its own daemons and VMM, then (with an agent) a fresh identity and the
+/// secrets. Nothing of `new` is left when this fails. The caller holds `new`'s lock.
+pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration)> {
+    workspace::validate_name(new)?;
+    let dir = workspace::dir(home, new);
+    if dir.exists() {
+        return Err(CliError::new(
+            "workspace.exists",
+            format!("a workspace named {new} already exists"),
+        ));
+    }
+    let source = &snap.info.workspace;
+    snap.check_artifacts(&source.kernel, snap.initrd().as_deref())?;
+    let tmp = home.workspaces().join(format!(".creating-{new}"));
+    let _ = fs::remove_dir_all(&tmp);
+    let made = (|| {
+        fs::create_dir_all(&tmp).map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+        workspace::copy_disk(&snap.disk(), &tmp.join("rootfs.ext4"))?;
+        let initrd = match snap.initrd() {
+            Some(from) => {
+                fs::copy(&from, tmp.join("initrd.cpio"))
+                    .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+                Some(dir.join("initrd.cpio"))
+            }
+            None => None,
+        };
+        let config = Config {
+            name: new.to_owned(),
+            initrd,
+            cmdline: source.cmdline.replace(
+                &format!("microagent.hostname={}", source.name),
+                &format!("microagent.hostname={new}"),
+            ),
+            created: workspace::now_rfc3339(),
+            ..source.clone()
+        };
+        fs::write(
+            tmp.join("workspace.json"),
+            serde_json::to_vec_pretty(&config).unwrap_or_default(),
+        )
+        .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+        fs::rename(&tmp, &dir).map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+        Ok(config)
+    })();
+    let config = made.inspect_err(|_| {
+        let _ = fs::remove_dir_all(&tmp);
+    })?;
+    let started = runtime::restore(home, &config, &snap.vm_dir()).and_then(|took| {
+        if config.agent {
+            let result = give_identity(home, &config).and_then(|()| {
+                if config.secrets.is_empty() {
+                    Ok(())
+                } else {
+                    runtime::deliver_secrets(home, &config)
+                }
+            });
+            if let Err(e) = result {
+                runtime::halt(home, &config);
+                return Err(e);
+            }
+        }
+        Ok(took)
+    });
+    match started {
+        Ok(took) => Ok((config, took)),
+        Err(e) => {
+            runtime::kill_all(home, new);
+            let _ = fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
+/// Hostname, a new machine-id and fresh entropy for the guest's RNG, through the agent.
+fn give_identity(home: &Home, config: &Config) -> Result<()> {
+    let mut random = [0u8; 16 + ENTROPY_BYTES];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .map_err(|e| CliError::new("host.no_entropy", format!("/dev/urandom: {e}")))?;
+    let (id, entropy) = random.split_at(16);
+    let machine_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    Connection::open(&runtime::agent_socket(home, &config.name), AGENT_TIMEOUT)
+        .and_then(|c| c.set_identity(&config.name, &machine_id, entropy))
+        .map_err(|e| CliError::new("fork.identity_failed", format!("{}: {e}", config.name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_references_are_workspace_colon_tag() {
+        assert_eq!(
+            parse_source("builder:baseline").unwrap(),
+            ("builder", "baseline")
+        );
+        for bad in ["builder", "builder:", ":tag", "../x:tag", "b:../t"] {
+            let err = parse_source(bad).unwrap_err();
+            assert!(
+                matches!(
+                    &*err.code,
+                    "input.bad_snapshot_ref" | "workspace.invalid_name" | "snapshot.invalid_tag"
+                ),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(
+            parse_source("builder").unwrap_err().code,
+            "input.bad_snapshot_ref"
+        );
+    }
+}
