@@ -38,7 +38,7 @@ pub fn static_agent() -> Result<PathBuf, daemon::Error> {
 }
 
 /// Applets the test root filesystem offers.
-const APPLETS: &[&str] = &[
+pub const APPLETS: &[&str] = &[
     "sh",
     "cat",
     "echo",

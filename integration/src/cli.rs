@@ -2,6 +2,7 @@
 //! output captured, `--json` errors checked by code.
 
 use crate::daemon::binary;
+use crate::registry::{push_workspace_image, Registry};
 use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,17 @@ impl Cli {
         if !link.exists() {
             std::os::unix::fs::symlink(kernels, link).unwrap();
         }
+    }
+
+    /// A CLI under `dir` whose home sees the project kernels, with a registry on loopback
+    /// serving the workspace test image; returns the CLI, the registry (stopped when
+    /// dropped) and the image reference.
+    pub fn with_workspace_image(dir: &Path) -> (Self, Registry, String) {
+        let registry = Registry::start(dir);
+        let image = push_workspace_image(dir, &registry, "test/workspace:v1");
+        let cli = Self::new(dir);
+        cli.link_kernels();
+        (cli, registry, image)
     }
 
     /// The command, not started yet.

@@ -211,44 +211,10 @@ pub fn whiteout_layers() -> (Vec<u8>, Vec<u8>) {
     (one, two)
 }
 
-/// Applets of the workspace test image (symlinks to busybox in /bin).
-const WORKSPACE_APPLETS: &[&str] = &[
-    "sh",
-    "cat",
-    "echo",
-    "dd",
-    "head",
-    "sleep",
-    "kill",
-    "true",
-    "false",
-    "sha256sum",
-    "ls",
-    "mkdir",
-    "sync",
-    "id",
-    "hostname",
-    "env",
-    "pwd",
-    "tty",
-    "stty",
-    "wc",
-    "tr",
-    "rm",
-    "stat",
-    "ip",
-    "wget",
-    "grep",
-    "seq",
-    "date",
-    "test",
-    "[",
-    "printf",
-    "ps",
-    "nproc",
-    "df",
-    "mount",
-    "uname",
+/// Applets of the workspace test image besides the agent rig's ([`crate::agent::APPLETS`]);
+/// all are symlinks to busybox in /bin.
+const MORE_APPLETS: &[&str] = &[
+    "grep", "seq", "date", "test", "[", "printf", "ps", "nproc", "df", "mount", "uname",
 ];
 
 /// One layer of a small workspace image: busybox-static with its applets in /bin, a root
@@ -263,7 +229,7 @@ pub fn workspace_layer() -> Vec<u8> {
     }
     dir(&mut b, "home/app/", 0o755);
     file(&mut b, "bin/busybox", 0o755, &busybox);
-    for applet in WORKSPACE_APPLETS {
+    for applet in crate::agent::APPLETS.iter().chain(MORE_APPLETS) {
         link(
             &mut b,
             EntryType::Symlink,

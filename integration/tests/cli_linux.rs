@@ -4,7 +4,6 @@
 
 use microagent_integration::cli::{survivors, Cli};
 use microagent_integration::nested::on_linux_kvm;
-use microagent_integration::registry::{push_workspace_image, Registry};
 use std::fs;
 
 fn stdout(out: &std::process::Output) -> String {
@@ -20,10 +19,7 @@ fn linux_workspace_lifecycle_through_the_cli() {
     on_linux_kvm("linux_workspace_lifecycle_through_the_cli", || {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let registry = Registry::start(d);
-        let image = push_workspace_image(d, &registry, "test/workspace:v1");
-        let cli = Cli::new(d);
-        cli.link_kernels();
+        let (cli, _registry, image) = Cli::with_workspace_image(d);
         let secret = d.join("token.txt");
         fs::write(&secret, "s3cret-token-value\n").unwrap();
 

@@ -5,7 +5,6 @@
 
 use microagent_integration::cli::{survivors, Cli};
 use microagent_integration::nested::on_linux_kvm;
-use microagent_integration::registry::{push_workspace_image, Registry};
 use std::fs;
 
 const SECRET: &str = "s3cret-token-value-7f3a9c";
@@ -54,11 +53,8 @@ fn linux_snapshot_rollback_and_fork_walkthrough() {
     on_linux_kvm("linux_snapshot_rollback_and_fork_walkthrough", || {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let registry = Registry::start(d);
-        let image = push_workspace_image(d, &registry, "test/workspace:v1");
-        let cli = Cli::new(d);
+        let (cli, _registry, image) = Cli::with_workspace_image(d);
         let _reaper = cli.reaper();
-        cli.link_kernels();
         let secret = d.join("token.txt");
         fs::write(&secret, format!("{SECRET}\n")).unwrap();
 
