@@ -210,25 +210,52 @@ fn bad_input_is_refused_with_a_code_and_nothing_half_created() {
     );
     cli.fails(&["delete", "ws"], "input.confirmation_needed");
     assert!(workspaces.join("ws").exists());
-    let out = cli.run(&["exec", "ws", "--", "true"]);
-    assert_eq!(out.status.code(), Some(125), "exec on a stopped workspace");
+    let message = cli.fails(&["exec", "ws", "--", "true"], "workspace.not_running");
+    assert!(message.contains("ws"), "{message}");
 }
 
 #[test]
 fn shell_completions_name_every_command() {
     let dir = tempfile::tempdir().unwrap();
     let cli = Cli::new(dir.path());
+    // Every command `--help` lists, and the subcommands of those that have some: a new
+    // command is covered without editing this test.
+    let mut commands = help_commands(&cli, &[]);
+    for group in commands.clone() {
+        commands.extend(help_commands(&cli, &[&group]));
+    }
+    for expected in [
+        "create", "exec", "shell", "doctor", "snapshot", "image", "pull", "rm",
+    ] {
+        assert!(
+            commands.iter().any(|c| c == expected),
+            "--help does not list {expected}: {commands:?}"
+        );
+    }
     for shell in ["bash", "zsh", "fish"] {
         let script = cli.ok(&["completion", shell]);
-        for command in [
-            "create", "start", "exec", "halt", "delete", "doctor", "shell",
-        ] {
+        for command in &commands {
             assert!(
-                script.contains(command),
+                script.contains(command.as_str()),
                 "{shell} completion lacks {command}"
             );
         }
     }
+}
+
+/// The command names in the `Commands:` section of `microagent ARGS… --help`.
+fn help_commands(cli: &Cli, args: &[&str]) -> Vec<String> {
+    let mut all = args.to_vec();
+    all.push("--help");
+    let help = cli.ok(&all);
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
