@@ -1,7 +1,7 @@
 //! The guest agent as /init of a real Linux guest (QEMU TCG) whose root disk and vsock
 //! are served by our own daemons; the host drives it with the protocol crate's client.
 
-use microagent_agent_protocol::client::{Connection, Exit};
+use microagent_agent_protocol::client::{Connection, Error as ClientError, Exit};
 use microagent_agent_protocol::message::{HostMessage, TtySize};
 use microagent_integration::agent::{argv_request, busybox_root_disk, AgentVm};
 use sha2::{Digest, Sha256};
@@ -219,10 +219,18 @@ fn identity_and_file_transfer() {
         ws.run(&["cat", "/etc/machine-id"]).1,
         format!("{machine_id}\n").into_bytes()
     );
-    assert!(ws
-        .connect()
-        .set_identity("bad host", machine_id, &[])
-        .is_err());
+    // Refused for its hostname, with the identity code; the old name stays.
+    match ws.connect().set_identity("bad host", machine_id, &[]) {
+        Err(ClientError::Agent { code, message }) => {
+            assert_eq!(code, "agent.identity_failed", "{message}");
+            assert!(
+                message.contains("invalid hostname \"bad host\""),
+                "{message}"
+            );
+        }
+        other => panic!("a bad hostname was not refused by the agent: {other:?}"),
+    }
+    assert_eq!(ws.run(&["hostname"]).1, b"ws-fork-1\n");
 
     let data: Vec<u8> = (0..(200 << 10)).map(|i: u32| (i * 13 + 1) as u8).collect();
     ws.connect()
