@@ -462,3 +462,59 @@ fn a_command_waiting_for_a_busy_workspace_says_so_and_gives_up_or_waits() {
         "{out:?}"
     );
 }
+
+#[test]
+fn doctor_names_what_is_missing_and_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(dir.path());
+    let doctor = |cli: &Cli| -> Vec<serde_json::Value> {
+        let checks: serde_json::Value =
+            serde_json::from_str(&cli.ok(&["--json", "doctor"])).unwrap();
+        let checks = checks.as_array().unwrap().clone();
+        for c in &checks {
+            let ok = c["ok"].as_bool().unwrap();
+            assert!(!c["detail"].as_str().unwrap().is_empty(), "{c}");
+            // A failed check says how to fix it; a passing one has nothing to fix.
+            assert_eq!(c["fix"].as_str().unwrap().is_empty(), ok, "{c}");
+        }
+        checks
+    };
+    let find = |checks: &[serde_json::Value], name: &str| {
+        checks
+            .iter()
+            .find(|c| c["check"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("doctor has no {name} check: {checks:?}"))
+    };
+
+    // A fresh home has no guest kernel.
+    let checks = doctor(&cli);
+    let kernel = find(&checks, "guest_kernel");
+    assert_eq!(kernel["ok"], false, "{kernel}");
+    assert_eq!(kernel["fix"], "make kernel");
+    assert!(
+        kernel["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with(cli.home.join("kernels").to_str().unwrap()),
+        "{kernel}"
+    );
+    let kvm_usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    assert_eq!(find(&checks, "kvm")["ok"], kvm_usable);
+    for name in ["hardware_virtualization", "mke2fs", "cp", "free_space"] {
+        find(&checks, name);
+    }
+
+    // With the project's kernel in place the same check passes.
+    cli.link_kernels();
+    let kernel = find(&doctor(&cli), "guest_kernel");
+    assert_eq!(
+        (&kernel["ok"], &kernel["fix"]),
+        (&true.into(), &"".into()),
+        "{kernel}"
+    );
+}
