@@ -518,3 +518,31 @@ fn doctor_names_what_is_missing_and_how_to_fix_it() {
         "{kernel}"
     );
 }
+
+#[test]
+fn an_agent_workspace_boots_with_init_on_free_and_keeps_the_users_cmdline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, image, kernel) = local_setup(dir.path());
+    cli.ok(&[
+        "create",
+        "ws",
+        "--image",
+        &image,
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "quiet loglevel=3",
+    ]);
+    let inspect: serde_json::Value = serde_json::from_str(&cli.ok(&["inspect", "ws"])).unwrap();
+    let cmdline = inspect["config"]["cmdline"].as_str().unwrap();
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    // Freed pages are zeroed, so wiped secrets leave no copies in a snapshot's memory.
+    for word in [
+        "init_on_free=1",
+        "microagent.hostname=ws",
+        "quiet",
+        "loglevel=3",
+    ] {
+        assert!(words.contains(&word), "{word} missing from {cmdline:?}");
+    }
+}
