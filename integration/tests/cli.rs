@@ -546,3 +546,28 @@ fn an_agent_workspace_boots_with_init_on_free_and_keeps_the_users_cmdline() {
         assert!(words.contains(&word), "{word} missing from {cmdline:?}");
     }
 }
+
+#[test]
+fn an_agent_workspace_is_refused_at_start_where_linux_cannot_boot() {
+    const NAME: &str = "an_agent_workspace_is_refused_at_start_where_linux_cannot_boot";
+    let Some(why) = microagent_vmm::host::linux_guest_limitation() else {
+        microagent_integration::report::not_run(
+            NAME,
+            "this host has VMX/SVM (or no PVM): a Linux guest can start here",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, image, kernel) = local_setup(dir.path());
+    cli.ok(&["create", "ws", "--image", &image, "--kernel", &kernel]);
+    let message = cli.fails(&["start", "ws"], "host.no_hardware_virtualization");
+    assert!(
+        message.starts_with("ws cannot start here: ") && message.ends_with(&why),
+        "{message}"
+    );
+    assert_eq!(cli.state("ws"), "created", "something was started");
+    assert!(
+        !cli.runtime.join("ws/state.json").exists(),
+        "processes were recorded"
+    );
+}
