@@ -130,7 +130,7 @@ fn main() {
     a.sort_by(|x, y| x.total_cmp(y));
     b.sort_by(|x, y| x.total_cmp(y));
     let (ma, mb) = (a[rounds / 2], b[rounds / 2]);
-    println!("image → ext4 root disk, ~60 MiB image (3 gzip layers), local registry, {rounds} rounds (medians)");
+    println!("image → ext4 root disk, ~60 MiB image (3 gzip layers), local registry, {rounds} rounds (medians)\n");
     println!("| microagent (pull + unpack + mke2fs -d) | skopeo copy + sync + umoci raw unpack + mke2fs -d | ratio (time theirs / ours) |");
     println!("|---|---|---|");
     println!("| {ma:.2} s | {mb:.2} s | {:.2} |", mb / ma);

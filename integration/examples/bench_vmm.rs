@@ -117,7 +117,7 @@ fn main() {
     let results: Vec<Run> = (0..runs).map(|_| run_once(dir.path())).collect();
     println!(
         "microagent-vmm, test guest banner run, 128 MiB guest with blk, vsock and API \
-         socket, {runs} runs (medians)"
+         socket, {runs} runs (medians)\n"
     );
     println!("| wall ms to first console line | CPU ms (user+sys), whole run | wall ms, whole run | peak RSS |");
     println!("|---|---|---|---|");
