@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all deps kernel nested-kernel agent build lint test demo clean-kernel
+.PHONY: all deps kernel nested-kernel agent build lint test demo clean-kernel bench
 
 all: build
 
@@ -43,6 +43,12 @@ test: deps kernel nested-kernel lint agent
 	@set -o pipefail; MICROAGENT_TEST_REPORT=$(CURDIR)/$(TEST_REPORT) \
 		$(CARGO) test --workspace --locked 2>&1 | tee $(TEST_LOG); \
 		status=$$?; scripts/test-summary.sh $(TEST_LOG) $(TEST_REPORT); exit $$status
+
+# Every benchmark against its peer, rounds alternating, medians; rewrites the tables
+# between the <!-- bench:NAME --> markers in docs/benchmarks.md (scripts/bench.sh NAME...
+# for some of them).
+bench: deps kernel
+	scripts/bench.sh
 
 demo: deps kernel nested-kernel build
 	scripts/demo.sh

@@ -10,8 +10,8 @@ packages=(
   pkg-config
   # test rigs: QEMU with TCG, a third-party vhost-user-blk backend, test userland
   qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs
-  # image tests: a real registry on loopback and a real pusher
-  docker-registry skopeo
+  # image tests: a real registry on loopback and a real pusher; umoci for bench_image
+  docker-registry skopeo umoci
 )
 
 missing=()
@@ -32,7 +32,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs docker-registry skopeo; do
+for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs docker-registry skopeo umoci; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool not found after install" >&2; exit 1; }
 done
 cargo clippy --version >/dev/null 2>&1 || { echo "install-deps: cargo clippy is missing (rustup component add clippy)" >&2; exit 1; }

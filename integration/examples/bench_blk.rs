@@ -6,6 +6,9 @@
 //!
 //! Each round runs every workload on both daemons back to back, alternating which goes
 //! first; the table reports the median over rounds and the ratio ours / theirs.
+//! Between runs every request still in flight is drained and the disk file is synced
+//! (`fsync`, then `sync`), so no daemon starts while the other's dirty pages are still
+//! being written back; the page cache stays warm (clean) for both.
 
 use microagent_integration::daemon::Daemon;
 use microagent_integration::frontend::{Frontend, GuestMemory, Setup, VirtQueue};
@@ -110,6 +113,8 @@ fn run(socket: &Path, workload: Workload, seconds: f64) -> (f64, Duration) {
         header.extend_from_slice(&0u32.to_le_bytes());
         header.extend_from_slice(&sector.to_le_bytes());
         mem.write(s.header, &header);
+        // A status the device did not write reads as a failure, not as the last success.
+        mem.write(s.status, &[0xFF]);
         let head = (slot * 3) as u16;
         queue.write_descriptor(&mem, head, Descriptor::new(s.header.0, 16, 1, head + 1));
         queue.write_descriptor(
@@ -127,6 +132,7 @@ fn run(socket: &Path, workload: Workload, seconds: f64) -> (f64, Duration) {
     queue.kick().unwrap();
     let start = Instant::now();
     let mut done = 0u64;
+    // Every slot is in flight from here on: each completion is resubmitted at once.
     while start.elapsed().as_secs_f64() < seconds {
         let used = queue.poll_used(&mem);
         if used.is_empty() {
@@ -142,9 +148,24 @@ fn run(socket: &Path, workload: Workload, seconds: f64) -> (f64, Duration) {
         queue.kick().unwrap();
     }
     let rate = done as f64 / start.elapsed().as_secs_f64();
-    // Drain what is still in flight before disconnecting.
-    let _ = queue.wait_used(&mem, 0, Duration::from_secs(5));
+    // Drain all DEPTH requests still in flight before disconnecting.
+    let drained = queue
+        .wait_used(&mem, DEPTH, Duration::from_secs(30))
+        .expect("requests in flight did not complete");
+    for (head, _) in drained {
+        let status = mem.read(slots[usize::from(head) / 3].status, 1)[0];
+        assert_eq!(status, 0, "request failed");
+    }
     (rate, set_up)
+}
+
+/// Writes back what the last daemon left dirty in the page cache before the next run.
+fn settle(disk: &Path) {
+    File::open(disk)
+        .and_then(|f| f.sync_all())
+        .expect("fsync of the disk file");
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -178,19 +199,25 @@ fn main() {
             let measure_ours = || {
                 let socket = dir.path().join("ours.sock");
                 let _ = std::fs::remove_file(&socket);
-                let _d = Daemon::start(
+                let daemon = Daemon::start(
                     "microagent-vhost-blk",
                     &socket,
                     ["--disk", disk.to_str().unwrap()],
                 )
                 .unwrap();
-                run(&socket, workload, seconds)
+                let result = run(&socket, workload, seconds);
+                drop(daemon);
+                settle(&disk);
+                result
             };
             let measure_theirs = || {
                 let socket = dir.path().join("qsd.sock");
                 let _ = std::fs::remove_file(&socket);
-                let _d = StorageDaemon::start(&disk, &socket, true).unwrap();
-                run(&socket, workload, seconds)
+                let daemon = StorageDaemon::start(&disk, &socket, true).unwrap();
+                let result = run(&socket, workload, seconds);
+                drop(daemon);
+                settle(&disk);
+                result
             };
             let (a, b) = if round % 2 == 0 {
                 let a = measure_ours();

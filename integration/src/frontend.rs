@@ -523,3 +523,18 @@ pub fn pipe() -> Result<(File, OwnedFd), Error> {
     // SAFETY: both descriptors are fresh and owned by nothing else.
     Ok(unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
+
+/// Asserts that a daemon refused the device state `connect` loaded: CHECK_DEVICE_STATE
+/// failed (not the connection or the transfer), and the daemon's log names `reason`.
+pub fn assert_state_refused(connect: Result<Frontend, Error>, log: &Path, reason: &str) {
+    match connect {
+        Err(Error::DeviceState(vhost_user::Error::Check(_))) => {}
+        Err(other) => panic!("expected CHECK_DEVICE_STATE to refuse the state, got: {other}"),
+        Ok(_) => panic!("the daemon accepted the state ({reason} expected)"),
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        text.contains(reason),
+        "daemon log does not name {reason:?}:\n{text}"
+    );
+}

@@ -210,25 +210,52 @@ fn bad_input_is_refused_with_a_code_and_nothing_half_created() {
     );
     cli.fails(&["delete", "ws"], "input.confirmation_needed");
     assert!(workspaces.join("ws").exists());
-    let out = cli.run(&["exec", "ws", "--", "true"]);
-    assert_eq!(out.status.code(), Some(125), "exec on a stopped workspace");
+    let message = cli.fails(&["exec", "ws", "--", "true"], "workspace.not_running");
+    assert!(message.contains("ws"), "{message}");
 }
 
 #[test]
 fn shell_completions_name_every_command() {
     let dir = tempfile::tempdir().unwrap();
     let cli = Cli::new(dir.path());
+    // Every command `--help` lists, and the subcommands of those that have some: a new
+    // command is covered without editing this test.
+    let mut commands = help_commands(&cli, &[]);
+    for group in commands.clone() {
+        commands.extend(help_commands(&cli, &[&group]));
+    }
+    for expected in [
+        "create", "exec", "shell", "doctor", "snapshot", "image", "pull", "rm",
+    ] {
+        assert!(
+            commands.iter().any(|c| c == expected),
+            "--help does not list {expected}: {commands:?}"
+        );
+    }
     for shell in ["bash", "zsh", "fish"] {
         let script = cli.ok(&["completion", shell]);
-        for command in [
-            "create", "start", "exec", "halt", "delete", "doctor", "shell",
-        ] {
+        for command in &commands {
             assert!(
-                script.contains(command),
+                script.contains(command.as_str()),
                 "{shell} completion lacks {command}"
             );
         }
     }
+}
+
+/// The command names in the `Commands:` section of `microagent ARGS… --help`.
+fn help_commands(cli: &Cli, args: &[&str]) -> Vec<String> {
+    let mut all = args.to_vec();
+    all.push("--help");
+    let help = cli.ok(&all);
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
@@ -433,5 +460,114 @@ fn a_command_waiting_for_a_busy_workspace_says_so_and_gives_up_or_waits() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("as long as it takes"),
         "{out:?}"
+    );
+}
+
+#[test]
+fn doctor_names_what_is_missing_and_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(dir.path());
+    let doctor = |cli: &Cli| -> Vec<serde_json::Value> {
+        let checks: serde_json::Value =
+            serde_json::from_str(&cli.ok(&["--json", "doctor"])).unwrap();
+        let checks = checks.as_array().unwrap().clone();
+        for c in &checks {
+            let ok = c["ok"].as_bool().unwrap();
+            assert!(!c["detail"].as_str().unwrap().is_empty(), "{c}");
+            // A failed check says how to fix it; a passing one has nothing to fix.
+            assert_eq!(c["fix"].as_str().unwrap().is_empty(), ok, "{c}");
+        }
+        checks
+    };
+    let find = |checks: &[serde_json::Value], name: &str| {
+        checks
+            .iter()
+            .find(|c| c["check"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("doctor has no {name} check: {checks:?}"))
+    };
+
+    // A fresh home has no guest kernel.
+    let checks = doctor(&cli);
+    let kernel = find(&checks, "guest_kernel");
+    assert_eq!(kernel["ok"], false, "{kernel}");
+    assert_eq!(kernel["fix"], "make kernel");
+    assert!(
+        kernel["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with(cli.home.join("kernels").to_str().unwrap()),
+        "{kernel}"
+    );
+    let kvm_usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    assert_eq!(find(&checks, "kvm")["ok"], kvm_usable);
+    for name in ["hardware_virtualization", "mke2fs", "cp", "free_space"] {
+        find(&checks, name);
+    }
+
+    // With the project's kernel in place the same check passes.
+    cli.link_kernels();
+    let kernel = find(&doctor(&cli), "guest_kernel");
+    assert_eq!(
+        (&kernel["ok"], &kernel["fix"]),
+        (&true.into(), &"".into()),
+        "{kernel}"
+    );
+}
+
+#[test]
+fn an_agent_workspace_boots_with_init_on_free_and_keeps_the_users_cmdline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, image, kernel) = local_setup(dir.path());
+    cli.ok(&[
+        "create",
+        "ws",
+        "--image",
+        &image,
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "quiet loglevel=3",
+    ]);
+    let inspect: serde_json::Value = serde_json::from_str(&cli.ok(&["inspect", "ws"])).unwrap();
+    let cmdline = inspect["config"]["cmdline"].as_str().unwrap();
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    // Freed pages are zeroed, so wiped secrets leave no copies in a snapshot's memory.
+    for word in [
+        "init_on_free=1",
+        "microagent.hostname=ws",
+        "quiet",
+        "loglevel=3",
+    ] {
+        assert!(words.contains(&word), "{word} missing from {cmdline:?}");
+    }
+}
+
+#[test]
+fn an_agent_workspace_is_refused_at_start_where_linux_cannot_boot() {
+    const NAME: &str = "an_agent_workspace_is_refused_at_start_where_linux_cannot_boot";
+    let Some(why) = microagent_vmm::host::linux_guest_limitation() else {
+        microagent_integration::report::not_run(
+            NAME,
+            "this host has VMX/SVM (or no PVM): a Linux guest can start here",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, image, kernel) = local_setup(dir.path());
+    cli.ok(&["create", "ws", "--image", &image, "--kernel", &kernel]);
+    let message = cli.fails(&["start", "ws"], "host.no_hardware_virtualization");
+    assert!(
+        message.starts_with("ws cannot start here: ") && message.ends_with(&why),
+        "{message}"
+    );
+    assert_eq!(cli.state("ws"), "created", "something was started");
+    assert!(
+        !cli.runtime.join("ws/state.json").exists(),
+        "processes were recorded"
     );
 }

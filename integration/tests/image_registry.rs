@@ -2,6 +2,7 @@
 //! by skopeo): by tag and by digest, cached blobs not fetched again, a corrupted blob
 //! refused with nothing left in the store, and a registry that is down.
 
+use microagent_image::digest::Digest;
 use microagent_image::pull::{pull, root_disk, Error, PullOptions};
 use microagent_image::reference::Reference;
 use microagent_image::store::Store;
@@ -65,7 +66,8 @@ fn a_blob_served_with_wrong_bytes_is_refused_and_the_store_stays_clean() {
     // Flip a byte of every stored layer blob (gzip: skopeo compresses layers on push)
     // behind the registry's back.
     let blobs = registry.storage.join("docker/registry/v2/blobs/sha256");
-    let mut corrupted = 0;
+    // The registry names each blob's directory by its sha256 (blobs/sha256/ab/abcd…).
+    let mut corrupted = Vec::new();
     for prefix in fs::read_dir(&blobs).unwrap().flatten() {
         for blob in fs::read_dir(prefix.path()).unwrap().flatten() {
             let data = blob.path().join("data");
@@ -74,12 +76,12 @@ fn a_blob_served_with_wrong_bytes_is_refused_and_the_store_stays_clean() {
                 let middle = bytes.len() / 2;
                 bytes[middle] ^= 0xff;
                 fs::write(&data, bytes).unwrap();
-                corrupted += 1;
+                corrupted.push(blob.file_name());
             }
         }
     }
     assert!(
-        corrupted > 0,
+        !corrupted.is_empty(),
         "no layer blob found in the registry's storage"
     );
     let store = Store::new(dir.path().join("images"));
@@ -87,14 +89,24 @@ fn a_blob_served_with_wrong_bytes_is_refused_and_the_store_stays_clean() {
     let err = pull(&store, &reference, &PullOptions::default()).unwrap_err();
     let message = err.to_string();
     assert!(message.contains("igest"), "not a digest error: {message}");
-    let leftovers: Vec<_> = fs::read_dir(store.root().join("blobs/sha256"))
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+    // Whatever the store keeps, it is a whole, verified blob: neither a corrupted layer
+    // (under its digest or any other name) nor a partial download.
+    let stored: Vec<_> = fs::read_dir(store.root().join("blobs/sha256"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    for name in &leftovers {
-        let name = name.to_string_lossy();
+    for path in &stored {
+        let name = path.file_name().unwrap_or_default();
         assert!(
-            !name.starts_with(".tmp"),
-            "partial download left behind: {name}"
+            !corrupted.iter().any(|c| c == name),
+            "corrupted blob stored: {}",
+            path.display()
+        );
+        let bytes = fs::read(path).unwrap();
+        let digest = Digest::of(&bytes);
+        assert_eq!(
+            name.to_string_lossy(),
+            digest.hex(),
+            "stored blob does not match its name"
         );
     }
 }

@@ -1,7 +1,7 @@
 //! The guest agent as /init of a real Linux guest (QEMU TCG) whose root disk and vsock
 //! are served by our own daemons; the host drives it with the protocol crate's client.
 
-use microagent_agent_protocol::client::{Connection, Exit};
+use microagent_agent_protocol::client::{Connection, Error as ClientError, Exit};
 use microagent_agent_protocol::message::{HostMessage, TtySize};
 use microagent_integration::agent::{argv_request, busybox_root_disk, AgentVm};
 use sha2::{Digest, Sha256};
@@ -174,11 +174,11 @@ fn secrets_leave_no_copy_in_guest_memory_after_prepare_snapshot() {
     );
     let mut as_app = argv_request(&["cat", "/run/secrets/api-token"]);
     as_app.user = Some("app".into());
-    assert_ne!(
-        ws.run_with(as_app, Vec::new()).0,
-        Exit::Code(0),
-        "another user read a secret"
-    );
+    // Refused by the file's mode (EACCES), not failing for some other reason.
+    let (exit, out, err) = ws.run_with(as_app, Vec::new());
+    let err = String::from_utf8_lossy(&err);
+    assert_eq!((exit, out), (Exit::Code(1), Vec::new()), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
 
     // While delivered, the secret is in guest memory: the dump does find it.
     let dump = dir.path().join("mem-before.bin");
@@ -219,10 +219,18 @@ fn identity_and_file_transfer() {
         ws.run(&["cat", "/etc/machine-id"]).1,
         format!("{machine_id}\n").into_bytes()
     );
-    assert!(ws
-        .connect()
-        .set_identity("bad host", machine_id, &[])
-        .is_err());
+    // Refused for its hostname, with the identity code; the old name stays.
+    match ws.connect().set_identity("bad host", machine_id, &[]) {
+        Err(ClientError::Agent { code, message }) => {
+            assert_eq!(code, "agent.identity_failed", "{message}");
+            assert!(
+                message.contains("invalid hostname \"bad host\""),
+                "{message}"
+            );
+        }
+        other => panic!("a bad hostname was not refused by the agent: {other:?}"),
+    }
+    assert_eq!(ws.run(&["hostname"]).1, b"ws-fork-1\n");
 
     let data: Vec<u8> = (0..(200 << 10)).map(|i: u32| (i * 13 + 1) as u8).collect();
     ws.connect()

@@ -13,6 +13,9 @@ use std::process::Command;
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(180);
+/// The ring QEMU 7.2's vhost-user-blk sets up (1024 entries), all of it usable by the
+/// driver's block queue since descriptors may be indirect.
+const QUEUE_DEPTH: &str = "1024";
 
 fn mke2fs(dir: &Path, disk: &Path) {
     let root = dir.join("rootfs");
@@ -72,6 +75,8 @@ fn line_after<'a>(console: &'a str, prefix: &str) -> &'a str {
 
 const FIRST_BOOT: &str = r#"
 echo "SERIAL:$(cat /sys/block/vda/serial)"
+echo "FEATURES:$(cat /sys/block/vda/device/features)"
+echo "DEPTH:$(cat /sys/block/vda/mq/0/nr_tags)"
 mount -t ext4 /dev/vda /mnt || echo MOUNT-FAILED
 echo "HELLO:$(cat /mnt/hello.txt)"
 dd if=/dev/urandom of=/mnt/data.bin bs=64k count=32 2>/dev/null
@@ -104,6 +109,11 @@ fn linux_guest_writes_ext4_the_host_reads_it_and_fstrim_punches_holes() {
     let console = boot(dir.path(), &disk, FIRST_BOOT, "BOOT-ONE-DONE");
     assert!(!console.contains("MOUNT-FAILED"), "{console}");
     assert_eq!(line_after(&console, "SERIAL:"), "ws-root-0001");
+    // The driver's negotiated features, one character per bit: EVENT_IDX (29) and
+    // INDIRECT_DESC (28) are in use, so the block queue is as deep as the ring.
+    let features = line_after(&console, "FEATURES:");
+    assert_eq!(features.get(28..30), Some("11"), "features {features}");
+    assert_eq!(line_after(&console, "DEPTH:"), QUEUE_DEPTH, "{console}");
     assert_eq!(line_after(&console, "HELLO:"), "hello from the host");
     let guest_sha = line_after(&console, "SHA:").to_owned();
 

@@ -480,16 +480,19 @@ fn both_queues_serve_interleaved_writes() {
 
 #[test]
 fn daemon_exits_zero_when_its_frontend_disconnects() {
+    // `_dir` keeps the disk's directory until the end of the test.
     let Rig {
-        dir,
+        dir: _dir,
+        disk,
         mut daemon,
         fe,
         ..
     } = rig(&[]);
     drop(fe);
     let status = daemon.wait_exit(WAIT).unwrap();
-    assert!(status.success(), "{status}");
-    assert!(dir.path().exists());
+    assert_eq!(status.code(), Some(0), "{status}");
+    // The disk is left as it was: nothing truncated or removed on the way out.
+    assert_eq!(fs::metadata(&disk).unwrap().len(), 1 << 20);
 }
 
 #[test]
@@ -539,6 +542,11 @@ fn saved_state_restores_into_a_fresh_daemon_that_continues_the_rings() {
         done.data, data,
         "restored daemon does not see data written before the save"
     );
+    // The guest still reads the serial it saw before the save.
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_GET_ID, 0, Data::In(&[20]));
+    let mut serial = b"snap".to_vec();
+    serial.resize(20, 0);
+    assert_eq!((done.status, done.data), (S_OK, serial));
 }
 
 #[test]
@@ -555,19 +563,28 @@ fn corrupt_truncated_or_foreign_state_is_refused() {
     let mut small = rig_with(512 << 10, |_| 0, &[], Setup::default());
     small.fe.stop().unwrap();
     let for_smaller_disk = small.fe.save_state().unwrap();
+    // (state, serial of the daemon that loads it, what its log must name)
     let cases = [
-        ("truncated", state[..state.len() / 2].to_vec()),
-        ("flipped byte", flipped),
-        ("empty", Vec::new()),
-        ("other disk size", for_smaller_disk),
+        (
+            state[..state.len() / 2].to_vec(),
+            "microagent",
+            "header says",
+        ),
+        (flipped, "microagent", "checksum does not match"),
+        (Vec::new(), "microagent", "shorter than its header"),
+        (for_smaller_disk, "microagent", "sectors"),
+        // State the daemon alone keeps: a daemon that ignored it would accept this.
+        (state, "other", "serial"),
     ];
-    for (name, bad) in cases {
+    for (bad, serial, reason) in cases {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("blk.sock");
-        let _daemon = Daemon::start(
+        let log = dir.path().join("blk.log");
+        let _daemon = Daemon::start_logged(
             "microagent-vhost-blk",
             &socket,
-            ["--disk", disk.to_str().unwrap()],
+            ["--disk", disk.to_str().unwrap(), "--serial", serial],
+            &log,
         )
         .unwrap();
         let mut mem = GuestMemory::new(1 << 20).unwrap();
@@ -575,10 +592,7 @@ fn corrupt_truncated_or_foreign_state_is_refused() {
             load_state: Some(bad),
             ..Setup::default()
         };
-        assert!(
-            Frontend::connect(&socket, &mut mem, &setup).is_err(),
-            "{name} state was accepted"
-        );
+        frontend::assert_state_refused(Frontend::connect(&socket, &mut mem, &setup), &log, reason);
     }
 }
 

@@ -129,6 +129,13 @@ impl BlkBackend {
                 saved.read_only, saved.queues, ours.read_only, ours.queues
             )));
         }
+        // The guest read its disk's serial (GET_ID) and may have named the disk by it.
+        if saved.serial != ours.serial {
+            return Err(Error::Mismatch(format!(
+                "saved disk serial {:?}, this daemon serves {:?}",
+                saved.serial, ours.serial
+            )));
+        }
         if saved.acked_features & !self.features() != 0 {
             return Err(Error::Mismatch(format!(
                 "saved features {:#x} are not all offered here ({:#x})",
