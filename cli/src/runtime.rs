@@ -4,7 +4,7 @@
 
 use crate::error::{CliError, Result};
 use crate::home::Home;
-use crate::workspace::{self, Config};
+use crate::workspace::{self, Config, Network};
 use microagent_agent_protocol::client::Connection;
 use microagent_vmm::api::Request;
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,22 @@ pub struct Pids {
     pub vmm: u32,
     pub blk: u32,
     pub vsock: Option<u32>,
+    #[serde(default)]
+    pub net: Option<u32>,
+}
+
+impl Pids {
+    /// Every recorded process with the binary it must be.
+    fn all(&self) -> impl Iterator<Item = (&'static str, u32)> {
+        [
+            ("microagent-vmm", Some(self.vmm)),
+            ("microagent-vhost-blk", Some(self.blk)),
+            ("microagent-vhost-vsock", self.vsock),
+            ("microagent-vhost-net", self.net),
+        ]
+        .into_iter()
+        .filter_map(|(bin, pid)| pid.map(|p| (bin, p)))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -148,16 +164,11 @@ pub fn state(home: &Home, name: &str) -> State {
             State::Created
         };
     };
-    let dead: Vec<String> = [
-        ("microagent-vmm", Some(pids.vmm)),
-        ("microagent-vhost-blk", Some(pids.blk)),
-        ("microagent-vhost-vsock", pids.vsock),
-    ]
-    .into_iter()
-    .filter_map(|(bin, pid)| pid.map(|p| (bin, p)))
-    .filter(|(bin, pid)| !alive(*pid, bin))
-    .map(|(bin, pid)| format!("{bin} (pid {pid}) is gone"))
-    .collect();
+    let dead: Vec<String> = pids
+        .all()
+        .filter(|(bin, pid)| !alive(*pid, bin))
+        .map(|(bin, pid)| format!("{bin} (pid {pid}) is gone"))
+        .collect();
     if !dead.is_empty() {
         let mut reason = dead.join(", ");
         if let Some(error) = last_vmm_error(home, name) {
@@ -255,13 +266,21 @@ fn spawn_detached(mut cmd: Command, log: &Path) -> Result<u32> {
     Ok(cmd.spawn().map_err(fail)?.id())
 }
 
-fn wait_for(path: &Path, pid: u32, binary: &str) -> Result<()> {
+/// Waits for a process's socket; when the process exits first, the error ends with the
+/// last line of its log (why it gave up: a port in use, a missing file, ...).
+fn wait_for(path: &Path, pid: u32, binary: &str, log: &Path) -> Result<()> {
     let deadline = Instant::now() + SOCKET_TIMEOUT;
     while !path.exists() {
         if !alive(pid, binary) {
+            let why = tail(log, 1);
+            let why = if why.is_empty() {
+                String::new()
+            } else {
+                format!(": {why}")
+            };
             return Err(CliError::new(
                 "workspace.start_failed",
-                format!("{binary} exited during start-up"),
+                format!("{binary} exited during start-up{why}"),
             ));
         }
         if Instant::now() >= deadline {
@@ -312,7 +331,10 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
         .map_err(|e| CliError::new("workspace.start_failed", format!("{}: {e}", rt.display())))?;
     let ws = workspace::dir(home, name);
     let _ = fs::remove_file(halted_marker(home, name));
-    let _ = fs::remove_file(ws.join("vmm.log"));
+    // Fresh logs: a start failure quotes the last line of the process that gave up.
+    for log in ["vmm.log", "blk.log", "vsock.log", "net.log"] {
+        let _ = fs::remove_file(ws.join(log));
+    }
 
     let result = (|| -> Result<()> {
         let mut blk = Command::new(sibling("microagent-vhost-blk")?);
@@ -326,9 +348,15 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
             vmm: 0,
             blk: spawn_detached(blk, &ws.join("blk.log"))?,
             vsock: None,
+            net: None,
         };
         write_pids(home, name, &pids)?;
-        wait_for(&rt.join("blk.sock"), pids.blk, "microagent-vhost-blk")?;
+        wait_for(
+            &rt.join("blk.sock"),
+            pids.blk,
+            "microagent-vhost-blk",
+            &ws.join("blk.log"),
+        )?;
         if config.agent {
             let mut vsock = Command::new(sibling("microagent-vhost-vsock")?);
             vsock
@@ -339,7 +367,31 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
             let pid = spawn_detached(vsock, &ws.join("vsock.log"))?;
             pids.vsock = Some(pid);
             write_pids(home, name, &pids)?;
-            wait_for(&rt.join("vsock.sock"), pid, "microagent-vhost-vsock")?;
+            wait_for(
+                &rt.join("vsock.sock"),
+                pid,
+                "microagent-vhost-vsock",
+                &ws.join("vsock.log"),
+            )?;
+        }
+        if config.net == Network::User {
+            let mut net = Command::new(sibling("microagent-vhost-net")?);
+            net.arg("--socket-path").arg(rt.join("net.sock"));
+            for spec in &config.publish {
+                net.arg("--publish").arg(spec);
+            }
+            for server in &config.dns {
+                net.arg("--dns").arg(server);
+            }
+            let pid = spawn_detached(net, &ws.join("net.log"))?;
+            pids.net = Some(pid);
+            write_pids(home, name, &pids)?;
+            wait_for(
+                &rt.join("net.sock"),
+                pid,
+                "microagent-vhost-net",
+                &ws.join("net.log"),
+            )?;
         }
         let mut vmm = Command::new(sibling("microagent-vmm")?);
         vmm.arg("--kernel").arg(&config.kernel);
@@ -368,10 +420,18 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
         if config.agent {
             vmm.arg("--vsock").arg(rt.join("vsock.sock"));
         }
+        if config.net == Network::User {
+            vmm.arg("--net").arg(rt.join("net.sock"));
+        }
         let vmm_pid = spawn_detached(vmm, &ws.join("vmm.log"))?;
         pids.vmm = vmm_pid;
         write_pids(home, name, &pids)?;
-        wait_for(&api_socket(home, name), vmm_pid, "microagent-vmm")?;
+        wait_for(
+            &api_socket(home, name),
+            vmm_pid,
+            "microagent-vmm",
+            &ws.join("vmm.log"),
+        )?;
         if config.agent {
             wait_for_agent(home, name, vmm_pid)?;
         }
@@ -444,13 +504,8 @@ pub fn halt(home: &Home, config: &Config) {
 /// SIGKILL for every recorded process still alive, then the runtime directory goes.
 pub fn kill_all(home: &Home, name: &str) {
     if let Some(pids) = pids(home, name) {
-        let all = [
-            ("microagent-vmm", Some(pids.vmm)),
-            ("microagent-vhost-blk", Some(pids.blk)),
-            ("microagent-vhost-vsock", pids.vsock),
-        ];
-        for (bin, pid) in all {
-            if let Some(pid) = pid.filter(|&p| p != 0 && alive(p, bin)) {
+        for (bin, pid) in pids.all() {
+            if pid != 0 && alive(pid, bin) {
                 // SAFETY: signalling a process we started, checked to still be ours.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 let deadline = Instant::now() + Duration::from_secs(10);

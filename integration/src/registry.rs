@@ -238,6 +238,8 @@ const WORKSPACE_APPLETS: &[&str] = &[
     "stat",
     "ip",
     "wget",
+    "nc",
+    "nslookup",
     "grep",
     "seq",
     "date",
