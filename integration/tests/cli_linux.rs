@@ -47,7 +47,7 @@ fn linux_workspace_lifecycle_through_the_cli() {
         assert!(started.starts_with("started ws in "), "{started}");
         assert_eq!(cli.state("ws"), "running");
         let pids = cli.pids("ws");
-        assert_eq!(pids.len(), 3, "VMM, disk and vsock daemons: {pids:?}");
+        assert_eq!(pids.len(), 4, "VMM, disk, vsock and net daemons: {pids:?}");
 
         // Exit statuses pass through; stdout and stderr stay apart.
         cli.ok(&[
