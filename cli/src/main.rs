@@ -51,7 +51,7 @@ enum Cmd {
         /// and identity).
         #[arg(long, value_name = "WORKSPACE:TAG", conflicts_with_all = [
             "image", "cpus", "memory", "disk_size", "kernel", "initrd", "cmdline", "no_agent",
-            "insecure", "secrets",
+            "insecure", "secrets", "net", "publish", "dns",
         ])]
         from_snapshot: Option<String>,
         #[arg(long, default_value_t = 2)]
@@ -79,6 +79,18 @@ enum Cmd {
         /// A secret for /run/secrets/NAME, read from FILE at every start (repeatable).
         #[arg(long = "secret", value_name = "NAME=@FILE")]
         secrets: Vec<String>,
+        /// The guest's network: `user` (a private network, guest 10.0.2.15, the host's
+        /// loopback at 10.0.2.2, DNS 10.0.2.3) or `none`.
+        #[arg(long, value_enum, default_value = "user")]
+        net: workspace::Network,
+        /// Forward a host port to a guest port while the workspace runs:
+        /// [IP:]HOSTPORT:GUESTPORT[/tcp], IP defaults to 127.0.0.1 (repeatable).
+        #[arg(long, value_name = "SPEC")]
+        publish: Vec<String>,
+        /// Upstream resolver for the guest's DNS server 10.0.2.3, IP[:PORT]
+        /// (repeatable; default: the host's /etc/resolv.conf at each start).
+        #[arg(long, value_name = "IP[:PORT]")]
+        dns: Vec<String>,
     },
     /// Start a workspace and wait until it answers.
     Start {
@@ -254,6 +266,9 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
         no_agent,
         insecure,
         secrets,
+        net,
+        publish,
+        dns,
     } = args
     else {
         unreachable!("create called for another command")
@@ -309,6 +324,20 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             "--secret needs the agent (drop --no-agent)",
         ));
     }
+    if net == workspace::Network::None && !publish.is_empty() {
+        return Err(CliError::new(
+            "input.bad_publish",
+            "--publish needs a network (drop --net none)",
+        ));
+    }
+    if net == workspace::Network::None && !dns.is_empty() {
+        return Err(CliError::new(
+            "input.bad_dns",
+            "--dns needs a network (drop --net none)",
+        ));
+    }
+    workspace::check_publish(&publish)?;
+    workspace::check_dns(&dns)?;
     if cpus == 0 || cpus > 32 {
         return Err(CliError::new(
             "input.bad_cpus",
@@ -357,8 +386,12 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             image
                 .write(&tmp.join("initrd.cpio"))
                 .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
-            let base =
+            let mut base =
                 format!("console=ttyS0 reboot=k panic=1 init_on_free=1 microagent.hostname={name}");
+            if net == workspace::Network::User {
+                base.push(' ');
+                base.push_str(workspace::USER_NET_CMDLINE);
+            }
             (Some(dir.join("initrd.cpio")), base)
         };
         let extra = cmdline.unwrap_or_else(|| {
@@ -381,6 +414,9 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             created: workspace::now_rfc3339(),
             secrets,
             defaults,
+            net,
+            publish,
+            dns,
         };
         fs::write(
             tmp.join("workspace.json"),
@@ -669,22 +705,27 @@ fn list(home: &Home, out: &Output) {
     if out.json {
         let items: Vec<_> = rows
             .iter()
-            .map(|(c, s)| serde_json::json!({"name": c.name, "state": s, "image": c.image, "cpus": c.cpus, "memory_mib": c.memory_mib, "created": c.created, "snapshots": snapshot::count(home, &c.name)}))
+            .map(|(c, s)| serde_json::json!({"name": c.name, "state": s, "image": c.image, "cpus": c.cpus, "memory_mib": c.memory_mib, "created": c.created, "snapshots": snapshot::count(home, &c.name), "net": c.net, "publish": c.publish}))
             .collect();
         println!("{}", serde_json::Value::Array(items));
         return;
     }
-    println!("NAME                 STATE     IMAGE                                    CPUS  MEMORY CREATED              SNAPSHOTS");
+    println!("NAME                 STATE     IMAGE                                    CPUS  MEMORY CREATED              SNAPSHOTS PORTS");
     for (c, s) in rows {
         println!(
-            "{:<20} {:<9} {:<40} {:>4} {:>6}M {:<20} {}",
+            "{:<20} {:<9} {:<40} {:>4} {:>6}M {:<20} {:<9} {}",
             c.name,
             s.name(),
             c.image.as_deref().unwrap_or("-"),
             c.cpus,
             c.memory_mib,
             c.created,
-            snapshot::count(home, &c.name)
+            snapshot::count(home, &c.name),
+            if c.publish.is_empty() {
+                "-".to_owned()
+            } else {
+                c.publish.join(",")
+            }
         );
     }
 }

@@ -102,6 +102,8 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
                 &format!("microagent.hostname={new}"),
             ),
             created: workspace::now_rfc3339(),
+            // Host ports belong to the source: a fork listening on them too would fail.
+            publish: Vec::new(),
             ..source.clone()
         };
         fs::write(

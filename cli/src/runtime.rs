@@ -4,10 +4,11 @@
 
 use crate::error::{CliError, Result};
 use crate::home::Home;
-use crate::workspace::{self, Config};
+use crate::workspace::{self, Config, Network};
 use microagent_agent_protocol::client::Connection;
 use microagent_vmm::api::Request;
 use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -28,6 +29,98 @@ pub struct Pids {
     pub vmm: u32,
     pub blk: u32,
     pub vsock: Option<u32>,
+    #[serde(default)]
+    pub net: Option<u32>,
+}
+
+/// A vhost-user daemon of a workspace: `<name>.sock` in the runtime directory,
+/// `<name>.log` in the workspace, and `--<name>` is the VMM's flag for its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DaemonKind {
+    Blk,
+    Vsock,
+    Net,
+}
+
+impl DaemonKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Blk => "blk",
+            Self::Vsock => "vsock",
+            Self::Net => "net",
+        }
+    }
+
+    fn binary(self) -> &'static str {
+        match self {
+            Self::Blk => "microagent-vhost-blk",
+            Self::Vsock => "microagent-vhost-vsock",
+            Self::Net => "microagent-vhost-net",
+        }
+    }
+}
+
+/// One daemon to start: its kind and its flags besides `--socket-path`.
+struct DaemonSpec {
+    kind: DaemonKind,
+    args: Vec<OsString>,
+}
+
+/// The daemons a workspace runs, in start order: its disk, the agent's vsock when it
+/// has an agent, the network unless `--net none`.
+fn daemons(home: &Home, config: &Config) -> Vec<DaemonSpec> {
+    let name = &config.name;
+    let mut list = vec![DaemonSpec {
+        kind: DaemonKind::Blk,
+        args: vec![
+            "--disk".into(),
+            workspace::rootfs(home, name).into(),
+            "--serial".into(),
+            name.into(),
+        ],
+    }];
+    if config.agent {
+        list.push(DaemonSpec {
+            kind: DaemonKind::Vsock,
+            args: vec![
+                "--guest-cid".into(),
+                GUEST_CID.into(),
+                "--uds-path".into(),
+                agent_socket(home, name).into(),
+            ],
+        });
+    }
+    if config.net == Network::User {
+        let publish = config.publish.iter().flat_map(|s| ["--publish", s]);
+        let dns = config.dns.iter().flat_map(|s| ["--dns", s]);
+        list.push(DaemonSpec {
+            kind: DaemonKind::Net,
+            args: publish.chain(dns).map(OsString::from).collect(),
+        });
+    }
+    list
+}
+
+impl Pids {
+    fn record(&mut self, kind: DaemonKind, pid: u32) {
+        match kind {
+            DaemonKind::Blk => self.blk = pid,
+            DaemonKind::Vsock => self.vsock = Some(pid),
+            DaemonKind::Net => self.net = Some(pid),
+        }
+    }
+
+    /// Every recorded process with the binary it must be.
+    fn all(&self) -> impl Iterator<Item = (&'static str, u32)> {
+        [
+            ("microagent-vmm", Some(self.vmm)),
+            ("microagent-vhost-blk", Some(self.blk)),
+            ("microagent-vhost-vsock", self.vsock),
+            ("microagent-vhost-net", self.net),
+        ]
+        .into_iter()
+        .filter_map(|(bin, pid)| pid.map(|p| (bin, p)))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -148,16 +241,11 @@ pub fn state(home: &Home, name: &str) -> State {
             State::Created
         };
     };
-    let dead: Vec<String> = [
-        ("microagent-vmm", Some(pids.vmm)),
-        ("microagent-vhost-blk", Some(pids.blk)),
-        ("microagent-vhost-vsock", pids.vsock),
-    ]
-    .into_iter()
-    .filter_map(|(bin, pid)| pid.map(|p| (bin, p)))
-    .filter(|(bin, pid)| !alive(*pid, bin))
-    .map(|(bin, pid)| format!("{bin} (pid {pid}) is gone"))
-    .collect();
+    let dead: Vec<String> = pids
+        .all()
+        .filter(|(bin, pid)| !alive(*pid, bin))
+        .map(|(bin, pid)| format!("{bin} (pid {pid}) is gone"))
+        .collect();
     if !dead.is_empty() {
         let mut reason = dead.join(", ");
         if let Some(error) = last_vmm_error(home, name) {
@@ -255,13 +343,21 @@ fn spawn_detached(mut cmd: Command, log: &Path) -> Result<u32> {
     Ok(cmd.spawn().map_err(fail)?.id())
 }
 
-fn wait_for(path: &Path, pid: u32, binary: &str) -> Result<()> {
+/// Waits for a process's socket; when the process exits first, the error ends with the
+/// last line of its log (why it gave up: a port in use, a missing file, ...).
+fn wait_for(path: &Path, pid: u32, binary: &str, log: &Path) -> Result<()> {
     let deadline = Instant::now() + SOCKET_TIMEOUT;
     while !path.exists() {
         if !alive(pid, binary) {
+            let why = tail(log, 1);
+            let why = if why.is_empty() {
+                String::new()
+            } else {
+                format!(": {why}")
+            };
             return Err(CliError::new(
                 "workspace.start_failed",
-                format!("{binary} exited during start-up"),
+                format!("{binary} exited during start-up{why}"),
             ));
         }
         if Instant::now() >= deadline {
@@ -312,34 +408,31 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
         .map_err(|e| CliError::new("workspace.start_failed", format!("{}: {e}", rt.display())))?;
     let ws = workspace::dir(home, name);
     let _ = fs::remove_file(halted_marker(home, name));
-    let _ = fs::remove_file(ws.join("vmm.log"));
+    // Fresh logs: a start failure quotes the last line of the process that gave up.
+    for log in ["vmm.log", "blk.log", "vsock.log", "net.log"] {
+        let _ = fs::remove_file(ws.join(log));
+    }
 
     let result = (|| -> Result<()> {
-        let mut blk = Command::new(sibling("microagent-vhost-blk")?);
-        blk.arg("--socket-path")
-            .arg(rt.join("blk.sock"))
-            .arg("--disk")
-            .arg(workspace::rootfs(home, name))
-            .args(["--serial", name]);
         // Recorded as each process starts, so that a failure stops exactly those.
         let mut pids = Pids {
             vmm: 0,
-            blk: spawn_detached(blk, &ws.join("blk.log"))?,
+            blk: 0,
             vsock: None,
+            net: None,
         };
-        write_pids(home, name, &pids)?;
-        wait_for(&rt.join("blk.sock"), pids.blk, "microagent-vhost-blk")?;
-        if config.agent {
-            let mut vsock = Command::new(sibling("microagent-vhost-vsock")?);
-            vsock
-                .arg("--socket-path")
-                .arg(rt.join("vsock.sock"))
-                .args(["--guest-cid", GUEST_CID, "--uds-path"])
-                .arg(agent_socket(home, name));
-            let pid = spawn_detached(vsock, &ws.join("vsock.log"))?;
-            pids.vsock = Some(pid);
+        let mut devices = Vec::new();
+        for daemon in daemons(home, config) {
+            let kind = daemon.kind;
+            let socket = rt.join(format!("{}.sock", kind.name()));
+            let log = ws.join(format!("{}.log", kind.name()));
+            let mut cmd = Command::new(sibling(kind.binary())?);
+            cmd.arg("--socket-path").arg(&socket).args(daemon.args);
+            let pid = spawn_detached(cmd, &log)?;
+            pids.record(kind, pid);
             write_pids(home, name, &pids)?;
-            wait_for(&rt.join("vsock.sock"), pid, "microagent-vhost-vsock")?;
+            wait_for(&socket, pid, kind.binary(), &log)?;
+            devices.push((format!("--{}", kind.name()), socket));
         }
         let mut vmm = Command::new(sibling("microagent-vmm")?);
         vmm.arg("--kernel").arg(&config.kernel);
@@ -358,20 +451,23 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
         }
         vmm.arg("--serial")
             .arg(workspace::console_log(home, name))
-            .arg("--blk")
-            .arg(rt.join("blk.sock"))
             .arg("--api-socket")
             .arg(api_socket(home, name));
         if let Some(initrd) = &config.initrd {
             vmm.arg("--initrd").arg(initrd);
         }
-        if config.agent {
-            vmm.arg("--vsock").arg(rt.join("vsock.sock"));
+        for (flag, socket) in devices {
+            vmm.arg(flag).arg(socket);
         }
         let vmm_pid = spawn_detached(vmm, &ws.join("vmm.log"))?;
         pids.vmm = vmm_pid;
         write_pids(home, name, &pids)?;
-        wait_for(&api_socket(home, name), vmm_pid, "microagent-vmm")?;
+        wait_for(
+            &api_socket(home, name),
+            vmm_pid,
+            "microagent-vmm",
+            &ws.join("vmm.log"),
+        )?;
         if config.agent {
             wait_for_agent(home, name, vmm_pid)?;
         }
@@ -444,13 +540,8 @@ pub fn halt(home: &Home, config: &Config) {
 /// SIGKILL for every recorded process still alive, then the runtime directory goes.
 pub fn kill_all(home: &Home, name: &str) {
     if let Some(pids) = pids(home, name) {
-        let all = [
-            ("microagent-vmm", Some(pids.vmm)),
-            ("microagent-vhost-blk", Some(pids.blk)),
-            ("microagent-vhost-vsock", pids.vsock),
-        ];
-        for (bin, pid) in all {
-            if let Some(pid) = pid.filter(|&p| p != 0 && alive(p, bin)) {
+        for (bin, pid) in pids.all() {
+            if pid != 0 && alive(pid, bin) {
                 // SAFETY: signalling a process we started, checked to still be ours.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 let deadline = Instant::now() + Duration::from_secs(10);
@@ -480,4 +571,45 @@ pub fn deliver_secrets(home: &Home, config: &Config) -> Result<()> {
     Connection::open(&agent_socket(home, &config.name), SOCKET_TIMEOUT)
         .and_then(|c| c.put_secrets(&values))
         .map_err(|e| CliError::new("secret.delivery_failed", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(agent: bool, net: Network) -> Config {
+        Config {
+            name: "ws".into(),
+            image: None,
+            image_digest: None,
+            cpus: 1,
+            memory_mib: 64,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            agent,
+            created: String::new(),
+            secrets: Vec::new(),
+            defaults: Default::default(),
+            net,
+            publish: vec!["8080:80".into()],
+            dns: vec!["127.0.0.1:5353".into()],
+        }
+    }
+
+    #[test]
+    fn a_workspace_runs_one_daemon_per_device_it_has() {
+        let home = Home::new("/h");
+        let all = daemons(&home, &config(true, Network::User));
+        let kinds: Vec<_> = all.iter().map(|d| d.kind).collect();
+        assert_eq!(kinds, [DaemonKind::Blk, DaemonKind::Vsock, DaemonKind::Net]);
+        assert_eq!(
+            all[2].args,
+            ["--publish", "8080:80", "--dns", "127.0.0.1:5353"].map(OsString::from)
+        );
+        assert_eq!(all[1].args[3], OsString::from(agent_socket(&home, "ws")));
+        let bare = daemons(&home, &config(false, Network::None));
+        assert_eq!(bare.len(), 1);
+        assert_eq!(bare[0].kind, DaemonKind::Blk);
+    }
 }

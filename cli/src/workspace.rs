@@ -30,6 +30,54 @@ pub struct Config {
     /// The image's Env, WorkingDir and User: defaults for every exec.
     #[serde(default)]
     pub defaults: microagent_image::source::ExecDefaults,
+    /// The guest's network (workspaces made before networking have none).
+    #[serde(default)]
+    pub net: Network,
+    /// Inbound forwards, `[IP:]HOSTPORT:GUESTPORT[/tcp]`, checked at create.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Upstream resolvers for the guest's 10.0.2.3 (empty: the host's resolv.conf).
+    #[serde(default)]
+    pub dns: Vec<String>,
+}
+
+/// `create --net`: which network device a workspace gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// No network device.
+    #[default]
+    None,
+    /// A private user-mode network (microagent-vhost-net): the guest is 10.0.2.15/24,
+    /// the gateway 10.0.2.2 reaches the host's loopback, DNS is 10.0.2.3.
+    User,
+}
+
+/// What the guest agent reads to configure `Network::User` (the daemon's fixed plan).
+pub const USER_NET_CMDLINE: &str =
+    "microagent.ip=10.0.2.15/24 microagent.gw=10.0.2.2 microagent.dns=10.0.2.3";
+
+/// Checks `--dns` resolvers the way the net daemon will parse them.
+pub fn check_dns(specs: &[String]) -> Result<()> {
+    match specs
+        .iter()
+        .find(|s| microagent_vhost_net::config::parse_dns(s).is_none())
+    {
+        Some(bad) => Err(CliError::new(
+            "input.bad_dns",
+            format!("--dns {bad:?} is not an IPv4 address with an optional port (1.1.1.1 or 127.0.0.1:5353)"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks `--publish` specs the way the net daemon will parse them.
+pub fn check_publish(specs: &[String]) -> Result<()> {
+    for spec in specs {
+        spec.parse::<microagent_vhost_net::config::Publish>()
+            .map_err(|e| CliError::new("input.bad_publish", e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Names: 1-48 of a-z 0-9 -, starting with a letter or digit (no path tricks).
@@ -174,6 +222,17 @@ mod tests {
             let err = validate_name(bad).unwrap_err();
             assert_eq!(err.code, "workspace.invalid_name", "{bad}");
         }
+    }
+
+    #[test]
+    fn workspaces_made_before_networking_load_without_a_network() {
+        let old = r#"{"name":"old","image":null,"image_digest":null,"cpus":1,
+            "memory_mib":64,"kernel":"/k","initrd":null,"cmdline":"","agent":false,
+            "created":"2026-11-28T00:00:00Z"}"#;
+        let config: Config = serde_json::from_str(old).unwrap();
+        // Their snapshots have no net device: a restore must not add one.
+        assert_eq!(config.net, Network::None);
+        assert!(config.publish.is_empty());
     }
 
     #[test]

@@ -129,7 +129,7 @@ impl Cli {
     pub fn pids(&self, name: &str) -> Vec<u32> {
         let text = std::fs::read_to_string(self.runtime.join(name).join("state.json")).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        ["vmm", "blk", "vsock"]
+        ["vmm", "blk", "vsock", "net"]
             .iter()
             .filter_map(|k| v[k].as_u64().map(|p| p as u32))
             .collect()
@@ -187,7 +187,7 @@ impl Drop for Reaper {
             let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) else {
                 continue;
             };
-            for key in ["vmm", "blk", "vsock"] {
+            for key in ["vmm", "blk", "vsock", "net"] {
                 let Some(pid) = state[key].as_u64().and_then(|p| i32::try_from(p).ok()) else {
                     continue;
                 };

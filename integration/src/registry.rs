@@ -214,7 +214,8 @@ pub fn whiteout_layers() -> (Vec<u8>, Vec<u8>) {
 /// Applets of the workspace test image besides the agent rig's ([`crate::agent::APPLETS`]);
 /// all are symlinks to busybox in /bin.
 const MORE_APPLETS: &[&str] = &[
-    "grep", "seq", "date", "test", "[", "printf", "ps", "nproc", "df", "mount", "uname",
+    "nc", "nslookup", "grep", "seq", "date", "test", "[", "printf", "ps", "nproc", "df", "mount",
+    "uname",
 ];
 
 /// One layer of a small workspace image: busybox-static with its applets in /bin, a root

@@ -2,6 +2,7 @@
 //! --no-agent`, a real image from a registry on loopback, real daemons and VMM.
 
 use microagent_integration::cli::{alive, survivors, Cli};
+use microagent_integration::net_services::free_port;
 use microagent_integration::registry::{push, write_layout, Registry};
 use microagent_integration::vmm::test_guest;
 use std::path::Path;
@@ -45,7 +46,11 @@ fn lifecycle_create_start_pause_resume_halt_start_delete_leaves_nothing_behind()
     assert!(cli.ok(&["start", "ws1"]).starts_with("started ws1 in "));
     assert_eq!(cli.state("ws1"), "running");
     let pids = cli.pids("ws1");
-    assert_eq!(pids.len(), 2, "vmm and blk daemon");
+    assert_eq!(
+        pids.len(),
+        3,
+        "vmm, blk and net daemons (--net user is the default)"
+    );
     assert!(pids.iter().all(|&p| alive(p)));
 
     cli.ok(&["pause", "ws1"]);
@@ -89,7 +94,11 @@ fn lifecycle_create_start_pause_resume_halt_start_delete_leaves_nothing_behind()
 fn a_killed_vmm_or_daemon_shows_crashed_and_delete_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let (cli, _registry, image) = setup(dir.path());
-    for (name, victim) in [("ws-vmm", 0usize), ("ws-blk", 1usize)] {
+    for (name, victim, binary) in [
+        ("ws-vmm", 0usize, "microagent-vmm"),
+        ("ws-blk", 1, "microagent-vhost-blk"),
+        ("ws-net", 2, "microagent-vhost-net"),
+    ] {
         create(&cli, name, &image);
         cli.ok(&["start", name]);
         let pids = cli.pids(name);
@@ -99,7 +108,10 @@ fn a_killed_vmm_or_daemon_shows_crashed_and_delete_cleans_up() {
         let state = cli.entry(name)["state"].clone();
         assert_eq!(state["state"], "crashed", "{state}");
         assert!(
-            state["reason"].as_str().unwrap().contains("is gone"),
+            state["reason"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{binary} (pid {}) is gone", pids[victim])),
             "{state}"
         );
         cli.ok(&["delete", name, "--yes"]);
@@ -570,4 +582,131 @@ fn an_agent_workspace_is_refused_at_start_where_linux_cannot_boot() {
         !cli.runtime.join("ws/state.json").exists(),
         "processes were recorded"
     );
+}
+
+fn net_create(cli: &Cli, name: &str, image: &str, extra: &[&str]) -> std::process::Output {
+    let guest = test_guest();
+    let mut args = vec![
+        "--json",
+        "create",
+        name,
+        "--image",
+        image,
+        "--no-agent",
+        "--memory",
+        "64M",
+        "--cpus",
+        "1",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "scenario=halt",
+    ];
+    args.extend_from_slice(extra);
+    cli.run(&args)
+}
+
+/// `--net user` (the default) starts microagent-vhost-net next to the VMM, which gets a
+/// virtio-net device; `--publish` listens on the host while the workspace runs and is
+/// shown by `inspect` and `list`; `--net none` starts no net daemon.
+#[test]
+fn the_default_network_runs_a_net_daemon_and_publishes_ports_while_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    let port = free_port();
+    let spec = format!("127.0.0.1:{port}:80/tcp");
+    let out = net_create(&cli, "web", &image, &["--publish", &spec]);
+    assert!(out.status.success(), "{out:?}");
+
+    let inspect: serde_json::Value = serde_json::from_str(&cli.ok(&["inspect", "web"])).unwrap();
+    assert_eq!(inspect["config"]["net"], "user", "{inspect}");
+    assert_eq!(inspect["config"]["publish"], serde_json::json!([spec]));
+    assert_eq!(cli.entry("web")["publish"], serde_json::json!([spec]));
+    let table = cli.ok(&["list"]);
+    assert!(table.contains("PORTS") && table.contains(&spec), "{table}");
+
+    // Nothing listens before the start.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    cli.ok(&["start", "web"]);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cli.runtime.join("web/state.json")).unwrap())
+            .unwrap();
+    let net_pid = state["net"].as_u64().expect("a net daemon pid") as u32;
+    let cmdline = std::fs::read(format!("/proc/{net_pid}/cmdline")).unwrap();
+    let argv: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(argv[0].ends_with("microagent-vhost-net"), "{argv:?}");
+    assert!(argv.contains(&spec), "{argv:?}");
+    let vmm_pid = state["vmm"].as_u64().unwrap();
+    let vmm_argv =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{vmm_pid}/cmdline")).unwrap())
+            .replace('\0', " ");
+    assert!(vmm_argv.contains("--net "), "{vmm_argv}");
+    // The VMM connected: the daemon serves its frontend, the published port accepts.
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("the published port accepts");
+    assert_eq!(cli.state("web"), "running");
+
+    let pids = cli.pids("web");
+    cli.ok(&["halt", "web"]);
+    assert_eq!(
+        survivors(&pids),
+        Vec::<u32>::new(),
+        "processes survived halt"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the published port outlived the workspace"
+    );
+
+    let out = net_create(&cli, "offline", &image, &["--net", "none"]);
+    assert!(out.status.success(), "{out:?}");
+    cli.ok(&["start", "offline"]);
+    assert_eq!(cli.pids("offline").len(), 2, "vmm and blk daemon only");
+    assert_eq!(cli.entry("offline")["net"], "none");
+    cli.ok(&["delete", "offline", "--yes", "--force"]);
+    cli.ok(&["delete", "web", "--yes"]);
+}
+
+/// Bad `--publish` specs are refused at create (nothing is made); a port already taken
+/// on the host fails the start with the daemon's reason and leaves nothing running.
+#[test]
+fn bad_or_taken_published_ports_are_refused_with_a_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    for (extra, needle) in [
+        (vec!["--publish", "8080"], "is not [IP:]HOSTPORT:GUESTPORT"),
+        (
+            vec!["--publish", "127.0.0.1:0:80"],
+            "is not [IP:]HOSTPORT:GUESTPORT",
+        ),
+        (vec!["--publish", "8080:80/udp"], "only TCP"),
+        (
+            vec!["--net", "none", "--publish", "8080:80"],
+            "needs a network",
+        ),
+    ] {
+        let out = net_create(&cli, "bad", &image, &extra);
+        assert_eq!(out.status.code(), Some(125), "{extra:?}: {out:?}");
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(reply["error"]["code"], "input.bad_publish", "{reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{extra:?}: {message}");
+        assert_eq!(cli.state("bad"), "absent", "{extra:?} left a workspace");
+    }
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let spec = format!("{port}:80");
+    let out = net_create(&cli, "clash", &image, &["--publish", &spec]);
+    assert!(out.status.success(), "{out:?}");
+    let message = cli.fails(&["start", "clash"], "workspace.start_failed");
+    assert!(
+        message.contains("microagent-vhost-net exited during start-up")
+            && message.contains(&format!("127.0.0.1:{port}")),
+        "{message}"
+    );
+    assert!(!cli.runtime.join("clash").exists(), "runtime left behind");
+    assert_eq!(cli.state("clash"), "created");
 }

@@ -4,7 +4,13 @@
 
 use microagent_integration::cli::{survivors, Cli};
 use microagent_integration::nested::on_linux_kvm;
+use microagent_integration::net_services::{
+    dns_server, free_port, http_server, pattern, sha256_hex,
+};
 use std::fs;
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpStream};
+use std::time::{Duration, Instant};
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -37,7 +43,7 @@ fn linux_workspace_lifecycle_through_the_cli() {
         assert!(started.starts_with("started ws in "), "{started}");
         assert_eq!(cli.state("ws"), "running");
         let pids = cli.pids("ws");
-        assert_eq!(pids.len(), 3, "VMM, disk and vsock daemons: {pids:?}");
+        assert_eq!(pids.len(), 4, "VMM, disk, vsock and net daemons: {pids:?}");
 
         // Exit statuses pass through; stdout and stderr stay apart.
         cli.ok(&[
@@ -166,4 +172,107 @@ fn linux_workspace_lifecycle_through_the_cli() {
         assert!(!cli.runtime.join("ws").exists());
         assert!(survivors(&pids).is_empty());
     });
+}
+
+/// Fetches `http://files.test:PORT/` in the workspace (the name resolved through
+/// 10.0.2.3, forwarded to the test's DNS server) and returns the sha256 of the file.
+fn fetch_by_name(cli: &Cli, name: &str, port: u16) -> String {
+    let script = format!(
+        "wget -q -O /tmp/blob http://files.test:{port}/ && sha256sum /tmp/blob && rm /tmp/blob"
+    );
+    let out = cli.ok(&["exec", name, "--", "sh", "-c", &script]);
+    out.split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// The default network end to end: the guest is 10.0.2.15, resolves a name through
+/// 10.0.2.3 and fetches a file from an HTTP server on the host's loopback (10.0.2.2);
+/// a --publish'ed host port reaches a server in the guest; two forks of one snapshot
+/// (same guest IP and MAC, each with its own daemon) fetch at the same time.
+#[test]
+fn linux_workspace_default_network_fetches_by_name_publishes_and_forks() {
+    on_linux_kvm(
+        "linux_workspace_default_network_fetches_by_name_publishes_and_forks",
+        || {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path();
+            let (cli, _registry, image) = Cli::with_workspace_image(d);
+            let _reaper = cli.reaper();
+            let blob = pattern(4 << 20);
+            let want = sha256_hex(&blob);
+            let http = http_server(blob);
+            let dns = dns_server("files.test", Ipv4Addr::new(10, 0, 2, 2));
+            let published = free_port();
+            cli.ok(&[
+                "create",
+                "ws",
+                "--image",
+                &image,
+                "--memory",
+                "256M",
+                "--dns",
+                &dns.to_string(),
+                "--publish",
+                &format!("127.0.0.1:{published}:8080"),
+            ]);
+            cli.ok(&["start", "ws"]);
+            let pids = cli.pids("ws");
+            assert_eq!(pids.len(), 4, "VMM, disk, vsock and net daemons: {pids:?}");
+            let addr = cli.ok(&["exec", "ws", "--", "ip", "-4", "addr"]);
+            assert!(addr.contains("10.0.2.15/24"), "{addr}");
+            assert_eq!(fetch_by_name(&cli, "ws", http.port()), want);
+
+            // Inbound: a one-shot server in the guest, reached through the host port.
+            let server = {
+                let cli = Cli::new(d);
+                std::thread::spawn(move || {
+                    cli.run(&[
+                        "exec",
+                        "ws",
+                        "--",
+                        "sh",
+                        "-c",
+                        "echo hello-from-guest | nc -l -p 8080",
+                    ])
+                })
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let greeting = loop {
+                let mut got = String::new();
+                if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", published)) {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    let _ = stream.read_to_string(&mut got);
+                }
+                if got.contains("hello-from-guest") || Instant::now() > deadline {
+                    break got;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            assert_eq!(greeting.trim(), "hello-from-guest");
+            let served = server.join().unwrap();
+            assert!(served.status.success(), "{served:?}");
+
+            // Forks: identical guest addresses, each behind its own daemon.
+            cli.ok(&["snapshot", "create", "ws", "--tag", "net"]);
+            cli.ok(&["create", "f1", "--from-snapshot", "ws:net"]);
+            cli.ok(&["create", "f2", "--from-snapshot", "ws:net"]);
+            let fetches: Vec<_> = ["f1", "f2"]
+                .into_iter()
+                .map(|fork| {
+                    let cli = Cli::new(d);
+                    let port = http.port();
+                    std::thread::spawn(move || fetch_by_name(&cli, fork, port))
+                })
+                .collect();
+            for fetched in fetches {
+                assert_eq!(fetched.join().unwrap(), want);
+            }
+            let fork: serde_json::Value =
+                serde_json::from_str(&cli.ok(&["inspect", "f1"])).unwrap();
+            assert_eq!(fork["config"]["publish"], serde_json::json!([]), "{fork}");
+            for name in ["f1", "f2", "ws"] {
+                cli.ok(&["delete", name, "--yes", "--force"]);
+            }
+            assert!(survivors(&pids).is_empty(), "{:?}", survivors(&pids));
+        },
+    );
 }

@@ -507,3 +507,56 @@ fn the_reaper_kills_workspaces_a_failing_test_leaves_running() {
     drop(reaper);
     assert_eq!(survivors(&pids), Vec::<u32>::new());
 }
+
+/// A fork has its own net daemon but not its source's published host ports: it starts
+/// while the source still holds them, and `inspect` shows none; the source's port keeps
+/// accepting.
+#[test]
+fn a_fork_gets_its_own_net_daemon_without_the_sources_published_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    let _reaper = cli.reaper();
+    let port = microagent_integration::net_services::free_port();
+    let spec = format!("127.0.0.1:{port}:80");
+    cli.ok(&[
+        "create",
+        "web",
+        "--image",
+        &image,
+        "--no-agent",
+        "--memory",
+        "64M",
+        "--cpus",
+        "1",
+        "--kernel",
+        test_guest().to_str().unwrap(),
+        "--cmdline",
+        "scenario=halt",
+        "--publish",
+        &spec,
+    ]);
+    cli.ok(&["start", "web"]);
+    cli.ok(&["snapshot", "create", "web", "--tag", "base"]);
+    cli.ok(&["create", "web-fork", "--from-snapshot", "web:base"]);
+    assert_eq!(cli.state("web-fork"), "running");
+    let source = cli.pids("web");
+    let fork = cli.pids("web-fork");
+    assert_eq!(fork.len(), 3, "VMM, disk and net daemons: {fork:?}");
+    assert!(
+        fork.iter().all(|p| !source.contains(p)),
+        "{source:?} {fork:?}"
+    );
+    let inspect: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["inspect", "web-fork"])).unwrap();
+    assert_eq!(inspect["config"]["net"], "user", "{inspect}");
+    assert_eq!(
+        inspect["config"]["publish"],
+        serde_json::json!([]),
+        "{inspect}"
+    );
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("the source still publishes");
+    for name in ["web-fork", "web"] {
+        cli.ok(&["delete", name, "--yes", "--force"]);
+    }
+    assert_eq!(survivors(&[source, fork].concat()), Vec::<u32>::new());
+}

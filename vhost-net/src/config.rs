@@ -164,7 +164,8 @@ impl TryFrom<Args> for NetConfig {
     }
 }
 
-fn parse_dns(spec: &str) -> Option<SocketAddr> {
+/// An upstream resolver, `IP[:PORT]` (IPv4, port 53 by default).
+pub fn parse_dns(spec: &str) -> Option<SocketAddr> {
     spec.parse::<SocketAddr>()
         .ok()
         .or_else(|| Some(SocketAddr::new(spec.parse().ok()?, 53)))
