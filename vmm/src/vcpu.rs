@@ -349,16 +349,14 @@ fn run(id: u8, mut vcpu: VcpuFd, bus: &Bus, control: &Control, msr_indices: &[u3
 fn run_once(id: u8, vcpu: &mut VcpuFd, bus: &Bus, control: &Control) -> Option<Outcome> {
     let exit_name;
     let mut entry_failure = None;
-    match vcpu.run() {
+    let exit = vcpu.run();
+    if matches!(exit, Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..))) {
+        // kvm-ioctls drops the access size, which the devices need.
+        port_io_exit(vcpu, &bus.pio);
+        return None;
+    }
+    match exit {
         Ok(exit) => match exit {
-            VcpuExit::IoIn(port, data) => {
-                bus.pio.read(port, data);
-                return None;
-            }
-            VcpuExit::IoOut(port, data) => {
-                bus.pio.write(port, data);
-                return None;
-            }
             VcpuExit::MmioRead(addr, data) => {
                 match bus.mmio_device(addr) {
                     Some((offset, t)) => lock(t).read(offset, data),
@@ -414,6 +412,28 @@ fn run_once(id: u8, vcpu: &mut VcpuFd, bus: &Bus, control: &Control) -> Option<O
         );
     }
     Some(Outcome::VcpuError(Box::new(report)))
+}
+
+/// Completes a KVM_EXIT_IO with its size and count, which `VcpuExit::IoIn/IoOut` hide:
+/// a 16/32-bit access and string I/O must reach every byte, not only the first.
+fn port_io_exit(vcpu: &mut VcpuFd, pio: &PioBus) {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: KVM_RUN just returned KVM_EXIT_IO (kvm-ioctls decoded it as IoIn/IoOut),
+    // so `io` is the active member of the exit union.
+    let io = unsafe { run.__bindgen_anon_1.io };
+    let size = usize::from(io.size);
+    let len = size * io.count as usize;
+    let base = std::ptr::from_mut(run).cast::<u8>();
+    // SAFETY: for KVM_EXIT_IO the kernel puts `size * count` bytes of data at
+    // `data_offset` inside the vCPU's kvm_run mapping, which lives as long as `vcpu`
+    // (the layout kvm-ioctls itself slices for IoIn/IoOut); `run` is not used again, so
+    // this slice is the only reference to those bytes.
+    let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
+    if u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN {
+        pio.read(io.port, size, data);
+    } else {
+        pio.write(io.port, size, data);
+    }
 }
 
 /// VMX exit reason 33 with the entry-failure bit (31): the CPU refused the guest state.
