@@ -26,6 +26,8 @@ pub enum Error {
     Agent { code: String, message: String },
     #[error("unexpected message from the agent: {0:?}")]
     Unexpected(AgentMessage),
+    #[error("the file the agent sends is larger than the {limit} bytes asked for")]
+    TooLarge { limit: usize },
     #[error(transparent)]
     Frame(#[from] frame::Error),
     #[error("stdio: {0}")]
@@ -52,11 +54,13 @@ pub enum Exit {
 }
 
 impl Exit {
-    /// The status a shell reports: the code, or 128 + the signal.
+    /// The status a shell reports: the code, or 128 + the signal. The signal comes from
+    /// the guest: anything outside Linux's 1..=64 is reported as 255, never overflowed.
     pub fn code(self) -> i32 {
         match self {
             Self::Code(c) => c,
-            Self::Signal(s) => 128 + s,
+            Self::Signal(s @ 1..=64) => 128 + s,
+            Self::Signal(_) => 255,
         }
     }
 }
@@ -274,8 +278,9 @@ impl Connection {
         self.expect_done()
     }
 
-    /// Reads `path` from the workspace.
-    pub fn read_file(mut self, path: &str) -> Result<Vec<u8>, Error> {
+    /// Reads `path` from the workspace, refusing (`Error::TooLarge`) a file longer than
+    /// `limit` bytes: the guest decides how much it sends.
+    pub fn read_file(mut self, path: &str, limit: usize) -> Result<Vec<u8>, Error> {
         write_control(
             &mut self.writer,
             &HostMessage::ReadFile { path: path.into() },
@@ -285,6 +290,9 @@ impl Connection {
             let frame = read_frame(&mut self.reader)?;
             match frame.kind {
                 Kind::File if frame.payload.is_empty() => break,
+                Kind::File if data.len() + frame.payload.len() > limit => {
+                    return Err(Error::TooLarge { limit })
+                }
                 Kind::File => data.extend_from_slice(&frame.payload),
                 Kind::Control => match frame.parse()? {
                     AgentMessage::Error { code, message } => {
@@ -297,5 +305,20 @@ impl Connection {
         }
         self.expect_done()?;
         Ok(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Exit;
+
+    #[test]
+    fn exit_codes_follow_the_shell_and_a_hostile_signal_cannot_overflow() {
+        assert_eq!(Exit::Code(42).code(), 42);
+        assert_eq!(Exit::Signal(9).code(), 137);
+        assert_eq!(Exit::Signal(64).code(), 192);
+        for hostile in [0, 65, -1, i32::MAX, i32::MIN] {
+            assert_eq!(Exit::Signal(hostile).code(), 255, "signal {hostile}");
+        }
     }
 }

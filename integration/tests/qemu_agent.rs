@@ -240,13 +240,28 @@ fn identity_and_file_transfer() {
         ws.run(&["stat", "-c", "%a %s", "/root/in.bin"]).1,
         b"640 204800\n"
     );
-    assert_eq!(ws.connect().read_file("/root/in.bin").unwrap(), data);
+    assert_eq!(
+        ws.connect().read_file("/root/in.bin", data.len()).unwrap(),
+        data
+    );
+    // The host never takes more than it asked for, whatever the guest sends.
+    let err = ws
+        .connect()
+        .read_file("/root/in.bin", data.len() - 1)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            microagent_agent_protocol::client::Error::TooLarge { .. }
+        ),
+        "{err}"
+    );
     let escape = ws
         .connect()
         .write_file("/root/../../x", 0o600, b"x")
         .unwrap_err();
     assert!(escape.to_string().contains("must not contain"), "{escape}");
-    assert!(ws.connect().read_file("/no/such/file").is_err());
+    assert!(ws.connect().read_file("/no/such/file", 1 << 20).is_err());
 }
 
 #[test]
