@@ -129,13 +129,8 @@ impl BlkBackend {
                 saved.read_only, saved.queues, ours.read_only, ours.queues
             )));
         }
-        // The guest read its disk's serial (GET_ID) and may have named the disk by it.
-        if saved.serial != ours.serial {
-            return Err(Error::Mismatch(format!(
-                "saved disk serial {:?}, this daemon serves {:?}",
-                saved.serial, ours.serial
-            )));
-        }
+        // The serial is this daemon's configuration, not device state: the guest asks for
+        // it (GET_ID) whenever it wants it, and a fork's disk gets a serial of its own.
         if saved.acked_features & !self.features() != 0 {
             return Err(Error::Mismatch(format!(
                 "saved features {:#x} are not all offered here ({:#x})",
