@@ -82,11 +82,45 @@ impl Cli {
         let out = self.run(args);
         assert!(
             out.status.success(),
-            "microagent {args:?}: {}\n{}",
+            "microagent {args:?}: {}\n{}\n{}",
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The end of every workspace's logs (VMM, daemons, guest console) and the runtime
+    /// directory's listing: what a failed assertion prints, as the home is a temporary
+    /// directory that is gone once the test has failed.
+    pub fn logs(&self) -> String {
+        let mut report = String::new();
+        let workspaces = std::fs::read_dir(self.home.join("workspaces"))
+            .into_iter()
+            .flatten();
+        for ws in workspaces.flatten().filter(|e| e.path().is_dir()) {
+            let logs = std::fs::read_dir(ws.path()).into_iter().flatten().flatten();
+            for log in logs.filter(|e| e.path().extension() == Some(OsStr::new("log"))) {
+                let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+                report.push_str(&format!("--- {} (end) ---\n{tail}\n", log.path().display()));
+            }
+        }
+        let runtime = std::fs::read_dir(&self.runtime)
+            .into_iter()
+            .flatten()
+            .flatten();
+        for ws in runtime {
+            let files: Vec<String> = std::fs::read_dir(ws.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            report.push_str(&format!("--- {}: {files:?}\n", ws.path().display()));
+        }
+        report
     }
 
     /// Runs with --json and expects exit 125 with `code`; returns the message.
@@ -94,7 +128,12 @@ impl Cli {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         let out = self.run(&all);
-        assert_eq!(out.status.code(), Some(125), "microagent {args:?}: {out:?}");
+        assert_eq!(
+            out.status.code(),
+            Some(125),
+            "microagent {args:?}: {out:?}\n{}",
+            self.logs()
+        );
         let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(reply["error"]["code"], code, "{reply}");
         let message = reply["error"]["message"].as_str().unwrap().to_owned();

@@ -36,7 +36,7 @@ const L1_MEMORY_MIB: u32 = 4096;
 /// Largest 9p message Linux 6.1's virtio transport takes: fewer round trips per read.
 const MSIZE: u32 = 512 * 1024;
 /// How much of a log a failure shows.
-const TAIL: usize = 6000;
+const TAIL: usize = 20000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
