@@ -10,12 +10,15 @@
 //! - [`memory`]: the guest memory the frontend shared, as the workers read it.
 //! - [`config_space`]: VHOST_USER_GET_CONFIG slicing.
 //! - [`worker`]: exit events for the worker threads.
+//! - [`confine`]: seccomp profiles of the main and worker thread kinds, no_new_privs,
+//!   no capabilities, entered once set-up is over.
 //!
 //! Device state (the container and SET_DEVICE_STATE_FD/CHECK_DEVICE_STATE) lives in
 //! `microagent-device-state`, re-exported here as [`state`].
 
 pub mod checks;
 pub mod config_space;
+pub mod confine;
 pub mod gate;
 pub mod memory;
 pub mod serve;

@@ -3,8 +3,10 @@
 //! of every daemon's `main`.
 
 use crate::checks::{Limits, Refusal};
+use crate::confine::{self, Policy};
 use crate::gate::{self, Gate};
 use crate::Mem;
+use microagent_confine::Confinement;
 use std::fmt::Display;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -34,6 +36,8 @@ pub enum Error {
     Gate(#[from] gate::Error),
     #[error("serving {path}: {reason}")]
     Serve { path: String, reason: String },
+    #[error("confining the daemon: {0}")]
+    Confine(#[from] microagent_confine::Error),
     #[error("refused a frontend request [{code}]: {refusal}", code = .0.code(), refusal = .0)]
     Refused(Refusal),
 }
@@ -41,17 +45,24 @@ pub enum Error {
 /// Serves one frontend on `socket` and returns when it disconnects (`Ok`), when the
 /// session fails, or when the gate refused a request. `wire` runs once before the
 /// frontend connects, with the epoll fd of each worker thread (a daemon with host
-/// sockets registers them there).
+/// sockets registers them there). Once the socket listens, the daemon confines itself
+/// as `policy` says ([`crate::confine`]).
 pub fn serve<B, E>(
     name: &str,
     socket: &Path,
     backend: Arc<B>,
+    policy: &Policy,
     wire: impl FnOnce(&[RawFd]) -> Result<(), E>,
 ) -> Result<(), Error>
 where
     B: VhostUserBackend<Bitmap = (), Vring = VringRwLock<Mem>> + 'static,
     E: Display,
 {
+    let main_confinement = Confinement::new(&confine::main_profile(policy), policy.seccomp)?;
+    let worker_confinement = Confinement::new(&confine::worker_profile(policy), policy.seccomp)?;
+    // Before any thread starts, so that every thread is without capabilities: a daemon
+    // opens what needs privileges (disk images, published ports) before `serve`.
+    microagent_confine::privileges::drop_all().map_err(microagent_confine::Error::from)?;
     let limits = Limits {
         max_queue_size: u16::try_from(backend.max_queue_size()).unwrap_or(u16::MAX),
     };
@@ -77,6 +88,8 @@ where
         .map_err(|e| Error::Daemon(e.to_string()))?;
     // Removes a stale socket first, and the socket file again when dropped.
     let listener = Listener::new(socket, true).map_err(|e| listen_error(e.to_string()))?;
+    main_confinement.enter_all_threads()?;
+    confine::arm_workers(worker_confinement);
     let frontend = loop {
         match listener.accept() {
             Ok(Some(stream)) => break stream,

@@ -327,6 +327,7 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        microagent_daemon_kit::confine::worker_thread();
         // An error returned here would end the worker thread: report and carry on.
         if evset != EventSet::IN {
             log::warn!("queue {thread_id}: unexpected event set {evset:?}");

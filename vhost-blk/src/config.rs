@@ -45,6 +45,8 @@ pub struct Args {
     /// Open the image with O_DIRECT, bypassing the host page cache.
     #[arg(long)]
     pub direct_io: bool,
+    #[command(flatten)]
+    pub confine: microagent_confine::ConfineArgs,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +57,7 @@ pub struct BlkConfig {
     pub serial: String,
     pub queues: u16,
     pub direct_io: bool,
+    pub seccomp: microagent_confine::Seccomp,
 }
 
 impl TryFrom<Args> for BlkConfig {
@@ -77,6 +80,7 @@ impl TryFrom<Args> for BlkConfig {
             serial: args.serial,
             queues: args.queues,
             direct_io: args.direct_io,
+            seccomp: args.confine.seccomp,
         })
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod confinement;
 pub mod disk;
 pub mod request;
 pub mod state;
@@ -29,8 +30,9 @@ pub enum Error {
 /// Listens on the configured socket, serves one frontend, and returns when it disconnects.
 pub fn serve(config: config::BlkConfig) -> Result<(), Error> {
     let socket = config.socket_path.clone();
+    let policy = confinement::policy(config.seccomp);
     let backend = Arc::new(backend::BlkBackend::new(config)?);
-    microagent_daemon_kit::serve::serve("microagent-vhost-blk", &socket, backend, |_| {
+    microagent_daemon_kit::serve::serve("microagent-vhost-blk", &socket, backend, &policy, |_| {
         Ok::<(), Infallible>(())
     })?;
     Ok(())

@@ -4,7 +4,7 @@
 
 use crate::config::NetConfig;
 use crate::frame::{MAX_FRAME, MTU};
-use crate::stack::{self, Net, Poller};
+use crate::stack::{self, Net, Poller, Published};
 use crate::state::NetState;
 use crate::virtio;
 use microagent_daemon_kit::memory::Memory;
@@ -67,11 +67,14 @@ pub struct NetBackend {
     net: OnceLock<Mutex<Net>>,
     timer: OnceLock<Mutex<TimerFd>>,
     transfer: microagent_daemon_kit::state::transfer::Slot,
+    /// Bound before the daemon confines itself; the stack takes them in `start`.
+    published: Mutex<Published>,
 }
 
 impl NetBackend {
-    pub fn new(config: NetConfig) -> Self {
+    pub fn new(config: NetConfig, published: Published) -> Self {
         Self {
+            published: Mutex::new(published),
             mac: Mutex::new(config.mac.0),
             config,
             mem: Memory::default(),
@@ -86,8 +89,11 @@ impl NetBackend {
     /// Binds published ports and registers them, and the stack's timer, with the
     /// worker's epoll instance. Called once, before the frontend connects.
     pub fn start(&self, epoll_fd: i32) -> Result<(), Error> {
+        let published =
+            std::mem::take(&mut *self.published.lock().unwrap_or_else(|e| e.into_inner()));
         let net = Net::new(
             &self.config,
+            published,
             Poller {
                 epoll: epoll_fd,
                 id: HOST_ID,
@@ -392,6 +398,7 @@ impl VhostUserBackend for NetBackend {
         vrings: &[Self::Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
+        microagent_daemon_kit::confine::worker_thread();
         // An error returned here would end the worker thread: report and carry on.
         let Some(mut net) = self.net() else {
             log::error!("{}", Error::NotStarted);

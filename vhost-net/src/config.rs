@@ -77,6 +77,8 @@ pub struct Args {
     pub dns: Vec<String>,
     #[arg(long, default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
+    #[command(flatten)]
+    pub confine: microagent_confine::ConfineArgs,
 }
 
 /// One inbound forward.
@@ -120,6 +122,7 @@ pub struct NetConfig {
     pub publish: Vec<Publish>,
     /// Where 10.0.2.3:53 is forwarded.
     pub dns: Vec<SocketAddr>,
+    pub seccomp: microagent_confine::Seccomp,
 }
 
 impl TryFrom<Args> for NetConfig {
@@ -160,6 +163,7 @@ impl TryFrom<Args> for NetConfig {
             mac,
             publish,
             dns,
+            seccomp: args.confine.seccomp,
         })
     }
 }

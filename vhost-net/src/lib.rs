@@ -20,6 +20,7 @@ pub use smoltcp;
 
 pub mod backend;
 pub mod config;
+pub mod confinement;
 pub mod dhcp;
 pub mod frame;
 pub mod link;
@@ -34,16 +35,27 @@ use std::sync::Arc;
 pub enum Error {
     #[error(transparent)]
     Serve(#[from] microagent_daemon_kit::serve::Error),
+    #[error(transparent)]
+    Publish(#[from] stack::Error),
 }
 
 /// Serves one frontend on the configured socket, returns when it disconnects.
 pub fn serve(config: config::NetConfig) -> Result<(), Error> {
     let socket = config.socket_path.clone();
-    let backend = Arc::new(backend::NetBackend::new(config));
+    let policy = confinement::policy(config.seccomp);
+    // Bound first: the daemon drops every capability before it starts its threads.
+    let published = stack::publish(&config.publish)?;
+    let backend = Arc::new(backend::NetBackend::new(config, published));
     let wired = backend.clone();
-    microagent_daemon_kit::serve::serve("microagent-vhost-net", &socket, backend, |epolls| {
-        let worker = epolls.first().ok_or(backend::Error::NotStarted)?;
-        wired.start(*worker)
-    })?;
+    microagent_daemon_kit::serve::serve(
+        "microagent-vhost-net",
+        &socket,
+        backend,
+        &policy,
+        |epolls| {
+            let worker = epolls.first().ok_or(backend::Error::NotStarted)?;
+            wired.start(*worker)
+        },
+    )?;
     Ok(())
 }

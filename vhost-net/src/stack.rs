@@ -90,8 +90,27 @@ pub struct Net {
     epoch: Instant,
 }
 
+/// Host listeners of published ports with their guest ports, bound while the daemon
+/// may still hold the capability a port below 1024 needs.
+pub type Published = Vec<(TcpListener, u16)>;
+
+/// Binds every `--publish` listener (non-blocking).
+pub fn publish(publish: &[Publish]) -> Result<Published, Error> {
+    publish
+        .iter()
+        .map(|&Publish { host, guest_port }| {
+            let publish_error = |source| Error::Publish { addr: host, source };
+            let listener = TcpListener::bind(host).map_err(publish_error)?;
+            listener.set_nonblocking(true).map_err(publish_error)?;
+            log::info!("publishing {host} to guest port {guest_port}");
+            Ok((listener, guest_port))
+        })
+        .collect()
+}
+
 impl Net {
-    pub fn new(config: &NetConfig, poller: Poller) -> Result<Self, Error> {
+    /// The stack, with the `listeners` of [`publish`] registered with the worker.
+    pub fn new(config: &NetConfig, listeners: Published, poller: Poller) -> Result<Self, Error> {
         let mut link = Link::default();
         let epoch = Instant::now();
         let mut iface_config = Config::new(HardwareAddress::Ethernet(GATEWAY_MAC));
@@ -105,19 +124,10 @@ impl Net {
         // are ours: that is how guest connections to the world reach a listener.
         let _ = iface.routes_mut().add_default_ipv4_route(GATEWAY);
         iface.set_any_ip(true);
-        let mut listeners = Vec::new();
-        for Publish { host, guest_port } in &config.publish {
-            let publish_error = |source| Error::Publish {
-                addr: *host,
-                source,
-            };
-            let listener = TcpListener::bind(host).map_err(publish_error)?;
-            listener.set_nonblocking(true).map_err(publish_error)?;
+        for (listener, _) in &listeners {
             poller
                 .add(listener.as_raw_fd(), libc::EPOLLIN as u32)
                 .map_err(Error::Register)?;
-            log::info!("publishing {host} to guest port {guest_port}");
-            listeners.push((listener, *guest_port));
         }
         Ok(Self {
             iface,

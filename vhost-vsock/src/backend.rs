@@ -385,6 +385,7 @@ impl VhostUserBackend for VsockBackend {
         vrings: &[Self::Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
+        microagent_daemon_kit::confine::worker_thread();
         // An error returned here would end the worker thread: report and carry on.
         let Some(mut muxer) = self.muxer() else {
             log::error!("{}", Error::NotStarted);
@@ -447,6 +448,7 @@ mod tests {
             socket_path: dir.path().join("vsock.sock"),
             guest_cid: 3,
             uds_path: dir.path().join("vm.vsock"),
+            seccomp: microagent_confine::Seccomp::On,
         }));
         // SAFETY: epoll_create1 with valid flags; the result is checked.
         let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };

@@ -35,6 +35,8 @@ pub struct Args {
     /// Host side: the unix socket host processes connect to.
     #[arg(long)]
     pub uds_path: PathBuf,
+    #[command(flatten)]
+    pub confine: microagent_confine::ConfineArgs,
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +44,7 @@ pub struct VsockConfig {
     pub socket_path: PathBuf,
     pub guest_cid: u64,
     pub uds_path: PathBuf,
+    pub seccomp: microagent_confine::Seccomp,
 }
 
 impl TryFrom<Args> for VsockConfig {
@@ -67,6 +70,7 @@ impl TryFrom<Args> for VsockConfig {
             socket_path: args.socket_path,
             guest_cid: args.guest_cid,
             uds_path: args.uds_path,
+            seccomp: args.confine.seccomp,
         })
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod confinement;
 pub mod muxer;
 pub mod packet;
 pub mod state;
@@ -27,11 +28,18 @@ pub enum Error {
 /// Listens on the configured sockets, serves one frontend, returns when it disconnects.
 pub fn serve(config: config::VsockConfig) -> Result<(), Error> {
     let socket = config.socket_path.clone();
+    let policy = confinement::policy(config.seccomp);
     let backend = Arc::new(backend::VsockBackend::new(config));
     let wired = backend.clone();
-    microagent_daemon_kit::serve::serve("microagent-vhost-vsock", &socket, backend, |epolls| {
-        let worker = epolls.first().ok_or(backend::Error::NotStarted)?;
-        wired.start(*worker)
-    })?;
+    microagent_daemon_kit::serve::serve(
+        "microagent-vhost-vsock",
+        &socket,
+        backend,
+        &policy,
+        |epolls| {
+            let worker = epolls.first().ok_or(backend::Error::NotStarted)?;
+            wired.start(*worker)
+        },
+    )?;
     Ok(())
 }

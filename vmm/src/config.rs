@@ -74,6 +74,8 @@ pub struct Args {
     /// Control socket: JSON lines `{"cmd":"status"|"pause"|"resume"|"shutdown"}`.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub confine: microagent_confine::ConfineArgs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +110,7 @@ pub struct VmmConfig {
     pub vsock: Option<PathBuf>,
     pub net: Option<PathBuf>,
     pub api_socket: Option<PathBuf>,
+    pub seccomp: microagent_confine::Seccomp,
 }
 
 impl TryFrom<Args> for VmmConfig {
@@ -161,6 +164,7 @@ impl TryFrom<Args> for VmmConfig {
             vsock: args.vsock,
             net: args.net,
             api_socket: args.api_socket,
+            seccomp: args.confine.seccomp,
         })
     }
 }

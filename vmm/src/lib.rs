@@ -13,10 +13,13 @@
 //! - [`snapshot`]: snapshot state types, the manifest, sparse memory files, and the
 //!   snapshot directory written whole or not at all.
 //! - [`host`]: what this host's KVM can do (PVM detection).
+//! - [`confinement`]: the seccomp allow-lists of the main and vCPU threads, entered
+//!   once the VM is built (with no_new_privs and no capabilities).
 
 pub mod api;
 pub mod boot;
 pub mod config;
+pub mod confinement;
 pub mod control;
 pub mod cpu;
 pub mod devices;

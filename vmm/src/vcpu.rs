@@ -9,6 +9,7 @@ use crate::devices::virtio_mmio::MmioTransport;
 use crate::layout::VIRTIO_MMIO_SIZE;
 use crate::snapshot::state::VcpuState;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use microagent_confine::Confinement;
 use serde::Serialize;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -52,6 +53,25 @@ pub struct VcpuFailure {
     pub efer: Option<String>,
     /// What to do about it, when known.
     pub hint: Option<String>,
+}
+
+impl VcpuFailure {
+    /// A vCPU thread that could not confine itself never runs the guest.
+    fn unconfined(vcpu: u8, error: &microagent_confine::Error) -> Self {
+        Self {
+            code: "vmm.confinement_failed".into(),
+            message: format!("vCPU {vcpu} could not confine itself: {error}"),
+            vcpu,
+            exit: "none".into(),
+            suberror: None,
+            rip: None,
+            cr0: None,
+            cr3: None,
+            cr4: None,
+            efer: None,
+            hint: Some("run with --seccomp=off to check whether seccomp is the cause".into()),
+        }
+    }
 }
 
 /// Devices a vCPU dispatches exits to.
@@ -165,6 +185,7 @@ impl Vcpus {
         control: Arc<Control>,
         msr_indices: Arc<Vec<u32>>,
         paused: bool,
+        confinement: Confinement,
     ) -> std::io::Result<Self> {
         extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
         register_signal_handler(kick_signal(), noop)
@@ -179,10 +200,13 @@ impl Vcpus {
             let bus = bus.clone();
             let control = control.clone();
             let msr_indices = msr_indices.clone();
+            let confinement = confinement.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("vcpu{id}"))
-                    .spawn(move || run(id as u8, vcpu, &bus, &control, &msr_indices))?,
+                    .spawn(move || {
+                        run(id as u8, vcpu, &bus, &control, &msr_indices, &confinement)
+                    })?,
             );
         }
         let vcpus = Self { control, threads };
@@ -293,23 +317,38 @@ fn wait_while_paused<'a>(
     state
 }
 
-fn run(id: u8, mut vcpu: VcpuFd, bus: &Bus, control: &Control, msr_indices: &[u32]) {
+fn run(
+    id: u8,
+    mut vcpu: VcpuFd,
+    bus: &Bus,
+    control: &Control,
+    msr_indices: &[u32],
+    confinement: &Confinement,
+) {
     let mut seen = control.state().save_seq;
-    let ended = loop {
-        let mut saver = Saver {
-            id,
-            vcpu: &vcpu,
-            msr_indices,
-            seen,
-        };
-        let stop = wait_while_paused(control, control.state(), &mut saver).stop;
-        seen = saver.seen;
-        if stop {
-            break false;
-        }
-        if let Some(outcome) = run_once(id, &mut vcpu, bus, control) {
-            control.finish(outcome);
-            break true;
+    // Confined before the first KVM_RUN: from here on the guest drives this thread.
+    let ended = if let Err(e) = confinement.enter() {
+        control.finish(Outcome::VcpuError(Box::new(VcpuFailure::unconfined(
+            id, &e,
+        ))));
+        true
+    } else {
+        loop {
+            let mut saver = Saver {
+                id,
+                vcpu: &vcpu,
+                msr_indices,
+                seen,
+            };
+            let stop = wait_while_paused(control, control.state(), &mut saver).stop;
+            seen = saver.seen;
+            if stop {
+                break false;
+            }
+            if let Some(outcome) = run_once(id, &mut vcpu, bus, control) {
+                control.finish(outcome);
+                break true;
+            }
         }
     };
     let mut saver = Saver {

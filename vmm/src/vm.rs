@@ -3,6 +3,7 @@
 
 use crate::boot;
 use crate::config::{Serial, Start, VmmConfig};
+use crate::confinement;
 use crate::control;
 use crate::cpu;
 use crate::devices::i8042::{self, I8042};
@@ -20,6 +21,7 @@ use event_loop::{EventLoop, TOKEN_API, TOKEN_CONN_BASE};
 mod event_loop;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use microagent_confine::Confinement;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::net::UnixListener;
@@ -67,6 +69,8 @@ pub enum Error {
     Control(#[from] control::Error),
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
+    #[error("confining the VMM: {0}")]
+    Confine(#[from] microagent_confine::Error),
 }
 
 impl Error {
@@ -74,6 +78,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Snapshot(e) => e.code(),
+            Self::Confine(_) => "vmm.confinement_failed",
             _ => "vmm.start_failed",
         }
     }
@@ -429,6 +434,9 @@ fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Out
             .to_vec(),
     );
     let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventLoop)?;
+    // Compiled here, so that a bad profile fails the start rather than a vCPU.
+    let vcpu_confinement = Confinement::new(&confinement::vcpu_thread(), config.seccomp)?;
+    let main_confinement = Confinement::new(&confinement::main_thread(), config.seccomp)?;
     let control = Arc::new(Control::new(
         exit_evt.try_clone().map_err(Error::EventLoop)?,
         booted.failure_hint,
@@ -439,6 +447,7 @@ fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Out
         control.clone(),
         msr_indices,
         paused,
+        vcpu_confinement,
     )
     .map_err(Error::EventLoop)?;
     log::info!(
@@ -448,6 +457,9 @@ fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Out
     );
 
     let cpu = manifest::CpuIdentity::of_host(&vm.kvm)?;
+    // Set-up is over: everything the loop needs is open. On failure `vcpus` is dropped,
+    // which stops the vCPU threads.
+    main_confinement.enter()?;
     let mut event_loop = EventLoop {
         epoll,
         control,

@@ -1,0 +1,122 @@
+//! Confinement that every long-lived microagent process (the VMM and the vhost-user
+//! daemons) applies to itself once set-up is over: files, sockets and `/dev/kvm` are
+//! open, and from then on a thread only needs the syscalls of its steady state.
+//!
+//! - [`filter`]: a seccomp allow-list per process and thread kind ([`filter::Profile`]),
+//!   compiled once with `seccompiler`; any other syscall kills the whole process
+//!   (`SECCOMP_RET_KILL_PROCESS`, the process dies of SIGSYS).
+//! - [`privileges`]: `no_new_privs` and dropping every capability (effective, permitted,
+//!   inheritable, ambient and, when allowed, the bounding set).
+//! - [`Confinement`]: both together, entered by each thread kind.
+//! - [`ConfineArgs`]: the `--seccomp=on|off` flag every binary flattens into its own.
+//!
+//! Capabilities and seccomp filters belong to a thread, and a new thread inherits them
+//! from the one that spawns it. So a thread kind is confined either by the thread that
+//! spawns it (before the spawn) or by itself (first thing it does): see each binary.
+
+pub mod filter;
+pub mod privileges;
+
+pub use filter::{Ioctl, Profile};
+
+/// Whether seccomp filters are installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Seccomp {
+    On,
+    Off,
+}
+
+/// The confinement flag shared by `microagent-vmm` and every daemon.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ConfineArgs {
+    /// seccomp filters (on by default): a syscall outside this process's allow-list
+    /// kills it with SIGSYS. `off` is for debugging only; no_new_privs and dropping
+    /// every capability apply either way.
+    #[arg(long, value_enum, default_value_t = Seccomp::On)]
+    pub seccomp: Seccomp,
+}
+
+/// Environment variable a debug build reads: when it names the profile a thread just
+/// entered (e.g. `vhost-blk/main`), that thread then calls a forbidden syscall, so a test
+/// can prove the filter kills. Release builds do not have it.
+pub const SELFTEST_ENV: &str = "MICROAGENT_SECCOMP_SELFTEST";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Filter(#[from] filter::Error),
+    #[error(transparent)]
+    Privileges(#[from] privileges::Error),
+}
+
+/// A compiled profile and the mode it runs in; cheap to clone into the threads that
+/// enter it.
+#[derive(Clone, Debug)]
+pub struct Confinement {
+    name: String,
+    filter: Option<filter::Compiled>,
+}
+
+impl Confinement {
+    /// Compiles `profile` now (on the setting-up thread), unless `seccomp` is off.
+    pub fn new(profile: &Profile, seccomp: Seccomp) -> Result<Self, Error> {
+        let filter = match seccomp {
+            Seccomp::On => Some(filter::Compiled::new(profile)?),
+            Seccomp::Off => None,
+        };
+        Ok(Self {
+            name: profile.name.clone(),
+            filter,
+        })
+    }
+
+    /// Confines the calling thread (and the threads it spawns later): no_new_privs, no
+    /// capabilities, then the filter.
+    pub fn enter(&self) -> Result<(), Error> {
+        self.enter_with(filter::Scope::Thread)
+    }
+
+    /// As [`Self::enter`], but the filter also goes onto every other thread of the
+    /// process at once (`SECCOMP_FILTER_FLAG_TSYNC`, which sets their no_new_privs
+    /// too). Capabilities stay per thread: a thread spawned before this call drops its
+    /// own.
+    pub fn enter_all_threads(&self) -> Result<(), Error> {
+        self.enter_with(filter::Scope::Process)
+    }
+
+    fn enter_with(&self, scope: filter::Scope) -> Result<(), Error> {
+        privileges::drop_all()?;
+        match &self.filter {
+            Some(filter) => {
+                filter.apply(scope)?;
+                log::info!(
+                    "confined {}: no_new_privs, no capabilities, seccomp filter of {} \
+                     syscalls (any other kills the process with SIGSYS)",
+                    self.name,
+                    filter.allowed()
+                );
+            }
+            None => log::warn!(
+                "confined {}: no_new_privs, no capabilities; seccomp is OFF (--seccomp=off, \
+                 for debugging only)",
+                self.name
+            ),
+        }
+        selftest(&self.name);
+        Ok(())
+    }
+}
+
+/// Debug builds: a forbidden syscall on request (see [`SELFTEST_ENV`]).
+#[cfg(debug_assertions)]
+fn selftest(name: &str) {
+    if std::env::var(SELFTEST_ENV).is_ok_and(|v| v == name) {
+        log::warn!("{SELFTEST_ENV}={name}: calling personality(2), which no profile allows");
+        // SAFETY: personality(0xffffffff) only queries the persona; it changes nothing.
+        let persona = unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffff_u64) };
+        log::warn!("{SELFTEST_ENV}: still alive (persona {persona:#x}): no filter is installed");
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn selftest(_name: &str) {}
