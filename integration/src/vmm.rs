@@ -45,6 +45,8 @@ pub struct VmmArgs {
     pub memory_mib: u32,
     pub blk: Vec<PathBuf>,
     pub extra: Vec<OsString>,
+    /// Environment variables added to the VMM's.
+    pub env: Vec<(OsString, OsString)>,
 }
 
 impl VmmArgs {
@@ -55,6 +57,7 @@ impl VmmArgs {
             memory_mib: 64,
             blk: Vec::new(),
             extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -73,7 +76,9 @@ impl VmmArgs {
         for blk in &self.blk {
             cmd.arg("--blk").arg(blk);
         }
-        cmd.args(&self.extra).stdin(Stdio::null());
+        cmd.args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
         Ok(cmd)
     }
 
