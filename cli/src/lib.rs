@@ -10,7 +10,10 @@
 //! - [`lock`]: one command at a time per workspace, with a bounded wait.
 //! - [`memory`]: guest memory checked against the host's.
 //! - [`error`]: user-facing errors with stable codes.
+//! - [`confinement`]: seccomp support, how confined running processes are, and
+//!   seccomp kills, for `doctor` and crash reasons.
 
+pub mod confinement;
 pub mod error;
 pub mod home;
 pub mod initramfs;

@@ -1,6 +1,7 @@
 use clap::{Parser, Subcommand};
 use microagent_agent_protocol::client::Connection;
 use microagent_agent_protocol::message::{ExecRequest, HostMessage, TtySize};
+use microagent_cli::confinement::{self, SECCOMP_ENV};
 use microagent_cli::error::{CliError, Result, EXIT_ERROR};
 use microagent_cli::home::Home;
 use microagent_cli::initramfs::Initramfs;
@@ -839,6 +840,34 @@ fn doctor(home: &Home, out: &Output) {
         format!("{free_gib} GiB free under {}", home.root().display()),
         "free at least 4 GiB for images and workspaces",
     );
+    let (supported, detail) = confinement::kernel_support();
+    let off = confinement::seccomp_flag().is_some();
+    check(
+        "seccomp",
+        supported && !off,
+        if off {
+            format!("{SECCOMP_ENV}=off: workspaces start WITHOUT seccomp filters")
+        } else {
+            detail
+        },
+        "use a kernel with CONFIG_SECCOMP_FILTER; unset MICROAGENT_SECCOMP",
+    );
+    // The processes of running workspaces, as the kernel sees them.
+    for ws in workspace::list(home) {
+        let Some(pids) = runtime::pids(home, &ws.name) else {
+            continue;
+        };
+        for (binary, pid) in pids.all() {
+            if let Some(p) = confinement::process(pid) {
+                check(
+                    &format!("confinement {}/{binary}", ws.name),
+                    p.fully_confined(),
+                    format!("pid {pid}: {}", p.describe()),
+                    "restart the workspace: it was started without confinement",
+                );
+            }
+        }
+    }
     if out.json {
         println!("{}", serde_json::Value::Array(checks));
         return;

@@ -2,6 +2,7 @@
 //! `<runtime>/<name>/state.json`, stopped and cleaned up; and the workspace's state as
 //! seen from them (created, running, paused, halted, crashed).
 
+use crate::confinement::{self, SECCOMP_ENV};
 use crate::error::{CliError, Result};
 use crate::home::Home;
 use crate::workspace::{self, Config, Network};
@@ -111,7 +112,7 @@ impl Pids {
     }
 
     /// Every recorded process with the binary it must be.
-    fn all(&self) -> impl Iterator<Item = (&'static str, u32)> {
+    pub fn all(&self) -> impl Iterator<Item = (&'static str, u32)> {
         [
             ("microagent-vmm", Some(self.vmm)),
             ("microagent-vhost-blk", Some(self.blk)),
@@ -244,7 +245,14 @@ pub fn state(home: &Home, name: &str) -> State {
     let dead: Vec<String> = pids
         .all()
         .filter(|(bin, pid)| !alive(*pid, bin))
-        .map(|(bin, pid)| format!("{bin} (pid {pid}) is gone"))
+        .map(|(bin, pid)| match confinement::seccomp_kill(pid, bin) {
+            Some(nr) => format!(
+                "{bin} (pid {pid}) was killed by SIGSYS (seccomp): syscall {nr} is not in its \
+                 allow-list; {SECCOMP_ENV}=off starts workspaces without filters, for \
+                 debugging (docs/security.md)"
+            ),
+            None => format!("{bin} (pid {pid}) is gone"),
+        })
         .collect();
     if !dead.is_empty() {
         let mut reason = dead.join(", ");
@@ -332,6 +340,7 @@ fn spawn_detached(mut cmd: Command, log: &Path) -> Result<u32> {
         .open(log)
         .map_err(fail)?;
     let err = log.try_clone().map_err(fail)?;
+    cmd.args(confinement::seccomp_flag());
     cmd.stdin(Stdio::null()).stdout(log).stderr(err);
     // SAFETY: setsid in the child before exec has no preconditions.
     unsafe {

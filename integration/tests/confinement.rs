@@ -6,10 +6,12 @@
 //! the filters are on by default.
 
 use microagent_confine::SELFTEST_ENV;
+use microagent_integration::cli::Cli;
 use microagent_integration::daemon::{binary, Daemon};
 use microagent_integration::frontend::{Buf, Frontend, GuestMemory, Setup};
 use microagent_integration::process::ChildGuard;
-use microagent_integration::vmm::{Vmm, VmmArgs};
+use microagent_integration::registry::{push, write_layout, Registry};
+use microagent_integration::vmm::{test_guest, Vmm, VmmArgs};
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -261,4 +263,80 @@ fn the_vmm_dies_of_sigsys_when_its_main_or_a_vcpu_thread_makes_a_forbidden_sysca
             "{profile}: log:\n{log}"
         );
     }
+}
+
+#[test]
+fn a_cli_workspace_runs_confined_doctor_says_so_and_a_seccomp_kill_is_the_crash_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let layout = dir.path().join("layout");
+    write_layout(&layout);
+    push(&layout, &registry, "test/img:v1");
+    let image = format!("{}/test/img:v1", registry.addr);
+    let cli = Cli::new(dir.path());
+    let create = |name: &str, cmdline: &str| {
+        cli.ok(&[
+            "create",
+            name,
+            "--image",
+            &image,
+            "--no-agent",
+            "--memory",
+            "64M",
+            "--kernel",
+            test_guest().to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+        ]);
+    };
+
+    create("confined", "scenario=halt");
+    cli.ok(&["start", "confined"]);
+    let checks: serde_json::Value = serde_json::from_str(&cli.ok(&["--json", "doctor"])).unwrap();
+    let checks = checks.as_array().unwrap();
+    let seccomp = checks.iter().find(|c| c["check"] == "seccomp").unwrap();
+    assert_eq!(seccomp["ok"], true, "{seccomp}");
+    let confined: Vec<&serde_json::Value> = checks
+        .iter()
+        .filter(|c| {
+            c["check"]
+                .as_str()
+                .unwrap()
+                .starts_with("confinement confined/")
+        })
+        .collect();
+    // The VMM, blk, vsock and net.
+    assert_eq!(confined.len(), cli.pids("confined").len(), "{checks:?}");
+    for c in &confined {
+        assert_eq!(c["ok"], true, "{c}");
+    }
+    cli.ok(&["halt", "confined"]);
+
+    // The guest writes to its disk: the blk worker's first event runs the self-test.
+    create("killed", "scenario=blk blk_pattern=x blk_sector=6");
+    let out = cli
+        .command(&["start", "killed"])
+        .env(SELFTEST_ENV, "vhost-blk/worker")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let blk = cli.pids("killed")[1];
+    let mut reason = String::new();
+    for _ in 0..100 {
+        let state = cli.entry("killed")["state"].clone();
+        if state["state"] == "crashed" {
+            reason = state["reason"].as_str().unwrap().to_owned();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        reason.contains(&format!(
+            "microagent-vhost-blk (pid {blk}) was killed by SIGSYS (seccomp): syscall {}",
+            libc::SYS_personality
+        )),
+        "{reason}"
+    );
+    cli.ok(&["delete", "killed", "--yes"]);
 }
