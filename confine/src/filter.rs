@@ -58,6 +58,8 @@ pub const BASE: &[i64] = &[
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    // the kernel asks for it when a signal (a vCPU kick) interrupts a timed sleep
+    libc::SYS_restart_syscall,
     libc::SYS_sigaltstack,
     // abort() after a panic raises SIGABRT at its own thread.
     libc::SYS_tgkill,

@@ -1,6 +1,7 @@
 //! `microagent-vhost-blk`: a vhost-user block device serving one raw disk image.
 //!
 //! - [`config`]: command-line flags turned into a checked [`config::BlkConfig`].
+//! - [`confinement`]: this daemon's syscalls beyond daemon-kit's seccomp profiles.
 //! - [`disk`]: positional I/O between the image file and guest memory.
 //! - [`request`]: virtio-blk request parsing and execution (pure, tested on real rings).
 //! - [`backend`]: the vhost-user backend: features, config space, queues, device state.

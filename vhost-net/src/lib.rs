@@ -4,6 +4,7 @@
 //! TCP and UDP flows as host sockets, published host ports forwarded in.
 //!
 //! - [`config`]: flags checked into a [`config::NetConfig`].
+//! - [`confinement`]: this daemon's syscalls beyond daemon-kit's seccomp profiles.
 //! - [`frame`]: guest frames sorted and UDP frames built (pure functions).
 //! - [`dhcp`]: the DHCP server (pure function).
 //! - [`link`]: the frame queues smoltcp sees as its Ethernet device.

@@ -2,6 +2,7 @@
 //! unix-socket convention of Firecracker and vhost-device-vsock.
 //!
 //! - [`config`]: flags checked into a [`config::VsockConfig`].
+//! - [`confinement`]: this daemon's syscalls beyond daemon-kit's seccomp profiles.
 //! - [`packet`]: the virtio-vsock header.
 //! - [`muxer`]: connections, credit flow control, host sockets (no virtqueues).
 //! - [`backend`]: the vhost-user backend: queues, events, device state.
