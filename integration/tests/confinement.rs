@@ -312,6 +312,33 @@ fn a_cli_workspace_runs_confined_doctor_says_so_and_a_seccomp_kill_is_the_crash_
     }
     cli.ok(&["halt", "confined"]);
 
+    // MICROAGENT_SECCOMP=off starts every process without filters, and doctor says so.
+    let off = |args: &[&str]| {
+        let out = cli
+            .command(args)
+            .env("MICROAGENT_SECCOMP", "off")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    off(&["start", "confined"]);
+    let checks: serde_json::Value = serde_json::from_str(&off(&["--json", "doctor"])).unwrap();
+    let checks = checks.as_array().unwrap();
+    let seccomp = checks.iter().find(|c| c["check"] == "seccomp").unwrap();
+    assert_eq!(seccomp["ok"], false, "{seccomp}");
+    let vmm = checks
+        .iter()
+        .find(|c| c["check"] == "confinement confined/microagent-vmm")
+        .unwrap();
+    assert_eq!(vmm["ok"], false, "{vmm}");
+    assert!(
+        vmm["detail"].as_str().unwrap().contains("seccomp 0/"),
+        "{vmm}"
+    );
+    cli.ok(&["halt", "confined"]);
+
     // The guest writes to its disk: the blk worker's first event runs the self-test.
     create("killed", "scenario=blk blk_pattern=x blk_sector=6");
     let out = cli
