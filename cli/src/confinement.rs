@@ -48,7 +48,19 @@ impl Process {
     }
 }
 
-/// Reads every thread of `pid`; `None` when the process is gone.
+/// PF_USER_WORKER and PF_KTHREAD: tasks the kernel runs inside a process (KVM's
+/// `kvm-nx-lpage-recovery` worker) that never execute its code, hence never make its
+/// syscalls; their seccomp state is whatever their creator had.
+const KERNEL_WORKER: u64 = 0x4000 | 0x0020_0000;
+
+/// The task flags field of a `/proc/.../stat` line (the 9th; the command name in
+/// parentheses may hold spaces).
+fn task_flags(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(6)?.parse().ok()
+}
+
+/// Reads every thread of `pid` that runs its code; `None` when the process is gone.
 pub fn process(pid: u32) -> Option<Process> {
     let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     let mut p = Process {
@@ -61,6 +73,10 @@ pub fn process(pid: u32) -> Option<Process> {
         let Ok(status) = fs::read_to_string(task.path().join("status")) else {
             continue;
         };
+        let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        if task_flags(&stat).is_some_and(|f| f & KERNEL_WORKER != 0) {
+            continue;
+        }
         let field = |name: &str| {
             status
                 .lines()
@@ -164,6 +180,15 @@ mod tests {
         assert_eq!(kill_record(RECORD, 3609, "microagent-vmm"), None);
         let logged = RECORD.replace("sig=31", "sig=0");
         assert_eq!(kill_record(&logged, 3609, "microagent-vhost-net"), None);
+    }
+
+    #[test]
+    fn task_flags_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "812 (kvm-nx-lpage-re) S 1 812 812 0 -1 4210752 0 0 0 0";
+        assert_eq!(task_flags(stat), Some(4_210_752));
+        let odd = "9 (a) b (c) R 1 9 9 0 -1 4194560 0 0";
+        assert_eq!(task_flags(odd), Some(4_194_560));
+        assert_eq!(task_flags("garbage"), None);
     }
 
     #[test]

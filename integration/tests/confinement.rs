@@ -6,12 +6,10 @@
 //! the filters are on by default.
 
 use microagent_confine::SELFTEST_ENV;
-use microagent_integration::cli::Cli;
 use microagent_integration::daemon::{binary, Daemon};
 use microagent_integration::frontend::{Buf, Frontend, GuestMemory, Setup};
 use microagent_integration::process::ChildGuard;
-use microagent_integration::registry::{push, write_layout, Registry};
-use microagent_integration::vmm::{test_guest, Vmm, VmmArgs};
+use microagent_integration::vmm::{Vmm, VmmArgs};
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -155,6 +153,17 @@ fn threads(pid: u32) -> Vec<(String, String, String, String, String)> {
     let mut out = Vec::new();
     for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
+        let stat = fs::read_to_string(task.join("stat")).unwrap_or_default();
+        let flags: u64 = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .nth(6)
+            .unwrap()
+            .parse()
+            .unwrap();
+        // PF_USER_WORKER, PF_KTHREAD: KVM's NX recovery worker runs no code of ours.
+        if flags & (0x4000 | 0x0020_0000) != 0 {
+            continue;
+        }
         let comm = fs::read_to_string(task.join("comm")).unwrap_or_default();
         let status = fs::read_to_string(task.join("status")).unwrap_or_default();
         let field = |name: &str| {
@@ -176,7 +185,15 @@ fn threads(pid: u32) -> Vec<(String, String, String, String, String)> {
 }
 
 fn assert_all_confined(pid: u32, what: &str) {
-    let threads = threads(pid);
+    // The main thread confines itself just after set-up, which a test can outrun.
+    let mut threads = threads(pid);
+    for _ in 0..50 {
+        if threads.iter().all(|t| t.1 == "2") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        threads = self::threads(pid);
+    }
     assert!(threads.len() > 1, "{what}: {threads:?}");
     // SAFETY: geteuid has no arguments.
     let root = unsafe { libc::geteuid() } == 0;
@@ -265,105 +282,51 @@ fn the_vmm_dies_of_sigsys_when_its_main_or_a_vcpu_thread_makes_a_forbidden_sysca
     }
 }
 
+/// Found by `qemu_vhost_blk.rs` (fstrim under real Linux): a batch of at least 512 KiB
+/// is spread over scoped I/O threads, and the blk worker profile had no `clone3`, so
+/// the first big batch killed the daemon with SIGSYS.
 #[test]
-fn a_cli_workspace_runs_confined_doctor_says_so_and_a_seccomp_kill_is_the_crash_reason() {
+fn a_blk_batch_big_enough_for_io_threads_is_served_under_the_filter() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start(dir.path());
-    let layout = dir.path().join("layout");
-    write_layout(&layout);
-    push(&layout, &registry, "test/img:v1");
-    let image = format!("{}/test/img:v1", registry.addr);
-    let cli = Cli::new(dir.path());
-    let create = |name: &str, cmdline: &str| {
-        cli.ok(&[
-            "create",
-            name,
-            "--image",
-            &image,
-            "--no-agent",
-            "--memory",
-            "64M",
-            "--kernel",
-            test_guest().to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-        ]);
-    };
-
-    create("confined", "scenario=halt");
-    cli.ok(&["start", "confined"]);
-    let checks: serde_json::Value = serde_json::from_str(&cli.ok(&["--json", "doctor"])).unwrap();
-    let checks = checks.as_array().unwrap();
-    let seccomp = checks.iter().find(|c| c["check"] == "seccomp").unwrap();
-    assert_eq!(seccomp["ok"], true, "{seccomp}");
-    let confined: Vec<&serde_json::Value> = checks
-        .iter()
-        .filter(|c| {
-            c["check"]
-                .as_str()
-                .unwrap()
-                .starts_with("confinement confined/")
-        })
-        .collect();
-    // The VMM, blk, vsock and net.
-    assert_eq!(confined.len(), cli.pids("confined").len(), "{checks:?}");
-    for c in &confined {
-        assert_eq!(c["ok"], true, "{c}");
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, vec![0x5Au8; 4 << 20]).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let mut daemon = Daemon::start(
+        "microagent-vhost-blk",
+        &socket,
+        ["--disk", disk.to_str().unwrap()],
+    )
+    .unwrap();
+    let mut mem = GuestMemory::new(8 << 20).unwrap();
+    let mut fe = Frontend::connect(&socket, &mut mem, &Setup::default()).unwrap();
+    // Eight reads of 128 KiB (1 MiB in all), published together and kicked once.
+    let mut statuses = Vec::new();
+    for i in 0..8u64 {
+        let header = mem.alloc(16, 16).unwrap();
+        let mut request = virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN
+            .to_le_bytes()
+            .to_vec();
+        request.extend_from_slice(&0u32.to_le_bytes());
+        request.extend_from_slice(&(i * 256).to_le_bytes());
+        mem.write(header, &request);
+        let data = mem.alloc(128 << 10, 512).unwrap();
+        let status_at = mem.alloc(1, 1).unwrap();
+        mem.write(status_at, &[0xFF]);
+        let bufs = [
+            Buf::readable(header, 16),
+            Buf::writable(data, 128 << 10),
+            Buf::writable(status_at, 1),
+        ];
+        let head = fe.queues[0].write_chain(&mem, &bufs);
+        fe.queues[0].publish(&mem, head);
+        statuses.push((data, status_at));
     }
-    cli.ok(&["halt", "confined"]);
-
-    // MICROAGENT_SECCOMP=off starts every process without filters, and doctor says so.
-    let off = |args: &[&str]| {
-        let out = cli
-            .command(args)
-            .env("MICROAGENT_SECCOMP", "off")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    };
-    off(&["start", "confined"]);
-    let checks: serde_json::Value = serde_json::from_str(&off(&["--json", "doctor"])).unwrap();
-    let checks = checks.as_array().unwrap();
-    let seccomp = checks.iter().find(|c| c["check"] == "seccomp").unwrap();
-    assert_eq!(seccomp["ok"], false, "{seccomp}");
-    let vmm = checks
-        .iter()
-        .find(|c| c["check"] == "confinement confined/microagent-vmm")
-        .unwrap();
-    assert_eq!(vmm["ok"], false, "{vmm}");
-    assert!(
-        vmm["detail"].as_str().unwrap().contains("seccomp 0/"),
-        "{vmm}"
-    );
-    cli.ok(&["halt", "confined"]);
-
-    // The guest writes to its disk: the blk worker's first event runs the self-test.
-    create("killed", "scenario=blk blk_pattern=x blk_sector=6");
-    let out = cli
-        .command(&["start", "killed"])
-        .env(SELFTEST_ENV, "vhost-blk/worker")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let blk = cli.pids("killed")[1];
-    let mut reason = String::new();
-    for _ in 0..100 {
-        let state = cli.entry("killed")["state"].clone();
-        if state["state"] == "crashed" {
-            reason = state["reason"].as_str().unwrap().to_owned();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    fe.queues[0].kick().unwrap();
+    let used = fe.queues[0].wait_used(&mem, 8, WAIT);
+    assert_eq!(daemon.try_status().unwrap(), None, "the daemon died");
+    assert_eq!(used.unwrap().len(), 8);
+    for (data, status_at) in statuses {
+        assert_eq!(mem.read(status_at, 1)[0], 0);
+        assert!(mem.read(data, 128 << 10).iter().all(|&b| b == 0x5A));
     }
-    assert!(
-        reason.contains(&format!(
-            "microagent-vhost-blk (pid {blk}) was killed by SIGSYS (seccomp): syscall {}",
-            libc::SYS_personality
-        )),
-        "{reason}"
-    );
-    cli.ok(&["delete", "killed", "--yes"]);
 }

@@ -357,6 +357,36 @@ pub fn run(config: &VmmConfig) -> Result<Outcome, Error> {
     start(config, vm, booted, start_paused)
 }
 
+/// A control socket bound at `tmp` until it is renamed to `path`; removed if it never is.
+struct Binding {
+    path: PathBuf,
+    tmp: PathBuf,
+}
+
+impl Binding {
+    /// `.PID` beside `path`: no longer than `api.sock`, so it fits where that does.
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            tmp: path.with_file_name(format!(".{}", std::process::id())),
+        }
+    }
+
+    fn publish(self) -> Result<(), Error> {
+        std::fs::rename(&self.tmp, &self.path).map_err(|source| Error::Api {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        // After a successful rename there is nothing at `tmp` any more.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
 /// Serial, i8042, the control socket and the vCPU threads; then the event loop.
 fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Outcome, Error> {
     let setup = |what| move |source| Error::VmSetup { what, source };
@@ -409,11 +439,14 @@ fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Out
     });
 
     let epoll = Epoll::new().map_err(Error::EventLoop)?;
-    let server = match &config.api_socket {
-        Some(path) => {
-            let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path).map_err(|source| Error::Api {
-                path: path.clone(),
+    // The control socket is bound under a temporary name and renamed into place once the
+    // VMM is confined: whoever sees the socket talks to a confined VMM.
+    let binding = config.api_socket.as_deref().map(Binding::new);
+    let server = match &binding {
+        Some(binding) => {
+            let _ = std::fs::remove_file(&binding.path);
+            let listener = UnixListener::bind(&binding.tmp).map_err(|source| Error::Api {
+                path: binding.tmp.clone(),
                 source,
             })?;
             Some(control::Server::new(
@@ -460,6 +493,9 @@ fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Out
     // Set-up is over: everything the loop needs is open. On failure `vcpus` is dropped,
     // which stops the vCPU threads.
     main_confinement.enter()?;
+    if let Some(binding) = binding {
+        binding.publish()?;
+    }
     let mut event_loop = EventLoop {
         epoll,
         control,
