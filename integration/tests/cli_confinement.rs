@@ -20,6 +20,8 @@ fn a_cli_workspace_runs_confined_doctor_says_so_and_a_seccomp_kill_is_the_crash_
     push(&layout, &registry, "test/img:v1");
     let image = format!("{}/test/img:v1", registry.addr);
     let cli = Cli::new(dir.path());
+    // Kills what the workspaces started if an assertion fails.
+    let _reaper = cli.reaper();
     let create = |name: &str, cmdline: &str| {
         cli.ok(&[
             "create",
