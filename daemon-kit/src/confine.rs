@@ -61,6 +61,7 @@ const MAIN: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
     libc::SYS_eventfd2,
     // SET_DEVICE_STATE_FD pipes; CHECK_DEVICE_STATE
     libc::SYS_pipe2,
@@ -78,6 +79,7 @@ const WORKER: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
 ];
 
 /// The profile of the main thread kind of `policy`'s daemon.

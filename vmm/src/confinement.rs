@@ -39,6 +39,7 @@ pub fn main_thread() -> Profile {
             libc::SYS_epoll_ctl,
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
+            libc::SYS_epoll_pwait2,
             // the control socket
             libc::SYS_accept4,
             libc::SYS_getsockopt,
