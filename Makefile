@@ -41,7 +41,7 @@ test: deps kernel nested-kernel lint agent
 	$(CARGO) build --workspace --locked
 	@rm -f $(TEST_REPORT)
 	@set -o pipefail; MICROAGENT_TEST_REPORT=$(CURDIR)/$(TEST_REPORT) \
-		$(CARGO) test --workspace --locked 2>&1 | tee $(TEST_LOG); \
+		$(CARGO) test --workspace --locked --no-fail-fast 2>&1 | tee $(TEST_LOG); \
 		status=$$?; scripts/test-summary.sh $(TEST_LOG) $(TEST_REPORT); exit $$status
 
 # Every benchmark against its peer, rounds alternating, medians; rewrites the tables

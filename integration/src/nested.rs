@@ -140,12 +140,20 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// The ends of the output and the console, for failure messages.
+    /// The ends of the output and the console, for failure messages. Every line is
+    /// marked `L1| `, so that libtest's lines from inside L1 are not read as this run's
+    /// (scripts/test-summary.sh counts `test result:` lines).
     pub fn tails(&self) -> String {
+        let mark = |text: &str| {
+            tail(text)
+                .lines()
+                .map(|line| format!("L1| {line}\n"))
+                .collect::<String>()
+        };
         format!(
-            "--- command output (end) ---\n{}\n--- L1 console (end) ---\n{}",
-            tail(&self.output),
-            tail(&self.console)
+            "--- command output (end) ---\n{}--- L1 console (end) ---\n{}",
+            mark(&self.output),
+            mark(&self.console)
         )
     }
 }
