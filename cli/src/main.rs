@@ -417,6 +417,8 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             net,
             publish,
             dns,
+            cid: workspace::DEFAULT_CID,
+            mac: None,
         };
         fs::write(
             tmp.join("workspace.json"),
@@ -912,9 +914,17 @@ fn run(cli: Cli) -> Result<i32> {
             let config = workspace::load(&home, &name)?;
             let state = runtime::state(&home, &name);
             let snapshots = snapshot::count(&home, &name);
+            // A running agent says its version and the CID its kernel uses.
+            let agent = (config.agent && state == State::Running)
+                .then(|| {
+                    Connection::open(&runtime::agent_socket(&home, &name), Duration::from_secs(5))
+                        .ok()
+                })
+                .flatten()
+                .map(|conn| serde_json::json!({"version": conn.info().agent, "cid": conn.info().cid}));
             println!(
                 "{}",
-                serde_json::json!({"config": config, "state": state, "snapshots": snapshots})
+                serde_json::json!({"config": config, "state": state, "snapshots": snapshots, "agent": agent})
             );
         }
         Cmd::Pause { name } | Cmd::Resume { name } if workspace::load(&home, &name).is_err() => {
