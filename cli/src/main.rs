@@ -6,6 +6,7 @@ use microagent_cli::home::Home;
 use microagent_cli::initramfs::Initramfs;
 use microagent_cli::lock::{self, Wait, WorkspaceLock};
 use microagent_cli::memory;
+use microagent_cli::progress;
 use microagent_cli::restore;
 use microagent_cli::runtime::{self, State};
 use microagent_cli::snapshot;
@@ -363,7 +364,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
         ));
     }
     let store = Store::new(home.images());
-    let pulled = fetch_image(&store, &image, insecure)?;
+    let pulled = fetch_image(&store, out, &image, insecure)?;
     // Checked before the root disk is built: a config that is not JSON leaves no disk.
     let defaults =
         exec_defaults(&store, &pulled).map_err(|e| CliError::new(e.code(), e.to_string()))?;
@@ -440,17 +441,25 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
     Ok(())
 }
 
-/// Pulls or imports an `--image` value into the store.
-fn fetch_image(store: &Store, text: &str, insecure: bool) -> Result<microagent_image::pull::Image> {
+/// Pulls or imports an `--image` value into the store, with progress on stderr (bars
+/// on a terminal, JSON lines with `--json`, nothing otherwise).
+fn fetch_image(
+    store: &Store,
+    out: &Output,
+    text: &str,
+    insecure: bool,
+) -> Result<microagent_image::pull::Image> {
     let source =
         Source::parse(text).map_err(|e| CliError::new("image.bad_reference", e.to_string()))?;
-    // Progress on a terminal only: scripts see stdout alone.
-    let progress = std::io::stderr().is_terminal();
-    if progress {
+    let mode = progress::Mode::choose(out.json, std::io::stderr().is_terminal());
+    if mode == progress::Mode::Bars {
         eprintln!("pulling {text}");
     }
-    fetch(store, &source, &PullOptions { insecure, progress })
-        .map_err(|e| CliError::new(e.code(), e.to_string()))
+    let options = PullOptions {
+        insecure,
+        progress: mode.reporter(),
+    };
+    fetch(store, &source, &options).map_err(|e| CliError::new(e.code(), e.to_string()))
 }
 
 fn fork(home: &Home, out: &Output, new: &str, source: &str) -> Result<()> {
@@ -959,10 +968,10 @@ fn run(cli: Cli) -> Result<i32> {
                     insecure,
                 },
         } => {
-            let image = fetch_image(&Store::new(home.images()), &reference, insecure)?;
+            let image = fetch_image(&Store::new(home.images()), &out, &reference, insecure)?;
             out.say(
                 &format!("pulled {} ({}, {} blobs downloaded)", image.reference, image.manifest_digest, image.downloaded),
-                serde_json::json!({"reference": image.reference, "digest": image.manifest_digest, "downloaded": image.downloaded}),
+                serde_json::json!({"reference": image.reference, "digest": image.manifest_digest, "downloaded": image.downloaded, "downloaded_bytes": image.downloaded_bytes}),
             );
         }
         Cmd::Image {

@@ -8,13 +8,16 @@
 //! - [`rootfs`]: an ext4 root disk made from a directory with `mke2fs -d`, sparse.
 //! - [`store`]: the content-addressed, digest-verified blob store.
 //! - [`pull`]: pulling from registries (oci-client) and building root disks, with
-//!   credentials from Docker's config ([`auth`]).
+//!   credentials from Docker's config ([`auth`]); each blob streamed to a resumable
+//!   partial file and verified ([`download`]), with events for progress ([`progress`]).
 //! - [`stale`]: temporary files of dead processes, removed on the next run.
 //! - [`source`]: `--image` values: registries, `oci:DIR[:TAG]`, `oci-archive:FILE`,
 //!   `docker-archive:FILE`.
 
 pub mod auth;
 pub mod digest;
+pub mod download;
+pub mod progress;
 pub mod pull;
 pub mod reference;
 pub mod rootfs;

@@ -2,18 +2,19 @@
 //! blob store, and building its root disk once per manifest digest.
 
 use crate::digest::{self, Digest};
+use crate::download::{self, Origin, Wanted};
+use crate::progress::{Event, Reporter};
 use crate::reference::Reference;
 use crate::rootfs;
-use crate::store::{self, BlobWriter, Store};
+use crate::store::{self, Store};
 use crate::unpack;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciDescriptor, OciManifest};
 use oci_client::Client;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::time::Instant;
 
 /// Prefix of the trees layers are unpacked into (`.tree-<hex>-<pid>` under `rootfs/`).
 pub const TMP_TREE: &str = ".tree-";
@@ -41,6 +42,12 @@ pub enum Error {
         digest: String,
         size: i64,
     },
+    #[error("{reference}: registry {registry}: {source}")]
+    Download {
+        reference: String,
+        registry: String,
+        source: download::Error,
+    },
     #[error(transparent)]
     Store(#[from] store::Error),
     #[error("unpacking layer {digest}: {source}")]
@@ -66,6 +73,7 @@ impl Error {
             Self::NoPlatform { .. } => "image.no_platform",
             Self::Digest { source, .. } => source.code(),
             Self::BadSize { .. } => "image.blob_size_mismatch",
+            Self::Download { source, .. } => source.code(),
             Self::Store(e) => e.code(),
             Self::Unpack { source, .. } => source.code(),
             Self::Rootfs(e) => e.code(),
@@ -85,6 +93,8 @@ pub struct Image {
     pub layers: Vec<(Digest, String)>,
     /// Blobs fetched by this pull (0 when everything was cached).
     pub downloaded: usize,
+    /// Bytes that went over the network for them.
+    pub downloaded_bytes: u64,
 }
 
 /// How to reach registries.
@@ -92,8 +102,8 @@ pub struct Image {
 pub struct PullOptions {
     /// Plain HTTP for this registry (always allowed for localhost and 127.0.0.1).
     pub insecure: bool,
-    /// Report each blob on stderr as it arrives (for terminals).
-    pub progress: bool,
+    /// Where progress events go (nowhere by default).
+    pub progress: Reporter,
 }
 
 fn client_for(reference: &Reference, options: &PullOptions) -> Client {
@@ -130,28 +140,6 @@ fn declared_size(reference: &Reference, descriptor: &OciDescriptor) -> Result<u6
         digest: descriptor.digest.clone(),
         size: descriptor.size,
     })
-}
-
-/// A blob download written straight into the store (never held in memory), refused
-/// as soon as it passes its declared size.
-struct Sink(BlobWriter);
-
-impl tokio::io::AsyncWrite for Sink {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Poll::Ready(self.get_mut().0.write(buf))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.get_mut().0.flush())
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
 }
 
 /// Pulls `reference` (an index resolves to linux/amd64) into `store`; blobs already
@@ -212,74 +200,102 @@ async fn pull_async(
         });
     };
     // Every digest and size is checked before anything is fetched or named on disk.
-    let config = (
-        parse(&image.config.digest)?,
-        declared_size(reference, &image.config)?,
-        image.config.clone(),
-    );
+    let config = Wanted {
+        digest: parse(&image.config.digest)?,
+        size: declared_size(reference, &image.config)?,
+        descriptor: image.config.clone(),
+    };
     let mut layers = Vec::new();
     for descriptor in &image.layers {
-        layers.push((
-            parse(&descriptor.digest)?,
-            declared_size(reference, descriptor)?,
-            descriptor.clone(),
-        ));
-    }
-    let wanted: Vec<_> = std::iter::once(&config).chain(&layers).collect();
-    // Every missing blob is fetched at once; each is verified as it lands in the store.
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut total = 0;
-    for (digest, size, descriptor) in wanted.iter().filter(|(d, ..)| !store.has(d)) {
-        let mut sink = Sink(store.writer(Some(digest), *size)?);
-        let (client, oci_ref, descriptor, size) =
-            (client.clone(), oci_ref.clone(), descriptor.clone(), *size);
-        total += 1;
-        tasks.spawn(async move {
-            let result = client.pull_blob(&oci_ref, &descriptor, &mut sink).await;
-            (descriptor, size, sink, result)
+        layers.push(Wanted {
+            digest: parse(&descriptor.digest)?,
+            size: declared_size(reference, descriptor)?,
+            descriptor: descriptor.clone(),
         });
     }
-    let mut downloaded = 0;
+    let wanted: Vec<&Wanted> = std::iter::once(&config).chain(&layers).collect();
+    let missing: Vec<Wanted> = wanted
+        .iter()
+        .filter(|w| !store.has(&w.digest))
+        .map(|w| (*w).clone())
+        .collect();
+    let started = Instant::now();
+    options.progress.emit(Event::Resolved {
+        reference: reference.to_string(),
+        digest: digest.to_string(),
+        blobs: wanted.len(),
+        missing: missing.len(),
+        missing_bytes: missing.iter().map(|w| w.size).sum(),
+    });
+    // Every missing blob is fetched at once, each streamed into the store and verified
+    // there. On the first failure the others stop; after an interruption what they had
+    // is kept for the next pull to continue from.
+    let mut tasks = tokio::task::JoinSet::new();
+    for blob in missing {
+        let (client, oci_ref, store, reporter) = (
+            client.clone(),
+            oci_ref.clone(),
+            store.clone(),
+            options.progress.clone(),
+        );
+        tasks.spawn(async move {
+            let origin = Origin {
+                client: &client,
+                reference: &oci_ref,
+            };
+            download::fetch(origin, &store, &blob, &reporter).await
+        });
+    }
+    let (mut downloaded, mut downloaded_bytes) = (0, 0);
     while let Some(joined) = tasks.join_next().await {
-        let Ok((descriptor, size, Sink(writer), result)) = joined else {
+        let Ok(result) = joined else {
             continue; // a panicked task: its blob is missing and the check below fails
         };
-        if writer.overflowed() {
-            return Err(store::Error::TooLarge {
-                digest: descriptor.digest,
-                limit: size,
+        match result {
+            Ok(bytes) => downloaded_bytes += bytes,
+            Err(source) => {
+                if source.is_refusal() {
+                    // The image is refused as a whole: what the other downloads had is
+                    // dropped too, so a refused pull leaves nothing behind.
+                    tasks.shutdown().await;
+                    for blob in &wanted {
+                        store.discard_partial(&blob.digest);
+                    }
+                }
+                return Err(Error::Download {
+                    reference: reference.to_string(),
+                    registry: reference.registry.clone(),
+                    source,
+                });
             }
-            .into());
         }
-        result.map_err(registry_err)?;
-        writer.commit(Some(size))?;
         downloaded += 1;
-        if options.progress {
-            eprintln!(
-                "  {downloaded}/{total} {} {:.1} MiB",
-                &descriptor.digest[..19.min(descriptor.digest.len())],
-                size as f64 / f64::from(1u32 << 20)
-            );
-        }
     }
-    if let Some((absent, ..)) = wanted.iter().find(|(d, ..)| !store.has(d)) {
+    if let Some(absent) = wanted.iter().find(|w| !store.has(&w.digest)) {
         return Err(Error::Registry {
             reference: reference.to_string(),
             registry: reference.registry.clone(),
-            message: format!("blob {absent} was not fetched"),
+            message: format!("blob {} was not fetched", absent.digest),
         });
     }
     let manifest_json = serde_json::to_vec(&image).unwrap_or_default();
     store.put_manifest(&digest, &manifest_json)?;
+    options.progress.emit(Event::Pulled {
+        reference: reference.to_string(),
+        digest: digest.to_string(),
+        downloaded_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    });
     Ok(Image {
         reference: reference.to_string(),
         manifest_digest: digest,
-        config_digest: config.0,
+        config_digest: config.digest,
         layers: layers
             .into_iter()
-            .map(|(d, _, l)| (d, l.media_type))
+            .map(|w| (w.digest, w.descriptor.media_type))
             .collect(),
         downloaded,
+        downloaded_bytes,
     })
 }
 

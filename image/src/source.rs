@@ -413,6 +413,7 @@ fn from_layout(store: &Store, dir: &Path, tag: Option<&str>, name: &str) -> Resu
         config_digest: config,
         layers,
         downloaded: 0,
+        downloaded_bytes: 0,
     })
 }
 
@@ -461,6 +462,7 @@ fn from_docker_save(store: &Store, dir: &Path, name: &str) -> Result<Image, Erro
         config_digest,
         layers,
         downloaded: 0,
+        downloaded_bytes: 0,
     })
 }
 
