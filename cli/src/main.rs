@@ -196,6 +196,22 @@ enum ImageCmd {
         #[arg(long)]
         insecure: bool,
     },
+    /// Check credentials against a registry and store them like `docker login`
+    /// ($DOCKER_CONFIG/config.json or ~/.docker/config.json, mode 0600).
+    Login {
+        /// The registry, as in image references (docker.io, ghcr.io, localhost:5000).
+        registry: String,
+        #[arg(short, long)]
+        username: String,
+        /// Read the password from stdin (it never appears in the process list).
+        #[arg(long)]
+        password_stdin: bool,
+        /// Plain HTTP (always used for localhost and 127.0.0.1).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Forget the stored credentials for a registry.
+    Logout { registry: String },
     /// Images in the local store.
     List,
     /// Forget an image and delete what no other image uses.
@@ -439,6 +455,21 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
         serde_json::json!({"created": name, "image": config.image, "digest": config.image_digest}),
     );
     Ok(())
+}
+
+/// A registry as typed for login/logout (`https://ghcr.io/` is `ghcr.io`).
+fn registry_name(text: &str) -> String {
+    let text = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+        .unwrap_or(text);
+    text.trim_end_matches('/').to_owned()
+}
+
+/// Registries reached over plain HTTP without --insecure, as pulls do.
+fn is_loopback(registry: &str) -> bool {
+    let host = registry.split(':').next().unwrap_or_default();
+    host == "localhost" || host == "127.0.0.1"
 }
 
 /// Pulls or imports an `--image` value into the store, with progress on stderr (bars
@@ -972,6 +1003,64 @@ fn run(cli: Cli) -> Result<i32> {
             out.say(
                 &format!("pulled {} ({}, {} blobs downloaded)", image.reference, image.manifest_digest, image.downloaded),
                 serde_json::json!({"reference": image.reference, "digest": image.manifest_digest, "downloaded": image.downloaded, "downloaded_bytes": image.downloaded_bytes}),
+            );
+        }
+        Cmd::Image {
+            command:
+                ImageCmd::Login {
+                    registry,
+                    username,
+                    password_stdin,
+                    insecure,
+                },
+        } => {
+            let registry = registry_name(&registry);
+            if !password_stdin {
+                return Err(CliError::new(
+                    "input.missing_password",
+                    format!("pass the password on stdin: echo \"$TOKEN\" | microagent image login {registry} -u {username} --password-stdin"),
+                ));
+            }
+            let mut password = String::new();
+            std::io::stdin()
+                .read_to_string(&mut password)
+                .map_err(|e| {
+                    CliError::new(
+                        "input.missing_password",
+                        format!("reading the password from stdin: {e}"),
+                    )
+                })?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                return Err(CliError::new(
+                    "input.missing_password",
+                    "the password on stdin is empty",
+                ));
+            }
+            let plain = insecure || is_loopback(&registry);
+            let file = microagent_image::auth::login(&registry, &username, password, plain)
+                .map_err(|e| CliError::new(e.code(), e.to_string()))?;
+            out.say(
+                &format!(
+                    "logged in to {registry} as {username} (credentials in {})",
+                    file.display()
+                ),
+                serde_json::json!({"logged_in": registry, "username": username, "file": file}),
+            );
+        }
+        Cmd::Image {
+            command: ImageCmd::Logout { registry },
+        } => {
+            let registry = registry_name(&registry);
+            let removed = microagent_image::auth::logout(&registry)
+                .map_err(|e| CliError::new(e.code(), e.to_string()))?;
+            out.say(
+                &if removed {
+                    format!("removed the credentials for {registry}")
+                } else {
+                    format!("no credentials stored for {registry}")
+                },
+                serde_json::json!({"logged_out": registry, "removed": removed}),
             );
         }
         Cmd::Image {

@@ -29,6 +29,13 @@ pub enum Error {
         registry: String,
         message: String,
     },
+    #[error("{reference}: registry {registry} {}", unauthorized_advice(registry, user.as_deref()))]
+    Unauthorized {
+        reference: String,
+        registry: String,
+        /// The user whose credentials were refused (none were sent when `None`).
+        user: Option<String>,
+    },
     #[error("{reference}: no linux/amd64 image in its index")]
     NoPlatform { reference: String },
     #[error("{reference}: {source}")]
@@ -70,6 +77,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Registry { .. } => "image.pull_failed",
+            Self::Unauthorized { .. } => "image.unauthorized",
             Self::NoPlatform { .. } => "image.no_platform",
             Self::Digest { source, .. } => source.code(),
             Self::BadSize { .. } => "image.blob_size_mismatch",
@@ -81,6 +89,27 @@ impl Error {
             Self::Runtime(_) => "host.runtime_failed",
         }
     }
+}
+
+/// What to do about a registry that answered 401.
+fn unauthorized_advice(registry: &str, user: Option<&str>) -> String {
+    let file = crate::auth::config_path().map_or_else(
+        || "the Docker config".to_owned(),
+        |p| p.display().to_string(),
+    );
+    match user {
+        Some(user) => format!(
+            "refused the credentials of {user} (from {file}): run `microagent image login {registry}` with the right ones"
+        ),
+        None => format!(
+            "needs credentials and none are stored for it in {file}: run `microagent image login {registry}`"
+        ),
+    }
+}
+
+fn is_unauthorized(e: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::OciDistributionError as E;
+    matches!(e, E::UnauthorizedError { .. } | E::AuthenticationFailure(_))
 }
 
 /// A pulled image: everything it needs is in the store.
@@ -159,10 +188,24 @@ async fn pull_async(
 ) -> Result<Image, Error> {
     let client = client_for(reference, options);
     let auth = crate::auth::for_registry(&reference.registry);
-    let registry_err = |e: oci_client::errors::OciDistributionError| Error::Registry {
+    let user = match &auth {
+        oci_client::secrets::RegistryAuth::Basic(user, _) => Some(user.clone()),
+        _ => None,
+    };
+    let unauthorized = || Error::Unauthorized {
         reference: reference.to_string(),
         registry: reference.registry.clone(),
-        message: e.to_string(),
+        user: user.clone(),
+    };
+    let registry_err = |e: oci_client::errors::OciDistributionError| {
+        if is_unauthorized(&e) {
+            return unauthorized();
+        }
+        Error::Registry {
+            reference: reference.to_string(),
+            registry: reference.registry.clone(),
+            message: e.to_string(),
+        }
     };
     let parse = |text: &str| {
         Digest::parse(text).map_err(|source| Error::Digest {
@@ -261,6 +304,9 @@ async fn pull_async(
                     for blob in &wanted {
                         store.discard_partial(&blob.digest);
                     }
+                }
+                if matches!(&source, download::Error::Registry(e) if is_unauthorized(e)) {
+                    return Err(unauthorized());
                 }
                 return Err(Error::Download {
                     reference: reference.to_string(),

@@ -21,6 +21,26 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, "")
+    }
+
+    /// A registry that lets only `user` with `password` in (HTTP Basic, checked
+    /// against an htpasswd file with a bcrypt line, as `htpasswd -B` writes it).
+    pub fn start_with_htpasswd(dir: &Path, user: &str, password: &str) -> Self {
+        let file = dir.join("htpasswd");
+        let hash = bcrypt::hash(password, 4).unwrap();
+        fs::write(&file, format!("{user}:{hash}\n")).unwrap();
+        Self::start_with(
+            dir,
+            &format!(
+                "auth:\n  htpasswd:\n    realm: microagent-test\n    path: {}\n",
+                file.display()
+            ),
+        )
+    }
+
+    /// Started with `extra` appended to its configuration.
+    fn start_with(dir: &Path, extra: &str) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -32,7 +52,7 @@ impl Registry {
         fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{extra}",
                 storage.display()
             ),
         )
@@ -138,8 +158,17 @@ pub fn write_image_layout_with_config(
 
 /// Pushes the layout's v1 to `registry` as `name` with skopeo.
 pub fn push(layout: &Path, registry: &Registry, name: &str) {
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+    push_as(layout, registry, name, None);
+}
+
+/// [`push`] with `user:password` credentials when given.
+pub fn push_as(layout: &Path, registry: &Registry, name: &str, creds: Option<&str>) {
+    let mut skopeo = Command::new("skopeo");
+    skopeo.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+    if let Some(creds) = creds {
+        skopeo.arg(format!("--dest-creds={creds}"));
+    }
+    let out = skopeo
         .arg(format!("oci:{}:v1", layout.display()))
         .arg(format!("docker://{}/{name}", registry.addr))
         .output()
