@@ -11,6 +11,7 @@ use microagent_cli::restore;
 use microagent_cli::runtime::{self, State};
 use microagent_cli::snapshot;
 use microagent_cli::workspace::{self, Config};
+use microagent_image::platform::Platform;
 use microagent_image::pull::{root_disk, PullOptions};
 use microagent_image::source::{exec_defaults, fetch, Source};
 use microagent_image::store::Store;
@@ -195,7 +196,13 @@ enum ImageCmd {
         reference: String,
         #[arg(long)]
         insecure: bool,
+        /// The platform an index resolves to: OS/ARCH[/VARIANT] (default linux/amd64;
+        /// workspaces run linux/amd64 images only).
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
     },
+    /// An image in the local store: digest, platform, size, layers and config.
+    Inspect { reference: String },
     /// Check credentials against a registry and store them like `docker login`
     /// ($DOCKER_CONFIG/config.json or ~/.docker/config.json, mode 0600).
     Login {
@@ -380,7 +387,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
         ));
     }
     let store = Store::new(home.images());
-    let pulled = fetch_image(&store, out, &image, insecure)?;
+    let pulled = fetch_image(&store, out, &image, insecure, Platform::default())?;
     // Checked before the root disk is built: a config that is not JSON leaves no disk.
     let defaults =
         exec_defaults(&store, &pulled).map_err(|e| CliError::new(e.code(), e.to_string()))?;
@@ -457,6 +464,14 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
     Ok(())
 }
 
+/// An image's name in the store: as typed (alpine:3.20) or as stored (docker.io/...).
+fn stored_name(store: &Store, reference: &str) -> String {
+    match Source::parse(reference) {
+        Ok(Source::Registry(r)) if !store.refs().contains_key(reference) => r.to_string(),
+        _ => reference.to_owned(),
+    }
+}
+
 /// A registry as typed for login/logout (`https://ghcr.io/` is `ghcr.io`).
 fn registry_name(text: &str) -> String {
     let text = text
@@ -479,6 +494,7 @@ fn fetch_image(
     out: &Output,
     text: &str,
     insecure: bool,
+    platform: Platform,
 ) -> Result<microagent_image::pull::Image> {
     let source =
         Source::parse(text).map_err(|e| CliError::new("image.bad_reference", e.to_string()))?;
@@ -489,6 +505,7 @@ fn fetch_image(
     let options = PullOptions {
         insecure,
         progress: mode.reporter(),
+        platform,
     };
     fetch(store, &source, &options).map_err(|e| CliError::new(e.code(), e.to_string()))
 }
@@ -997,13 +1014,54 @@ fn run(cli: Cli) -> Result<i32> {
                 ImageCmd::Pull {
                     reference,
                     insecure,
+                    platform,
                 },
         } => {
-            let image = fetch_image(&Store::new(home.images()), &out, &reference, insecure)?;
+            let platform = match platform {
+                Some(text) => text
+                    .parse::<Platform>()
+                    .map_err(|e| CliError::new(e.code(), e.to_string()))?,
+                None => Platform::default(),
+            };
+            let image = fetch_image(
+                &Store::new(home.images()),
+                &out,
+                &reference,
+                insecure,
+                platform,
+            )?;
+            let shown = image.platform.as_deref().unwrap_or("unknown platform");
             out.say(
-                &format!("pulled {} ({}, {} blobs downloaded)", image.reference, image.manifest_digest, image.downloaded),
-                serde_json::json!({"reference": image.reference, "digest": image.manifest_digest, "downloaded": image.downloaded, "downloaded_bytes": image.downloaded_bytes}),
+                &format!("pulled {} ({}, {shown}, {} blobs downloaded)", image.reference, image.manifest_digest, image.downloaded),
+                serde_json::json!({"reference": image.reference, "digest": image.manifest_digest, "platform": image.platform, "downloaded": image.downloaded, "downloaded_bytes": image.downloaded_bytes}),
             );
+        }
+        Cmd::Image {
+            command: ImageCmd::Inspect { reference },
+        } => {
+            let store = Store::new(home.images());
+            let name = stored_name(&store, &reference);
+            let info = microagent_image::inspect::inspect(&store, &name)
+                .map_err(|e| CliError::new(e.code(), e.to_string()))?;
+            if out.json {
+                println!("{}", serde_json::to_string(&info).unwrap_or_default());
+            } else {
+                println!("reference  {}", info.reference);
+                println!("digest     {}", info.digest);
+                println!("platform   {}", info.platform.as_deref().unwrap_or("-"));
+                println!("size       {} bytes", info.size);
+                println!("config     {}", info.config_digest);
+                for layer in &info.layers {
+                    println!(
+                        "layer      {} {:>12} {}",
+                        layer.digest, layer.size, layer.media_type
+                    );
+                }
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info.config).unwrap_or_default()
+                );
+            }
         }
         Cmd::Image {
             command:
@@ -1071,14 +1129,21 @@ fn run(cli: Cli) -> Result<i32> {
             if out.json {
                 let items: Vec<_> = refs
                     .iter()
-                    .map(|(name, e)| serde_json::json!({"reference": name, "digest": e.manifest_digest, "size": store.size(e), "pulled_unix": e.pulled_unix}))
+                    .map(|(name, e)| serde_json::json!({"reference": name, "digest": e.manifest_digest, "platform": e.platform, "size": store.size(e), "pulled_unix": e.pulled_unix}))
                     .collect();
                 println!("{}", serde_json::Value::Array(items));
             } else {
-                println!("{:<60} {:<20} {:>10}", "REFERENCE", "DIGEST", "SIZE");
+                println!(
+                    "{:<60} {:<20} {:<14} {:>10}",
+                    "REFERENCE", "DIGEST", "PLATFORM", "SIZE"
+                );
                 for (name, e) in &refs {
                     let short = e.manifest_digest.get(7..19).unwrap_or("");
-                    println!("{name:<60} {short:<20} {:>9}K", store.size(e) >> 10);
+                    let platform = e.platform.as_deref().unwrap_or("-");
+                    println!(
+                        "{name:<60} {short:<20} {platform:<14} {:>9}K",
+                        store.size(e) >> 10
+                    );
                 }
             }
         }
@@ -1086,11 +1151,7 @@ fn run(cli: Cli) -> Result<i32> {
             command: ImageCmd::Rm { reference },
         } => {
             let store = Store::new(home.images());
-            // Accept the name as typed (alpine:3.20) as well as stored (docker.io/...).
-            let name = match Source::parse(&reference) {
-                Ok(Source::Registry(r)) if !store.refs().contains_key(&reference) => r.to_string(),
-                _ => reference.clone(),
-            };
+            let name = stored_name(&store, &reference);
             let removed = store
                 .remove(&name)
                 .map_err(|e| CliError::new("image.remove_failed", e.to_string()))?

@@ -10,6 +10,8 @@
 //! - [`pull`]: pulling from registries (oci-client) and building root disks, with
 //!   credentials from Docker's config ([`auth`]); each blob streamed to a resumable
 //!   partial file and verified ([`download`]), with events for progress ([`progress`]).
+//! - [`inspect`]: what `image inspect` shows of a stored image.
+//! - [`platform`]: `linux/amd64`-style platforms, which manifest of an index is pulled.
 //! - [`stale`]: temporary files of dead processes, removed on the next run.
 //! - [`source`]: `--image` values: registries, `oci:DIR[:TAG]`, `oci-archive:FILE`,
 //!   `docker-archive:FILE`.
@@ -17,6 +19,8 @@
 pub mod auth;
 pub mod digest;
 pub mod download;
+pub mod inspect;
+pub mod platform;
 pub mod progress;
 pub mod pull;
 pub mod reference;

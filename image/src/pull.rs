@@ -3,6 +3,7 @@
 
 use crate::digest::{self, Digest};
 use crate::download::{self, Origin, Wanted};
+use crate::platform::Platform;
 use crate::progress::{Event, Reporter};
 use crate::reference::Reference;
 use crate::rootfs;
@@ -36,8 +37,12 @@ pub enum Error {
         /// The user whose credentials were refused (none were sent when `None`).
         user: Option<String>,
     },
-    #[error("{reference}: no linux/amd64 image in its index")]
-    NoPlatform { reference: String },
+    #[error("{reference}: no {platform} image (it has: {}); pick one with --platform", if available.is_empty() { "none named".to_owned() } else { available.join(", ") })]
+    NoPlatform {
+        reference: String,
+        platform: String,
+        available: Vec<String>,
+    },
     #[error("{reference}: {source}")]
     Digest {
         reference: String,
@@ -124,6 +129,8 @@ pub struct Image {
     pub downloaded: usize,
     /// Bytes that went over the network for them.
     pub downloaded_bytes: u64,
+    /// The platform its config names (`linux/amd64`), once read.
+    pub platform: Option<String>,
 }
 
 /// How to reach registries.
@@ -133,6 +140,8 @@ pub struct PullOptions {
     pub insecure: bool,
     /// Where progress events go (nowhere by default).
     pub progress: Reporter,
+    /// The manifest an index resolves to (linux/amd64 by default).
+    pub platform: Platform,
 }
 
 fn client_for(reference: &Reference, options: &PullOptions) -> Client {
@@ -171,7 +180,7 @@ fn declared_size(reference: &Reference, descriptor: &OciDescriptor) -> Result<u6
     })
 }
 
-/// Pulls `reference` (an index resolves to linux/amd64) into `store`; blobs already
+/// Pulls `reference` (an index resolves to `options.platform`) into `store`; blobs already
 /// there are not fetched again.
 pub fn pull(store: &Store, reference: &Reference, options: &PullOptions) -> Result<Image, Error> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -219,16 +228,35 @@ async fn pull_async(
         .await
         .map_err(registry_err)?;
     if let OciManifest::ImageIndex(index) = &manifest {
+        let wanted = &options.platform;
         let entry = index
             .manifests
             .iter()
             .find(|m| {
                 m.platform.as_ref().is_some_and(|p| {
-                    p.os.to_string() == "linux" && p.architecture.to_string() == "amd64"
+                    wanted.matches(
+                        &p.os.to_string(),
+                        &p.architecture.to_string(),
+                        p.variant.as_deref(),
+                    )
                 })
             })
             .ok_or_else(|| Error::NoPlatform {
                 reference: reference.to_string(),
+                platform: wanted.to_string(),
+                available: index
+                    .manifests
+                    .iter()
+                    .filter_map(|m| m.platform.as_ref())
+                    .map(|p| {
+                        let mut text = format!("{}/{}", p.os, p.architecture);
+                        if let Some(variant) = &p.variant {
+                            text.push('/');
+                            text.push_str(variant);
+                        }
+                        text
+                    })
+                    .collect(),
             })?;
         oci_ref = oci_reference(reference, Some(parse(&entry.digest)?.as_str()));
         (manifest, digest) = client
@@ -238,8 +266,10 @@ async fn pull_async(
     }
     let digest = parse(&digest)?;
     let OciManifest::Image(image) = manifest else {
-        return Err(Error::NoPlatform {
+        return Err(Error::Registry {
             reference: reference.to_string(),
+            registry: reference.registry.clone(),
+            message: "an index names another index where an image manifest was expected".into(),
         });
     };
     // Every digest and size is checked before anything is fetched or named on disk.
@@ -342,6 +372,7 @@ async fn pull_async(
             .collect(),
         downloaded,
         downloaded_bytes,
+        platform: None,
     })
 }
 

@@ -70,6 +70,9 @@ pub struct Entry {
     pub layers: Vec<String>,
     /// When it was last pulled or imported, in seconds since the Unix epoch.
     pub pulled_unix: u64,
+    /// The platform its config names (absent in entries written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -420,6 +423,21 @@ impl Store {
         Ok(path)
     }
 
+    /// A kept manifest (see [`Store::put_manifest`]), at most [`MAX_JSON`] bytes.
+    pub fn manifest(&self, digest: &Digest) -> Option<Vec<u8>> {
+        let path = self
+            .root
+            .join("manifests")
+            .join(format!("{}.json", digest.hex()));
+        let mut bytes = Vec::new();
+        fs::File::open(path)
+            .ok()?
+            .take(MAX_JSON)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        Some(bytes)
+    }
+
     fn refs_path(&self) -> PathBuf {
         self.root.join("refs.json")
     }
@@ -663,6 +681,7 @@ mod tests {
                     config_digest: "sha256:../../precious".into(),
                     layers: vec!["sha256:../../precious".into()],
                     pulled_unix: 0,
+                    platform: None,
                 },
             )
             .unwrap();
