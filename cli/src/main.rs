@@ -12,7 +12,8 @@ use microagent_cli::runtime::{self, State};
 use microagent_cli::snapshot;
 use microagent_cli::workspace::{self, Config};
 use microagent_image::platform::Platform;
-use microagent_image::pull::{root_disk, PullOptions};
+use microagent_image::progress::Reporter;
+use microagent_image::pull::{root_disk_observed, PullOptions};
 use microagent_image::source::{exec_defaults, fetch, Source};
 use microagent_image::store::Store;
 use microagent_vmm::api::Request;
@@ -387,11 +388,12 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
         ));
     }
     let store = Store::new(home.images());
-    let pulled = fetch_image(&store, out, &image, insecure, Platform::default())?;
+    let progress = progress_for(out);
+    let pulled = fetch_image(&store, &progress, &image, insecure, Platform::default())?;
     // Checked before the root disk is built: a config that is not JSON leaves no disk.
     let defaults =
         exec_defaults(&store, &pulled).map_err(|e| CliError::new(e.code(), e.to_string()))?;
-    let disk = root_disk(&store, &pulled, disk_size)
+    let disk = root_disk_observed(&store, &pulled, disk_size, &progress)
         .map_err(|e| CliError::new(e.code(), e.to_string()))?;
 
     // Built in a temporary directory and renamed: a workspace exists whole or not at all.
@@ -487,24 +489,25 @@ fn is_loopback(registry: &str) -> bool {
     host == "localhost" || host == "127.0.0.1"
 }
 
-/// Pulls or imports an `--image` value into the store, with progress on stderr (bars
-/// on a terminal, JSON lines with `--json`, nothing otherwise).
+/// Where a command's progress goes: bars on a terminal, JSON lines with `--json`
+/// (both on stderr), nothing otherwise.
+fn progress_for(out: &Output) -> Reporter {
+    progress::Mode::choose(out.json, std::io::stderr().is_terminal()).reporter()
+}
+
+/// Pulls or imports an `--image` value into the store, with progress.
 fn fetch_image(
     store: &Store,
-    out: &Output,
+    progress: &Reporter,
     text: &str,
     insecure: bool,
     platform: Platform,
 ) -> Result<microagent_image::pull::Image> {
     let source =
         Source::parse(text).map_err(|e| CliError::new("image.bad_reference", e.to_string()))?;
-    let mode = progress::Mode::choose(out.json, std::io::stderr().is_terminal());
-    if mode == progress::Mode::Bars {
-        eprintln!("pulling {text}");
-    }
     let options = PullOptions {
         insecure,
-        progress: mode.reporter(),
+        progress: progress.clone(),
         platform,
     };
     fetch(store, &source, &options).map_err(|e| CliError::new(e.code(), e.to_string()))
@@ -1025,7 +1028,7 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let image = fetch_image(
                 &Store::new(home.images()),
-                &out,
+                &progress_for(&out),
                 &reference,
                 insecure,
                 platform,

@@ -1,13 +1,15 @@
 //! How a pull's progress is shown on stderr: bars on a terminal (one per blob with
-//! bytes/total, and an overall one with the speed), one JSON [`Event`] per line with
-//! `--json` (stdout keeps the single result document scripts already parse), nothing
-//! otherwise.
+//! bytes/total, and an overall one with the speed; for a root disk build that takes
+//! more than a second, one per layer unpacked and a spinner while mke2fs writes), one
+//! JSON [`Event`] per line with `--json` (stdout keeps the single result document
+//! scripts already parse), nothing otherwise.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use microagent_image::progress::{Event, Observer, Reporter};
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Which display a command gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,18 +53,27 @@ impl Observer for JsonLines {
 /// Progress bars on stderr.
 struct Bars {
     multi: MultiProgress,
-    state: Mutex<BarState>,
+    state: Arc<Mutex<BarState>>,
 }
 
 #[derive(Default)]
 struct BarState {
     total: Option<ProgressBar>,
     blobs: HashMap<String, ProgressBar>,
+    /// When the root disk build started (its first event).
+    disk_started: Option<Instant>,
+    layers: HashMap<String, ProgressBar>,
+    formatting: Option<ProgressBar>,
+    disk_built: bool,
 }
+
+/// A disk build shorter than this shows no bars.
+const QUIET_BUILD: Duration = Duration::from_secs(1);
 
 const TOTAL_TEMPLATE: &str =
     "{msg:12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} eta {eta}";
 const BLOB_TEMPLATE: &str = "{prefix:12} [{bar:30}] {bytes:>10}/{total_bytes:<10}";
+const UNPACK_TEMPLATE: &str = "{prefix:12} [{bar:30}] {bytes:>10}/{total_bytes:<10} unpacking";
 
 fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template)
@@ -80,7 +91,7 @@ impl Bars {
     fn new() -> Self {
         Self {
             multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
-            state: Mutex::new(BarState::default()),
+            state: Arc::new(Mutex::new(BarState::default())),
         }
     }
 
@@ -137,6 +148,50 @@ impl Observer for Bars {
                     total.finish();
                 }
             }
+            Event::LayerUnpacking {
+                digest,
+                bytes,
+                size,
+            } => {
+                let started = *state.disk_started.get_or_insert_with(Instant::now);
+                if !state.layers.contains_key(digest) && started.elapsed() >= QUIET_BUILD {
+                    let bar = self.multi.add(ProgressBar::new(*size));
+                    bar.set_style(style(UNPACK_TEMPLATE));
+                    bar.set_prefix(short(digest));
+                    state.layers.insert(digest.clone(), bar);
+                }
+                if let Some(bar) = state.layers.get(digest) {
+                    bar.set_position(*bytes);
+                }
+            }
+            Event::DiskFormatting => {
+                // mke2fs is one long step: its spinner appears once the build has
+                // taken QUIET_BUILD, if it is still running then.
+                let started = *state.disk_started.get_or_insert_with(Instant::now);
+                let wait = QUIET_BUILD.saturating_sub(started.elapsed());
+                let (multi, shared) = (self.multi.clone(), self.state.clone());
+                std::thread::spawn(move || {
+                    std::thread::sleep(wait);
+                    let Ok(mut state) = shared.lock() else {
+                        return;
+                    };
+                    if !state.disk_built {
+                        let spinner = multi.add(ProgressBar::new_spinner());
+                        spinner.set_message("writing the ext4 root disk (mke2fs -d)");
+                        spinner.enable_steady_tick(Duration::from_millis(100));
+                        state.formatting = Some(spinner);
+                    }
+                });
+            }
+            Event::DiskBuilt { seconds } => {
+                state.disk_built = true;
+                for bar in state.layers.values() {
+                    bar.finish();
+                }
+                if let Some(spinner) = &state.formatting {
+                    spinner.finish_with_message(format!("root disk built in {seconds:.1} s"));
+                }
+            }
         }
     }
 }
@@ -158,7 +213,7 @@ mod tests {
     fn the_overall_bar_follows_every_blob_and_restarts() {
         let bars = Bars {
             multi: MultiProgress::with_draw_target(ProgressDrawTarget::hidden()),
-            state: Mutex::new(BarState::default()),
+            state: Arc::new(Mutex::new(BarState::default())),
         };
         let (a, b) = ("sha256:aa".to_owned(), "sha256:bb".to_owned());
         bars.event(&Event::Resolved {

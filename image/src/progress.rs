@@ -46,6 +46,17 @@ pub enum Event {
         downloaded_bytes: u64,
         seconds: f64,
     },
+    /// Building a root disk: a layer is being applied to the tree, `bytes` of its blob
+    /// read so far (at the start, at most every [`PROGRESS_INTERVAL`], and at the end).
+    LayerUnpacking {
+        digest: String,
+        bytes: u64,
+        size: u64,
+    },
+    /// Building a root disk: the tree is being written into ext4 (`mke2fs -d`).
+    DiskFormatting,
+    /// The root disk is ready, `seconds` after its build started.
+    DiskBuilt { seconds: f64 },
 }
 
 /// Receives a pull's events (from the pull's own thread).
@@ -111,6 +122,51 @@ impl BlobMeter {
                 size: self.size,
             });
         }
+    }
+}
+
+/// A layer blob being read for unpacking, its bytes reported as [`Event::LayerUnpacking`]
+/// (the last report is the caller's, once the layer is applied).
+pub(crate) struct UnpackMeter<R> {
+    inner: R,
+    reporter: Reporter,
+    digest: String,
+    size: u64,
+    read: u64,
+    last: Instant,
+}
+
+impl<R> UnpackMeter<R> {
+    pub(crate) fn new(inner: R, reporter: &Reporter, digest: &str, size: u64) -> Self {
+        reporter.emit(Event::LayerUnpacking {
+            digest: digest.to_owned(),
+            bytes: 0,
+            size,
+        });
+        Self {
+            inner,
+            reporter: reporter.clone(),
+            digest: digest.to_owned(),
+            size,
+            read: 0,
+            last: Instant::now(),
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for UnpackMeter<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.last.elapsed() >= PROGRESS_INTERVAL {
+            self.last = Instant::now();
+            self.reporter.emit(Event::LayerUnpacking {
+                digest: self.digest.clone(),
+                bytes: self.read,
+                size: self.size,
+            });
+        }
+        Ok(n)
     }
 }
 

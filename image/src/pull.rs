@@ -4,7 +4,7 @@
 use crate::digest::{self, Digest};
 use crate::download::{self, Origin, Wanted};
 use crate::platform::Platform;
-use crate::progress::{Event, Reporter};
+use crate::progress::{Event, Reporter, UnpackMeter};
 use crate::reference::Reference;
 use crate::rootfs;
 use crate::store::{self, Store};
@@ -381,6 +381,17 @@ async fn pull_async(
 /// [`unpack::expansion_limit`]; temporary trees and disks of dead processes are
 /// removed first.
 pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<PathBuf, Error> {
+    root_disk_observed(store, image, size, &Reporter::default())
+}
+
+/// [`root_disk`], reporting each layer's unpacking and the ext4 build to `progress`
+/// (nothing when the disk is cached).
+pub fn root_disk_observed(
+    store: &Store,
+    image: &Image,
+    size: Option<u64>,
+    progress: &Reporter,
+) -> Result<PathBuf, Error> {
     let hex = image.manifest_digest.hex();
     let dir = store.root().join("rootfs");
     let disk = dir.join(format!("{hex}.ext4"));
@@ -398,6 +409,7 @@ pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<Path
     let tmp = dir.join(format!("{TMP_DISK}{hex}-{pid}"));
     let _ = fs::remove_dir_all(&tree);
     fs::create_dir_all(&tree).map_err(io(&tree))?;
+    let started = Instant::now();
     let result = (|| {
         let free_at_start = rootfs::free_bytes(&tree).map_err(io(&tree))?;
         for (digest, _) in &image.layers {
@@ -408,19 +420,29 @@ pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<Path
                 digest: digest.to_string(),
                 source,
             };
+            let metered = UnpackMeter::new(blob, progress, digest.as_str(), compressed);
             unpack::apply_layer_auto(
                 &tree,
-                io::BufReader::new(blob),
+                io::BufReader::new(metered),
                 unpack::expansion_limit(compressed, unpack::room(free_at_start, free)),
             )
             .map_err(unpack_err)?;
+            progress.emit(Event::LayerUnpacking {
+                digest: digest.to_string(),
+                bytes: compressed,
+                size: compressed,
+            });
         }
+        progress.emit(Event::DiskFormatting);
         rootfs::build_ext4(&tree, &tmp, size)?;
         let out = match size {
             None => disk.clone(),
             Some(size) => dir.join(format!("{hex}-{size}.ext4")),
         };
         fs::rename(&tmp, &out).map_err(io(&out))?;
+        progress.emit(Event::DiskBuilt {
+            seconds: started.elapsed().as_secs_f64(),
+        });
         Ok(out)
     })();
     let _ = fs::remove_dir_all(&tree);

@@ -312,6 +312,47 @@ fn json_progress_is_one_event_per_line_and_a_plain_pull_off_a_terminal_is_quiet(
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["digest"], *pulled);
 
+    // create builds the root disk: each layer's unpacking, then mke2fs, as events too.
+    let kernel = dir.path().join("kernel");
+    fs::write(&kernel, b"not booted").unwrap();
+    let out = cli.run(&[
+        "--json",
+        "create",
+        "ws",
+        "--image",
+        &image.reference,
+        "--no-agent",
+        "--net",
+        "none",
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let events = self::events(&out);
+    let unpacked: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::LayerUnpacking {
+                digest,
+                bytes,
+                size,
+            } if *digest == image.layer.digest => {
+                assert_eq!(*size, image.layer.size);
+                Some(*bytes)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(unpacked.first(), Some(&0), "{events:?}");
+    assert_eq!(unpacked.last(), Some(&image.layer.size), "{events:?}");
+    let tail: Vec<&Event> = events.iter().rev().take(2).collect();
+    assert!(
+        matches!(tail[..], [Event::DiskBuilt { .. }, Event::DiskFormatting]),
+        "{events:?}"
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(created["created"], "ws");
+
     // Without --json and off a terminal: nothing on stderr.
     let fresh = Cli::new(&dir.path().join("other"));
     let out = fresh.run(&["image", "pull", &image.reference]);
