@@ -183,6 +183,12 @@ impl Observer for Bars {
                     }
                 });
             }
+            Event::DiskResizing { size } => {
+                let spinner = self.multi.add(ProgressBar::new_spinner());
+                spinner.set_message(format!("growing the root disk to {} MiB", size >> 20));
+                spinner.enable_steady_tick(Duration::from_millis(100));
+                state.formatting = Some(spinner);
+            }
             Event::DiskBuilt { seconds } => {
                 state.disk_built = true;
                 for bar in state.layers.values() {

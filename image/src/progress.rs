@@ -55,6 +55,9 @@ pub enum Event {
     },
     /// Building a root disk: the tree is being written into ext4 (`mke2fs -d`).
     DiskFormatting,
+    /// A root disk of another size: the image's cached disk copied and grown to
+    /// `size` bytes (resize2fs), without unpacking again.
+    DiskResizing { size: u64 },
     /// The root disk is ready, `seconds` after its build started.
     DiskBuilt { seconds: f64 },
 }

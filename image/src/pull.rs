@@ -379,7 +379,10 @@ async fn pull_async(
 /// The image's root disk, built once per manifest digest under `<store>/rootfs/`.
 /// Layers are streamed from their blob files, each bounded by
 /// [`unpack::expansion_limit`]; temporary trees and disks of dead processes are
-/// removed first.
+/// removed first. With a `size` at least that of the default disk, when it is cached,
+/// the disk is grown (resize2fs) instead of unpacking again; otherwise it is built
+/// from the tree at that size, refused (`input.disk_too_small`) when the tree does not
+/// fit. Each size is kept.
 pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<PathBuf, Error> {
     root_disk_observed(store, image, size, &Reporter::default())
 }
@@ -402,6 +405,30 @@ pub fn root_disk_observed(
         let path = path.to_owned();
         move |source| Error::Io { path, source }
     };
+    if let Some(size) = size.map(rootfs::disk_size).filter(|_| disk.is_file()) {
+        // With the default disk cached, a larger one is that disk grown; otherwise
+        // the disk is built from the tree below at its size (refused if the tree
+        // does not fit).
+        let started = Instant::now();
+        let default_size = fs::metadata(&disk).map_err(io(&disk))?.len();
+        if size >= default_size {
+            let out = dir.join(format!("{hex}-{size}.ext4"));
+            if out.is_file() {
+                return Ok(out);
+            }
+            let tmp = dir.join(format!("{TMP_DISK}{hex}-{}", std::process::id()));
+            progress.emit(Event::DiskResizing { size });
+            let grown = rootfs::grow_ext4(&disk, &tmp, size)
+                .map_err(Error::from)
+                .and_then(|()| fs::rename(&tmp, &out).map_err(io(&out)));
+            let _ = fs::remove_file(&tmp);
+            grown?;
+            progress.emit(Event::DiskBuilt {
+                seconds: started.elapsed().as_secs_f64(),
+            });
+            return Ok(out);
+        }
+    }
     fs::create_dir_all(&dir).map_err(io(&dir))?;
     store.sweep_stale();
     let pid = std::process::id();
@@ -437,7 +464,7 @@ pub fn root_disk_observed(
         rootfs::build_ext4(&tree, &tmp, size)?;
         let out = match size {
             None => disk.clone(),
-            Some(size) => dir.join(format!("{hex}-{size}.ext4")),
+            Some(size) => dir.join(format!("{hex}-{}.ext4", rootfs::disk_size(size))),
         };
         fs::rename(&tmp, &out).map_err(io(&out))?;
         progress.emit(Event::DiskBuilt {
