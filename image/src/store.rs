@@ -32,6 +32,8 @@ const TMP_BLOB: &str = ".tmp-";
 const TMP_REFS: &str = ".refs.tmp-";
 /// Prefix of resumable downloads (`.partial-<hex of the digest>`).
 pub const PARTIAL: &str = ".partial-";
+/// A partial download untouched for this long is removed by the next fetch.
+pub const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -264,6 +266,7 @@ impl Store {
     }
 
     /// Removes temporary files of writers that died (see [`crate::stale`]).
+    /// Also removes partial downloads nobody continued for [`PARTIAL_MAX_AGE`].
     pub fn sweep_stale(&self) -> usize {
         crate::stale::sweep(&self.blobs(), &[TMP_BLOB])
             + crate::stale::sweep(&self.root.join("manifests"), &[TMP_BLOB])
@@ -272,6 +275,39 @@ impl Store {
                 &self.root.join("rootfs"),
                 &[crate::pull::TMP_TREE, crate::pull::TMP_DISK],
             )
+            + self.sweep_partials(PARTIAL_MAX_AGE)
+    }
+
+    /// Removes the partial downloads last written more than `age` ago that no pull
+    /// holds; returns how many went.
+    fn sweep_partials(&self, age: std::time::Duration) -> usize {
+        let Ok(entries) = fs::read_dir(self.blobs()) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_prefix(PARTIAL)) else {
+                continue;
+            };
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|elapsed| elapsed > age);
+            let Ok(digest) = Digest::parse(&format!("sha256:{hex}")) else {
+                continue;
+            };
+            if old && !self.has(&digest) {
+                self.discard_partial(&digest);
+                removed += usize::from(!entry.path().exists());
+            } else if old {
+                let _ = fs::remove_file(entry.path()); // the blob arrived another way
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// Starts writing a blob of at most `limit` bytes; `expected` is checked on commit
@@ -666,6 +702,30 @@ mod tests {
         bad.write_all(b"XYZ").unwrap();
         assert!(matches!(bad.commit(Some(6)), Err(Error::Mismatch { .. })));
         assert_eq!(leftovers(dir.path()), 1, "only the committed blob");
+    }
+
+    #[test]
+    fn old_partial_downloads_are_swept_and_held_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        let mut held = store.resumable(&a, 10).unwrap();
+        held.write_all(b"x").unwrap();
+        let mut left = store.resumable(&b, 10).unwrap();
+        left.write_all(b"y").unwrap();
+        drop(left);
+        let zero = std::time::Duration::ZERO;
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        assert_eq!(
+            store.sweep_partials(std::time::Duration::from_secs(3600)),
+            0
+        );
+        assert_eq!(store.sweep_partials(zero), 1, "only the one no pull holds");
+        assert!(dir
+            .path()
+            .join(format!("blobs/sha256/{PARTIAL}{}", a.hex()))
+            .exists());
+        drop(held);
     }
 
     #[test]
