@@ -16,12 +16,16 @@ use microagent_image::progress::Reporter;
 use microagent_image::pull::{root_disk_observed, PullOptions};
 use microagent_image::source::{exec_defaults, fetch, Source};
 use microagent_image::store::Store;
+use microagent_image::tls::CaCert;
 use microagent_vmm::api::Request;
 use std::fs;
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// Where Docker keeps registry CA certificates (`<registry>/ca.crt`).
+const DOCKER_CERTS_D: &str = "/etc/docker/certs.d";
 
 /// microagent: microVM workspaces made from OCI images.
 #[derive(Debug, Parser)]
@@ -201,6 +205,10 @@ enum ImageCmd {
         /// workspaces run linux/amd64 images only).
         #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
         platform: Option<String>,
+        /// A CA certificate (PEM) to trust for this registry, besides the system's and
+        /// those in certs.d/<registry>/*.crt (HOME/certs.d, /etc/docker/certs.d).
+        #[arg(long = "ca-cert", value_name = "FILE")]
+        ca_certs: Vec<PathBuf>,
     },
     /// An image in the local store: digest, platform, size, layers and config.
     Inspect { reference: String },
@@ -214,9 +222,12 @@ enum ImageCmd {
         /// Read the password from stdin (it never appears in the process list).
         #[arg(long)]
         password_stdin: bool,
-        /// Plain HTTP (always used for localhost and 127.0.0.1).
+        /// Plain HTTP (always used for localhost and 127.0.0.1 without a CA).
         #[arg(long)]
         insecure: bool,
+        /// A CA certificate (PEM) to trust for this registry (see `image pull`).
+        #[arg(long = "ca-cert", value_name = "FILE")]
+        ca_certs: Vec<PathBuf>,
     },
     /// Forget the stored credentials for a registry.
     Logout { registry: String },
@@ -389,7 +400,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
     }
     let store = Store::new(home.images());
     let progress = progress_for(out);
-    let pulled = fetch_image(&store, &progress, &image, insecure, Platform::default())?;
+    let pulled = fetch_image(home, &progress, &image, insecure, Platform::default(), &[])?;
     // Checked before the root disk is built: a config that is not JSON leaves no disk.
     let defaults =
         exec_defaults(&store, &pulled).map_err(|e| CliError::new(e.code(), e.to_string()))?;
@@ -474,6 +485,14 @@ fn stored_name(store: &Store, reference: &str) -> String {
     }
 }
 
+/// The CA certificates to trust for `registry`: certs.d/<registry>/*.crt under the
+/// home and /etc/docker, then `extra`.
+fn ca_certs(home: &Home, registry: &str, extra: &[PathBuf]) -> Result<Vec<CaCert>> {
+    let dirs = [home.root().join("certs.d"), PathBuf::from(DOCKER_CERTS_D)];
+    microagent_image::tls::ca_certs(registry, &dirs, extra)
+        .map_err(|e| CliError::new(e.code(), e.to_string()))
+}
+
 /// A registry as typed for login/logout (`https://ghcr.io/` is `ghcr.io`).
 fn registry_name(text: &str) -> String {
     let text = text
@@ -481,12 +500,6 @@ fn registry_name(text: &str) -> String {
         .or_else(|| text.strip_prefix("http://"))
         .unwrap_or(text);
     text.trim_end_matches('/').to_owned()
-}
-
-/// Registries reached over plain HTTP without --insecure, as pulls do.
-fn is_loopback(registry: &str) -> bool {
-    let host = registry.split(':').next().unwrap_or_default();
-    host == "localhost" || host == "127.0.0.1"
 }
 
 /// Where a command's progress goes: bars on a terminal, JSON lines with `--json`
@@ -497,18 +510,25 @@ fn progress_for(out: &Output) -> Reporter {
 
 /// Pulls or imports an `--image` value into the store, with progress.
 fn fetch_image(
-    store: &Store,
+    home: &Home,
     progress: &Reporter,
     text: &str,
     insecure: bool,
     platform: Platform,
+    extra_ca: &[PathBuf],
 ) -> Result<microagent_image::pull::Image> {
+    let store = &Store::new(home.images());
     let source =
         Source::parse(text).map_err(|e| CliError::new("image.bad_reference", e.to_string()))?;
+    let ca_certs = match &source {
+        Source::Registry(r) => ca_certs(home, &r.registry, extra_ca)?,
+        _ => Vec::new(),
+    };
     let options = PullOptions {
         insecure,
         progress: progress.clone(),
         platform,
+        ca_certs,
     };
     fetch(store, &source, &options).map_err(|e| CliError::new(e.code(), e.to_string()))
 }
@@ -1018,6 +1038,7 @@ fn run(cli: Cli) -> Result<i32> {
                     reference,
                     insecure,
                     platform,
+                    ca_certs,
                 },
         } => {
             let platform = match platform {
@@ -1027,11 +1048,12 @@ fn run(cli: Cli) -> Result<i32> {
                 None => Platform::default(),
             };
             let image = fetch_image(
-                &Store::new(home.images()),
+                &home,
                 &progress_for(&out),
                 &reference,
                 insecure,
                 platform,
+                &ca_certs,
             )?;
             let shown = image.platform.as_deref().unwrap_or("unknown platform");
             out.say(
@@ -1073,6 +1095,7 @@ fn run(cli: Cli) -> Result<i32> {
                     username,
                     password_stdin,
                     insecure,
+                    ca_certs,
                 },
         } => {
             let registry = registry_name(&registry);
@@ -1098,8 +1121,9 @@ fn run(cli: Cli) -> Result<i32> {
                     "the password on stdin is empty",
                 ));
             }
-            let plain = insecure || is_loopback(&registry);
-            let file = microagent_image::auth::login(&registry, &username, password, plain)
+            let cas = self::ca_certs(&home, &registry, &ca_certs)?;
+            let plain = microagent_image::pull::plain_http(&registry, insecure, !cas.is_empty());
+            let file = microagent_image::auth::login(&registry, &username, password, plain, &cas)
                 .map_err(|e| CliError::new(e.code(), e.to_string()))?;
             out.say(
                 &format!(

@@ -6,6 +6,7 @@
 //! every other key kept. Anonymous access (with the registry's bearer-token dance) when
 //! there is none.
 
+use crate::tls::CaCert;
 use oci_client::secrets::RegistryAuth;
 use serde_json::Value;
 use std::fs;
@@ -189,32 +190,50 @@ pub fn logout(registry: &str) -> Result<bool, Error> {
 /// Checks `user`/`password` against `registry` the way `docker login` does (the API
 /// root with HTTP Basic, or the token service its bearer challenge names), then stores
 /// them. Plain HTTP when `plain`. Nothing is stored when the registry refuses them.
-pub fn login(registry: &str, user: &str, password: &str, plain: bool) -> Result<PathBuf, Error> {
+pub fn login(
+    registry: &str,
+    user: &str,
+    password: &str,
+    plain: bool,
+    ca_certs: &[CaCert],
+) -> Result<PathBuf, Error> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
-    runtime.block_on(check(registry, user, password, plain))?;
+    runtime.block_on(check(registry, user, password, plain, ca_certs))?;
     store(registry, user, password)
 }
 
-async fn check(registry: &str, user: &str, password: &str, plain: bool) -> Result<(), Error> {
+async fn check(
+    registry: &str,
+    user: &str,
+    password: &str,
+    plain: bool,
+    ca_certs: &[CaCert],
+) -> Result<(), Error> {
     let failed = |message: String| Error::Registry {
         registry: registry.to_owned(),
         message,
     };
+    let mut builder = reqwest::Client::builder();
+    for ca in ca_certs {
+        let cert = reqwest::Certificate::from_pem(&ca.pem)
+            .map_err(|e| failed(format!("{}: {e}", ca.path.display())))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    let client = builder.build().map_err(|e| failed(e.to_string()))?;
     let host = if registry == crate::reference::DOCKER_HUB {
         "registry-1.docker.io"
     } else {
         registry
     };
     let url = format!("{}://{host}/v2/", if plain { "http" } else { "https" });
-    let client = reqwest::Client::new();
     let anonymous = client
         .get(&url)
         .send()
         .await
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| failed(crate::pull::describe(&e)))?;
     let challenge = anonymous
         .headers()
         .get(reqwest::header::WWW_AUTHENTICATE)
@@ -237,7 +256,7 @@ async fn check(registry: &str, user: &str, password: &str, plain: bool) -> Resul
                 .await
         }
     }
-    .map_err(|e| failed(e.to_string()))?;
+    .map_err(|e| failed(crate::pull::describe(&e)))?;
     match answer.status() {
         s if s.is_success() => Ok(()),
         reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN => {

@@ -12,6 +12,7 @@
 //!   partial file and verified ([`download`]), with events for progress ([`progress`]).
 //! - [`inspect`]: what `image inspect` shows of a stored image.
 //! - [`platform`]: `linux/amd64`-style platforms, which manifest of an index is pulled.
+//! - [`tls`]: CA certificates for registries (Docker's certs.d, `--ca-cert`).
 //! - [`stale`]: temporary files of dead processes, removed on the next run.
 //! - [`source`]: `--image` values: registries, `oci:DIR[:TAG]`, `oci-archive:FILE`,
 //!   `docker-archive:FILE`.
@@ -28,4 +29,5 @@ pub mod rootfs;
 pub mod source;
 pub mod stale;
 pub mod store;
+pub mod tls;
 pub mod unpack;

@@ -8,8 +8,9 @@ use crate::progress::{Event, Reporter, UnpackMeter};
 use crate::reference::Reference;
 use crate::rootfs;
 use crate::store::{self, Store};
+use crate::tls::CaCert;
 use crate::unpack;
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciDescriptor, OciManifest};
 use oci_client::Client;
 use std::fs;
@@ -36,6 +37,12 @@ pub enum Error {
         registry: String,
         /// The user whose credentials were refused (none were sent when `None`).
         user: Option<String>,
+    },
+    #[error("{reference}: registry {registry} presented a TLS certificate this host does not trust ({message}); put its CA in /etc/docker/certs.d/{registry}/ca.crt or pass --ca-cert FILE")]
+    Untrusted {
+        reference: String,
+        registry: String,
+        message: String,
     },
     #[error("{reference}: no {platform} image (it has: {}); pick one with --platform", if available.is_empty() { "none named".to_owned() } else { available.join(", ") })]
     NoPlatform {
@@ -83,6 +90,7 @@ impl Error {
         match self {
             Self::Registry { .. } => "image.pull_failed",
             Self::Unauthorized { .. } => "image.unauthorized",
+            Self::Untrusted { .. } => "image.tls_untrusted",
             Self::NoPlatform { .. } => "image.no_platform",
             Self::Digest { source, .. } => source.code(),
             Self::BadSize { .. } => "image.blob_size_mismatch",
@@ -142,20 +150,61 @@ pub struct PullOptions {
     pub progress: Reporter,
     /// The manifest an index resolves to (linux/amd64 by default).
     pub platform: Platform,
+    /// CA certificates to trust for this registry besides the system's.
+    pub ca_certs: Vec<CaCert>,
 }
 
-fn client_for(reference: &Reference, options: &PullOptions) -> Client {
-    let host = reference.registry.split(':').next().unwrap_or_default();
-    let plain = options.insecure || host == "localhost" || host == "127.0.0.1";
+/// Whether `registry` is reached over plain HTTP: with `--insecure`, or on loopback,
+/// unless a CA is configured for it (then it speaks TLS).
+pub fn plain_http(registry: &str, insecure: bool, has_ca: bool) -> bool {
+    let host = registry.split(':').next().unwrap_or_default();
+    (insecure || host == "localhost" || host == "127.0.0.1") && !has_ca
+}
+
+fn client_for(reference: &Reference, options: &PullOptions) -> Result<Client, Error> {
+    let plain = plain_http(
+        &reference.registry,
+        options.insecure,
+        !options.ca_certs.is_empty(),
+    );
     let protocol = if plain {
         ClientProtocol::HttpsExcept(vec![reference.registry.clone()])
     } else {
         ClientProtocol::Https
     };
-    Client::new(ClientConfig {
+    let extra_root_certificates = options
+        .ca_certs
+        .iter()
+        .map(|ca| Certificate {
+            encoding: CertificateEncoding::Pem,
+            data: ca.pem.clone(),
+        })
+        .collect();
+    Client::try_from(ClientConfig {
         protocol,
+        extra_root_certificates,
         ..Default::default()
     })
+    .map_err(|e| Error::Registry {
+        reference: reference.to_string(),
+        registry: reference.registry.clone(),
+        message: format!("setting up the HTTP client: {}", describe(&e)),
+    })
+}
+
+/// An error with every cause in its chain (a TLS refusal is three levels down).
+pub(crate) fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn oci_reference(reference: &Reference, digest: Option<&str>) -> oci_client::Reference {
@@ -195,7 +244,7 @@ async fn pull_async(
     reference: &Reference,
     options: &PullOptions,
 ) -> Result<Image, Error> {
-    let client = client_for(reference, options);
+    let client = client_for(reference, options)?;
     let auth = crate::auth::for_registry(&reference.registry);
     let user = match &auth {
         oci_client::secrets::RegistryAuth::Basic(user, _) => Some(user.clone()),
@@ -210,10 +259,18 @@ async fn pull_async(
         if is_unauthorized(&e) {
             return unauthorized();
         }
+        let message = describe(&e);
+        if message.contains("certificate") {
+            return Error::Untrusted {
+                reference: reference.to_string(),
+                registry: reference.registry.clone(),
+                message,
+            };
+        }
         Error::Registry {
             reference: reference.to_string(),
             registry: reference.registry.clone(),
-            message: e.to_string(),
+            message,
         }
     };
     let parse = |text: &str| {

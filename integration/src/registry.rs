@@ -21,32 +21,100 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Self {
-        Self::start_with(dir, "")
+        Self::start_with(dir, "127.0.0.1", "")
+    }
+
+    /// A registry speaking TLS only, on 127.0.0.2 (an address microagent does not
+    /// reach over plain HTTP by default), with a certificate from a fresh CA made by
+    /// `openssl`; with `user`/`password` it also wants HTTP Basic. Returns the CA's
+    /// PEM file too.
+    pub fn start_tls(dir: &Path, login: Option<(&str, &str)>) -> (Self, PathBuf) {
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl (apt-get install openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=microagent test CA",
+            "-days",
+            "2",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.2",
+        ]);
+        fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.2\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        let mut extra = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            dir.join("server.crt").display(),
+            dir.join("server.key").display()
+        );
+        if let Some((user, password)) = login {
+            extra.push_str(&htpasswd_config(dir, user, password));
+        }
+        (
+            Self::start_with(dir, "127.0.0.2", &extra),
+            dir.join("ca.crt"),
+        )
     }
 
     /// A registry that lets only `user` with `password` in (HTTP Basic, checked
     /// against an htpasswd file with a bcrypt line, as `htpasswd -B` writes it).
     pub fn start_with_htpasswd(dir: &Path, user: &str, password: &str) -> Self {
-        let file = dir.join("htpasswd");
-        let hash = bcrypt::hash(password, 4).unwrap();
-        fs::write(&file, format!("{user}:{hash}\n")).unwrap();
-        Self::start_with(
-            dir,
-            &format!(
-                "auth:\n  htpasswd:\n    realm: microagent-test\n    path: {}\n",
-                file.display()
-            ),
-        )
+        Self::start_with(dir, "127.0.0.1", &htpasswd_config(dir, user, password))
     }
 
-    /// Started with `extra` appended to its configuration.
-    fn start_with(dir: &Path, extra: &str) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
+    /// Started on `ip` with `extra` appended to its configuration (right after the
+    /// `http:` section's `addr`, so indented lines extend that section).
+    fn start_with(dir: &Path, ip: &str, extra: &str) -> Self {
+        let port = TcpListener::bind(format!("{ip}:0"))
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("{ip}:{port}");
         let storage = dir.join("registry-data");
         let config = dir.join("registry.yml");
         fs::write(
@@ -75,6 +143,18 @@ impl Registry {
             storage,
         }
     }
+}
+
+/// The registry configuration for HTTP Basic against an htpasswd file (written under
+/// `dir` with a bcrypt line, as `htpasswd -B` writes it).
+fn htpasswd_config(dir: &Path, user: &str, password: &str) -> String {
+    let file = dir.join("htpasswd");
+    let hash = bcrypt::hash(password, 4).unwrap();
+    fs::write(&file, format!("{user}:{hash}\n")).unwrap();
+    format!(
+        "auth:\n  htpasswd:\n    realm: microagent-test\n    path: {}\n",
+        file.display()
+    )
 }
 
 impl Drop for Registry {
