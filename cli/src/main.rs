@@ -661,6 +661,22 @@ fn terminal_size() -> TtySize {
     }
 }
 
+/// Ok for a running workspace; otherwise `workspace.crashed` naming the process that
+/// died, or `workspace.not_running`.
+fn running(home: &Home, name: &str) -> Result<()> {
+    match runtime::state(home, name) {
+        State::Running => Ok(()),
+        State::Crashed { reason } => Err(CliError::new(
+            "workspace.crashed",
+            format!("{name} crashed: {reason} (microagent delete {name} --force)"),
+        )),
+        _ => Err(CliError::new(
+            "workspace.not_running",
+            format!("{name} is not running (microagent start {name})"),
+        )),
+    }
+}
+
 fn exec(home: &Home, args: Cmd) -> Result<i32> {
     let Cmd::Exec {
         name,
@@ -675,12 +691,7 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
         unreachable!("exec called for another command")
     };
     let config = workspace::load(home, &name)?;
-    if runtime::state(home, &name) != State::Running {
-        return Err(CliError::new(
-            "workspace.not_running",
-            format!("{name} is not running (microagent start {name})"),
-        ));
-    }
+    running(home, &name)?;
     let env = env
         .iter()
         .map(|kv| {
@@ -702,7 +713,13 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
         tty: tty.then(terminal_size),
     };
     let conn = Connection::open(&runtime::agent_socket(home, &name), Duration::from_secs(10))
-        .map_err(|e| CliError::new("agent.unreachable", e.to_string()))?;
+        .map_err(|e| {
+            // A process of the workspace died meanwhile: say which, not only that the
+            // agent is silent.
+            running(home, &name)
+                .err()
+                .unwrap_or_else(|| CliError::new("agent.unreachable", e.to_string()))
+        })?;
     let stdin: Box<dyn Read + Send> = if interactive {
         Box::new(std::io::stdin())
     } else {
