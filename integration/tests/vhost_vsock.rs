@@ -399,18 +399,7 @@ fn after_save_and_load_the_guest_gets_a_transport_reset_and_new_connections_work
             ..Setup::default()
         },
     );
-    // The event queue gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET as soon as it has a buffer.
-    let event_buf = guest.mem.alloc(8, 8).unwrap();
-    guest.mem.write(event_buf, &[0xff; 8]);
-    let q = &mut guest.fe.queues[EVENT];
-    q.submit(&guest.mem, &[Buf::writable(event_buf, 8)])
-        .unwrap();
-    let used = q.wait_used(&guest.mem, 1, WAIT).unwrap();
-    assert_eq!(used[0].1, 4);
-    assert_eq!(
-        guest.mem.read(event_buf, 4),
-        EVENT_TRANSPORT_RESET.to_le_bytes()
-    );
+    expect_transport_reset(&mut guest);
 
     let mut rig = Rig {
         dir,
@@ -449,19 +438,27 @@ fn state_for_another_guest_cid_is_loaded_under_the_new_cid() {
         },
     );
     assert_eq!(guest.fe.config(8).unwrap(), 42u64.to_le_bytes());
-    let event_buf = guest.mem.alloc(8, 8).unwrap();
-    let q = &mut guest.fe.queues[EVENT];
-    q.submit(&guest.mem, &[Buf::writable(event_buf, 8)])
-        .unwrap();
-    q.wait_used(&guest.mem, 1, WAIT).unwrap();
-    assert_eq!(
-        guest.mem.read(event_buf, 4),
-        EVENT_TRANSPORT_RESET.to_le_bytes()
-    );
+    expect_transport_reset(&mut guest);
     let mut client = UnixStream::connect(&uds).unwrap();
     writeln!(client, "CONNECT 1234").unwrap();
     let (req, _) = guest.recv_op();
     assert_eq!((req.op, req.dst_cid), (OP_REQUEST, 42), "{req:?}");
+}
+
+/// The event queue gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (4 bytes) as soon as it has
+/// a buffer.
+fn expect_transport_reset(guest: &mut Guest) {
+    let event_buf = guest.mem.alloc(8, 8).unwrap();
+    guest.mem.write(event_buf, &[0xff; 8]);
+    let q = &mut guest.fe.queues[EVENT];
+    q.submit(&guest.mem, &[Buf::writable(event_buf, 8)])
+        .unwrap();
+    let used = q.wait_used(&guest.mem, 1, WAIT).unwrap();
+    assert_eq!(used[0].1, 4);
+    assert_eq!(
+        guest.mem.read(event_buf, 4),
+        EVENT_TRANSPORT_RESET.to_le_bytes()
+    );
 }
 
 /// Reads until EOF or `limit`; true on EOF (the daemon closed the client).
