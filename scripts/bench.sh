@@ -23,6 +23,7 @@ BENCHES=(
   "vsock|bench_vsock|$VSOCK_PEER 3"
   "exec|bench_exec|20"
   "image|bench_image|3"
+  "image_large|bench_image_large|1024 3"
   "snapshot|bench_snapshot|5"
   "net|bench_net|32 3"
   "fork|bench_fork|5"

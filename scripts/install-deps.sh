@@ -10,8 +10,9 @@ packages=(
   pkg-config
   # test rigs: QEMU with TCG, a third-party vhost-user-blk backend, test userland
   qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs
-  # image tests: a real registry on loopback and a real pusher; umoci for bench_image
-  docker-registry skopeo umoci
+  # image tests: a real registry on loopback and a real pusher; umoci for bench_image;
+  # openssl makes the TLS registry's CA and certificate (image_tls.rs)
+  docker-registry skopeo umoci openssl
 )
 
 missing=()

@@ -2,7 +2,8 @@
 # Ends `make test` with what ran and what did not, from cargo test's output (LOG) and
 # the tests that recorded themselves as not run on this host (REPORT, one
 # "NAME<TAB>REASON" line each; integration/src/report.rs). Those tests returned early
-# and libtest counted them as passed: here they are counted as not run instead.
+# and libtest counted them as passed: here they are counted as not run instead. Runs the
+# rig lost and ran again (REPORT.retried, e.g. a frozen nested-rig L1) are named too.
 #
 #   scripts/test-summary.sh LOG REPORT
 set -uo pipefail
@@ -25,6 +26,12 @@ if [ "$not_run" -gt 0 ]; then
   sort -u "$report" | while IFS=$'\t' read -r name why; do
     echo "   - $name: $why"
   done
+fi
+if [ -s "$report.retried" ]; then
+  echo "== run again after the rig lost a run (not a test failure; see docs/testing.md):"
+  while IFS=$'\t' read -r name why; do
+    echo "   - $name: ${why:0:160}"
+  done <"$report.retried"
 fi
 if [ "$failed" -gt 0 ]; then
   echo "== failed:"

@@ -65,10 +65,20 @@ impl Exit {
     }
 }
 
+/// What the agent said of itself when the connection opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// The agent's crate version.
+    pub agent: String,
+    /// The guest's vsock CID, when the agent could read it.
+    pub cid: Option<u32>,
+}
+
 /// A connection to the agent that has passed the version check.
 pub struct Connection {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    info: AgentInfo,
 }
 
 impl Connection {
@@ -114,16 +124,29 @@ impl Connection {
                 version: PROTOCOL_VERSION,
             },
         )?;
-        match read_frame(&mut reader)?.parse()? {
-            AgentMessage::Hello { version, .. } if version == PROTOCOL_VERSION => {}
+        let info = match read_frame(&mut reader)?.parse()? {
+            AgentMessage::Hello {
+                version,
+                agent,
+                cid,
+            } if version == PROTOCOL_VERSION => AgentInfo { agent, cid },
             AgentMessage::Hello { version, .. } => {
                 return Err(Error::VersionMismatch { agent: version })
             }
             other => return Err(Error::Unexpected(other)),
-        }
+        };
         // Commands may run for long: no read timeout from here on.
         reader.get_ref().set_read_timeout(None)?;
-        Ok(Self { reader, writer })
+        Ok(Self {
+            reader,
+            writer,
+            info,
+        })
+    }
+
+    /// What the agent said of itself.
+    pub fn info(&self) -> &AgentInfo {
+        &self.info
     }
 
     /// Runs a command: `stdin` is streamed to it (then closed), its stdout and stderr
@@ -254,11 +277,13 @@ impl Connection {
         hostname: &str,
         machine_id: &str,
         entropy: &[u8],
+        mac: Option<&str>,
     ) -> Result<(), Error> {
         let message = HostMessage::SetIdentity {
             hostname: hostname.into(),
             machine_id: machine_id.into(),
             entropy: entropy.to_vec(),
+            mac: mac.map(str::to_owned),
         };
         write_control(&mut self.writer, &message)?;
         self.expect_done()

@@ -58,6 +58,9 @@ pub enum HostMessage {
         hostname: String,
         machine_id: String,
         entropy: Vec<u8>,
+        /// A new MAC for the network device, `52:54:00:12:34:56` style (none: keep it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac: Option<String>,
     },
     /// Write a file (created or truncated); `File` frames follow, then an empty one.
     WriteFile {
@@ -76,6 +79,10 @@ pub enum AgentMessage {
     Hello {
         version: u32,
         agent: String,
+        /// The guest's vsock CID as its kernel sees it (IOCTL_VM_SOCKETS_GET_LOCAL_CID);
+        /// a fork's differs from its source's once the transport reset was read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cid: Option<u32>,
     },
     Started {
         pid: u32,

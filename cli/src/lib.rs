@@ -9,6 +9,7 @@
 //! - [`restore`]: rollback in place and forks from a snapshot.
 //! - [`lock`]: one command at a time per workspace, with a bounded wait.
 //! - [`memory`]: guest memory checked against the host's.
+//! - [`progress`]: pull progress as bars on a terminal or JSON lines for scripts.
 //! - [`error`]: user-facing errors with stable codes.
 //! - [`confinement`]: seccomp support, how confined running processes are, and
 //!   seccomp kills, for `doctor` and crash reasons.
@@ -19,6 +20,7 @@ pub mod home;
 pub mod initramfs;
 pub mod lock;
 pub mod memory;
+pub mod progress;
 pub mod restore;
 pub mod runtime;
 pub mod snapshot;

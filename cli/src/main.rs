@@ -7,19 +7,26 @@ use microagent_cli::home::Home;
 use microagent_cli::initramfs::Initramfs;
 use microagent_cli::lock::{self, Wait, WorkspaceLock};
 use microagent_cli::memory;
+use microagent_cli::progress;
 use microagent_cli::restore;
 use microagent_cli::runtime::{self, State};
 use microagent_cli::snapshot;
 use microagent_cli::workspace::{self, Config};
-use microagent_image::pull::{root_disk, PullOptions};
+use microagent_image::platform::Platform;
+use microagent_image::progress::Reporter;
+use microagent_image::pull::{root_disk_observed, PullOptions};
 use microagent_image::source::{exec_defaults, fetch, Source};
 use microagent_image::store::Store;
+use microagent_image::tls::CaCert;
 use microagent_vmm::api::Request;
 use std::fs;
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// Where Docker keeps registry CA certificates (`<registry>/ca.crt`).
+const DOCKER_CERTS_D: &str = "/etc/docker/certs.d";
 
 /// microagent: microVM workspaces made from OCI images.
 #[derive(Debug, Parser)]
@@ -195,7 +202,36 @@ enum ImageCmd {
         reference: String,
         #[arg(long)]
         insecure: bool,
+        /// The platform an index resolves to: OS/ARCH[/VARIANT] (default linux/amd64;
+        /// workspaces run linux/amd64 images only).
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
+        /// A CA certificate (PEM) to trust for this registry, besides the system's and
+        /// those in certs.d/<registry>/*.crt (HOME/certs.d, /etc/docker/certs.d).
+        #[arg(long = "ca-cert", value_name = "FILE")]
+        ca_certs: Vec<PathBuf>,
     },
+    /// An image in the local store: digest, platform, size, layers and config.
+    Inspect { reference: String },
+    /// Check credentials against a registry and store them like `docker login`
+    /// ($DOCKER_CONFIG/config.json or ~/.docker/config.json, mode 0600).
+    Login {
+        /// The registry, as in image references (docker.io, ghcr.io, localhost:5000).
+        registry: String,
+        #[arg(short, long)]
+        username: String,
+        /// Read the password from stdin (it never appears in the process list).
+        #[arg(long)]
+        password_stdin: bool,
+        /// Plain HTTP (always used for localhost and 127.0.0.1 without a CA).
+        #[arg(long)]
+        insecure: bool,
+        /// A CA certificate (PEM) to trust for this registry (see `image pull`).
+        #[arg(long = "ca-cert", value_name = "FILE")]
+        ca_certs: Vec<PathBuf>,
+    },
+    /// Forget the stored credentials for a registry.
+    Logout { registry: String },
     /// Images in the local store.
     List,
     /// Forget an image and delete what no other image uses.
@@ -364,11 +400,12 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
         ));
     }
     let store = Store::new(home.images());
-    let pulled = fetch_image(&store, &image, insecure)?;
+    let progress = progress_for(out);
+    let pulled = fetch_image(home, &progress, &image, insecure, Platform::default(), &[])?;
     // Checked before the root disk is built: a config that is not JSON leaves no disk.
     let defaults =
         exec_defaults(&store, &pulled).map_err(|e| CliError::new(e.code(), e.to_string()))?;
-    let disk = root_disk(&store, &pulled, disk_size)
+    let disk = root_disk_observed(&store, &pulled, disk_size, &progress)
         .map_err(|e| CliError::new(e.code(), e.to_string()))?;
 
     // Built in a temporary directory and renamed: a workspace exists whole or not at all.
@@ -418,6 +455,8 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             net,
             publish,
             dns,
+            cid: workspace::DEFAULT_CID,
+            mac: None,
         };
         fs::write(
             tmp.join("workspace.json"),
@@ -441,17 +480,60 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
     Ok(())
 }
 
-/// Pulls or imports an `--image` value into the store.
-fn fetch_image(store: &Store, text: &str, insecure: bool) -> Result<microagent_image::pull::Image> {
+/// An image's name in the store: as typed (alpine:3.20) or as stored (docker.io/...).
+fn stored_name(store: &Store, reference: &str) -> String {
+    match Source::parse(reference) {
+        Ok(Source::Registry(r)) if !store.refs().contains_key(reference) => r.to_string(),
+        _ => reference.to_owned(),
+    }
+}
+
+/// The CA certificates to trust for `registry`: certs.d/<registry>/*.crt under the
+/// home and /etc/docker, then `extra`.
+fn ca_certs(home: &Home, registry: &str, extra: &[PathBuf]) -> Result<Vec<CaCert>> {
+    let dirs = [home.root().join("certs.d"), PathBuf::from(DOCKER_CERTS_D)];
+    microagent_image::tls::ca_certs(registry, &dirs, extra)
+        .map_err(|e| CliError::new(e.code(), e.to_string()))
+}
+
+/// A registry as typed for login/logout (`https://ghcr.io/` is `ghcr.io`).
+fn registry_name(text: &str) -> String {
+    let text = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+        .unwrap_or(text);
+    text.trim_end_matches('/').to_owned()
+}
+
+/// Where a command's progress goes: bars on a terminal, JSON lines with `--json`
+/// (both on stderr), nothing otherwise.
+fn progress_for(out: &Output) -> Reporter {
+    progress::Mode::choose(out.json, std::io::stderr().is_terminal()).reporter()
+}
+
+/// Pulls or imports an `--image` value into the store, with progress.
+fn fetch_image(
+    home: &Home,
+    progress: &Reporter,
+    text: &str,
+    insecure: bool,
+    platform: Platform,
+    extra_ca: &[PathBuf],
+) -> Result<microagent_image::pull::Image> {
+    let store = &Store::new(home.images());
     let source =
         Source::parse(text).map_err(|e| CliError::new("image.bad_reference", e.to_string()))?;
-    // Progress on a terminal only: scripts see stdout alone.
-    let progress = std::io::stderr().is_terminal();
-    if progress {
-        eprintln!("pulling {text}");
-    }
-    fetch(store, &source, &PullOptions { insecure, progress })
-        .map_err(|e| CliError::new(e.code(), e.to_string()))
+    let ca_certs = match &source {
+        Source::Registry(r) => ca_certs(home, &r.registry, extra_ca)?,
+        _ => Vec::new(),
+    };
+    let options = PullOptions {
+        insecure,
+        progress: progress.clone(),
+        platform,
+        ca_certs,
+    };
+    fetch(store, &source, &options).map_err(|e| CliError::new(e.code(), e.to_string()))
 }
 
 fn fork(home: &Home, out: &Output, new: &str, source: &str) -> Result<()> {
@@ -580,6 +662,22 @@ fn terminal_size() -> TtySize {
     }
 }
 
+/// Ok for a running workspace; otherwise `workspace.crashed` naming the process that
+/// died, or `workspace.not_running`.
+fn running(home: &Home, name: &str) -> Result<()> {
+    match runtime::state(home, name) {
+        State::Running => Ok(()),
+        State::Crashed { reason } => Err(CliError::new(
+            "workspace.crashed",
+            format!("{name} crashed: {reason} (microagent delete {name} --force)"),
+        )),
+        _ => Err(CliError::new(
+            "workspace.not_running",
+            format!("{name} is not running (microagent start {name})"),
+        )),
+    }
+}
+
 fn exec(home: &Home, args: Cmd) -> Result<i32> {
     let Cmd::Exec {
         name,
@@ -594,12 +692,7 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
         unreachable!("exec called for another command")
     };
     let config = workspace::load(home, &name)?;
-    if runtime::state(home, &name) != State::Running {
-        return Err(CliError::new(
-            "workspace.not_running",
-            format!("{name} is not running (microagent start {name})"),
-        ));
-    }
+    running(home, &name)?;
     let env = env
         .iter()
         .map(|kv| {
@@ -621,7 +714,13 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
         tty: tty.then(terminal_size),
     };
     let conn = Connection::open(&runtime::agent_socket(home, &name), Duration::from_secs(10))
-        .map_err(|e| CliError::new("agent.unreachable", e.to_string()))?;
+        .map_err(|e| {
+            // A process of the workspace died meanwhile: say which, not only that the
+            // agent is silent.
+            running(home, &name)
+                .err()
+                .unwrap_or_else(|| CliError::new("agent.unreachable", e.to_string()))
+        })?;
     let stdin: Box<dyn Read + Send> = if interactive {
         Box::new(std::io::stdin())
     } else {
@@ -941,9 +1040,17 @@ fn run(cli: Cli) -> Result<i32> {
             let config = workspace::load(&home, &name)?;
             let state = runtime::state(&home, &name);
             let snapshots = snapshot::count(&home, &name);
+            // A running agent says its version and the CID its kernel uses.
+            let agent = (config.agent && state == State::Running)
+                .then(|| {
+                    Connection::open(&runtime::agent_socket(&home, &name), Duration::from_secs(5))
+                        .ok()
+                })
+                .flatten()
+                .map(|conn| serde_json::json!({"version": conn.info().agent, "cid": conn.info().cid}));
             println!(
                 "{}",
-                serde_json::json!({"config": config, "state": state, "snapshots": snapshots})
+                serde_json::json!({"config": config, "state": state, "snapshots": snapshots, "agent": agent})
             );
         }
         Cmd::Pause { name } | Cmd::Resume { name } if workspace::load(&home, &name).is_err() => {
@@ -986,12 +1093,115 @@ fn run(cli: Cli) -> Result<i32> {
                 ImageCmd::Pull {
                     reference,
                     insecure,
+                    platform,
+                    ca_certs,
                 },
         } => {
-            let image = fetch_image(&Store::new(home.images()), &reference, insecure)?;
+            let platform = match platform {
+                Some(text) => text
+                    .parse::<Platform>()
+                    .map_err(|e| CliError::new(e.code(), e.to_string()))?,
+                None => Platform::default(),
+            };
+            let image = fetch_image(
+                &home,
+                &progress_for(&out),
+                &reference,
+                insecure,
+                platform,
+                &ca_certs,
+            )?;
+            let shown = image.platform.as_deref().unwrap_or("unknown platform");
             out.say(
-                &format!("pulled {} ({}, {} blobs downloaded)", image.reference, image.manifest_digest, image.downloaded),
-                serde_json::json!({"reference": image.reference, "digest": image.manifest_digest, "downloaded": image.downloaded}),
+                &format!("pulled {} ({}, {shown}, {} blobs downloaded)", image.reference, image.manifest_digest, image.downloaded),
+                serde_json::json!({"reference": image.reference, "digest": image.manifest_digest, "platform": image.platform, "downloaded": image.downloaded, "downloaded_bytes": image.downloaded_bytes}),
+            );
+        }
+        Cmd::Image {
+            command: ImageCmd::Inspect { reference },
+        } => {
+            let store = Store::new(home.images());
+            let name = stored_name(&store, &reference);
+            let info = microagent_image::inspect::inspect(&store, &name)
+                .map_err(|e| CliError::new(e.code(), e.to_string()))?;
+            if out.json {
+                println!("{}", serde_json::to_string(&info).unwrap_or_default());
+            } else {
+                println!("reference  {}", info.reference);
+                println!("digest     {}", info.digest);
+                println!("platform   {}", info.platform.as_deref().unwrap_or("-"));
+                println!("size       {} bytes", info.size);
+                println!("config     {}", info.config_digest);
+                for layer in &info.layers {
+                    println!(
+                        "layer      {} {:>12} {}",
+                        layer.digest, layer.size, layer.media_type
+                    );
+                }
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info.config).unwrap_or_default()
+                );
+            }
+        }
+        Cmd::Image {
+            command:
+                ImageCmd::Login {
+                    registry,
+                    username,
+                    password_stdin,
+                    insecure,
+                    ca_certs,
+                },
+        } => {
+            let registry = registry_name(&registry);
+            if !password_stdin {
+                return Err(CliError::new(
+                    "input.missing_password",
+                    format!("pass the password on stdin: echo \"$TOKEN\" | microagent image login {registry} -u {username} --password-stdin"),
+                ));
+            }
+            let mut password = String::new();
+            std::io::stdin()
+                .read_to_string(&mut password)
+                .map_err(|e| {
+                    CliError::new(
+                        "input.missing_password",
+                        format!("reading the password from stdin: {e}"),
+                    )
+                })?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                return Err(CliError::new(
+                    "input.missing_password",
+                    "the password on stdin is empty",
+                ));
+            }
+            let cas = self::ca_certs(&home, &registry, &ca_certs)?;
+            let plain = microagent_image::pull::plain_http(&registry, insecure, !cas.is_empty());
+            let file = microagent_image::auth::login(&registry, &username, password, plain, &cas)
+                .map_err(|e| CliError::new(e.code(), e.to_string()))?;
+            out.say(
+                &format!(
+                    "logged in to {registry} as {username} (credentials in {})",
+                    file.display()
+                ),
+                serde_json::json!({"logged_in": registry, "username": username, "file": file}),
+            );
+        }
+        Cmd::Image {
+            command: ImageCmd::Logout { registry },
+        } => {
+            let registry = registry_name(&registry);
+            let removed = microagent_image::auth::logout(&registry)
+                .map_err(|e| CliError::new(e.code(), e.to_string()))?;
+            out.say(
+                &if removed {
+                    format!("removed the credentials for {registry}")
+                } else {
+                    format!("no credentials stored for {registry}")
+                },
+                serde_json::json!({"logged_out": registry, "removed": removed}),
             );
         }
         Cmd::Image {
@@ -1002,14 +1212,21 @@ fn run(cli: Cli) -> Result<i32> {
             if out.json {
                 let items: Vec<_> = refs
                     .iter()
-                    .map(|(name, e)| serde_json::json!({"reference": name, "digest": e.manifest_digest, "size": store.size(e), "pulled_unix": e.pulled_unix}))
+                    .map(|(name, e)| serde_json::json!({"reference": name, "digest": e.manifest_digest, "platform": e.platform, "size": store.size(e), "pulled_unix": e.pulled_unix}))
                     .collect();
                 println!("{}", serde_json::Value::Array(items));
             } else {
-                println!("{:<60} {:<20} {:>10}", "REFERENCE", "DIGEST", "SIZE");
+                println!(
+                    "{:<60} {:<20} {:<14} {:>10}",
+                    "REFERENCE", "DIGEST", "PLATFORM", "SIZE"
+                );
                 for (name, e) in &refs {
                     let short = e.manifest_digest.get(7..19).unwrap_or("");
-                    println!("{name:<60} {short:<20} {:>9}K", store.size(e) >> 10);
+                    let platform = e.platform.as_deref().unwrap_or("-");
+                    println!(
+                        "{name:<60} {short:<20} {platform:<14} {:>9}K",
+                        store.size(e) >> 10
+                    );
                 }
             }
         }
@@ -1017,11 +1234,7 @@ fn run(cli: Cli) -> Result<i32> {
             command: ImageCmd::Rm { reference },
         } => {
             let store = Store::new(home.images());
-            // Accept the name as typed (alpine:3.20) as well as stored (docker.io/...).
-            let name = match Source::parse(&reference) {
-                Ok(Source::Registry(r)) if !store.refs().contains_key(&reference) => r.to_string(),
-                _ => reference.clone(),
-            };
+            let name = stored_name(&store, &reference);
             let removed = store
                 .remove(&name)
                 .map_err(|e| CliError::new("image.remove_failed", e.to_string()))?

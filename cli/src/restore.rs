@@ -8,7 +8,7 @@ use crate::error::{CliError, Result};
 use crate::home::Home;
 use crate::runtime::{self, State};
 use crate::snapshot::{self, Snapshot};
-use crate::workspace::{self, Config};
+use crate::workspace::{self, Config, Network};
 use microagent_agent_protocol::client::Connection;
 use std::fs;
 use std::io::Read;
@@ -94,8 +94,11 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
             }
             None => None,
         };
+        let (cid, mac) = fresh_addresses(source)?;
         let config = Config {
             name: new.to_owned(),
+            cid,
+            mac: (source.net == Network::User).then_some(mac),
             initrd,
             cmdline: source.cmdline.replace(
                 &format!("microagent.hostname={}", source.name),
@@ -143,16 +146,36 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
     }
 }
 
-/// Hostname, a new machine-id and fresh entropy for the guest's RNG, through the agent.
-fn give_identity(home: &Home, config: &Config) -> Result<()> {
-    let mut random = [0u8; 16 + ENTROPY_BYTES];
+fn random<const N: usize>() -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
     fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut random))
+        .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(|e| CliError::new("host.no_entropy", format!("/dev/urandom: {e}")))?;
+    Ok(bytes)
+}
+
+/// A fork's own vsock CID (never its source's) and MAC (locally administered, unicast).
+fn fresh_addresses(source: &Config) -> Result<(u32, String)> {
+    let bytes = random::<10>()?;
+    let [a, b, c, d, m @ ..] = bytes;
+    // From 3 up to 2^31 + 2: far below VMADDR_CID_ANY, and never a reserved CID.
+    let mut cid = 3 + (u32::from_le_bytes([a, b, c, d]) >> 1);
+    if cid == source.cid {
+        cid += 1;
+    }
+    let mac = [(m[0] & 0xfc) | 0x02, m[1], m[2], m[3], m[4], m[5]];
+    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+    Ok((cid, mac))
+}
+
+/// Hostname, a new machine-id, fresh entropy for the guest's RNG and the fork's MAC,
+/// through the agent.
+fn give_identity(home: &Home, config: &Config) -> Result<()> {
+    let random = random::<{ 16 + ENTROPY_BYTES }>()?;
     let (id, entropy) = random.split_at(16);
     let machine_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
     Connection::open(&runtime::agent_socket(home, &config.name), AGENT_TIMEOUT)
-        .and_then(|c| c.set_identity(&config.name, &machine_id, entropy))
+        .and_then(|c| c.set_identity(&config.name, &machine_id, entropy, config.mac.as_deref()))
         .map_err(|e| CliError::new("fork.identity_failed", format!("{}: {e}", config.name)))
 }
 

@@ -19,8 +19,6 @@ use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-/// The agent's guest CID inside every workspace (each VM has its own vsock device).
-const GUEST_CID: &str = "3";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 const HALT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,7 +83,7 @@ fn daemons(home: &Home, config: &Config) -> Vec<DaemonSpec> {
             kind: DaemonKind::Vsock,
             args: vec![
                 "--guest-cid".into(),
-                GUEST_CID.into(),
+                config.cid.to_string().into(),
                 "--uds-path".into(),
                 agent_socket(home, name).into(),
             ],
@@ -94,9 +92,10 @@ fn daemons(home: &Home, config: &Config) -> Vec<DaemonSpec> {
     if config.net == Network::User {
         let publish = config.publish.iter().flat_map(|s| ["--publish", s]);
         let dns = config.dns.iter().flat_map(|s| ["--dns", s]);
+        let mac = config.mac.iter().flat_map(|m| ["--mac", m]);
         list.push(DaemonSpec {
             kind: DaemonKind::Net,
-            args: publish.chain(dns).map(OsString::from).collect(),
+            args: publish.chain(dns).chain(mac).map(OsString::from).collect(),
         });
     }
     list
@@ -603,6 +602,8 @@ mod tests {
             net,
             publish: vec!["8080:80".into()],
             dns: vec!["127.0.0.1:5353".into()],
+            cid: 7,
+            mac: Some("02:00:00:00:00:01".into()),
         }
     }
 
@@ -614,8 +615,17 @@ mod tests {
         assert_eq!(kinds, [DaemonKind::Blk, DaemonKind::Vsock, DaemonKind::Net]);
         assert_eq!(
             all[2].args,
-            ["--publish", "8080:80", "--dns", "127.0.0.1:5353"].map(OsString::from)
+            [
+                "--publish",
+                "8080:80",
+                "--dns",
+                "127.0.0.1:5353",
+                "--mac",
+                "02:00:00:00:00:01"
+            ]
+            .map(OsString::from)
         );
+        assert_eq!(all[1].args[1], OsString::from("7"));
         assert_eq!(all[1].args[3], OsString::from(agent_socket(&home, "ws")));
         let bare = daemons(&home, &config(false, Network::None));
         assert_eq!(bare.len(), 1);

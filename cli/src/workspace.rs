@@ -39,6 +39,22 @@ pub struct Config {
     /// Upstream resolvers for the guest's 10.0.2.3 (empty: the host's resolv.conf).
     #[serde(default)]
     pub dns: Vec<String>,
+    /// The guest's vsock CID: [`DEFAULT_CID`] for a workspace made by `create`, its own
+    /// for each fork.
+    #[serde(default = "default_cid")]
+    pub cid: u32,
+    /// The guest's MAC on its user network (none: the net daemon's default,
+    /// 52:54:00:12:34:56); each fork gets its own.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// The vsock CID of a workspace made by `create` (each VM has its own vsock device, so
+/// all of them can use the first CID a guest may have).
+pub const DEFAULT_CID: u32 = 3;
+
+fn default_cid() -> u32 {
+    DEFAULT_CID
 }
 
 /// `create --net`: which network device a workspace gets.

@@ -26,7 +26,13 @@ fn valid_machine_id(id: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-pub fn apply(root: &Root, hostname: &str, machine_id: &str, entropy: &[u8]) -> Result<(), String> {
+pub fn apply(
+    root: &Root,
+    hostname: &str,
+    machine_id: &str,
+    entropy: &[u8],
+    mac: Option<&str>,
+) -> Result<(), String> {
     if !valid_hostname(hostname) {
         return Err(format!("invalid hostname {hostname:?}"));
     }
@@ -35,6 +41,11 @@ pub fn apply(root: &Root, hostname: &str, machine_id: &str, entropy: &[u8]) -> R
             "machine-id must be 32 lowercase hex digits, got {machine_id:?}"
         ));
     }
+    let mac = mac
+        .map(|text| {
+            crate::net::parse_mac(text).ok_or_else(|| format!("invalid MAC address {text:?}"))
+        })
+        .transpose()?;
     // SAFETY: sethostname with a pointer/length pair into a live str.
     if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } < 0 {
         return Err(format!("sethostname: {}", io::Error::last_os_error()));
@@ -43,7 +54,8 @@ pub fn apply(root: &Root, hostname: &str, machine_id: &str, entropy: &[u8]) -> R
     fs::create_dir_all(&etc).map_err(|e| e.to_string())?;
     fs::write(etc.join("hostname"), format!("{hostname}\n")).map_err(|e| e.to_string())?;
     fs::write(etc.join("machine-id"), format!("{machine_id}\n")).map_err(|e| e.to_string())?;
-    reseed(entropy).map_err(|e| format!("reseeding the kernel CRNG: {e}"))
+    reseed(entropy).map_err(|e| format!("reseeding the kernel CRNG: {e}"))?;
+    mac.map_or(Ok(()), crate::net::set_mac)
 }
 
 /// Credits `entropy` to the input pool, then forces the CRNG to reseed from it.

@@ -63,6 +63,15 @@ struct IfReqAddr {
     pad: [u8; 8],
 }
 
+/// `struct ifreq` with a hardware address (`struct sockaddr`: family, 14 data bytes).
+#[repr(C)]
+struct IfReqHwAddr {
+    name: [u8; 16],
+    family: libc::sa_family_t,
+    data: [u8; 14],
+    pad: [u8; 8],
+}
+
 /// `struct ifreq` with flags.
 #[repr(C)]
 struct IfReqFlags {
@@ -137,8 +146,8 @@ fn up(sock: &OwnedFd, iface: &str) -> Result<(), String> {
     )
 }
 
-/// Applies `config` to the first non-loopback interface; returns its name.
-pub fn configure(root: &Root, config: &NetConfig) -> Result<String, String> {
+/// The first network interface other than loopback, by name.
+fn first_interface() -> Result<String, String> {
     let mut ifaces: Vec<String> = fs::read_dir("/sys/class/net")
         .map_err(|e| format!("/sys/class/net: {e}"))?
         .flatten()
@@ -146,14 +155,61 @@ pub fn configure(root: &Root, config: &NetConfig) -> Result<String, String> {
         .filter(|n| n != "lo")
         .collect();
     ifaces.sort();
-    let iface = ifaces.first().cloned().ok_or("no network device")?;
+    ifaces
+        .first()
+        .cloned()
+        .ok_or_else(|| "no network device".into())
+}
+
+/// A socket for interface ioctls.
+fn control_socket() -> Result<OwnedFd, String> {
     // SAFETY: socket(2); the result is checked.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(format!("socket: {}", io::Error::last_os_error()));
     }
     // SAFETY: a fresh descriptor owned by nothing else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A unicast MAC address written `52:54:00:12:34:56`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2)?;
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
+/// Gives the first network interface a new MAC (a fork's own). Linux's virtio-net
+/// changes it while the link is up; the host's user network learns it from the next
+/// frame. A workspace without a network device has nothing to change.
+pub fn set_mac(mac: [u8; 6]) -> Result<(), String> {
+    let Ok(iface) = first_interface() else {
+        return Ok(());
+    };
+    let mut data = [0u8; 14];
+    data[..6].copy_from_slice(&mac);
+    let mut req = IfReqHwAddr {
+        name: name(&iface),
+        family: libc::ARPHRD_ETHER,
+        data,
+        pad: [0; 8],
+    };
+    ioctl(
+        &control_socket()?,
+        libc::SIOCSIFHWADDR,
+        &mut req,
+        "setting the MAC address",
+    )
+}
+
+/// Applies `config` to the first non-loopback interface; returns its name.
+pub fn configure(root: &Root, config: &NetConfig) -> Result<String, String> {
+    let iface = first_interface()?;
+    let sock = control_socket()?;
     up(&sock, "lo")?;
     let mut req = IfReqAddr {
         name: name(&iface),
@@ -209,6 +265,25 @@ pub fn configure(root: &Root, config: &NetConfig) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mac_addresses_must_be_unicast_and_well_formed() {
+        assert_eq!(
+            parse_mac("52:54:00:ab:cd:ef"),
+            Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
+        );
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:01",
+            "53:54:00:ab:cd:ef",
+            "00:00:00:00:00:00",
+            "5:254:00:ab:cd:ef",
+            "52-54-00-ab-cd-ef",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn network_parameters_parse_and_bad_ones_are_reported() {

@@ -32,6 +32,7 @@ pub fn serve(stream: UnixStream, root: &Root, reaper: &Reaper) {
     let hello = AgentMessage::Hello {
         version: PROTOCOL_VERSION,
         agent: env!("CARGO_PKG_VERSION").into(),
+        cid: crate::vsock::local_cid().ok(),
     };
     match read_frame(&mut reader).and_then(|f| f.parse::<HostMessage>()) {
         Ok(HostMessage::Hello { version }) if version == PROTOCOL_VERSION => {
@@ -71,8 +72,9 @@ pub fn serve(stream: UnixStream, root: &Root, reaper: &Reaper) {
             hostname,
             machine_id,
             mut entropy,
+            mac,
         }) => {
-            let result = identity::apply(root, &hostname, &machine_id, &entropy);
+            let result = identity::apply(root, &hostname, &machine_id, &entropy, mac.as_deref());
             secrets::wipe(&mut entropy);
             reply(&mut writer, result, codes::IDENTITY);
         }

@@ -7,6 +7,22 @@ use std::os::unix::net::UnixStream;
 
 pub struct Listener(OwnedFd);
 
+/// `_IO(7, 0xb9)` from linux/vm_sockets.h.
+const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+
+/// This guest's CID as the kernel's vsock transport knows it (it changes when the
+/// device's configuration says so after a transport reset, as in a fork).
+pub fn local_cid() -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let dev = std::fs::File::open("/dev/vsock")?;
+    let mut cid: u32 = 0;
+    // SAFETY: the ioctl writes one u32 through the pointer, which is valid for it.
+    if unsafe { libc::ioctl(dev.as_raw_fd(), IOCTL_VM_SOCKETS_GET_LOCAL_CID, &mut cid) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cid)
+}
+
 impl Listener {
     pub fn bind(port: u32) -> io::Result<Self> {
         // SAFETY: plain socket(2); the result is checked.

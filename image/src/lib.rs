@@ -8,17 +8,26 @@
 //! - [`rootfs`]: an ext4 root disk made from a directory with `mke2fs -d`, sparse.
 //! - [`store`]: the content-addressed, digest-verified blob store.
 //! - [`pull`]: pulling from registries (oci-client) and building root disks, with
-//!   credentials from Docker's config ([`auth`]).
+//!   credentials from Docker's config ([`auth`]); each blob streamed to a resumable
+//!   partial file and verified ([`download`]), with events for progress ([`progress`]).
+//! - [`inspect`]: what `image inspect` shows of a stored image.
+//! - [`platform`]: `linux/amd64`-style platforms, which manifest of an index is pulled.
+//! - [`tls`]: CA certificates for registries (Docker's certs.d, `--ca-cert`).
 //! - [`stale`]: temporary files of dead processes, removed on the next run.
 //! - [`source`]: `--image` values: registries, `oci:DIR[:TAG]`, `oci-archive:FILE`,
 //!   `docker-archive:FILE`.
 
 pub mod auth;
 pub mod digest;
+pub mod download;
+pub mod inspect;
+pub mod platform;
+pub mod progress;
 pub mod pull;
 pub mod reference;
 pub mod rootfs;
 pub mod source;
 pub mod stale;
 pub mod store;
+pub mod tls;
 pub mod unpack;

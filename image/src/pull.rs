@@ -2,18 +2,21 @@
 //! blob store, and building its root disk once per manifest digest.
 
 use crate::digest::{self, Digest};
+use crate::download::{self, Origin, Wanted};
+use crate::platform::Platform;
+use crate::progress::{Event, Reporter, UnpackMeter};
 use crate::reference::Reference;
 use crate::rootfs;
-use crate::store::{self, BlobWriter, Store};
+use crate::store::{self, Store};
+use crate::tls::CaCert;
 use crate::unpack;
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciDescriptor, OciManifest};
 use oci_client::Client;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::time::Instant;
 
 /// Prefix of the trees layers are unpacked into (`.tree-<hex>-<pid>` under `rootfs/`).
 pub const TMP_TREE: &str = ".tree-";
@@ -28,8 +31,25 @@ pub enum Error {
         registry: String,
         message: String,
     },
-    #[error("{reference}: no linux/amd64 image in its index")]
-    NoPlatform { reference: String },
+    #[error("{reference}: registry {registry} {}", unauthorized_advice(registry, user.as_deref()))]
+    Unauthorized {
+        reference: String,
+        registry: String,
+        /// The user whose credentials were refused (none were sent when `None`).
+        user: Option<String>,
+    },
+    #[error("{reference}: registry {registry} presented a TLS certificate this host does not trust ({message}); put its CA in /etc/docker/certs.d/{registry}/ca.crt or pass --ca-cert FILE")]
+    Untrusted {
+        reference: String,
+        registry: String,
+        message: String,
+    },
+    #[error("{reference}: no {platform} image (it has: {}); pick one with --platform", if available.is_empty() { "none named".to_owned() } else { available.join(", ") })]
+    NoPlatform {
+        reference: String,
+        platform: String,
+        available: Vec<String>,
+    },
     #[error("{reference}: {source}")]
     Digest {
         reference: String,
@@ -40,6 +60,12 @@ pub enum Error {
         reference: String,
         digest: String,
         size: i64,
+    },
+    #[error("{reference}: registry {registry}: {source}")]
+    Download {
+        reference: String,
+        registry: String,
+        source: download::Error,
     },
     #[error(transparent)]
     Store(#[from] store::Error),
@@ -63,9 +89,12 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Registry { .. } => "image.pull_failed",
+            Self::Unauthorized { .. } => "image.unauthorized",
+            Self::Untrusted { .. } => "image.tls_untrusted",
             Self::NoPlatform { .. } => "image.no_platform",
             Self::Digest { source, .. } => source.code(),
             Self::BadSize { .. } => "image.blob_size_mismatch",
+            Self::Download { source, .. } => source.code(),
             Self::Store(e) => e.code(),
             Self::Unpack { source, .. } => source.code(),
             Self::Rootfs(e) => e.code(),
@@ -73,6 +102,27 @@ impl Error {
             Self::Runtime(_) => "host.runtime_failed",
         }
     }
+}
+
+/// What to do about a registry that answered 401.
+fn unauthorized_advice(registry: &str, user: Option<&str>) -> String {
+    let file = crate::auth::config_path().map_or_else(
+        || "the Docker config".to_owned(),
+        |p| p.display().to_string(),
+    );
+    match user {
+        Some(user) => format!(
+            "refused the credentials of {user} (from {file}): run `microagent image login {registry}` with the right ones"
+        ),
+        None => format!(
+            "needs credentials and none are stored for it in {file}: run `microagent image login {registry}`"
+        ),
+    }
+}
+
+fn is_unauthorized(e: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::OciDistributionError as E;
+    matches!(e, E::UnauthorizedError { .. } | E::AuthenticationFailure(_))
 }
 
 /// A pulled image: everything it needs is in the store.
@@ -85,6 +135,10 @@ pub struct Image {
     pub layers: Vec<(Digest, String)>,
     /// Blobs fetched by this pull (0 when everything was cached).
     pub downloaded: usize,
+    /// Bytes that went over the network for them.
+    pub downloaded_bytes: u64,
+    /// The platform its config names (`linux/amd64`), once read.
+    pub platform: Option<String>,
 }
 
 /// How to reach registries.
@@ -92,22 +146,65 @@ pub struct Image {
 pub struct PullOptions {
     /// Plain HTTP for this registry (always allowed for localhost and 127.0.0.1).
     pub insecure: bool,
-    /// Report each blob on stderr as it arrives (for terminals).
-    pub progress: bool,
+    /// Where progress events go (nowhere by default).
+    pub progress: Reporter,
+    /// The manifest an index resolves to (linux/amd64 by default).
+    pub platform: Platform,
+    /// CA certificates to trust for this registry besides the system's.
+    pub ca_certs: Vec<CaCert>,
 }
 
-fn client_for(reference: &Reference, options: &PullOptions) -> Client {
-    let host = reference.registry.split(':').next().unwrap_or_default();
-    let plain = options.insecure || host == "localhost" || host == "127.0.0.1";
+/// Whether `registry` is reached over plain HTTP: with `--insecure`, or on loopback,
+/// unless a CA is configured for it (then it speaks TLS).
+pub fn plain_http(registry: &str, insecure: bool, has_ca: bool) -> bool {
+    let host = registry.split(':').next().unwrap_or_default();
+    (insecure || host == "localhost" || host == "127.0.0.1") && !has_ca
+}
+
+fn client_for(reference: &Reference, options: &PullOptions) -> Result<Client, Error> {
+    let plain = plain_http(
+        &reference.registry,
+        options.insecure,
+        !options.ca_certs.is_empty(),
+    );
     let protocol = if plain {
         ClientProtocol::HttpsExcept(vec![reference.registry.clone()])
     } else {
         ClientProtocol::Https
     };
-    Client::new(ClientConfig {
+    let extra_root_certificates = options
+        .ca_certs
+        .iter()
+        .map(|ca| Certificate {
+            encoding: CertificateEncoding::Pem,
+            data: ca.pem.clone(),
+        })
+        .collect();
+    Client::try_from(ClientConfig {
         protocol,
+        extra_root_certificates,
         ..Default::default()
     })
+    .map_err(|e| Error::Registry {
+        reference: reference.to_string(),
+        registry: reference.registry.clone(),
+        message: format!("setting up the HTTP client: {}", describe(&e)),
+    })
+}
+
+/// An error with every cause in its chain (a TLS refusal is three levels down).
+pub(crate) fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn oci_reference(reference: &Reference, digest: Option<&str>) -> oci_client::Reference {
@@ -132,29 +229,7 @@ fn declared_size(reference: &Reference, descriptor: &OciDescriptor) -> Result<u6
     })
 }
 
-/// A blob download written straight into the store (never held in memory), refused
-/// as soon as it passes its declared size.
-struct Sink(BlobWriter);
-
-impl tokio::io::AsyncWrite for Sink {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Poll::Ready(self.get_mut().0.write(buf))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.get_mut().0.flush())
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// Pulls `reference` (an index resolves to linux/amd64) into `store`; blobs already
+/// Pulls `reference` (an index resolves to `options.platform`) into `store`; blobs already
 /// there are not fetched again.
 pub fn pull(store: &Store, reference: &Reference, options: &PullOptions) -> Result<Image, Error> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -169,12 +244,34 @@ async fn pull_async(
     reference: &Reference,
     options: &PullOptions,
 ) -> Result<Image, Error> {
-    let client = client_for(reference, options);
+    let client = client_for(reference, options)?;
     let auth = crate::auth::for_registry(&reference.registry);
-    let registry_err = |e: oci_client::errors::OciDistributionError| Error::Registry {
+    let user = match &auth {
+        oci_client::secrets::RegistryAuth::Basic(user, _) => Some(user.clone()),
+        _ => None,
+    };
+    let unauthorized = || Error::Unauthorized {
         reference: reference.to_string(),
         registry: reference.registry.clone(),
-        message: e.to_string(),
+        user: user.clone(),
+    };
+    let registry_err = |e: oci_client::errors::OciDistributionError| {
+        if is_unauthorized(&e) {
+            return unauthorized();
+        }
+        let message = describe(&e);
+        if message.contains("certificate") {
+            return Error::Untrusted {
+                reference: reference.to_string(),
+                registry: reference.registry.clone(),
+                message,
+            };
+        }
+        Error::Registry {
+            reference: reference.to_string(),
+            registry: reference.registry.clone(),
+            message,
+        }
     };
     let parse = |text: &str| {
         Digest::parse(text).map_err(|source| Error::Digest {
@@ -188,16 +285,35 @@ async fn pull_async(
         .await
         .map_err(registry_err)?;
     if let OciManifest::ImageIndex(index) = &manifest {
+        let wanted = &options.platform;
         let entry = index
             .manifests
             .iter()
             .find(|m| {
                 m.platform.as_ref().is_some_and(|p| {
-                    p.os.to_string() == "linux" && p.architecture.to_string() == "amd64"
+                    wanted.matches(
+                        &p.os.to_string(),
+                        &p.architecture.to_string(),
+                        p.variant.as_deref(),
+                    )
                 })
             })
             .ok_or_else(|| Error::NoPlatform {
                 reference: reference.to_string(),
+                platform: wanted.to_string(),
+                available: index
+                    .manifests
+                    .iter()
+                    .filter_map(|m| m.platform.as_ref())
+                    .map(|p| {
+                        let mut text = format!("{}/{}", p.os, p.architecture);
+                        if let Some(variant) = &p.variant {
+                            text.push('/');
+                            text.push_str(variant);
+                        }
+                        text
+                    })
+                    .collect(),
             })?;
         oci_ref = oci_reference(reference, Some(parse(&entry.digest)?.as_str()));
         (manifest, digest) = client
@@ -207,87 +323,135 @@ async fn pull_async(
     }
     let digest = parse(&digest)?;
     let OciManifest::Image(image) = manifest else {
-        return Err(Error::NoPlatform {
-            reference: reference.to_string(),
-        });
-    };
-    // Every digest and size is checked before anything is fetched or named on disk.
-    let config = (
-        parse(&image.config.digest)?,
-        declared_size(reference, &image.config)?,
-        image.config.clone(),
-    );
-    let mut layers = Vec::new();
-    for descriptor in &image.layers {
-        layers.push((
-            parse(&descriptor.digest)?,
-            declared_size(reference, descriptor)?,
-            descriptor.clone(),
-        ));
-    }
-    let wanted: Vec<_> = std::iter::once(&config).chain(&layers).collect();
-    // Every missing blob is fetched at once; each is verified as it lands in the store.
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut total = 0;
-    for (digest, size, descriptor) in wanted.iter().filter(|(d, ..)| !store.has(d)) {
-        let mut sink = Sink(store.writer(Some(digest), *size)?);
-        let (client, oci_ref, descriptor, size) =
-            (client.clone(), oci_ref.clone(), descriptor.clone(), *size);
-        total += 1;
-        tasks.spawn(async move {
-            let result = client.pull_blob(&oci_ref, &descriptor, &mut sink).await;
-            (descriptor, size, sink, result)
-        });
-    }
-    let mut downloaded = 0;
-    while let Some(joined) = tasks.join_next().await {
-        let Ok((descriptor, size, Sink(writer), result)) = joined else {
-            continue; // a panicked task: its blob is missing and the check below fails
-        };
-        if writer.overflowed() {
-            return Err(store::Error::TooLarge {
-                digest: descriptor.digest,
-                limit: size,
-            }
-            .into());
-        }
-        result.map_err(registry_err)?;
-        writer.commit(Some(size))?;
-        downloaded += 1;
-        if options.progress {
-            eprintln!(
-                "  {downloaded}/{total} {} {:.1} MiB",
-                &descriptor.digest[..19.min(descriptor.digest.len())],
-                size as f64 / f64::from(1u32 << 20)
-            );
-        }
-    }
-    if let Some((absent, ..)) = wanted.iter().find(|(d, ..)| !store.has(d)) {
         return Err(Error::Registry {
             reference: reference.to_string(),
             registry: reference.registry.clone(),
-            message: format!("blob {absent} was not fetched"),
+            message: "an index names another index where an image manifest was expected".into(),
+        });
+    };
+    // Every digest and size is checked before anything is fetched or named on disk.
+    let config = Wanted {
+        digest: parse(&image.config.digest)?,
+        size: declared_size(reference, &image.config)?,
+        descriptor: image.config.clone(),
+    };
+    let mut layers = Vec::new();
+    for descriptor in &image.layers {
+        layers.push(Wanted {
+            digest: parse(&descriptor.digest)?,
+            size: declared_size(reference, descriptor)?,
+            descriptor: descriptor.clone(),
+        });
+    }
+    let wanted: Vec<&Wanted> = std::iter::once(&config).chain(&layers).collect();
+    let missing: Vec<Wanted> = wanted
+        .iter()
+        .filter(|w| !store.has(&w.digest))
+        .map(|w| (*w).clone())
+        .collect();
+    let started = Instant::now();
+    options.progress.emit(Event::Resolved {
+        reference: reference.to_string(),
+        digest: digest.to_string(),
+        blobs: wanted.len(),
+        missing: missing.len(),
+        missing_bytes: missing.iter().map(|w| w.size).sum(),
+    });
+    // Every missing blob is fetched at once, each streamed into the store and verified
+    // there. On the first failure the others stop; after an interruption what they had
+    // is kept for the next pull to continue from.
+    let mut tasks = tokio::task::JoinSet::new();
+    for blob in missing {
+        let (client, oci_ref, store, reporter) = (
+            client.clone(),
+            oci_ref.clone(),
+            store.clone(),
+            options.progress.clone(),
+        );
+        tasks.spawn(async move {
+            let origin = Origin {
+                client: &client,
+                reference: &oci_ref,
+            };
+            download::fetch(origin, &store, &blob, &reporter).await
+        });
+    }
+    let (mut downloaded, mut downloaded_bytes) = (0, 0);
+    while let Some(joined) = tasks.join_next().await {
+        let Ok(result) = joined else {
+            continue; // a panicked task: its blob is missing and the check below fails
+        };
+        match result {
+            Ok(bytes) => downloaded_bytes += bytes,
+            Err(source) => {
+                if source.is_refusal() {
+                    // The image is refused as a whole: what the other downloads had is
+                    // dropped too, so a refused pull leaves nothing behind.
+                    tasks.shutdown().await;
+                    for blob in &wanted {
+                        store.discard_partial(&blob.digest);
+                    }
+                }
+                if matches!(&source, download::Error::Registry(e) if is_unauthorized(e)) {
+                    return Err(unauthorized());
+                }
+                return Err(Error::Download {
+                    reference: reference.to_string(),
+                    registry: reference.registry.clone(),
+                    source,
+                });
+            }
+        }
+        downloaded += 1;
+    }
+    if let Some(absent) = wanted.iter().find(|w| !store.has(&w.digest)) {
+        return Err(Error::Registry {
+            reference: reference.to_string(),
+            registry: reference.registry.clone(),
+            message: format!("blob {} was not fetched", absent.digest),
         });
     }
     let manifest_json = serde_json::to_vec(&image).unwrap_or_default();
     store.put_manifest(&digest, &manifest_json)?;
+    options.progress.emit(Event::Pulled {
+        reference: reference.to_string(),
+        digest: digest.to_string(),
+        downloaded_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    });
     Ok(Image {
         reference: reference.to_string(),
         manifest_digest: digest,
-        config_digest: config.0,
+        config_digest: config.digest,
         layers: layers
             .into_iter()
-            .map(|(d, _, l)| (d, l.media_type))
+            .map(|w| (w.digest, w.descriptor.media_type))
             .collect(),
         downloaded,
+        downloaded_bytes,
+        platform: None,
     })
 }
 
 /// The image's root disk, built once per manifest digest under `<store>/rootfs/`.
 /// Layers are streamed from their blob files, each bounded by
 /// [`unpack::expansion_limit`]; temporary trees and disks of dead processes are
-/// removed first.
+/// removed first. With a `size` at least that of the default disk, when it is cached,
+/// the disk is grown (resize2fs) instead of unpacking again; otherwise it is built
+/// from the tree at that size, refused (`input.disk_too_small`) when the tree does not
+/// fit. Each size is kept.
 pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<PathBuf, Error> {
+    root_disk_observed(store, image, size, &Reporter::default())
+}
+
+/// [`root_disk`], reporting each layer's unpacking and the ext4 build to `progress`
+/// (nothing when the disk is cached).
+pub fn root_disk_observed(
+    store: &Store,
+    image: &Image,
+    size: Option<u64>,
+    progress: &Reporter,
+) -> Result<PathBuf, Error> {
     let hex = image.manifest_digest.hex();
     let dir = store.root().join("rootfs");
     let disk = dir.join(format!("{hex}.ext4"));
@@ -298,6 +462,30 @@ pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<Path
         let path = path.to_owned();
         move |source| Error::Io { path, source }
     };
+    if let Some(size) = size.map(rootfs::disk_size).filter(|_| disk.is_file()) {
+        // With the default disk cached, a larger one is that disk grown; otherwise
+        // the disk is built from the tree below at its size (refused if the tree
+        // does not fit).
+        let started = Instant::now();
+        let default_size = fs::metadata(&disk).map_err(io(&disk))?.len();
+        if size >= default_size {
+            let out = dir.join(format!("{hex}-{size}.ext4"));
+            if out.is_file() {
+                return Ok(out);
+            }
+            let tmp = dir.join(format!("{TMP_DISK}{hex}-{}", std::process::id()));
+            progress.emit(Event::DiskResizing { size });
+            let grown = rootfs::grow_ext4(&disk, &tmp, size)
+                .map_err(Error::from)
+                .and_then(|()| fs::rename(&tmp, &out).map_err(io(&out)));
+            let _ = fs::remove_file(&tmp);
+            grown?;
+            progress.emit(Event::DiskBuilt {
+                seconds: started.elapsed().as_secs_f64(),
+            });
+            return Ok(out);
+        }
+    }
     fs::create_dir_all(&dir).map_err(io(&dir))?;
     store.sweep_stale();
     let pid = std::process::id();
@@ -305,6 +493,7 @@ pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<Path
     let tmp = dir.join(format!("{TMP_DISK}{hex}-{pid}"));
     let _ = fs::remove_dir_all(&tree);
     fs::create_dir_all(&tree).map_err(io(&tree))?;
+    let started = Instant::now();
     let result = (|| {
         let free_at_start = rootfs::free_bytes(&tree).map_err(io(&tree))?;
         for (digest, _) in &image.layers {
@@ -315,19 +504,29 @@ pub fn root_disk(store: &Store, image: &Image, size: Option<u64>) -> Result<Path
                 digest: digest.to_string(),
                 source,
             };
+            let metered = UnpackMeter::new(blob, progress, digest.as_str(), compressed);
             unpack::apply_layer_auto(
                 &tree,
-                io::BufReader::new(blob),
+                io::BufReader::new(metered),
                 unpack::expansion_limit(compressed, unpack::room(free_at_start, free)),
             )
             .map_err(unpack_err)?;
+            progress.emit(Event::LayerUnpacking {
+                digest: digest.to_string(),
+                bytes: compressed,
+                size: compressed,
+            });
         }
+        progress.emit(Event::DiskFormatting);
         rootfs::build_ext4(&tree, &tmp, size)?;
         let out = match size {
             None => disk.clone(),
-            Some(size) => dir.join(format!("{hex}-{size}.ext4")),
+            Some(size) => dir.join(format!("{hex}-{}.ext4", rootfs::disk_size(size))),
         };
         fs::rename(&tmp, &out).map_err(io(&out))?;
+        progress.emit(Event::DiskBuilt {
+            seconds: started.elapsed().as_secs_f64(),
+        });
         Ok(out)
     })();
     let _ = fs::remove_dir_all(&tree);

@@ -3,6 +3,7 @@
 //! as the same [`Image`] in the blob store, so root disks are built one way.
 
 use crate::digest::{self, Digest};
+use crate::platform::Platform;
 use crate::pull::{self, Image, PullOptions};
 use crate::reference::Reference;
 use crate::store::{self, Store, MAX_JSON};
@@ -170,13 +171,34 @@ fn read_json(name: &str, dir: &Path, rel: &str) -> Result<Value, Error> {
 /// its blobs that no other image uses are dropped again.
 pub fn fetch(store: &Store, source: &Source, options: &PullOptions) -> Result<Image, Error> {
     store.sweep_stale();
-    let image = fetch_blobs(store, source, options)?;
-    if let Err(e) = exec_defaults(store, &image) {
-        store.discard_unreferenced(
-            &image.manifest_digest,
-            std::iter::once(&image.config_digest).chain(image.layers.iter().map(|(d, _)| d)),
-        );
-        return Err(e);
+    let mut image = fetch_blobs(store, source, options)?;
+    let checked = exec_defaults(store, &image).and_then(|_| {
+        let platform = config_platform(store, &image)?;
+        // A single-manifest image names its platform only in its config.
+        match &platform {
+            Some(p)
+                if !options
+                    .platform
+                    .matches(&p.os, &p.architecture, p.variant.as_deref()) =>
+            {
+                Err(Error::Pull(pull::Error::NoPlatform {
+                    reference: image.reference.clone(),
+                    platform: options.platform.to_string(),
+                    available: vec![p.to_string()],
+                }))
+            }
+            _ => Ok(platform),
+        }
+    });
+    match checked {
+        Ok(platform) => image.platform = platform.map(|p| p.to_string()),
+        Err(e) => {
+            store.discard_unreferenced(
+                &image.manifest_digest,
+                std::iter::once(&image.config_digest).chain(image.layers.iter().map(|(d, _)| d)),
+            );
+            return Err(e);
+        }
     }
     let entry = store::Entry {
         manifest_digest: image.manifest_digest.to_string(),
@@ -185,6 +207,7 @@ pub fn fetch(store: &Store, source: &Source, options: &PullOptions) -> Result<Im
         pulled_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        platform: image.platform.clone(),
     };
     store
         .tag(&image.reference, entry)
@@ -205,8 +228,8 @@ pub struct ExecDefaults {
     pub cmd: Vec<String>,
 }
 
-/// Reads Env, WorkingDir, User, Entrypoint and Cmd from the image's config blob.
-pub fn exec_defaults(store: &Store, image: &Image) -> Result<ExecDefaults, Error> {
+/// The image's config as JSON (checked to be an object).
+pub fn config_json(store: &Store, image: &Image) -> Result<Value, Error> {
     let bad = |why: String| Error::BadConfig {
         source_name: image.reference.clone(),
         digest: image.config_digest.to_string(),
@@ -219,6 +242,17 @@ pub fn exec_defaults(store: &Store, image: &Image) -> Result<ExecDefaults, Error
     if !config.is_object() {
         return Err(bad("it is JSON, but not an object".into()));
     }
+    Ok(config)
+}
+
+/// The platform the image's config names (`os`, `architecture`, `variant`), if it does.
+fn config_platform(store: &Store, image: &Image) -> Result<Option<Platform>, Error> {
+    Ok(Platform::of_json(&config_json(store, image)?))
+}
+
+/// Reads Env, WorkingDir, User, Entrypoint and Cmd from the image's config blob.
+pub fn exec_defaults(store: &Store, image: &Image) -> Result<ExecDefaults, Error> {
+    let config = config_json(store, image)?;
     let c = &config["config"];
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
@@ -248,10 +282,16 @@ pub fn exec_defaults(store: &Store, image: &Image) -> Result<ExecDefaults, Error
 fn fetch_blobs(store: &Store, source: &Source, options: &PullOptions) -> Result<Image, Error> {
     match source {
         Source::Registry(reference) => Ok(pull::pull(store, reference, options)?),
-        Source::OciLayout { dir, tag } => from_layout(store, dir, tag.as_deref(), &display(source)),
+        Source::OciLayout { dir, tag } => from_layout(
+            store,
+            dir,
+            tag.as_deref(),
+            &display(source),
+            &options.platform,
+        ),
         Source::OciArchive(file) => {
             let tmp = unpack_archive(store, file, &display(source))?;
-            let result = from_layout(store, &tmp, None, &display(source));
+            let result = from_layout(store, &tmp, None, &display(source), &options.platform);
             let _ = fs::remove_dir_all(&tmp);
             result
         }
@@ -363,7 +403,13 @@ fn import_json(
     Ok((digest, value))
 }
 
-fn from_layout(store: &Store, dir: &Path, tag: Option<&str>, name: &str) -> Result<Image, Error> {
+fn from_layout(
+    store: &Store,
+    dir: &Path,
+    tag: Option<&str>,
+    name: &str,
+    platform: &Platform,
+) -> Result<Image, Error> {
     let index = read_json(name, dir, "index.json")?;
     let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
     let chosen = match tag {
@@ -385,11 +431,13 @@ fn from_layout(store: &Store, dir: &Path, tag: Option<&str>, name: &str) -> Resu
             .as_array()
             .and_then(|m| {
                 m.iter().find(|e| {
-                    e["platform"]["os"] == "linux" && e["platform"]["architecture"] == "amd64"
+                    Platform::of_json(&e["platform"]).is_some_and(|p| {
+                        platform.matches(&p.os, &p.architecture, p.variant.as_deref())
+                    })
                 })
             })
             .cloned()
-            .ok_or_else(|| local(name, "no linux/amd64 image in its index"))?;
+            .ok_or_else(|| local(name, format!("no {platform} image in its index")))?;
         (digest, manifest) = import_json(store, dir, &entry, name)?;
     }
     let config = import_blob(store, dir, &manifest["config"], name)?;
@@ -413,6 +461,8 @@ fn from_layout(store: &Store, dir: &Path, tag: Option<&str>, name: &str) -> Resu
         config_digest: config,
         layers,
         downloaded: 0,
+        downloaded_bytes: 0,
+        platform: None,
     })
 }
 
@@ -461,6 +511,8 @@ fn from_docker_save(store: &Store, dir: &Path, name: &str) -> Result<Image, Erro
         config_digest,
         layers,
         downloaded: 0,
+        downloaded_bytes: 0,
+        platform: None,
     })
 }
 

@@ -15,6 +15,10 @@
 //! - [`kernel`]: where the cached guest kernel is.
 //! - [`ext4`]: debugfs on ext4 images.
 //! - [`registry`]: a real OCI registry on loopback and test images to push to it.
+//! - [`registry_push`]: pushes over the distribution API, streamed from files, and a
+//!   generated image with one large layer.
+//! - [`flaky_proxy`]: a proxy in front of the registry that stalls or drops a blob's
+//!   download, and records the range requests it forwards.
 //! - [`vmm`]: `microagent-vmm` as a process, and the freestanding test guest it boots.
 //! - [`nested`]: real Linux under `microagent-vmm` inside an L1 machine with emulated
 //!   AMD SVM, for hosts whose KVM cannot run Linux guests.
@@ -26,6 +30,7 @@ pub mod agent;
 pub mod cli;
 pub mod daemon;
 pub mod ext4;
+pub mod flaky_proxy;
 pub mod frontend;
 pub mod initramfs;
 pub mod kernel;
@@ -35,6 +40,7 @@ pub mod net_services;
 pub mod process;
 pub mod qemu;
 pub mod registry;
+pub mod registry_push;
 pub mod report;
 pub mod storage_daemon;
 pub mod vmm;

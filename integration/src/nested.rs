@@ -58,7 +58,20 @@ pub enum Error {
          L1 console ends with:\n{console}"
     )]
     NoStatus { status: ExitStatus, console: String },
+    #[error(
+        "L1 froze: no heartbeat from its userspace for {:?} (QEMU's TCG stopped running \
+         it); L1 console ends with:\n{console}",
+        FROZEN
+    )]
+    Frozen { console: String },
 }
+
+/// L1's init writes a heartbeat to its second serial port every 2 s; this long without
+/// one, L1 is taken as frozen. Seen here: QEMU 7.2's TCG, emulating SVM for L1's
+/// kvm-amd, now and then keeps one L1 vCPU spinning (one QEMU thread at 100%) while the
+/// other waits for it, and L1 never runs again; nothing inside L1, L2 included, can
+/// cause or end that.
+const FROZEN: Duration = Duration::from_secs(90);
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
     let what = what.into();
@@ -140,12 +153,20 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// The ends of the output and the console, for failure messages.
+    /// The ends of the output and the console, for failure messages. Every line is
+    /// marked `L1| `, so that libtest's lines from inside L1 are not read as this run's
+    /// (scripts/test-summary.sh counts `test result:` lines).
     pub fn tails(&self) -> String {
+        let mark = |text: &str| {
+            tail(text)
+                .lines()
+                .map(|line| format!("L1| {line}\n"))
+                .collect::<String>()
+        };
         format!(
-            "--- command output (end) ---\n{}\n--- L1 console (end) ---\n{}",
-            tail(&self.output),
-            tail(&self.console)
+            "--- command output (end) ---\n{}--- L1 console (end) ---\n{}",
+            mark(&self.output),
+            mark(&self.console)
         )
     }
 }
@@ -174,6 +195,7 @@ mount -t devpts devpts /host/dev/pts
 for d in tmp run root var/tmp; do mount -t tmpfs -o mode=1777 tmpfs /host/$d; done
 mkdir -p /host$scratch
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=MSIZE scratch /host$scratch || say "cannot mount the scratch share"
+(while :; do echo . >/dev/ttyS1; sleep 2; done) &
 say "running the job"
 chroot /host /bin/sh $scratch/job.sh >/host$scratch/output 2>&1
 echo $? >/host$scratch/status
@@ -185,9 +207,21 @@ reboot -f
 
 /// Runs `job` inside a fresh L1 machine and returns what it did. One L1 at a time on
 /// this machine: a second caller waits (two TCG machines on two cores only slow both).
-pub fn run(job: &Job) -> Result<Outcome, Error> {
+/// If L1 freezes (see [`FROZEN`]) the job runs once more in a fresh L1, and `name` is
+/// recorded as retried ([`report::retried`]); a second freeze is an error.
+pub fn run(job: &Job, name: &str) -> Result<Outcome, Error> {
     let kernel = L1Kernel::locate()?;
     let _turn = LockFile::acquire(&env::temp_dir().join("microagent-nested.lock"))?;
+    match run_once(job, &kernel) {
+        Err(frozen @ Error::Frozen { .. }) => {
+            report::retried(name, &frozen.to_string());
+            run_once(job, &kernel)
+        }
+        other => other,
+    }
+}
+
+fn run_once(job: &Job, kernel: &L1Kernel) -> Result<Outcome, Error> {
     let scratch = tempfile::Builder::new()
         .prefix("nested-")
         .tempdir()
@@ -211,15 +245,24 @@ pub fn run(job: &Job) -> Result<Outcome, Error> {
 
     let console = dir.join("l1-console.log");
     let output = dir.join("output");
+    let heartbeat = dir.join("heartbeat");
     let started = Instant::now();
-    let mut qemu = ChildGuard::spawn(&mut l1_command(&kernel, &initrd, &console, dir))?;
+    let mut qemu = ChildGuard::spawn(&mut l1_command(kernel, &initrd, &console, dir))?;
     let mut streamed = 0;
+    let mut beats = Heartbeat::new(Instant::now());
     let status = loop {
         if job.stream {
             streamed = stream_new(&output, streamed);
         }
         if let Some(status) = qemu.try_status()? {
             break status;
+        }
+        let beat = fs::metadata(&heartbeat).map_or(0, |m| m.len());
+        if beats.frozen(beat, Instant::now()) {
+            drop(qemu);
+            return Err(Error::Frozen {
+                console: tail(&read_lossy(&console)),
+            });
         }
         if started.elapsed() >= job.timeout {
             // The guard kills QEMU, and with it everything inside L1.
@@ -256,6 +299,27 @@ pub fn run(job: &Job) -> Result<Outcome, Error> {
     })
 }
 
+/// Watches the heartbeat file's length: frozen once it has started and then not grown
+/// for [`FROZEN`].
+struct Heartbeat {
+    len: u64,
+    since: Instant,
+}
+
+impl Heartbeat {
+    fn new(now: Instant) -> Self {
+        Self { len: 0, since: now }
+    }
+
+    fn frozen(&mut self, len: u64, now: Instant) -> bool {
+        if len != self.len {
+            (self.len, self.since) = (len, now);
+            return false;
+        }
+        len > 0 && now.duration_since(self.since) >= FROZEN
+    }
+}
+
 fn l1_command(kernel: &L1Kernel, initrd: &Path, console: &Path, scratch: &Path) -> Command {
     let mut cmd = Command::new(crate::qemu::QEMU);
     cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
@@ -264,6 +328,8 @@ fn l1_command(kernel: &L1Kernel, initrd: &Path, console: &Path, scratch: &Path) 
         .args(["-nic", "none"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", scratch.join("heartbeat").display()))
         .arg("-virtfs")
         .arg("local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap")
         .arg("-virtfs")
@@ -394,7 +460,7 @@ pub fn on_linux_kvm(name: &str, body: impl FnOnce()) {
             job.env.push((key.into(), value));
         }
     }
-    let outcome = run(&job).unwrap_or_else(|e| panic!("nested rig: {e}"));
+    let outcome = run(&job, name).unwrap_or_else(|e| panic!("nested rig: {e}"));
     eprintln!(
         "{name}: ran inside the nested rig's L1 in {:.1} s",
         outcome.elapsed.as_secs_f64()
@@ -411,6 +477,21 @@ pub fn on_linux_kvm(name: &str, body: impl FnOnce()) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn l1_is_frozen_only_after_its_heartbeat_started_and_then_stopped() {
+        let t0 = Instant::now();
+        let mut beats = Heartbeat::new(t0);
+        // Booting: no heartbeat yet, however long that takes.
+        assert!(!beats.frozen(0, t0 + FROZEN * 2));
+        assert!(!beats.frozen(2, t0 + FROZEN * 2));
+        // Beating, with gaps shorter than FROZEN.
+        assert!(!beats.frozen(2, t0 + FROZEN * 2 + FROZEN / 2));
+        assert!(!beats.frozen(4, t0 + FROZEN * 3));
+        // Stopped.
+        assert!(!beats.frozen(4, t0 + FROZEN * 4 - Duration::from_secs(1)));
+        assert!(beats.frozen(4, t0 + FROZEN * 4));
+    }
 
     #[test]
     fn job_scripts_quote_every_word() {

@@ -104,6 +104,48 @@ impl ChildGuard {
     }
 }
 
+/// Runs `command` to its end and returns its exit status and peak resident memory in
+/// KiB (`ru_maxrss` from `wait4`: the largest of the process and the children it waited
+/// for). Killed and reported as a timeout if it runs longer than `timeout`.
+pub fn run_with_peak_rss(
+    command: &mut Command,
+    timeout: Duration,
+) -> Result<(ExitStatus, u64), Error> {
+    use std::os::unix::process::ExitStatusExt;
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut child = command.spawn().map_err(|source| Error::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let pid = child.id() as libc::pid_t;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child with valid pointers to a status and a rusage.
+        let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if rc == pid {
+            return Ok((ExitStatus::from_raw(status), usage.ru_maxrss as u64));
+        }
+        if rc < 0 {
+            return Err(Error::Wait {
+                program,
+                source: io::Error::last_os_error(),
+            });
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Timeout {
+                what: format!("exit of {program}"),
+                timeout,
+            });
+        }
+        sleep(Duration::from_millis(20));
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -21,18 +21,106 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
+        Self::start_with(dir, "127.0.0.1", "")
+    }
+
+    /// A registry speaking TLS only, on 127.0.0.2 (an address microagent does not
+    /// reach over plain HTTP by default), with a certificate from a fresh CA made by
+    /// `openssl`; with `user`/`password` it also wants HTTP Basic. Returns the CA's
+    /// PEM file too.
+    pub fn start_tls(dir: &Path, login: Option<(&str, &str)>) -> (Self, PathBuf) {
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl (apt-get install openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=microagent test CA",
+            "-days",
+            "2",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.2",
+        ]);
+        fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.2\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        let mut extra = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            dir.join("server.crt").display(),
+            dir.join("server.key").display()
+        );
+        if let Some((user, password)) = login {
+            extra.push_str(&htpasswd_config(dir, user, password));
+        }
+        (
+            Self::start_with(dir, "127.0.0.2", &extra),
+            dir.join("ca.crt"),
+        )
+    }
+
+    /// A registry that lets only `user` with `password` in (HTTP Basic, checked
+    /// against an htpasswd file with a bcrypt line, as `htpasswd -B` writes it).
+    pub fn start_with_htpasswd(dir: &Path, user: &str, password: &str) -> Self {
+        Self::start_with(dir, "127.0.0.1", &htpasswd_config(dir, user, password))
+    }
+
+    /// Started on `ip` with `extra` appended to its configuration (right after the
+    /// `http:` section's `addr`, so indented lines extend that section).
+    fn start_with(dir: &Path, ip: &str, extra: &str) -> Self {
+        let port = TcpListener::bind(format!("{ip}:0"))
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("{ip}:{port}");
         let storage = dir.join("registry-data");
         let config = dir.join("registry.yml");
         fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{extra}",
                 storage.display()
             ),
         )
@@ -55,6 +143,18 @@ impl Registry {
             storage,
         }
     }
+}
+
+/// The registry configuration for HTTP Basic against an htpasswd file (written under
+/// `dir` with a bcrypt line, as `htpasswd -B` writes it).
+fn htpasswd_config(dir: &Path, user: &str, password: &str) -> String {
+    let file = dir.join("htpasswd");
+    let hash = bcrypt::hash(password, 4).unwrap();
+    fs::write(&file, format!("{user}:{hash}\n")).unwrap();
+    format!(
+        "auth:\n  htpasswd:\n    realm: microagent-test\n    path: {}\n",
+        file.display()
+    )
 }
 
 impl Drop for Registry {
@@ -138,8 +238,17 @@ pub fn write_image_layout_with_config(
 
 /// Pushes the layout's v1 to `registry` as `name` with skopeo.
 pub fn push(layout: &Path, registry: &Registry, name: &str) {
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+    push_as(layout, registry, name, None);
+}
+
+/// [`push`] with `user:password` credentials when given.
+pub fn push_as(layout: &Path, registry: &Registry, name: &str, creds: Option<&str>) {
+    let mut skopeo = Command::new("skopeo");
+    skopeo.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+    if let Some(creds) = creds {
+        skopeo.arg(format!("--dest-creds={creds}"));
+    }
+    let out = skopeo
         .arg(format!("oci:{}:v1", layout.display()))
         .arg(format!("docker://{}/{name}", registry.addr))
         .output()
@@ -255,4 +364,61 @@ pub fn push_workspace_image(dir: &Path, registry: &Registry, name: &str) -> Stri
     write_image_layout(&layout, &[(workspace_layer(), true)]);
     push(&layout, registry, name);
     format!("{}/{name}", registry.addr)
+}
+
+/// A layout whose tag v1 is an index of an arm64 and an amd64 image (each one layer
+/// with a file `arch-<arch>`); returns the amd64 manifest's digest.
+pub fn write_multi_arch_layout(layout: &Path) -> String {
+    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let put = |data: &[u8]| {
+        let d = digest(data);
+        fs::write(layout.join("blobs/sha256").join(&d[7..]), data).unwrap();
+        (d, data.len())
+    };
+    let mut manifests = Vec::new();
+    let mut amd64 = String::new();
+    for arch in ["arm64", "amd64"] {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_path(format!("arch-{arch}")).unwrap();
+        h.set_size(arch.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append(&h, arch.as_bytes()).unwrap();
+        let layer = tar.into_inner().unwrap();
+        let (l, ls) = put(&layer);
+        let config = format!(
+            r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":["{l}"]}}}}"#
+        );
+        let (c, cs) = put(config.as_bytes());
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l}","size":{ls}}}]}}"#
+        );
+        let (m, ms) = put(manifest.as_bytes());
+        if arch == "amd64" {
+            amd64 = m.clone();
+        }
+        manifests.push(format!(
+            r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{m}","size":{ms},"platform":{{"architecture":"{arch}","os":"linux"}}}}"#
+        ));
+    }
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+        manifests.join(",")
+    );
+    let (i, is) = put(index.as_bytes());
+    fs::write(
+        layout.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"{i}","size":{is},"annotations":{{"org.opencontainers.image.ref.name":"v1"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    amd64
 }

@@ -2,7 +2,9 @@
 //!
 //! [`not_run`] prints the reason and appends `NAME<TAB>REASON` to the file named by
 //! `MICROAGENT_TEST_REPORT` (set by `make test`); `scripts/test-summary.sh` counts those
-//! lines and names them in the summary that ends `make test`.
+//! lines and names them in the summary that ends `make test`. [`retried`] does the same
+//! for a run the test rig itself lost (`<report>.retried`): named, not counted as a
+//! failure.
 
 use std::env;
 use std::fs::OpenOptions;
@@ -12,18 +14,29 @@ pub const REPORT_ENV: &str = "MICROAGENT_TEST_REPORT";
 
 /// Records that the test `name` did not run here, and why.
 pub fn not_run(name: &str, why: &str) {
+    record(name, why, "NOT RUN", "");
+}
+
+/// Records that a run of `name` was lost to the rig (not to the test) and run again.
+pub fn retried(name: &str, why: &str) {
+    record(name, why, "RETRIED", ".retried");
+}
+
+fn record(name: &str, why: &str, label: &str, suffix: &str) {
     let why = why.replace(['\n', '\t'], " ");
-    eprintln!("NOT RUN {name}: {why}");
-    let Some(path) = env::var_os(REPORT_ENV).filter(|p| !p.is_empty()) else {
+    eprintln!("{label} {name}: {why}");
+    let Some(report) = env::var_os(REPORT_ENV).filter(|p| !p.is_empty()) else {
         return;
     };
+    let mut path = report;
+    path.push(suffix);
     let written = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
         .and_then(|mut f| writeln!(f, "{name}\t{why}"));
     if let Err(e) = written {
-        // The summary would count this test as passed: fail loudly instead.
-        panic!("cannot record {name} as not run in {path:?}: {e}");
+        // The summary would not say it: fail loudly instead.
+        panic!("cannot record {name} ({label}) in {path:?}: {e}");
     }
 }

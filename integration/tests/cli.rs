@@ -114,6 +114,9 @@ fn a_killed_vmm_or_daemon_shows_crashed_and_delete_cleans_up() {
                 .contains(&format!("{binary} (pid {}) is gone", pids[victim])),
             "{state}"
         );
+        // exec names the dead process instead of calling the workspace "not running".
+        let message = cli.fails(&["exec", name, "--", "true"], "workspace.crashed");
+        assert!(message.contains(binary), "{message}");
         cli.ok(&["delete", name, "--yes"]);
         assert_eq!(
             survivors(&pids),

@@ -187,7 +187,7 @@ fn fetch_by_name(cli: &Cli, name: &str, port: u16) -> String {
 /// The default network end to end: the guest is 10.0.2.15, resolves a name through
 /// 10.0.2.3 and fetches a file from an HTTP server on the host's loopback (10.0.2.2);
 /// a --publish'ed host port reaches a server in the guest; two forks of one snapshot
-/// (same guest IP and MAC, each with its own daemon) fetch at the same time.
+/// (same guest IP, each its own MAC and daemon) fetch at the same time.
 #[test]
 fn linux_workspace_default_network_fetches_by_name_publishes_and_forks() {
     on_linux_kvm(
@@ -265,6 +265,25 @@ fn linux_workspace_default_network_fetches_by_name_publishes_and_forks() {
                 .collect();
             for fetched in fetches {
                 assert_eq!(fetched.join().unwrap(), want);
+            }
+            // Each fork has its own MAC, set by the agent, and its traffic still flows
+            // (the fetches above ran after it changed).
+            let mac =
+                |name: &str| cli.ok(&["exec", name, "--", "cat", "/sys/class/net/eth0/address"]);
+            let macs = [mac("ws"), mac("f1"), mac("f2")];
+            assert_eq!(macs[0], "52:54:00:12:34:56\n");
+            assert!(
+                macs[1] != macs[0] && macs[2] != macs[0] && macs[1] != macs[2],
+                "{macs:?}"
+            );
+            for (name, mac) in ["f1", "f2"].iter().zip(&macs[1..]) {
+                let config: serde_json::Value =
+                    serde_json::from_str(&cli.ok(&["inspect", name])).unwrap();
+                assert_eq!(
+                    config["config"]["mac"].as_str(),
+                    Some(mac.trim()),
+                    "{config}"
+                );
             }
             let fork: serde_json::Value =
                 serde_json::from_str(&cli.ok(&["inspect", "f1"])).unwrap();

@@ -185,6 +185,14 @@ fn linux_snapshot_rollback_and_fork_walkthrough() {
             "{fork_id:?} {source_id:?}"
         );
         assert_secret(&cli, "builder-fork", "after the fork");
+        // Its own vsock CID, as the guest's kernel reads it after the transport reset.
+        let inspect = |name: &str| -> serde_json::Value {
+            serde_json::from_str(&cli.ok(&["inspect", name])).unwrap()
+        };
+        let (source, fork) = (inspect("builder"), inspect("builder-fork"));
+        assert_eq!(source["agent"]["cid"], 3, "{source}");
+        assert_ne!(fork["config"]["cid"], 3, "{fork}");
+        assert_eq!(fork["agent"]["cid"], fork["config"]["cid"], "{fork}");
 
         // Cleanup: the source and its snapshots go; the fork runs on.
         let pids = [cli.pids("builder"), cli.pids("builder-fork")].concat();

@@ -6,7 +6,7 @@ use microagent_image::pull::{root_disk, PullOptions};
 use microagent_image::source::{fetch, Source};
 use microagent_image::store::Store;
 use microagent_integration::ext4::debugfs;
-use microagent_integration::registry::{digest, push, write_layout, Registry};
+use microagent_integration::registry::{push, write_layout, write_multi_arch_layout, Registry};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
@@ -112,62 +112,6 @@ fn registry_oci_layout_oci_archive_and_docker_archive_give_the_same_root_filesys
     for (name, t) in &trees[1..] {
         assert_eq!(t, first, "{name} differs from {first_name}");
     }
-}
-
-/// A layout whose tag v1 is an index of an arm64 and an amd64 image.
-fn write_multi_arch_layout(layout: &Path) -> String {
-    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    let put = |data: &[u8]| {
-        let d = digest(data);
-        fs::write(layout.join("blobs/sha256").join(&d[7..]), data).unwrap();
-        (d, data.len())
-    };
-    let mut manifests = Vec::new();
-    let mut amd64 = String::new();
-    for arch in ["arm64", "amd64"] {
-        let mut tar = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_path(format!("arch-{arch}")).unwrap();
-        h.set_size(arch.len() as u64);
-        h.set_mode(0o644);
-        h.set_mtime(0);
-        h.set_cksum();
-        tar.append(&h, arch.as_bytes()).unwrap();
-        let layer = tar.into_inner().unwrap();
-        let (l, ls) = put(&layer);
-        let config = format!(
-            r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":["{l}"]}}}}"#
-        );
-        let (c, cs) = put(config.as_bytes());
-        let manifest = format!(
-            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l}","size":{ls}}}]}}"#
-        );
-        let (m, ms) = put(manifest.as_bytes());
-        if arch == "amd64" {
-            amd64 = m.clone();
-        }
-        manifests.push(format!(
-            r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{m}","size":{ms},"platform":{{"architecture":"{arch}","os":"linux"}}}}"#
-        ));
-    }
-    let index = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
-        manifests.join(",")
-    );
-    let (i, is) = put(index.as_bytes());
-    fs::write(
-        layout.join("index.json"),
-        format!(
-            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"{i}","size":{is},"annotations":{{"org.opencontainers.image.ref.name":"v1"}}}}]}}"#
-        ),
-    )
-    .unwrap();
-    amd64
 }
 
 #[test]

@@ -212,7 +212,7 @@ fn identity_and_file_transfer() {
     let mut ws = AgentVm::boot(dir.path(), Some(&disk), "identity");
     let machine_id = "0123456789abcdef0123456789abcdef";
     ws.connect()
-        .set_identity("ws-fork-1", machine_id, &[7u8; 64])
+        .set_identity("ws-fork-1", machine_id, &[7u8; 64], None)
         .unwrap();
     assert_eq!(ws.run(&["hostname"]).1, b"ws-fork-1\n");
     assert_eq!(
@@ -220,7 +220,7 @@ fn identity_and_file_transfer() {
         format!("{machine_id}\n").into_bytes()
     );
     // Refused for its hostname, with the identity code; the old name stays.
-    match ws.connect().set_identity("bad host", machine_id, &[]) {
+    match ws.connect().set_identity("bad host", machine_id, &[], None) {
         Err(ClientError::Agent { code, message }) => {
             assert_eq!(code, "agent.identity_failed", "{message}");
             assert!(
@@ -229,6 +229,17 @@ fn identity_and_file_transfer() {
             );
         }
         other => panic!("a bad hostname was not refused by the agent: {other:?}"),
+    }
+    // A multicast MAC is refused before anything changes.
+    match ws
+        .connect()
+        .set_identity("ws-fork-2", machine_id, &[], Some("01:00:5e:00:00:01"))
+    {
+        Err(ClientError::Agent { code, message }) => {
+            assert_eq!(code, "agent.identity_failed", "{message}");
+            assert!(message.contains("invalid MAC address"), "{message}");
+        }
+        other => panic!("a multicast MAC was not refused by the agent: {other:?}"),
     }
     assert_eq!(ws.run(&["hostname"]).1, b"ws-fork-1\n");
 

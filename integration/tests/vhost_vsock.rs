@@ -3,7 +3,7 @@
 //! malformed packets, many connections, and save → load with a transport reset.
 
 use microagent_integration::daemon::Daemon;
-use microagent_integration::frontend::{self, Buf, Frontend, GuestMemory, Setup};
+use microagent_integration::frontend::{Buf, Setup};
 use microagent_integration::vsock_guest::{pkt, Guest, CID, EVENT};
 use microagent_vhost_vsock::packet::*;
 use sha2::{Digest, Sha256};
@@ -399,18 +399,7 @@ fn after_save_and_load_the_guest_gets_a_transport_reset_and_new_connections_work
             ..Setup::default()
         },
     );
-    // The event queue gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET as soon as it has a buffer.
-    let event_buf = guest.mem.alloc(8, 8).unwrap();
-    guest.mem.write(event_buf, &[0xff; 8]);
-    let q = &mut guest.fe.queues[EVENT];
-    q.submit(&guest.mem, &[Buf::writable(event_buf, 8)])
-        .unwrap();
-    let used = q.wait_used(&guest.mem, 1, WAIT).unwrap();
-    assert_eq!(used[0].1, 4);
-    assert_eq!(
-        guest.mem.read(event_buf, 4),
-        EVENT_TRANSPORT_RESET.to_le_bytes()
-    );
+    expect_transport_reset(&mut guest);
 
     let mut rig = Rig {
         dir,
@@ -424,32 +413,51 @@ fn after_save_and_load_the_guest_gets_a_transport_reset_and_new_connections_work
     assert_eq!((p.src_port, data.as_slice()), (host_port, &b"after"[..]));
 }
 
+/// A fork's daemon has its own `--guest-cid`: it loads the source's state, shows the
+/// new CID in the configuration space, tells the guest to read it again (transport
+/// reset) and addresses host connections to it.
 #[test]
-fn state_for_another_guest_cid_is_refused() {
+fn state_for_another_guest_cid_is_loaded_under_the_new_cid() {
     let mut rig = rig();
     rig.guest.fe.stop().unwrap();
     let state = rig.guest.fe.save_state().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("other.sock");
-    let uds = dir.path().join("v");
-    let log = dir.path().join("vsock.log");
-    let _other = Daemon::start_logged(
+    let socket = rig.dir.path().join("fork.sock");
+    let uds = rig.dir.path().join("fork.vsock");
+    let _fork = Daemon::start(
         "microagent-vhost-vsock",
         &socket,
-        ["--guest-cid", "4", "--uds-path", uds.to_str().unwrap()],
-        &log,
+        ["--guest-cid", "42", "--uds-path", uds.to_str().unwrap()],
     )
     .unwrap();
-    let mut mem = GuestMemory::new(1 << 20).unwrap();
-    let setup = Setup {
-        queues: 3,
-        load_state: Some(state),
-        ..Setup::default()
-    };
-    frontend::assert_state_refused(
-        Frontend::connect(&socket, &mut mem, &setup),
-        &log,
-        "saved state is for guest CID 3, this daemon serves 4",
+    let mut guest = Guest::connect(
+        &socket,
+        Setup {
+            queues: 3,
+            load_state: Some(state),
+            ..Setup::default()
+        },
+    );
+    assert_eq!(guest.fe.config(8).unwrap(), 42u64.to_le_bytes());
+    expect_transport_reset(&mut guest);
+    let mut client = UnixStream::connect(&uds).unwrap();
+    writeln!(client, "CONNECT 1234").unwrap();
+    let (req, _) = guest.recv_op();
+    assert_eq!((req.op, req.dst_cid), (OP_REQUEST, 42), "{req:?}");
+}
+
+/// The event queue gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (4 bytes) as soon as it has
+/// a buffer.
+fn expect_transport_reset(guest: &mut Guest) {
+    let event_buf = guest.mem.alloc(8, 8).unwrap();
+    guest.mem.write(event_buf, &[0xff; 8]);
+    let q = &mut guest.fe.queues[EVENT];
+    q.submit(&guest.mem, &[Buf::writable(event_buf, 8)])
+        .unwrap();
+    let used = q.wait_used(&guest.mem, 1, WAIT).unwrap();
+    assert_eq!(used[0].1, 4);
+    assert_eq!(
+        guest.mem.read(event_buf, 4),
+        EVENT_TRANSPORT_RESET.to_le_bytes()
     );
 }
 

@@ -48,8 +48,6 @@ pub enum Error {
     Timer(io::Error),
     #[error(transparent)]
     State(#[from] microagent_daemon_kit::state::Error),
-    #[error("saved state is for guest CID {saved}, this daemon serves {ours}")]
-    CidMismatch { saved: u64, ours: u64 },
 }
 
 impl From<Error> for io::Error {
@@ -266,12 +264,16 @@ impl VsockBackend {
         }
     }
 
+    /// Takes over a saved device. The guest CID stays this daemon's `--guest-cid`: a
+    /// fork gets a new one, and the transport reset queued here makes Linux read it
+    /// again from the configuration space (virtio_vsock_update_guest_cid).
     fn adopt(&self, saved: &VsockState) -> Result<(), Error> {
         if saved.guest_cid != self.config.guest_cid {
-            return Err(Error::CidMismatch {
-                saved: saved.guest_cid,
-                ours: self.config.guest_cid,
-            });
+            log::info!(
+                "guest CID {} replaces the snapshot's {} after the transport reset",
+                self.config.guest_cid,
+                saved.guest_cid
+            );
         }
         self.acked_features
             .store(saved.acked_features, Ordering::Release);

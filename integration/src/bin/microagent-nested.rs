@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     job.env = env;
     job.timeout = timeout;
     job.stream = true;
-    match nested::run(&job) {
+    match nested::run(&job, "microagent-nested") {
         Ok(outcome) => {
             eprintln!(
                 "microagent-nested: exit {} after {:.1} s in L1",

@@ -62,6 +62,9 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
+/// IA32_TSC_DEADLINE: the LAPIC timer's deadline in TSC-deadline mode.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
 impl VcpuState {
     /// Reads a vCPU that is outside KVM_RUN. `msr_indices` is KVM's MSR index list;
     /// MSRs this vCPU cannot read are left out.
@@ -140,6 +143,23 @@ impl VcpuState {
             .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
         vcpu.set_lapic(&self.lapic)
             .map_err(ioctl("KVM_SET_LAPIC"))?;
+        // KVM ignores a TSC deadline written while the LAPIC timer is not in
+        // TSC-deadline mode, which it was not above (the LAPIC was at reset): write it
+        // again now. A zero deadline is written as 1, which fires at once: zero also
+        // means "fired, interrupt not yet taken", and a guest that lost that tick waits
+        // forever (Firecracker does the same); Linux ignores a spurious tick.
+        if let Some(saved) = self.msrs.iter().find(|m| m.index == MSR_IA32_TSC_DEADLINE) {
+            let deadline = kvm_msr_entry {
+                data: saved.data.max(1),
+                ..*saved
+            };
+            let msrs = Msrs::from_entries(&[deadline]).map_err(|e| Error::List {
+                vcpu: id,
+                message: format!("{e:?}"),
+            })?;
+            vcpu.set_msrs(&msrs)
+                .map_err(ioctl("KVM_SET_MSRS (TSC deadline)"))?;
+        }
         vcpu.set_mp_state(self.mp_state)
             .map_err(ioctl("KVM_SET_MP_STATE"))?;
         vcpu.set_regs(&self.regs).map_err(ioctl("KVM_SET_REGS"))?;
