@@ -539,6 +539,7 @@ mod tests {
     use crate::devices::EventFdTrigger;
     use kvm_bindings::{kvm_msr_entry, kvm_userspace_memory_region, Msrs};
     use kvm_ioctls::Kvm;
+    use microagent_confine::Seccomp;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
     use vm_superio::Serial;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
@@ -600,6 +601,8 @@ mod tests {
             control,
             Arc::new(Vec::new()),
             false,
+            // The vCPU thread's own filter: KVM_KVMCLOCK_CTRL must pass it.
+            Confinement::new(&crate::confinement::vcpu_thread(), Seccomp::On).unwrap(),
         )
         .unwrap();
         (mem, vcpus, vm)
