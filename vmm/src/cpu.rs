@@ -64,14 +64,6 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
-/// Whether guests are told of the TSC-deadline timer when KVM emulates it (issue 21
-/// item 2; [`cpuid::normalize`] does it when asked). Off for now: the only place Linux
-/// guests run here is the nested rig, and there an L2 using it soft-locked L1 (QEMU
-/// TCG's SVM; `watchdog: CPU#0 stuck for 309s [vcpu0]`) in one of two networked fork
-/// runs, while two runs without it passed. Restore handles the timer either way
-/// (`snapshot::state`), and KVM from 6.14 advertises it itself.
-const ADVERTISE_TSC_DEADLINE: bool = false;
-
 /// KVM's supported CPUID normalised for vCPU `cpu_id` of `cpus` ([`cpuid::normalize`]).
 pub fn cpuid(kvm: &Kvm, cpu_id: u8, cpus: u8) -> Result<CpuId, Error> {
     let supported = kvm
@@ -81,7 +73,7 @@ pub fn cpuid(kvm: &Kvm, cpu_id: u8, cpus: u8) -> Result<CpuId, Error> {
     let guest = cpuid::Guest {
         cpu_id,
         cpus,
-        tsc_deadline: ADVERTISE_TSC_DEADLINE && kvm.check_extension(Cap::TscDeadlineTimer),
+        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
     };
     cpuid::normalize(&mut entries, guest)?;
     CpuId::from_entries(&entries).map_err(|e| Error::CpuidList(format!("{e:?}")))
