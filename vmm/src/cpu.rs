@@ -1,24 +1,18 @@
 //! Architectural set-up of a vCPU before its first KVM_RUN: CPUID, MSRs, FPU, LAPIC,
 //! and the registers and segments each boot entry expects.
 
-mod cpuid;
-
 use crate::boot::Entry;
 use crate::layout::*;
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd};
+use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading KVM's supported CPUID: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
-    #[error("normalising CPUID: {0}")]
-    Cpuid(#[from] cpuid::Error),
-    #[error("building the CPUID list: {0}")]
-    CpuidList(String),
     #[error("KVM_SET_CPUID2: {0}")]
     SetCpuid(kvm_ioctls::Error),
     #[error("KVM_SET_MSRS: {0}")]
@@ -55,41 +49,69 @@ const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MISC_ENABLE_FAST_STRING: u64 = 0x1;
-const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-const MTRR_ENABLE: u64 = 1 << 11;
-const MTRR_TYPE_WRBACK: u64 = 6;
 
 const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
-/// KVM's supported CPUID normalised for vCPU `cpu_id` of `cpus` ([`cpuid::normalize`]).
+/// KVM's supported CPUID with the topology and identity this VMM presents.
 pub fn cpuid(kvm: &Kvm, cpu_id: u8, cpus: u8) -> Result<CpuId, Error> {
-    let supported = kvm
+    let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::SupportedCpuid)?;
-    let mut entries = supported.as_slice().to_vec();
-    let guest = cpuid::Guest {
-        cpu_id,
-        cpus,
-        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
-    };
-    cpuid::normalize(&mut entries, guest)?;
-    CpuId::from_entries(&entries).map_err(|e| Error::CpuidList(format!("{e:?}")))
+    let shift = u32::BITS - (u32::from(cpus).max(1) - 1).leading_zeros();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ebx = (u32::from(cpu_id) << 24) | (u32::from(cpus) << 16) | (8 << 8);
+                entry.ecx |= 1 << 31; // running under a hypervisor
+                if cpus > 1 {
+                    entry.edx |= 1 << 28; // HTT: the package has several logical CPUs
+                }
+            }
+            0xb => {
+                // One thread per core, `cpus` cores in one package.
+                let (eax, ebx, level_type) = match entry.index {
+                    0 => (0, 1, 1),
+                    1 => (shift, u32::from(cpus), 2),
+                    _ => (0, 0, 0),
+                };
+                entry.eax = eax;
+                entry.ebx = ebx;
+                entry.ecx = (level_type << 8) | (entry.index & 0xff);
+                entry.edx = u32::from(cpu_id);
+            }
+            0x4000_0000 => {
+                // KVM's signature, so that guests use kvm-clock and friends.
+                entry.ebx = u32::from_le_bytes(*b"KVMK");
+                entry.ecx = u32::from_le_bytes(*b"VMKV");
+                entry.edx = u32::from_le_bytes(*b"M\0\0\0");
+            }
+            _ => {}
+        }
+    }
+    Ok(cpuid)
 }
 
-/// Boot values of the MSRs a guest expects set by firmware. IA32_MISC_ENABLE keeps the
-/// bits KVM sets at vCPU creation (e.g. performance monitoring available) with fast
-/// strings added; MTRRs default to write-back, as firmware leaves them.
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), Error> {
-    let mut misc = Msrs::from_entries(&[msr(MSR_IA32_MISC_ENABLE, 0)])
-        .map_err(|e| Error::MsrList(format!("{e:?}")))?;
-    let misc_enable = match vcpu.get_msrs(&mut misc) {
-        Ok(1) => misc.as_slice()[0].data,
-        _ => 0,
+    let entry = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
     };
-    let entries = boot_msrs(misc_enable);
+    let entries = [
+        entry(MSR_IA32_SYSENTER_CS, 0),
+        entry(MSR_IA32_SYSENTER_ESP, 0),
+        entry(MSR_IA32_SYSENTER_EIP, 0),
+        entry(MSR_STAR, 0),
+        entry(MSR_CSTAR, 0),
+        entry(MSR_KERNEL_GS_BASE, 0),
+        entry(MSR_SYSCALL_MASK, 0),
+        entry(MSR_LSTAR, 0),
+        entry(MSR_IA32_TSC, 0),
+        entry(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+    ];
     let msrs = Msrs::from_entries(&entries).map_err(|e| Error::MsrList(format!("{e:?}")))?;
     let set = vcpu.set_msrs(&msrs).map_err(Error::SetMsrs)?;
     if set != entries.len() {
@@ -100,31 +122,6 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), Error> {
         );
     }
     Ok(())
-}
-
-fn msr(index: u32, data: u64) -> kvm_msr_entry {
-    kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    }
-}
-
-/// The boot MSRs, given the IA32_MISC_ENABLE value KVM created the vCPU with.
-fn boot_msrs(misc_enable: u64) -> [kvm_msr_entry; 11] {
-    [
-        msr(MSR_IA32_SYSENTER_CS, 0),
-        msr(MSR_IA32_SYSENTER_ESP, 0),
-        msr(MSR_IA32_SYSENTER_EIP, 0),
-        msr(MSR_STAR, 0),
-        msr(MSR_CSTAR, 0),
-        msr(MSR_KERNEL_GS_BASE, 0),
-        msr(MSR_SYSCALL_MASK, 0),
-        msr(MSR_LSTAR, 0),
-        msr(MSR_IA32_TSC, 0),
-        msr(MSR_IA32_MISC_ENABLE, misc_enable | MISC_ENABLE_FAST_STRING),
-        msr(MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WRBACK),
-    ]
 }
 
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), Error> {
@@ -250,19 +247,6 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: Entry) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn boot_msrs_keep_kvms_misc_enable_bits_and_default_to_write_back() {
-        // KVM creates vCPUs with PEBS/BTS unavailable (bits 12, 11) on Intel.
-        let kvm_bits = (1 << 12) | (1 << 11);
-        let msrs = boot_msrs(kvm_bits);
-        let value = |index| msrs.iter().find(|m| m.index == index).map(|m| m.data);
-        assert_eq!(
-            value(MSR_IA32_MISC_ENABLE),
-            Some(kvm_bits | MISC_ENABLE_FAST_STRING)
-        );
-        assert_eq!(value(MSR_MTRR_DEF_TYPE), Some(0x806));
-    }
 
     #[test]
     fn gdt_entries_match_the_usual_flat_segments() {

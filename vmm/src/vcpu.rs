@@ -123,17 +123,6 @@ impl Saver<'_> {
         }
         true
     }
-
-    /// Tells KVM this vCPU is parked on purpose (KVM_KVMCLOCK_CTRL), so that on resume
-    /// the guest's watchdogs and RCU do not count the pause as a stall. EINVAL means the
-    /// guest has not enabled kvmclock: nothing to tell.
-    fn park(&self) {
-        if let Err(e) = self.vcpu.kvmclock_ctrl() {
-            if e.errno() != libc::EINVAL {
-                log::warn!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", self.id);
-            }
-        }
-    }
 }
 
 /// Shared between the VMM's main loop and its vCPU threads.
@@ -311,7 +300,6 @@ fn wait_while_paused<'a>(
     saver: &mut Saver<'_>,
 ) -> MutexGuard<'a, RunState> {
     if state.pause && !state.stop {
-        saver.park();
         state.paused += 1;
         control.changed.notify_all();
         while state.pause && !state.stop {
@@ -387,15 +375,16 @@ fn run(
 /// One KVM_RUN; Some(outcome) when the VM must end.
 fn run_once(id: u8, vcpu: &mut VcpuFd, bus: &Bus, control: &Control) -> Option<Outcome> {
     let exit_name;
-    let mut entry_failure = None;
-    let exit = vcpu.run();
-    if matches!(exit, Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..))) {
-        // kvm-ioctls drops the access size, which the devices need.
-        port_io_exit(vcpu, &bus.pio);
-        return None;
-    }
-    match exit {
+    match vcpu.run() {
         Ok(exit) => match exit {
+            VcpuExit::IoIn(port, data) => {
+                bus.pio.read(port, data);
+                return None;
+            }
+            VcpuExit::IoOut(port, data) => {
+                bus.pio.write(port, data);
+                return None;
+            }
             VcpuExit::MmioRead(addr, data) => {
                 match bus.mmio_device(addr) {
                     Some((offset, t)) => lock(t).read(offset, data),
@@ -429,8 +418,7 @@ fn run_once(id: u8, vcpu: &mut VcpuFd, bus: &Bus, control: &Control) -> Option<O
             }
             VcpuExit::InternalError => exit_name = "internal_error".to_string(),
             VcpuExit::FailEntry(reason, cpu) => {
-                exit_name = format!("fail_entry (hardware reason {reason:#x}, cpu {cpu})");
-                entry_failure = Some(reason);
+                exit_name = format!("fail_entry (hardware reason {reason:#x}, cpu {cpu})")
             }
             other => exit_name = format!("{other:?}"),
         },
@@ -440,53 +428,9 @@ fn run_once(id: u8, vcpu: &mut VcpuFd, bus: &Bus, control: &Control) -> Option<O
         }
         Err(e) => exit_name = format!("KVM_RUN error: {e}"),
     }
-    let mut report = failure(id, vcpu, exit_name, control);
-    if let Some((code, message, hint)) = entry_failure.and_then(explain_entry_failure) {
-        report.code = code.into();
-        report.message = message.into();
-        report.hint = Some(
-            report
-                .hint
-                .map_or(hint.to_string(), |h| format!("{hint} {h}")),
-        );
-    }
-    Some(Outcome::VcpuError(Box::new(report)))
-}
-
-/// Completes a KVM_EXIT_IO with its size and count, which `VcpuExit::IoIn/IoOut` hide:
-/// a 16/32-bit access and string I/O must reach every byte, not only the first.
-fn port_io_exit(vcpu: &mut VcpuFd, pio: &PioBus) {
-    let run = vcpu.get_kvm_run();
-    // SAFETY: KVM_RUN just returned KVM_EXIT_IO (kvm-ioctls decoded it as IoIn/IoOut),
-    // so `io` is the active member of the exit union.
-    let io = unsafe { run.__bindgen_anon_1.io };
-    let size = usize::from(io.size);
-    let len = size * io.count as usize;
-    let base = std::ptr::from_mut(run).cast::<u8>();
-    // SAFETY: for KVM_EXIT_IO the kernel puts `size * count` bytes of data at
-    // `data_offset` inside the vCPU's kvm_run mapping, which lives as long as `vcpu`
-    // (the layout kvm-ioctls itself slices for IoIn/IoOut); `run` is not used again, so
-    // this slice is the only reference to those bytes.
-    let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
-    if u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN {
-        pio.read(io.port, size, data);
-    } else {
-        pio.write(io.port, size, data);
-    }
-}
-
-/// VMX exit reason 33 with the entry-failure bit (31): the CPU refused the guest state.
-const VMX_ENTRY_FAILURE_GUEST_STATE: u64 = 0x8000_0021;
-
-/// Code, message and hint for a KVM_EXIT_FAIL_ENTRY reason the VMM knows.
-fn explain_entry_failure(reason: u64) -> Option<(&'static str, &'static str, &'static str)> {
-    (reason == VMX_ENTRY_FAILURE_GUEST_STATE).then_some((
-        "vmm.invalid_guest_state",
-        "the CPU refused to enter the guest: invalid guest state (VMX reason 0x80000021)",
-        "A register or segment the vCPU was given is not valid for VMX on this host \
-         (see cr0/cr4/efer above); check the kernel's boot entry, and that the host \
-         has unrestricted guest (kvm_intel.unrestricted_guest=1).",
-    ))
+    Some(Outcome::VcpuError(Box::new(failure(
+        id, vcpu, exit_name, control,
+    ))))
 }
 
 fn failure(id: u8, vcpu: &mut VcpuFd, exit: String, control: &Control) -> VcpuFailure {
@@ -530,117 +474,4 @@ fn failure(id: u8, vcpu: &mut VcpuFd, exit: String, control: &Control) -> VcpuFa
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::devices::i8042::I8042;
-    use crate::devices::EventFdTrigger;
-    use kvm_bindings::{kvm_msr_entry, kvm_userspace_memory_region, Msrs};
-    use kvm_ioctls::Kvm;
-    use microagent_confine::Seccomp;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-    use vm_superio::Serial;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
-
-    const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
-    const PVCLOCK_PAGE: u64 = 0x2000;
-    /// pvclock_vcpu_time_info.flags, and the bit KVM sets after KVM_KVMCLOCK_CTRL.
-    const PVCLOCK_FLAGS: u64 = PVCLOCK_PAGE + 29;
-    const PVCLOCK_GUEST_STOPPED: u8 = 1 << 1;
-
-    /// A one-vCPU VM in real mode spinning at 0x1000 (a halted vCPU would not re-enter
-    /// the guest, where KVM updates the clock page), kvmclock enabled at PVCLOCK_PAGE as
-    /// a guest kernel would, run by the VMM's own vCPU threads.
-    fn spinning_vm_with_kvmclock() -> (GuestMemoryMmap, Vcpus, kvm_ioctls::VmFd) {
-        let kvm = Kvm::new().unwrap();
-        let vm = kvm.create_vm().unwrap();
-        vm.create_irq_chip().unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let region = mem.iter().next().unwrap();
-        let desc = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: `mem` is returned with the VM fd and outlives the test's use of it.
-        unsafe { vm.set_user_memory_region(desc) }.unwrap();
-        mem.write_slice(&[0xf3, 0x90, 0xeb, 0xfc], GuestAddress(0x1000)) // pause; jmp
-            .unwrap();
-        let vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let mut regs = vcpu.get_regs().unwrap();
-        regs.rip = 0x1000;
-        regs.rflags = 0x2;
-        vcpu.set_regs(&regs).unwrap();
-        let msr = kvm_msr_entry {
-            index: MSR_KVM_SYSTEM_TIME_NEW,
-            data: PVCLOCK_PAGE | 1,
-            ..Default::default()
-        };
-        vcpu.set_msrs(&Msrs::from_entries(&[msr]).unwrap()).unwrap();
-
-        let trigger = || EventFdTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
-        let bus = Bus {
-            pio: PioBus::new(
-                Serial::new(trigger(), Box::new(std::io::sink())),
-                I8042::new(trigger(), trigger()),
-            ),
-            mmio: Vec::new(),
-        };
-        let control = Arc::new(Control::new(EventFd::new(EFD_NONBLOCK).unwrap(), None));
-        let vcpus = Vcpus::start(
-            vec![vcpu],
-            Arc::new(bus),
-            control,
-            Arc::new(Vec::new()),
-            false,
-            // The vCPU thread's own filter: KVM_KVMCLOCK_CTRL must pass it.
-            Confinement::new(&crate::confinement::vcpu_thread(), Seccomp::On).unwrap(),
-        )
-        .unwrap();
-        (mem, vcpus, vm)
-    }
-
-    #[test]
-    fn a_paused_vcpu_tells_the_guest_its_clock_was_stopped() {
-        let (mem, vcpus, _vm) = spinning_vm_with_kvmclock();
-        let flags =
-            |mem: &GuestMemoryMmap| mem.read_obj::<u8>(GuestAddress(PVCLOCK_FLAGS)).unwrap();
-        let wait_for = |mask: u8| {
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while flags(&mem) & mask == 0 && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        };
-        // KVM writes the clock page (PVCLOCK_TSC_STABLE_BIT here) at the first entry.
-        wait_for(0xff);
-        assert_eq!(flags(&mem) & PVCLOCK_GUEST_STOPPED, 0, "before any pause");
-        assert_eq!(vcpus.pause(), 1);
-        vcpus.resume();
-        // KVM writes the flag into the guest's clock page when the vCPU re-enters.
-        wait_for(PVCLOCK_GUEST_STOPPED);
-        let seen = flags(&mem);
-        vcpus.stop();
-        assert_ne!(
-            seen & PVCLOCK_GUEST_STOPPED,
-            0,
-            "PVCLOCK_GUEST_STOPPED after a pause (flags {seen:#x})"
-        );
-    }
-
-    #[test]
-    fn an_invalid_guest_state_entry_failure_is_explained() {
-        let (code, message, hint) = explain_entry_failure(0x8000_0021).unwrap();
-        assert_eq!(code, "vmm.invalid_guest_state");
-        assert!(message.contains("invalid guest state"));
-        assert!(hint.contains("unrestricted_guest"));
-        assert_eq!(explain_entry_failure(0x21), None);
-    }
 }

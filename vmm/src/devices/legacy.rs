@@ -31,37 +31,24 @@ impl PioBus {
         }
     }
 
-    /// One guest IN as KVM reports it: `data` holds `data.len() / size` accesses (more
-    /// than one for string I/O) of `size` bytes each. The devices' registers are a byte
-    /// wide, so byte `i` of an access reads port `port + i`, as on a PC's ISA bus.
-    pub fn read(&self, port: u16, size: usize, data: &mut [u8]) {
-        for access in data.chunks_mut(size.max(1)) {
-            for (i, byte) in access.iter_mut().enumerate() {
-                *byte = self.read_byte(port.wrapping_add(i as u16));
-            }
-        }
-    }
-
-    /// One guest OUT, split into byte-wide register writes like [`Self::read`].
-    pub fn write(&self, port: u16, size: usize, data: &[u8]) {
-        for access in data.chunks(size.max(1)) {
-            for (i, byte) in access.iter().enumerate() {
-                self.write_byte(port.wrapping_add(i as u16), *byte);
-            }
-        }
-    }
-
-    fn read_byte(&self, port: u16) -> u8 {
-        if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        let value = if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
             lock(&self.serial).read((port - COM1_BASE) as u8)
         } else if (I8042_BASE..I8042_BASE + I8042_LEN).contains(&port) {
             lock(&self.i8042).read((port - I8042_BASE) as u8)
         } else {
             0xff
+        };
+        data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = value;
         }
     }
 
-    fn write_byte(&self, port: u16, value: u8) {
+    pub fn write(&self, port: u16, data: &[u8]) {
+        let Some(&value) = data.first() else {
+            return;
+        };
         if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
             if let Err(e) = lock(&self.serial).write((port - COM1_BASE) as u8, value) {
                 log::warn!("serial: {e:?}");
@@ -196,46 +183,15 @@ mod tests {
             I8042::new(EventFdTrigger(reset.try_clone().unwrap()), kbd_irq),
         );
         for b in b"hi" {
-            bus.write(COM1_BASE, 1, &[*b]);
+            bus.write(COM1_BASE, &[*b]);
         }
         assert_eq!(&*sink.0.lock().unwrap(), b"hi");
         let mut byte = [0u8];
-        bus.read(0x80, 1, &mut byte);
+        bus.read(0x80, &mut byte);
         assert_eq!(byte[0], 0xff);
         assert!(reset.read().is_err(), "reset before the command");
-        bus.write(0x64, 1, &[0xfe]);
+        bus.write(0x64, &[0xfe]);
         assert_eq!(reset.read().unwrap(), 1);
-    }
-
-    #[test]
-    fn wide_and_string_port_io_reach_every_byte() {
-        let sink = Sink::default();
-        let trigger = || EventFdTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
-        let bus = PioBus::new(
-            Serial::new(trigger(), Box::new(sink.clone())),
-            I8042::new(trigger(), trigger()),
-        );
-        // `rep outsb` to the THR: three 1-byte accesses, every byte is sent.
-        bus.write(COM1_BASE, 1, b"abc");
-        assert_eq!(&*sink.0.lock().unwrap(), b"abc");
-        // A 16-bit OUT to MSR (0x3fe) also writes the scratch register at 0x3ff.
-        bus.write(COM1_BASE + 6, 2, &[0x11, 0x22]);
-        let mut scratch = [0u8];
-        bus.read(COM1_BASE + 7, 1, &mut scratch);
-        assert_eq!(scratch, [0x22]);
-        // A 16-bit IN reads LSR (0x3fd, THR empty: 0x60) and MSR's neighbour in turn.
-        let mut word = [0u8; 2];
-        bus.read(COM1_BASE + 6, 2, &mut word);
-        assert_eq!(word[1], 0x22);
-        bus.read(COM1_BASE + 5, 2, &mut word);
-        assert_eq!(word[0] & 0x60, 0x60);
-        // Unclaimed ports read all ones at every width, as on a PC.
-        let mut dword = [0u8; 4];
-        bus.read(0x80, 4, &mut dword);
-        assert_eq!(dword, [0xff; 4]);
-        let mut string = [0u8; 3];
-        bus.read(0x80, 1, &mut string);
-        assert_eq!(string, [0xff; 3]);
     }
 
     #[test]
@@ -260,10 +216,10 @@ mod tests {
             (1, 0x05),
             (7, 0x5a),
         ] {
-            bus.write(COM1_BASE + reg, 1, &[value]);
+            bus.write(COM1_BASE + reg, &[value]);
         }
-        bus.write(0x64, 1, &[0x60]);
-        bus.write(0x60, 1, &[0x65]);
+        bus.write(0x64, &[0x60]);
+        bus.write(0x60, &[0x65]);
         let state = bus.state();
         let json = serde_json::to_string(&state).unwrap();
         let state: LegacyState = serde_json::from_str(&json).unwrap();
@@ -273,14 +229,14 @@ mod tests {
         );
         assert_eq!(restored.state(), state);
         let mut byte = [0u8];
-        restored.read(COM1_BASE + 1, 1, &mut byte);
+        restored.read(COM1_BASE + 1, &mut byte);
         assert_eq!(byte[0], 0x05, "interrupt enable register");
-        restored.read(COM1_BASE + 3, 1, &mut byte);
+        restored.read(COM1_BASE + 3, &mut byte);
         assert_eq!(byte[0], 0x03, "line control register");
-        restored.read(COM1_BASE + 7, 1, &mut byte);
+        restored.read(COM1_BASE + 7, &mut byte);
         assert_eq!(byte[0], 0x5a, "scratch register");
-        restored.write(0x64, 1, &[0x20]);
-        restored.read(0x60, 1, &mut byte);
+        restored.write(0x64, &[0x20]);
+        restored.read(0x60, &mut byte);
         assert_eq!(byte[0], 0x65, "i8042 control byte");
         // An oversized receive FIFO in a damaged state file is refused, not trusted.
         let mut bad = state.serial.clone();
