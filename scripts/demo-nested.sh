@@ -40,15 +40,28 @@ run() {
 ma=$repo/target/release/microagent
 microagent() { "$ma" "$@"; }
 ws=builder
-trap 'microagent delete "$ws" --yes --force >/dev/null 2>&1 || true' EXIT
+fork=builder-fork
+trap 'microagent delete "$fork" --yes --force >/dev/null 2>&1 || true; microagent delete "$ws" --yes --force >/dev/null 2>&1 || true' EXIT
 run microagent create "$ws" --image 127.0.0.1:5000/demo/busybox:1
 run microagent start "$ws"
 run microagent exec "$ws" -- sh -c "echo checkpoint-1 > /root/progress.txt"
 run microagent exec "$ws" -- cat /root/progress.txt
 run microagent exec "$ws" -- sh -c 'echo "hostname $(hostname), kernel $(uname -r), $(nproc) vCPUs"'
+# Snapshot the running workspace (paused briefly), then fork a running copy of it.
+run microagent snapshot create "$ws" --tag baseline
+run microagent snapshot list "$ws"
+run microagent exec "$ws" -- sh -c "echo after-snapshot > /root/progress.txt"
+run microagent create "$fork" --from-snapshot "$ws:baseline"
+run microagent exec "$fork" -- sh -c 'echo "$(hostname): $(cat /root/progress.txt)"'
+run microagent exec "$ws" -- sh -c 'echo "$(hostname): $(cat /root/progress.txt)"'
 run microagent list
+run microagent delete "$fork" --yes --force
 run microagent halt "$ws"
 run microagent start "$ws"
+run microagent exec "$ws" -- cat /root/progress.txt
+# Roll back in place to the snapshot.
+run microagent halt "$ws"
+run microagent start "$ws" --from-snapshot baseline
 run microagent exec "$ws" -- cat /root/progress.txt
 run microagent halt "$ws"
 run microagent delete "$ws" --yes

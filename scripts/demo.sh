@@ -21,7 +21,12 @@ if ma --json doctor | grep -q '"check":"hardware_virtualization","detail":"[^"]*
   ma start "$ws"
   ma exec "$ws" -- sh -c "echo checkpoint-1 > /root/progress.txt"
   ma exec "$ws" -- cat /root/progress.txt
+  ma snapshot create "$ws" --tag baseline
+  ma snapshot list "$ws"
+  ma create "$ws-fork" --from-snapshot "$ws:baseline"
+  ma exec "$ws-fork" -- sh -c 'echo "$(hostname): $(cat /root/progress.txt)"'
   ma list
+  ma delete "$ws-fork" --yes --force
   ma halt "$ws"
   ma delete "$ws" --yes
   exit 0

@@ -174,6 +174,9 @@ pub struct MmioTransport {
     calls: Vec<EventFd>,
     irq: EventFd,
     started: bool,
+    /// [`Self::save`] stopped the rings of a started device; [`Self::resume_rings`]
+    /// starts them again.
+    stopped_by_save: bool,
     failed: bool,
 }
 
@@ -261,6 +264,7 @@ impl MmioTransport {
             calls: eventfds(num_queues)?,
             irq: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
             started: false,
+            stopped_by_save: false,
             failed: false,
         })
     }
@@ -504,8 +508,11 @@ impl MmioTransport {
     }
 
     /// Stops the daemon's rings (GET_VRING_BASE records where each stood) and asks it
-    /// for its device state; then starts the rings again where they stopped. The vCPUs
-    /// must be paused.
+    /// for its device state. The vCPUs must be paused. The rings stay stopped until
+    /// [`Self::resume_rings`], which the caller runs once guest memory is saved too: a
+    /// daemon running meanwhile (host traffic for the guest, requests already queued)
+    /// would write used entries past the recorded bases into the memory being saved,
+    /// and the restored device would hand the guest those buffers a second time.
     pub fn save(&mut self) -> Result<(TransportState, Vec<u8>), Error> {
         if self.failed {
             return Err(Error::Failed {
@@ -540,17 +547,23 @@ impl MmioTransport {
                 }
             }
             self.started = false;
+            self.stopped_by_save = true;
         }
         let saved = save_device_state(&mut self.vu).map_err(|source| Error::DeviceState {
             path: self.path.clone(),
             source,
-        });
-        if started {
-            self.start_rings()?;
-        }
+        })?;
         let mut regs = self.regs.clone();
         regs.interrupt_status = self.interrupt_status.load(Ordering::Acquire);
-        Ok((regs, saved?))
+        Ok((regs, saved))
+    }
+
+    /// Starts the rings [`Self::save`] stopped, where they stopped (nothing otherwise).
+    pub fn resume_rings(&mut self) -> Result<(), Error> {
+        if !std::mem::take(&mut self.stopped_by_save) {
+            return Ok(());
+        }
+        self.start_rings()
     }
 
     /// Connects to a fresh daemon and gives it the saved transport and device state;

@@ -258,7 +258,20 @@ impl EventLoop<'_> {
         if !was_paused {
             vcpus.pause();
         }
-        let result = self.capture_and_write(vcpus, dir, kernel, initrd);
+        let mut result = self.capture_and_write(vcpus, dir, kernel, initrd);
+        // Memory is written (or the snapshot failed): the daemons may run again.
+        for (index, (_, device)) in self.vm.devices.iter().enumerate() {
+            let mut transport = device.transport.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = transport.resume_rings() {
+                log::error!("after the snapshot, device {index}: {e}");
+                if result.is_ok() {
+                    result = Err(snapshot::Error::DeviceState {
+                        index,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
         if !was_paused {
             vcpus.resume();
         }
@@ -280,7 +293,8 @@ impl EventLoop<'_> {
         kernel: manifest::Artifact,
         initrd: Option<manifest::Artifact>,
     ) -> Result<dir::Written, snapshot::Error> {
-        // Devices first: once their rings are stopped no daemon writes guest memory.
+        // Devices first: once their rings are stopped no daemon writes guest memory. They
+        // stay stopped until the caller has this written ([`MmioTransport::resume_rings`]).
         let mut transports = Vec::with_capacity(self.vm.devices.len());
         let mut device_states = Vec::with_capacity(self.vm.devices.len());
         for (index, (_, device)) in self.vm.devices.iter().enumerate() {
