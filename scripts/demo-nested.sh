@@ -41,7 +41,19 @@ ma=$repo/target/release/microagent
 microagent() { "$ma" "$@"; }
 ws=builder
 fork=builder-fork
-trap 'microagent delete "$fork" --yes --force >/dev/null 2>&1 || true; microagent delete "$ws" --yes --force >/dev/null 2>&1 || true' EXIT
+# On failure, show why before cleaning up: the workspaces' logs and the kernel's seccomp
+# audit records (a process killed by its filter leaves no log line of its own).
+cleanup() {
+  local status=$?
+  if [ "$status" -ne 0 ]; then
+    echo "== the demo failed (exit $status); workspace logs and kernel audit records:"
+    tail -n 5 "$MICROAGENT_HOME"/workspaces/*/*.log 2>/dev/null || true
+    dmesg 2>/dev/null | grep -iE 'audit|seccomp' | tail -n 5 || true
+  fi
+  microagent delete "$fork" --yes --force >/dev/null 2>&1 || true
+  microagent delete "$ws" --yes --force >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
 run microagent create "$ws" --image 127.0.0.1:5000/demo/busybox:1
 run microagent start "$ws"
 run microagent exec "$ws" -- sh -c "echo checkpoint-1 > /root/progress.txt"
