@@ -22,10 +22,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Manifests, indexes and image configs are small JSON documents: the OCI distribution
 /// spec lets registries refuse manifests over 4 MiB. Configs get the same bound.
 pub const MAX_JSON: u64 = 4 << 20;
+
+/// How long a busy partial file is tried again before another download is assumed to
+/// hold it: a child process also holds the lock for a moment, between its fork and the
+/// exec that closes the inherited descriptor (a unit test saw exactly that).
+const LOCK_PATIENCE: Duration = Duration::from_millis(200);
 
 /// Prefixes of the store's temporary names (each ends in `-<pid>`).
 const TMP_BLOB: &str = ".tmp-";
@@ -349,8 +355,12 @@ impl Store {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(path)
                 .map_err(io_err(path))?;
-            if !try_lock(&file).map_err(io_err(path))? {
-                return Ok(None);
+            let deadline = Instant::now() + LOCK_PATIENCE;
+            while !try_lock(&file).map_err(io_err(path))? {
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
             let opened = file.metadata().map_err(io_err(path))?;
             let same = fs::symlink_metadata(path)
