@@ -2,6 +2,7 @@
 //! test guest's counter: the restored VM continues where the snapshot was taken, in new
 //! processes, and every refusal has its stable code with nothing started or left behind.
 
+use microagent_integration::daemon::Daemon;
 use microagent_integration::vmm::{restore_refused, Vmm, VmmArgs};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -510,7 +511,6 @@ fn enospc_while_writing_removes_the_partial_snapshot() {
 
 #[test]
 fn a_dead_daemon_fails_the_snapshot_with_no_directory_and_the_vm_running() {
-    use microagent_integration::daemon::Daemon;
     let dir = new_dir();
     let disk = dir.path().join("disk.img");
     fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -548,7 +548,6 @@ fn a_dead_daemon_fails_the_snapshot_with_no_directory_and_the_vm_running() {
 
 #[test]
 fn a_daemon_killed_while_the_vmm_waits_on_it_mid_snapshot_leaves_no_directory() {
-    use microagent_integration::daemon::Daemon;
     let dir = new_dir();
     let disk = dir.path().join("disk.img");
     fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -605,7 +604,6 @@ fn a_daemon_killed_while_the_vmm_waits_on_it_mid_snapshot_leaves_no_directory() 
 
 #[test]
 fn a_restored_guest_reads_its_sector_back_through_a_fresh_blk_daemon_on_a_disk_copy() {
-    use microagent_integration::daemon::Daemon;
     let dir = new_dir();
     let disk = dir.path().join("disk.img");
     fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -674,23 +672,50 @@ fn a_restored_guest_reads_its_sector_back_through_a_fresh_blk_daemon_on_a_disk_c
     assert!(console.contains("BLK-READBACK=source-changed"), "{console}");
 }
 
+/// A vsock daemon for guest CID 3 with its hybrid socket in `dir`.
+fn vsock_daemon(dir: &Path, name: &str) -> (Daemon, PathBuf, PathBuf) {
+    let uds = dir.join(format!("{name}.vsock"));
+    let socket = dir.join(format!("{name}.sock"));
+    let daemon = Daemon::start(
+        "microagent-vhost-vsock",
+        &socket,
+        ["--guest-cid", "3", "--uds-path", uds.to_str().unwrap()],
+    )
+    .unwrap();
+    (daemon, socket, uds)
+}
+
+/// Restores `snap` with a fresh vsock daemon and checks that its guest sees the
+/// transport reset and then echoes through a new connection.
+fn assert_restored_vsock_guest_echoes(dir: &Path, snap: &Path) {
+    use std::io::{Read, Write};
+    let (_daemon, socket, uds) = vsock_daemon(dir, "restored");
+    let listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let host = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        conn.write_all(&[b"echo:", &buf[..n]].concat()).unwrap();
+        buf[..n].to_vec()
+    });
+    let run = run_dir(dir, "restored");
+    let restored = Vmm::restore(snap, &run, &["--vsock", socket.to_str().unwrap()]).unwrap();
+    let console = restored.wait_for("TEST-GUEST-DONE", RUN).unwrap();
+    assert!(console.contains("VSOCK-EVENT=0\n"), "{console}");
+    assert!(
+        console.contains("VSOCK-ECHO=echo:hello-after-restore"),
+        "{console}"
+    );
+    assert_eq!(host.join().unwrap(), b"hello-after-restore");
+}
+
 #[test]
 fn a_restored_guest_sees_a_vsock_transport_reset_and_a_new_connection_echoes() {
-    use microagent_integration::daemon::Daemon;
-    use std::io::{Read, Write};
     let dir = new_dir();
-    let vsock_daemon = |name: &str| {
-        let uds = dir.path().join(format!("{name}.vsock"));
-        let socket = dir.path().join(format!("{name}.sock"));
-        let daemon = Daemon::start(
-            "microagent-vhost-vsock",
-            &socket,
-            ["--guest-cid", "3", "--uds-path", uds.to_str().unwrap()],
-        )
-        .unwrap();
-        (daemon, socket, uds)
-    };
-    let (_d1, socket1, _) = vsock_daemon("source");
+    let (_d1, socket1, _) = vsock_daemon(dir.path(), "source");
     let mut args = VmmArgs::test_guest(
         "scenario=vsock_snapshot vsock_port=5000 vsock_msg=hello-after-restore",
     );
@@ -701,34 +726,67 @@ fn a_restored_guest_sees_a_vsock_transport_reset_and_a_new_connection_echoes() {
     let reply = snapshot(&source, &snap);
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(reply["state"], "running", "{reply}");
-
-    let (_d2, socket2, uds2) = vsock_daemon("restored");
-    let listener =
-        std::os::unix::net::UnixListener::bind(format!("{}_5000", uds2.display())).unwrap();
-    let host = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut buf = [0u8; 64];
-        let n = conn.read(&mut buf).unwrap();
-        conn.write_all(&[b"echo:", &buf[..n]].concat()).unwrap();
-        buf[..n].to_vec()
-    });
-    let run = run_dir(dir.path(), "restored");
-    let restored = Vmm::restore(&snap, &run, &["--vsock", socket2.to_str().unwrap()]).unwrap();
-    let console = restored.wait_for("TEST-GUEST-DONE", RUN).unwrap();
-    assert!(console.contains("VSOCK-EVENT=0\n"), "{console}");
-    assert!(
-        console.contains("VSOCK-ECHO=echo:hello-after-restore"),
-        "{console}"
-    );
-    assert_eq!(host.join().unwrap(), b"hello-after-restore");
+    assert_restored_vsock_guest_echoes(dir.path(), &snap);
     // The source, with its own daemon, saw no reset.
     assert!(
         !source.console().contains("VSOCK-EVENT"),
         "{}",
         source.console()
     );
+}
+
+/// Issue 12's ring-consistency defect, made to happen every time: host traffic reaches
+/// the vsock daemon while the snapshot has the rings stopped (the debug build's gate
+/// holds the snapshot there). The daemon must not deliver it into guest memory before
+/// memory is written: until 6f34a95 the rings were restarted right after the device
+/// state was saved, the daemon wrote the host's REQUEST into an RX buffer, and the saved
+/// memory held a used entry the saved ring state did not count (a restored guest then
+/// saw "rx:id N is not a head"). `microagent-snapshot verify` and the restore check it.
+#[test]
+fn host_traffic_while_a_snapshot_has_the_rings_stopped_is_not_in_its_memory() {
+    use std::io::Write;
+    let dir = new_dir();
+    let (_d1, socket1, uds1) = vsock_daemon(dir.path(), "source");
+    let gate = dir.path().join("snapshot-gate");
+    let mut args = VmmArgs::test_guest(
+        "scenario=vsock_snapshot vsock_port=5000 vsock_msg=hello-after-restore",
+    );
+    args.extra = vec!["--vsock".into(), socket1.into()];
+    args.env
+        .push(("MICROAGENT_TEST_SNAPSHOT_GATE".into(), gate.clone().into()));
+    let source = Vmm::start(&args, &dir.path().join("src-run")).unwrap();
+    source.wait_for("VSOCK-READY\n", RUN).unwrap();
+
+    // While the gate holds the snapshot, a host program connects to the guest's port
+    // 1234: the daemon has a REQUEST for the guest and RX buffers to put it in.
+    let host = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !gate.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the snapshot never reached its gate (a release build of the VMM?)"
+            );
+            sleep(Duration::from_millis(5));
+        }
+        let mut conn = std::os::unix::net::UnixStream::connect(&uds1).unwrap();
+        conn.write_all(b"CONNECT 1234\n").unwrap();
+        // Time for a running daemon to deliver it.
+        sleep(Duration::from_millis(500));
+        fs::remove_file(&gate).unwrap();
+        conn
+    });
+    let snap = dir.path().join("snap");
+    let reply = snapshot(&source, &snap);
+    let _conn = host.join().unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+
+    let verify = snapshot_tool(&["verify".as_ref(), snap.as_os_str()]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert_restored_vsock_guest_echoes(dir.path(), &snap);
 }
 
 fn snapshot_tool(args: &[&std::ffi::OsStr]) -> std::process::Output {

@@ -1,7 +1,7 @@
 //! A snapshot directory: written whole or not at all, opened with every check first.
 
 use super::manifest::{FileEntry, Manifest, MANIFEST, MEMORY, STATE};
-use super::{memory, Error, SnapshotState};
+use super::{memory, rings, Error, SnapshotState};
 use serde::Serialize;
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -323,7 +323,8 @@ pub fn open(dir: &Path) -> Result<Opened, Error> {
     })
 }
 
-/// Loads the memory file into fresh guest memory, refusing it if its checksum differs.
+/// Loads the memory file into fresh guest memory, refusing it if its checksum differs or
+/// its rings are ahead of the saved device state ([`rings::check`]).
 pub fn load_memory(opened: &Opened, memfd: &File) -> Result<u64, Error> {
     let (path, entry) = entry_path(&opened.dir, &opened.manifest, MEMORY)?;
     let file = File::open(&path).map_err(|source| Error::Read {
@@ -337,11 +338,12 @@ pub fn load_memory(opened: &Opened, memfd: &File) -> Result<u64, Error> {
     if loaded.sha256 != entry.sha256 {
         return Err(Error::ChecksumMismatch { path });
     }
+    rings::check(&opened.state.devices, memfd, entry.size)?;
     Ok(loaded.populated)
 }
 
-/// Checks every file of a snapshot against the manifest; the first bad file is the
-/// error.
+/// Checks every file of a snapshot against the manifest, and its rings against its
+/// memory ([`rings::check`]); the first problem is the error.
 pub fn verify(dir: &Path) -> Result<Manifest, Error> {
     let opened = open(dir)?;
     let (path, entry) = entry_path(dir, &opened.manifest, MEMORY)?;
@@ -356,5 +358,6 @@ pub fn verify(dir: &Path) -> Result<Manifest, Error> {
     if sum.sha256 != entry.sha256 {
         return Err(Error::ChecksumMismatch { path });
     }
+    rings::check(&opened.state.devices, &file, entry.size)?;
     Ok(opened.manifest)
 }

@@ -12,6 +12,7 @@
 pub mod dir;
 pub mod manifest;
 pub mod memory;
+pub mod rings;
 pub mod state;
 
 use serde::{Deserialize, Serialize};
@@ -104,6 +105,8 @@ pub enum Error {
     DeviceMismatch { expected: String, actual: String },
     #[error("restoring {what}: {message}")]
     Restore { what: &'static str, message: String },
+    #[error("{0}")]
+    Rings(#[from] rings::Error),
 }
 
 impl Error {
@@ -128,6 +131,7 @@ impl Error {
             Self::CpuMismatch { .. } => "snapshot.cpu_mismatch",
             Self::DeviceMismatch { .. } => "snapshot.device_mismatch",
             Self::Restore { .. } => "snapshot.restore_failed",
+            Self::Rings(_) => "snapshot.rings_inconsistent",
         }
     }
 }

@@ -306,6 +306,7 @@ impl EventLoop<'_> {
             transports.push(state);
             device_states.push(blob);
         }
+        hold_rings_stopped();
         let vcpu_states = vcpus.save_state().map_err(snapshot::Error::VcpuThreads)?;
         let state = SnapshotState {
             vm: snapshot::state::VmState::capture(&self.vm.fd).map_err(snapshot::Error::Capture)?,
@@ -390,3 +391,31 @@ impl EventLoop<'_> {
         }
     }
 }
+
+/// Environment variable a debug build reads: when set to a path, a snapshot creates that
+/// file once every device's rings are stopped and waits (up to 30 s) until the test
+/// removes it, so a test can make a daemon busy at exactly that moment. Release builds
+/// do not have it.
+pub const SNAPSHOT_GATE_ENV: &str = "MICROAGENT_TEST_SNAPSHOT_GATE";
+
+#[cfg(debug_assertions)]
+fn hold_rings_stopped() {
+    let Some(gate) = std::env::var_os(SNAPSHOT_GATE_ENV).map(std::path::PathBuf::from) else {
+        return;
+    };
+    if let Err(e) = std::fs::write(&gate, "rings stopped\n") {
+        log::warn!("{SNAPSHOT_GATE_ENV}: creating {}: {e}", gate.display());
+        return;
+    }
+    log::warn!(
+        "{SNAPSHOT_GATE_ENV}: rings stopped; waiting for {} to go",
+        gate.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gate.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn hold_rings_stopped() {}
