@@ -28,9 +28,9 @@ if [ "$not_run" -gt 0 ]; then
   done
 fi
 if [ -s "$report.retried" ]; then
-  echo "== run again after the rig lost a run (not a test failure; see docs/testing.md):"
+  echo "== run again after a lost run, each with why (passed the second time; see docs/testing.md):"
   while IFS=$'\t' read -r name why; do
-    echo "   - $name: ${why:0:160}"
+    echo "   - $name: ${why:0:260}"
   done <"$report.retried"
 fi
 if [ "$failed" -gt 0 ]; then

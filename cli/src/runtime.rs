@@ -267,13 +267,19 @@ pub fn state(home: &Home, name: &str) -> State {
     }
 }
 
-/// The VMM's structured error, if it printed one.
+/// Why the VMM stopped, from its log: its JSON error, or else how the VM ended (a guest
+/// that reset or triple-faulted exits 0 without an error).
 fn last_vmm_error(home: &Home, name: &str) -> Option<String> {
     let log = fs::read_to_string(workspace::dir(home, name).join("vmm.log")).ok()?;
     log.lines()
         .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find_map(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .or_else(|| {
+            log.lines()
+                .rev()
+                .find_map(|l| l.split_once("VM ended: ").map(|(_, how)| how.to_owned()))
+        })
 }
 
 /// The directory of this binary (`target/<profile>/` in a checkout, also for tests).

@@ -37,6 +37,10 @@ const L1_MEMORY_MIB: u32 = 4096;
 const MSIZE: u32 = 512 * 1024;
 /// How much of a log a failure shows.
 const TAIL: usize = 20000;
+/// What microagent-vmm logs when KVM reports that the guest shut down (a triple fault);
+/// a failed CLI assertion shows it from the workspace's vmm.log. A run that failed with
+/// it is run once more (see [`on_linux_kvm`]).
+const L2_TRIPLE_FAULT: &str = "GuestReset { how: \"triple fault or shutdown\" }";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -460,14 +464,24 @@ pub fn on_linux_kvm(name: &str, body: impl FnOnce()) {
             job.env.push((key.into(), value));
         }
     }
-    let outcome = run(&job, name).unwrap_or_else(|e| panic!("nested rig: {e}"));
+    let passed = |o: &Outcome| o.code == 0 && o.output.contains("test result: ok. 1 passed");
+    let mut outcome = run(&job, name).unwrap_or_else(|e| panic!("nested rig: {e}"));
+    if !passed(&outcome) && outcome.output.contains(L2_TRIPLE_FAULT) {
+        eprintln!("{}", outcome.tails());
+        report::retried(
+            name,
+            "a Linux guest triple-faulted early in its boot (KVM_EXIT_SHUTDOWN); seen only \
+             in this rig, about once in 30-50 boots, cause not known (docs/testing.md)",
+        );
+        outcome = run(&job, name).unwrap_or_else(|e| panic!("nested rig: {e}"));
+    }
     eprintln!(
         "{name}: ran inside the nested rig's L1 in {:.1} s",
         outcome.elapsed.as_secs_f64()
     );
     // libtest exits 0 when the filter matched nothing: insist that this test ran.
     assert!(
-        outcome.code == 0 && outcome.output.contains("test result: ok. 1 passed"),
+        passed(&outcome),
         "{name} failed inside the nested rig (exit {}):\n{}",
         outcome.code,
         outcome.tails()

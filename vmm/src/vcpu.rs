@@ -96,6 +96,8 @@ struct RunState {
     stop: bool,
     paused: usize,
     running: usize,
+    /// vCPU threads past their confinement (entered, or failed and ending the VM).
+    confined: usize,
     /// Bumped to ask every paused vCPU thread to save its state into `saved`.
     save_seq: u64,
     saved: Vec<Option<Result<VcpuState, String>>>,
@@ -210,6 +212,9 @@ impl Vcpus {
             );
         }
         let vcpus = Self { control, threads };
+        // Whoever reaches the VMM after this (its control socket appears later) finds
+        // every vCPU thread confined.
+        vcpus.wait_until(|s| s.confined == s.running);
         if paused {
             vcpus.kick_until(|s| s.paused == s.running);
         }
@@ -239,6 +244,17 @@ impl Vcpus {
                 .0;
         }
         state.saved.drain(..).flatten().collect()
+    }
+
+    fn wait_until(&self, done: impl Fn(&RunState) -> bool) {
+        let mut state = self.control.state();
+        while !done(&state) {
+            state = self
+                .control
+                .changed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     fn kick_until(&self, done: impl Fn(&RunState) -> bool) {
@@ -327,7 +343,10 @@ fn run(
 ) {
     let mut seen = control.state().save_seq;
     // Confined before the first KVM_RUN: from here on the guest drives this thread.
-    let ended = if let Err(e) = confinement.enter() {
+    let confined = confinement.enter();
+    control.state().confined += 1;
+    control.changed.notify_all();
+    let ended = if let Err(e) = confined {
         control.finish(Outcome::VcpuError(Box::new(VcpuFailure::unconfined(
             id, &e,
         ))));

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Counts failed workspace starts in the nested rig: inside L1, a registry on loopback,
+# one workspace from the demo image, then ROUNDS rounds of start, exec, halt. A failed
+# start prints the ends of its logs. For chasing intermittent boot failures
+# (docs/testing.md, "L2 triple faults"). After `make demo` (release build, demo image):
+#   target/release/microagent-nested --timeout 3600 -- scripts/nested-start-loop.sh 30
+# MICROAGENT_SECCOMP=off (passed with --env) starts the workspace's processes unfiltered.
+set -uo pipefail
+rounds=${1:-20}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "${MICROAGENT_NESTED_L1:-}" ]; then
+  exec "$repo/target/release/microagent-nested" --timeout 3600 -- "$0" "$@"
+fi
+layout=$repo/target/demo-image
+kernels=$(dirname "$(dirname "$("$repo/scripts/build-kernel.sh" --path)")")
+export MICROAGENT_HOME=/tmp/microagent-loop
+mkdir -p "$MICROAGENT_HOME" /tmp/registry
+ln -sfn "$kernels" "$MICROAGENT_HOME/kernels"
+cat >/tmp/registry/config.yml <<YML
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: /tmp/registry/data
+http:
+  addr: 127.0.0.1:5000
+YML
+docker-registry serve /tmp/registry/config.yml >/tmp/registry/log 2>&1 &
+for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/5000) 2>/dev/null && break; sleep 0.1; done
+skopeo copy --quiet --dest-tls-verify=false "oci:$layout:v1" docker://127.0.0.1:5000/demo/busybox:1
+ma=$repo/target/release/microagent
+ws=$MICROAGENT_HOME/workspaces/loop
+"$ma" create loop --image 127.0.0.1:5000/demo/busybox:1 >/dev/null || exit 1
+failed=0
+for i in $(seq "$rounds"); do
+  t0=$(date +%s%N)
+  if "$ma" start loop >/tmp/start.out 2>&1; then result=ok; else result=FAILED; failed=$((failed + 1)); fi
+  echo "start $i: $result in $((($(date +%s%N) - t0) / 1000000)) ms (seccomp ${MICROAGENT_SECCOMP:-on})"
+  if [ "$result" = FAILED ]; then
+    tail -n 3 /tmp/start.out
+    tail -n 3 "$ws/vmm.log"
+    tail -n 8 "$ws/console.log"
+    "$ma" halt loop >/dev/null 2>&1
+    continue
+  fi
+  "$ma" exec loop -- true || echo "exec $i failed"
+  "$ma" halt loop >/dev/null || echo "halt $i failed"
+done
+echo "summary: $failed of $rounds starts failed (seccomp ${MICROAGENT_SECCOMP:-on})"
+[ "$failed" -eq 0 ]
