@@ -664,6 +664,36 @@ fn terminal_size() -> TtySize {
 
 /// Ok for a running workspace; otherwise `workspace.crashed` naming the process that
 /// died, or `workspace.not_running`.
+/// Prints the guest console; with `follow`, goes on printing what the guest writes until
+/// the workspace stops (halted, crashed, deleted).
+fn logs(home: &Home, name: &str, follow: bool) {
+    let path = workspace::console_log(home, name);
+    let mut offset = 0;
+    loop {
+        // Asked before reading, so whatever the guest wrote before it stopped is printed.
+        let again = follow && matches!(runtime::state(home, name), State::Running | State::Paused);
+        if let Ok(mut file) = fs::File::open(&path) {
+            let len = file.metadata().map_or(0, |m| m.len());
+            if len < offset {
+                // A new console log (the workspace was made again): from its start.
+                offset = 0;
+            }
+            let mut rest = Vec::new();
+            if std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(offset)).is_ok()
+                && file.read_to_end(&mut rest).is_ok()
+            {
+                offset += rest.len() as u64;
+                let _ = std::io::stdout().write_all(&rest);
+                let _ = std::io::stdout().flush();
+            }
+        }
+        if !again {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn running(home: &Home, name: &str) -> Result<()> {
     match runtime::state(home, name) {
         State::Running => Ok(()),
@@ -1072,20 +1102,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Logs { name, follow } => {
             workspace::load(&home, &name)?;
-            let path = workspace::console_log(&home, &name);
-            let mut offset = 0;
-            loop {
-                let data = fs::read(&path).unwrap_or_default();
-                if data.len() > offset {
-                    let _ = std::io::stdout().write_all(&data[offset..]);
-                    let _ = std::io::stdout().flush();
-                    offset = data.len();
-                }
-                if !follow {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            logs(&home, &name, follow);
         }
         Cmd::Doctor => doctor(&home, &out),
         Cmd::Image {

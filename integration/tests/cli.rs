@@ -19,6 +19,11 @@ fn setup(dir: &Path) -> (Cli, Registry, String) {
 }
 
 fn create(cli: &Cli, name: &str, image: &str) {
+    create_running(cli, name, image, "scenario=halt");
+}
+
+/// A workspace whose test guest runs `cmdline` (a `scenario=`).
+fn create_running(cli: &Cli, name: &str, image: &str, cmdline: &str) {
     cli.ok(&[
         "create",
         name,
@@ -32,7 +37,7 @@ fn create(cli: &Cli, name: &str, image: &str) {
         "--kernel",
         test_guest().to_str().unwrap(),
         "--cmdline",
-        "scenario=halt",
+        cmdline,
     ]);
 }
 
@@ -712,4 +717,76 @@ fn bad_or_taken_published_ports_are_refused_with_a_code() {
     );
     assert!(!cli.runtime.join("clash").exists(), "runtime left behind");
     assert_eq!(cli.state("clash"), "created");
+}
+
+/// The largest `tick N` in `text`.
+fn last_tick(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn logs_follow_prints_what_the_guest_writes_next_and_ends_when_the_workspace_halts() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    create_running(&cli, "ws", &image, "scenario=counter");
+    cli.ok(&["start", "ws"]);
+    let console = cli.home.join("workspaces/ws/console.log");
+
+    let mut follow = cli
+        .command(&["logs", "-f", "ws"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (ticks, seen) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(n) = line
+                .strip_prefix("tick ")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                let _ = ticks.send(n);
+            }
+        }
+    });
+    // What the console holds a second after `logs -f` read it first: a tick past this
+    // can only come from following.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mark = last_tick(&std::fs::read_to_string(&console).unwrap()) + 100;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match seen.recv_timeout(left) {
+            Ok(n) if n > mark => break,
+            Ok(_) => {}
+            Err(e) => panic!("logs -f printed no tick past {mark}: {e}"),
+        }
+    }
+
+    cli.ok(&["halt", "ws"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = follow.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = follow.kill();
+            panic!("logs -f still runs after the workspace halted");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    drop(seen);
+    reader.join().unwrap();
+
+    // Without -f on a halted workspace: the whole console, then exit.
+    let all = cli.ok(&["logs", "ws"]);
+    assert_eq!(all, std::fs::read_to_string(&console).unwrap());
+    assert!(last_tick(&all) > mark, "{}", all.len());
 }
