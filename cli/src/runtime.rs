@@ -20,7 +20,10 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
-const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a starting process may take to create its socket (a restore under the
+/// nested rig's TCG took over 10 s on a loaded machine); a process that dies is noticed at
+/// once.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 const HALT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -100,6 +100,17 @@ fn linux_workspace_lifecycle_through_the_cli() {
         ]);
         assert!(out.contains("/dev/pts/"), "{out:?}");
         assert!(out.contains("is-a-tty"), "{out:?}");
+        // `shell`: /bin/sh on a terminal, reading what the user types, its exit status
+        // passed through.
+        let out = cli.run_with_stdin(
+            &["shell", "ws"],
+            b"[ -t 0 ] && echo shell-on-a-tty TERM=$TERM\nexit 3\n",
+        );
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        assert!(
+            stdout(&out).contains("shell-on-a-tty TERM=xterm-256color"),
+            "{out:?}"
+        );
         // The image's user and identity.
         assert_eq!(
             cli.ok(&["exec", "-u", "app", "ws", "--", "id", "-u"]),

@@ -7,7 +7,7 @@ use microagent_integration::daemon::Daemon;
 use microagent_integration::ext4::debugfs;
 use microagent_integration::initramfs::busybox_init;
 use microagent_integration::kernel::guest_kernel;
-use microagent_integration::nested::on_linux_kvm;
+use microagent_integration::nested::{on_linux_kvm, L1Kernel};
 use microagent_integration::qemu::GUEST_PRELUDE;
 use microagent_integration::vmm::{Vmm, VmmArgs};
 use sha2::{Digest, Sha256};
@@ -74,6 +74,30 @@ fn linux_boots_fully_under_microagent_vmm() {
             assert!(output.status.success(), "{output:?}\n{console}");
         }
     });
+}
+
+/// A bzImage boots too: Debian's stock kernel (the nested rig's own L1 kernel, with its
+/// EFI stub and compressed payload) goes through the 64-bit boot protocol to a busybox
+/// /init, and `reboot -f` resets through the i8042.
+#[test]
+fn a_bzimage_kernel_boots_to_its_initramfs_under_microagent_vmm() {
+    on_linux_kvm(
+        "a_bzimage_kernel_boots_to_its_initramfs_under_microagent_vmm",
+        || {
+            let dir = tempfile::tempdir().unwrap();
+            let script = "echo BZIMAGE-USERSPACE-UP kernel=$(uname -r)\nreboot -f\n";
+            let mut args = linux(dir.path(), 1, script, &[]);
+            args.kernel = L1Kernel::locate().unwrap().vmlinuz;
+            let head = std::fs::read(&args.kernel).unwrap();
+            assert_eq!(&head[0x202..0x206], b"HdrS", "not a bzImage");
+            let (output, console) = args.run(dir.path(), BOOT).unwrap();
+            assert!(
+                console.contains("BZIMAGE-USERSPACE-UP kernel=6."),
+                "{console}"
+            );
+            assert!(output.status.success(), "{output:?}\n{console}");
+        },
+    );
 }
 
 /// Connects through the vsock daemon's hybrid socket, retrying while the guest's
