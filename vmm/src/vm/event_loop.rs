@@ -396,7 +396,8 @@ impl EventLoop<'_> {
 /// file once every device's rings are stopped and waits (up to 30 s) until the test
 /// removes it, so a test can make a daemon busy at exactly that moment. Release builds
 /// do not have it.
-pub const SNAPSHOT_GATE_ENV: &str = "MICROAGENT_TEST_SNAPSHOT_GATE";
+#[cfg(debug_assertions)]
+const SNAPSHOT_GATE_ENV: &str = "MICROAGENT_TEST_SNAPSHOT_GATE";
 
 #[cfg(debug_assertions)]
 fn hold_rings_stopped() {
