@@ -62,6 +62,7 @@ fn command(side: &Side, mib: u64, dir: &Path) -> Command {
                     "boot_args": "console=ttyS0",
                 },
                 "machine-config": {"vcpu_count": 1, "mem_size_mib": mib},
+                "drives": [],
             });
             fs::write(&config, json.to_string()).unwrap();
             cmd.arg("--no-api").arg("--config-file").arg(config);
