@@ -2,7 +2,8 @@
 //!
 //! Builds the freestanding test guest (guest/test-guest/guest.c) that microagent-vmm
 //! boots on any KVM, including PVM hosts where guest kernel code is emulated: no SSE,
-//! no red zone, no libc, linked at 2 MiB.
+//! no red zone, no libc, linked at 2 MiB; and the reset guest
+//! (guest/reset-guest/reset.S), whose first instruction resets, for start-up benchmarks.
 
 use std::env;
 use std::path::PathBuf;
@@ -53,4 +54,26 @@ fn main() {
         .expect("running gcc for vsock-echo");
     assert!(status.success(), "building vsock-echo failed");
     println!("cargo:rustc-env=MICROAGENT_VSOCK_ECHO={}", out.display());
+
+    // The smallest ELF kernel: resets at its first instruction.
+    let source =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("../guest/reset-guest/reset.S");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("reset-guest.elf");
+    println!("cargo:rerun-if-changed={}", source.display());
+    let status = Command::new(env::var("CC").unwrap_or_else(|_| "gcc".into()))
+        .args([
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-Wl,-Ttext=0x200000",
+            "-Wl,-e,_start",
+            "-Wl,--build-id=none",
+            "-o",
+        ])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .expect("running gcc for the reset guest");
+    assert!(status.success(), "building the reset guest failed");
+    println!("cargo:rustc-env=MICROAGENT_RESET_GUEST={}", out.display());
 }

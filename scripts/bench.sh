@@ -7,6 +7,9 @@
 # CPU model, cores, kernel, memory and load average when it started.
 #
 #   scripts/bench.sh [NAME...]     (default: all; names as in the markers)
+#
+# vmm_start compares against a Firecracker binary, which this project neither builds
+# nor ships; it runs only when FIRECRACKER names one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +31,9 @@ BENCHES=(
   "net|bench_net|32 3"
   "fork|bench_fork|5"
 )
+if [ -n "${FIRECRACKER:-}" ]; then
+  BENCHES+=("vmm_start|bench_vmm_start|$FIRECRACKER 20")
+fi
 
 machine() {
   local cpu

@@ -13,6 +13,8 @@ packages=(
   # image tests: a real registry on loopback and a real pusher; umoci for bench_image;
   # openssl makes the TLS registry's CA and certificate (image_tls.rs)
   docker-registry skopeo umoci openssl
+  # the VMM start-up breakdown in docs/benchmarks.md (off-CPU and CPU profiles, syscalls)
+  linux-perf strace
 )
 
 missing=()

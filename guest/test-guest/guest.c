@@ -19,6 +19,8 @@
  *   scenario=smp      start smp_aps= application processors (INIT/SIPI), each counts
  *                     in its own slot; print "tick N ap0=.. ap1=.." forever
  *   scenario=halt     print the banner, then cli; hlt forever
+ *   scenario=reset_then_print  ask the i8042 for a reset, then print AFTER-RESET
+ *                     forever (a VMM must not run a vCPU on after its reset request)
  */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -454,6 +456,12 @@ void guest_main(u8 *boot_params) {
     } else if (value_is(scenario, "halt")) {
         puts_("HALTING\n");
         halt_forever();
+    } else if (value_is(scenario, "reset_then_print")) {
+        outb(0x64, 0xfe);
+        /* Straight to the UART without polling its status: as many bytes as a vCPU
+         * that runs on gets through. */
+        for (;;)
+            for (const char *p = "AFTER-RESET\n"; *p; p++) outb(0x3f8, (u8)*p);
     }
     puts_("TEST-GUEST-DONE\n");
     reset();

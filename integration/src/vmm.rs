@@ -17,6 +17,12 @@ pub fn test_guest() -> &'static Path {
     Path::new(env!("MICROAGENT_TEST_GUEST"))
 }
 
+/// An ELF kernel whose first instruction resets through the i8042: booting it costs the
+/// guest nothing, so a run measures the VMM's own start-up and exit.
+pub fn reset_guest() -> &'static Path {
+    Path::new(env!("MICROAGENT_RESET_GUEST"))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]

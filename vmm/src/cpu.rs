@@ -55,11 +55,17 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
-/// KVM's supported CPUID with the topology and identity this VMM presents.
-pub fn cpuid(kvm: &Kvm, cpu_id: u8, cpus: u8) -> Result<CpuId, Error> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::SupportedCpuid)?;
+/// KVM's supported CPUID, read once per VM: every vCPU's CPUID and the host identity a
+/// snapshot records derive from it (each read executes CPUID on the host, which is
+/// slow where that instruction traps to an outer hypervisor).
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, Error> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::SupportedCpuid)
+}
+
+/// `supported` with the topology and identity this VMM presents to vCPU `cpu_id`.
+pub fn cpuid(supported: &CpuId, cpu_id: u8, cpus: u8) -> CpuId {
+    let mut cpuid = supported.clone();
     let shift = u32::BITS - (u32::from(cpus).max(1) - 1).leading_zeros();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -91,7 +97,7 @@ pub fn cpuid(kvm: &Kvm, cpu_id: u8, cpus: u8) -> Result<CpuId, Error> {
             _ => {}
         }
     }
-    Ok(cpuid)
+    cpuid
 }
 
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), Error> {

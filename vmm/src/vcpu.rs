@@ -4,6 +4,7 @@
 //! the signal is repeated until the vCPU reports, which covers a signal that lands just
 //! before KVM_RUN is entered.
 
+use crate::devices::i8042::Effect;
 use crate::devices::legacy::PioBus;
 use crate::devices::virtio_mmio::MmioTransport;
 use crate::layout::VIRTIO_MMIO_SIZE;
@@ -401,8 +402,14 @@ fn run_once(id: u8, vcpu: &mut VcpuFd, bus: &Bus, control: &Control) -> Option<O
                 return None;
             }
             VcpuExit::IoOut(port, data) => {
-                bus.pio.write(port, data);
-                return None;
+                // A reset ends the VM here: this vCPU parks instead of running the
+                // guest on until the main loop stops it.
+                return match bus.pio.write(port, data) {
+                    Effect::CpuReset => Some(Outcome::GuestReset {
+                        how: "i8042 reset".into(),
+                    }),
+                    Effect::None => None,
+                };
             }
             VcpuExit::MmioRead(addr, data) => {
                 match bus.mmio_device(addr) {

@@ -4,8 +4,10 @@
 //! Enough of the controller for Linux to probe it cleanly (read and write the control
 //! byte, self-tests, output port, the AUX checks failing as on a machine without a
 //! mouse port) and for the keyboard driver to identify a keyboard; its command 0xFE
-//! pulses the CPU reset line, which ends the VM. Keyboard bytes raise IRQ 1 when the
-//! control byte enables it, as on a PC; controller replies are polled by the driver.
+//! pulses the CPU reset line, which ends the VM: [`I8042::write`] reports it to the vCPU
+//! that wrote it, which stops there rather than run the guest on. Keyboard bytes raise
+//! IRQ 1 when the control byte enables it, as on a PC; controller replies are polled by
+//! the driver.
 
 use super::EventFdTrigger;
 use serde::{Deserialize, Serialize};
@@ -103,24 +105,28 @@ impl Default for I8042State {
     }
 }
 
-/// The controller with its reset line and keyboard interrupt.
+/// What a write to the controller asks of the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Effect {
+    None,
+    /// Command 0xFE: pulse the CPU reset line.
+    CpuReset,
+}
+
+/// The controller with its keyboard interrupt.
 pub struct I8042 {
     state: I8042State,
-    reset: EventFdTrigger,
     kbd_irq: EventFdTrigger,
 }
 
 impl I8042 {
-    pub fn new(reset: EventFdTrigger, kbd_irq: EventFdTrigger) -> Self {
-        Self::restore(I8042State::default(), reset, kbd_irq)
+    pub fn new(kbd_irq: EventFdTrigger) -> Self {
+        Self::restore(I8042State::default(), kbd_irq)
     }
 
-    pub fn restore(state: I8042State, reset: EventFdTrigger, kbd_irq: EventFdTrigger) -> Self {
-        Self {
-            state,
-            reset,
-            kbd_irq,
-        }
+    pub fn restore(state: I8042State, kbd_irq: EventFdTrigger) -> Self {
+        Self { state, kbd_irq }
     }
 
     pub fn state(&self) -> &I8042State {
@@ -142,7 +148,7 @@ impl I8042 {
         }
     }
 
-    pub fn write(&mut self, offset: u8, value: u8) {
+    pub fn write(&mut self, offset: u8, value: u8) -> Effect {
         match offset {
             DATA => {
                 self.state.last_was_command = false;
@@ -150,12 +156,13 @@ impl I8042 {
                     Some(command) => self.command_parameter(command, value),
                     None => self.keyboard(value),
                 }
+                Effect::None
             }
             COMMAND => {
                 self.state.last_was_command = true;
-                self.command(value);
+                self.command(value)
             }
-            _ => {}
+            _ => Effect::None,
         }
     }
 
@@ -170,7 +177,7 @@ impl I8042 {
         status
     }
 
-    fn command(&mut self, command: u8) {
+    fn command(&mut self, command: u8) -> Effect {
         let s = &mut self.state;
         match command {
             CMD_READ_CTR => self.reply(self.state.control),
@@ -184,13 +191,10 @@ impl I8042 {
             CMD_KBD_ENABLE => s.control &= !CTR_KBDDIS,
             CMD_WRITE_CTR | CMD_WRITE_OUTP | CMD_WRITE_KBD_OUT | CMD_WRITE_AUX_OUT
             | CMD_WRITE_AUX => s.pending_command = Some(command),
-            CMD_RESET_CPU => {
-                if let Err(e) = self.reset.trigger() {
-                    log::warn!("i8042 reset event: {e}");
-                }
-            }
+            CMD_RESET_CPU => return Effect::CpuReset,
             _ => log::debug!("i8042: ignoring controller command {command:#04x}"),
         }
+        Effect::None
     }
 
     fn command_parameter(&mut self, command: u8, value: u8) {
@@ -265,25 +269,20 @@ mod tests {
 
     struct Rig {
         dev: I8042,
-        reset: EventFd,
         irq: EventFd,
     }
 
     fn rig() -> Rig {
-        let reset = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let dev = I8042::new(
-            EventFdTrigger(reset.try_clone().unwrap()),
-            EventFdTrigger(irq.try_clone().unwrap()),
-        );
-        Rig { dev, reset, irq }
+        let dev = I8042::new(EventFdTrigger(irq.try_clone().unwrap()));
+        Rig { dev, irq }
     }
 
     /// A controller command with an optional parameter, then the bytes it answered.
     fn command(dev: &mut I8042, cmd: u8, param: Option<u8>) -> Vec<u8> {
-        dev.write(COMMAND, cmd);
+        assert_eq!(dev.write(COMMAND, cmd), Effect::None);
         if let Some(p) = param {
-            dev.write(DATA, p);
+            assert_eq!(dev.write(DATA, p), Effect::None);
         }
         let mut out = Vec::new();
         while dev.read(COMMAND) & STR_OBF != 0 {
@@ -309,8 +308,8 @@ mod tests {
     fn the_aux_checks_fail_as_without_a_mouse_port() {
         let Rig { mut dev, .. } = rig();
         // Loop test: the byte comes back without the AUX data flag.
-        dev.write(COMMAND, CMD_WRITE_AUX_OUT);
-        dev.write(DATA, 0x5a);
+        assert_eq!(dev.write(COMMAND, CMD_WRITE_AUX_OUT), Effect::None);
+        assert_eq!(dev.write(DATA, 0x5a), Effect::None);
         assert_eq!(dev.read(COMMAND) & 0x20, 0);
         assert_eq!(dev.read(DATA), 0x5a);
         assert_eq!(command(&mut dev, CMD_AUX_TEST, None), [AUX_ABSENT]);
@@ -319,7 +318,7 @@ mod tests {
     #[test]
     fn keyboard_answers_reset_and_identify_with_interrupts() {
         let Rig { mut dev, irq, .. } = rig();
-        dev.write(DATA, KBD_GET_ID);
+        assert_eq!(dev.write(DATA, KBD_GET_ID), Effect::None);
         assert_eq!(irq.read().unwrap(), 1);
         let mut id = Vec::new();
         while dev.read(COMMAND) & STR_OBF != 0 {
@@ -331,13 +330,13 @@ mod tests {
             2,
             "one interrupt per byte still queued"
         );
-        dev.write(DATA, KBD_SET_LEDS);
-        dev.write(DATA, 0x07);
+        assert_eq!(dev.write(DATA, KBD_SET_LEDS), Effect::None);
+        assert_eq!(dev.write(DATA, 0x07), Effect::None);
         assert_eq!([dev.read(DATA), dev.read(DATA)], [KBD_ACK, KBD_ACK]);
         // Keyboard interrupts off in the control byte: no interrupt.
         command(&mut dev, CMD_WRITE_CTR, Some(CTR_SYSFLAG));
         let _ = irq.read();
-        dev.write(DATA, KBD_RESET);
+        assert_eq!(dev.write(DATA, KBD_RESET), Effect::None);
         assert!(irq.read().is_err());
         assert_eq!(
             [dev.read(DATA), dev.read(DATA)],
@@ -346,19 +345,22 @@ mod tests {
     }
 
     #[test]
-    fn reset_command_pulses_the_reset_line() {
-        let Rig { mut dev, reset, .. } = rig();
-        dev.write(COMMAND, CMD_READ_CTR);
-        assert!(reset.read().is_err());
-        dev.write(COMMAND, CMD_RESET_CPU);
-        assert_eq!(reset.read().unwrap(), 1);
+    fn reset_command_asks_for_a_cpu_reset() {
+        let Rig { mut dev, .. } = rig();
+        assert_eq!(dev.write(COMMAND, CMD_READ_CTR), Effect::None);
+        assert_eq!(
+            dev.write(DATA, CMD_RESET_CPU),
+            Effect::None,
+            "as a keyboard byte"
+        );
+        assert_eq!(dev.write(COMMAND, CMD_RESET_CPU), Effect::CpuReset);
     }
 
     #[test]
     fn a_guest_that_never_reads_cannot_grow_the_queue() {
         let Rig { mut dev, .. } = rig();
         for _ in 0..10_000 {
-            dev.write(DATA, KBD_GET_ID);
+            assert_eq!(dev.write(DATA, KBD_GET_ID), Effect::None);
         }
         assert_eq!(dev.state().output.len(), QUEUE_MAX);
     }
@@ -367,13 +369,14 @@ mod tests {
     fn state_round_trips_and_restores_the_same_behaviour() {
         let Rig { mut dev, .. } = rig();
         command(&mut dev, CMD_WRITE_CTR, Some(0x47));
-        dev.write(COMMAND, CMD_WRITE_OUTP);
+        assert_eq!(dev.write(COMMAND, CMD_WRITE_OUTP), Effect::None);
         let json = serde_json::to_string(dev.state()).unwrap();
         let state: I8042State = serde_json::from_str(&json).unwrap();
         assert_eq!(&state, dev.state());
-        let Rig { reset, irq, .. } = rig();
-        let mut restored = I8042::restore(state, EventFdTrigger(reset), EventFdTrigger(irq));
-        restored.write(DATA, 0x03); // the pending output-port parameter
+        let Rig { irq, .. } = rig();
+        let mut restored = I8042::restore(state, EventFdTrigger(irq));
+        // The pending output-port parameter.
+        assert_eq!(restored.write(DATA, 0x03), Effect::None);
         assert_eq!(command(&mut restored, CMD_READ_OUTP, None), [0x03]);
         assert_eq!(command(&mut restored, CMD_READ_CTR, None), [0x47]);
     }

@@ -1,7 +1,7 @@
 //! Port I/O: the 8250 UART on COM1 (vm-superio) and the i8042 controller
 //! ([`super::i8042`]), whose CPU reset command ends the VM.
 
-use super::i8042::{I8042State, I8042};
+use super::i8042::{Effect, I8042State, I8042};
 use super::EventFdTrigger;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -45,17 +45,19 @@ impl PioBus {
         }
     }
 
-    pub fn write(&self, port: u16, data: &[u8]) {
+    /// Writes `data` to `port`; says whether the guest asked for a CPU reset.
+    pub fn write(&self, port: u16, data: &[u8]) -> Effect {
         let Some(&value) = data.first() else {
-            return;
+            return Effect::None;
         };
         if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
             if let Err(e) = lock(&self.serial).write((port - COM1_BASE) as u8, value) {
                 log::warn!("serial: {e:?}");
             }
         } else if (I8042_BASE..I8042_BASE + I8042_LEN).contains(&port) {
-            lock(&self.i8042).write((port - I8042_BASE) as u8, value);
+            return lock(&self.i8042).write((port - I8042_BASE) as u8, value);
         }
+        Effect::None
     }
 }
 
@@ -176,22 +178,24 @@ mod tests {
     fn serial_output_and_i8042_reset() {
         let sink = Sink::default();
         let irq = EventFdTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
-        let reset = EventFd::new(EFD_NONBLOCK).unwrap();
         let kbd_irq = EventFdTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
         let bus = PioBus::new(
             Serial::new(irq, Box::new(sink.clone())),
-            I8042::new(EventFdTrigger(reset.try_clone().unwrap()), kbd_irq),
+            I8042::new(kbd_irq),
         );
         for b in b"hi" {
-            bus.write(COM1_BASE, &[*b]);
+            assert_eq!(bus.write(COM1_BASE, &[*b]), Effect::None);
         }
         assert_eq!(&*sink.0.lock().unwrap(), b"hi");
         let mut byte = [0u8];
         bus.read(0x80, &mut byte);
         assert_eq!(byte[0], 0xff);
-        assert!(reset.read().is_err(), "reset before the command");
-        bus.write(0x64, &[0xfe]);
-        assert_eq!(reset.read().unwrap(), 1);
+        assert_eq!(
+            bus.write(0x60, &[0xfe]),
+            Effect::None,
+            "not the command port"
+        );
+        assert_eq!(bus.write(0x64, &[0xfe]), Effect::CpuReset);
     }
 
     #[test]
@@ -205,7 +209,7 @@ mod tests {
                 Box::new(sink.clone()),
             )
             .unwrap(),
-            I8042::new(trigger(), trigger()),
+            I8042::new(trigger()),
         );
         // Linux's 8250 set-up: divisor latch, 8N1, interrupts on; an i8042 control byte.
         for (reg, value) in [
@@ -216,16 +220,16 @@ mod tests {
             (1, 0x05),
             (7, 0x5a),
         ] {
-            bus.write(COM1_BASE + reg, &[value]);
+            assert_eq!(bus.write(COM1_BASE + reg, &[value]), Effect::None);
         }
-        bus.write(0x64, &[0x60]);
-        bus.write(0x60, &[0x65]);
+        assert_eq!(bus.write(0x64, &[0x60]), Effect::None);
+        assert_eq!(bus.write(0x60, &[0x65]), Effect::None);
         let state = bus.state();
         let json = serde_json::to_string(&state).unwrap();
         let state: LegacyState = serde_json::from_str(&json).unwrap();
         let restored = PioBus::new(
             serial_from(&state.serial, trigger(), Box::new(sink.clone())).unwrap(),
-            I8042::restore(state.i8042.clone(), trigger(), trigger()),
+            I8042::restore(state.i8042.clone(), trigger()),
         );
         assert_eq!(restored.state(), state);
         let mut byte = [0u8];
@@ -235,7 +239,7 @@ mod tests {
         assert_eq!(byte[0], 0x03, "line control register");
         restored.read(COM1_BASE + 7, &mut byte);
         assert_eq!(byte[0], 0x5a, "scratch register");
-        restored.write(0x64, &[0x20]);
+        assert_eq!(restored.write(0x64, &[0x20]), Effect::None);
         restored.read(0x60, &mut byte);
         assert_eq!(byte[0], 0x65, "i8042 control byte");
         // An oversized receive FIFO in a damaged state file is refused, not trusted.

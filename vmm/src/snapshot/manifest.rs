@@ -1,6 +1,7 @@
 //! The manifest: what a snapshot was taken from and the checksum of every file.
 
 use super::Error;
+use kvm_bindings::CpuId;
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -58,6 +59,11 @@ impl CpuIdentity {
                 what: "the host CPU identity",
                 message: e.to_string(),
             })?;
+        Ok(Self::of_supported(&cpuid))
+    }
+
+    /// The identity in KVM's supported CPUID `cpuid`.
+    pub fn of_supported(cpuid: &CpuId) -> Self {
         let entries = cpuid.as_slice();
         let leaf = |function| {
             entries
@@ -95,13 +101,13 @@ impl CpuIdentity {
                 hash.update(word.to_le_bytes());
             }
         }
-        Ok(Self {
+        Self {
             vendor,
             family,
             model,
             stepping: eax & 0xf,
             fingerprint: format!("{:x}", hash.finalize()),
-        })
+        }
     }
 
     pub fn describe(&self) -> String {

@@ -17,7 +17,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// epoll tokens.
 pub(super) const TOKEN_EXIT: u64 = 0;
-pub(super) const TOKEN_RESET: u64 = 1;
 pub(super) const TOKEN_API: u64 = 2;
 pub(super) const TOKEN_CONN_BASE: u64 = 1 << 32;
 pub(super) const TOKEN_CALL_BASE: u64 = 2 << 32;
@@ -61,7 +60,6 @@ pub(super) struct EventLoop<'a> {
     pub(super) control: Arc<Control>,
     pub(super) vcpus: Option<Vcpus>,
     pub(super) server: Option<control::Server>,
-    pub(super) reset_evt: EventFd,
     pub(super) exit_evt: EventFd,
     pub(super) shutdown: Option<Shutdown>,
     pub(super) origin: Origin,
@@ -81,7 +79,6 @@ impl EventLoop<'_> {
 
     pub(super) fn run(&mut self) -> Result<Outcome, Error> {
         self.add(self.exit_evt.as_raw_fd(), TOKEN_EXIT, EventSet::IN)?;
-        self.add(self.reset_evt.as_raw_fd(), TOKEN_RESET, EventSet::IN)?;
         for (index, (_, device)) in self.vm.devices.iter().enumerate() {
             for (queue, &fd) in device.relay.calls.iter().enumerate() {
                 let token = TOKEN_CALL_BASE | ((index as u64) << 16) | queue as u64;
@@ -131,12 +128,6 @@ impl EventLoop<'_> {
         match token {
             TOKEN_EXIT => {
                 let _ = self.exit_evt.read();
-            }
-            TOKEN_RESET => {
-                let _ = self.reset_evt.read();
-                self.control.finish(Outcome::GuestReset {
-                    how: "i8042 reset".into(),
-                });
             }
             TOKEN_API => {
                 if let Some(server) = &mut self.server {
