@@ -92,7 +92,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "user")]
         net: workspace::Network,
         /// Forward a host port to a guest port while the workspace runs:
-        /// [IP:]HOSTPORT:GUESTPORT[/tcp], IP defaults to 127.0.0.1 (repeatable).
+        /// [IP:]HOSTPORT:GUESTPORT[/tcp|udp], IP defaults to 127.0.0.1, the protocol to
+        /// TCP (repeatable).
         #[arg(long, value_name = "SPEC")]
         publish: Vec<String>,
         /// Upstream resolver for the guest's DNS server 10.0.2.3, IP[:PORT]

@@ -252,6 +252,32 @@ mod tests {
     }
 
     #[test]
+    fn publish_specs_with_udp_pass_and_bad_ones_fail_with_input_bad_publish() {
+        let good = [
+            "8080:80",
+            "127.0.0.1:8080:80/tcp",
+            "5353:53/udp",
+            "[::1]:60:6/udp",
+        ];
+        check_publish(&good.map(String::from)).unwrap();
+        for bad in [
+            "53/udp",
+            "5353:53/sctp",
+            "5353:53/UDP",
+            "0:53/udp",
+            "5353:53/udp/tcp",
+        ] {
+            let err = check_publish(&[bad.to_owned(), "8080:80".to_owned()]).unwrap_err();
+            assert_eq!(err.code, "input.bad_publish", "{bad}");
+            assert!(
+                err.message.contains(bad) && err.message.contains("[/tcp|udp]"),
+                "{bad}: {}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
     fn timestamps_are_rfc3339_utc() {
         let now = now_rfc3339();
         assert_eq!(now.len(), 20, "{now}");

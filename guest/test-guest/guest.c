@@ -15,6 +15,10 @@
  *   scenario=vsock_snapshot  set up vsock, post an event buffer, print VSOCK-READY,
  *                     wait for an event (a restore's TRANSPORT_RESET), print it, then
  *                     connect and echo as scenario=vsock
+ *   scenario=net      drive the virtio-mmio net device by polling: ARP for the
+ *                     gateway 10.0.2.2 from 10.0.2.15, print NET-ARP=<its mac>, send
+ *                     it an ICMP echo request, print NET-PING=ok when the matching
+ *                     reply comes back, reset
  *   scenario=counter  print "tick N" forever (for pause/resume)
  *   scenario=smp      start smp_aps= application processors (INIT/SIPI), each counts
  *                     in its own slot; print "tick N ap0=.. ap1=.." forever
@@ -367,6 +371,157 @@ static void vsock_wait_event(void) {
     puts_("VSOCK-EVENT="); put_dec(*(volatile u32 *)event_buf); putc_('\n');
 }
 
+/* ---- virtio-mmio net, polled: rx (0), tx (1); VERSION_1, so a 12-byte header ---- */
+#define NET_HDR 12
+#define NET_FRAME 1514
+static u8 net_rx[QSIZE][NET_HDR + NET_FRAME];
+static u8 net_tx[NET_HDR + 128];
+static u8 net_mac[6];
+static const u8 net_guest_ip[4] = {10, 0, 2, 15};
+static const u8 net_gateway_ip[4] = {10, 0, 2, 2};
+
+static void net_fail(const char *why) { puts_("NET-FAIL "); puts_(why); putc_('\n'); reset(); }
+
+static void put_hex8(u8 v) {
+    const char *digits = "0123456789abcdef";
+    putc_(digits[v >> 4]);
+    putc_(digits[v & 15]);
+}
+
+static void put16(u8 *p, u16 v) { p[0] = (u8)(v >> 8); p[1] = (u8)v; }
+static u16 get16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
+static int same(const u8 *a, const u8 *b, u32 n) {
+    for (u32 i = 0; i < n; i++)
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+static void copy(u8 *dst, const u8 *src, u32 n) { for (u32 i = 0; i < n; i++) dst[i] = src[i]; }
+
+/* The Internet checksum (RFC 1071) of n bytes. */
+static u16 inet_checksum(const u8 *p, u32 n) {
+    u32 sum = 0;
+    for (u32 i = 0; i + 1 < n; i += 2) sum += get16(p + i);
+    if (n & 1) sum += (u32)p[n - 1] << 8;
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    return (u16)~sum;
+}
+
+static void net_init(void) {
+    mmio = 0;
+    for (const char *p = cmdline; (p = param_from(p, "virtio_mmio.device")); ) {
+        const char *at = p;
+        while (*at && *at != '@') at++;
+        mmio = parse_num(at + 1);
+        if (rd(0) == 0x74726976 && rd(8) == 1) break;
+        mmio = 0;
+    }
+    if (!mmio) net_fail("no virtio-mmio net device");
+    wr(0x70, 0); wr(0x70, 1); wr(0x70, 1 | 2);
+    wr(0x14, 0);
+    if (!(rd(0x10) & (1 << 5))) net_fail("no VIRTIO_NET_F_MAC");
+    wr(0x24, 1); wr(0x20, 1);        /* VIRTIO_F_VERSION_1 */
+    wr(0x24, 0); wr(0x20, 1 << 5);   /* VIRTIO_NET_F_MAC */
+    wr(0x70, 1 | 2 | 8);
+    if (!(rd(0x70) & 8)) net_fail("features refused");
+    for (u32 i = 0; i < 2; i++) vq_setup(i);
+    wr(0x70, 1 | 2 | 8 | 4);
+    u32 lo = rd(0x100), hi = rd(0x104);
+    for (int i = 0; i < 4; i++) net_mac[i] = (u8)(lo >> (8 * i));
+    net_mac[4] = (u8)hi; net_mac[5] = (u8)(hi >> 8);
+    puts_("NET-MAC=");
+    for (int i = 0; i < 6; i++) { if (i) putc_(':'); put_hex8(net_mac[i]); }
+    putc_('\n');
+    for (u16 i = 0; i < QSIZE; i++) {
+        vqs[0].desc[i] = (struct desc){(u64)net_rx[i], sizeof net_rx[i], 2, 0};
+        vq_push(0, i);
+    }
+}
+
+/* Sends the frame in net_tx (after its header) of `len` bytes. */
+static void net_send(u32 len) {
+    for (int i = 0; i < NET_HDR; i++) net_tx[i] = 0;
+    vqs[1].desc[0] = (struct desc){(u64)net_tx, NET_HDR + len, 0, 0};
+    vq_push(1, 0);
+    vq_wait(1);
+}
+
+/* The next frame from the device (copied; its buffer is posted again) and its length. */
+static u8 net_frame[NET_FRAME];
+static u32 net_recv(void) {
+    struct vq *q = &vqs[0];
+    for (u32 spins = 0; *(volatile u16 *)&q->used.idx == q->last_used; spins++)
+        if (spins > 5000000) net_fail("timeout");
+    u32 slot = q->last_used % QSIZE;
+    u16 id = (u16)q->used.ring[slot].id;
+    u32 len = q->used.ring[slot].len;
+    q->last_used++;
+    if (id >= QSIZE || len < NET_HDR || len > NET_HDR + NET_FRAME) net_fail("bad rx element");
+    len -= NET_HDR;
+    copy(net_frame, net_rx[id] + NET_HDR, len);
+    vq_push(0, id);
+    return len;
+}
+
+/* ARP who-has 10.0.2.2; returns once the gateway's reply is in net_mac_gw. */
+static u8 net_mac_gw[6];
+static void net_arp(void) {
+    u8 *f = net_tx + NET_HDR;
+    for (int i = 0; i < 6; i++) f[i] = 0xff;
+    copy(f + 6, net_mac, 6);
+    put16(f + 12, 0x0806);
+    u8 *a = f + 14;
+    put16(a, 1); put16(a + 2, 0x0800); a[4] = 6; a[5] = 4; put16(a + 6, 1);
+    copy(a + 8, net_mac, 6); copy(a + 14, net_guest_ip, 4);
+    for (int i = 0; i < 6; i++) a[18 + i] = 0;
+    copy(a + 24, net_gateway_ip, 4);
+    net_send(42);
+    for (int tries = 0; tries < 8; tries++) {
+        u32 len = net_recv();
+        const u8 *r = net_frame + 14;
+        if (len < 42 || get16(net_frame + 12) != 0x0806 || get16(r + 6) != 2) continue;
+        if (!same(r + 14, net_gateway_ip, 4) || !same(r + 24, net_guest_ip, 4)) continue;
+        copy(net_mac_gw, r + 8, 6);
+        puts_("NET-ARP=");
+        for (int i = 0; i < 6; i++) { if (i) putc_(':'); put_hex8(net_mac_gw[i]); }
+        putc_('\n');
+        return;
+    }
+    net_fail("no ARP reply");
+}
+
+/* ICMP echo request to the gateway; prints NET-PING=ok on the matching reply. */
+static void net_ping(void) {
+    static const char payload[] = "microagent-ping";
+    const u32 plen = sizeof payload - 1, icmp_len = 8 + plen, ip_len = 20 + icmp_len;
+    u8 *f = net_tx + NET_HDR;
+    copy(f, net_mac_gw, 6);
+    copy(f + 6, net_mac, 6);
+    put16(f + 12, 0x0800);
+    u8 *ip = f + 14;
+    ip[0] = 0x45; ip[1] = 0; put16(ip + 2, (u16)ip_len); put16(ip + 4, 0x4d41);
+    put16(ip + 6, 0); ip[8] = 64; ip[9] = 1; put16(ip + 10, 0);
+    copy(ip + 12, net_guest_ip, 4); copy(ip + 16, net_gateway_ip, 4);
+    put16(ip + 10, inet_checksum(ip, 20));
+    u8 *icmp = ip + 20;
+    icmp[0] = 8; icmp[1] = 0; put16(icmp + 2, 0); put16(icmp + 4, 0x1234); put16(icmp + 6, 1);
+    copy(icmp + 8, (const u8 *)payload, plen);
+    put16(icmp + 2, inet_checksum(icmp, icmp_len));
+    net_send(14 + ip_len);
+    for (int tries = 0; tries < 8; tries++) {
+        u32 len = net_recv();
+        const u8 *rip = net_frame + 14, *r = rip + 20;
+        if (len < 14 + ip_len || get16(net_frame + 12) != 0x0800 || rip[0] != 0x45 || rip[9] != 1)
+            continue;
+        if (!same(rip + 12, net_gateway_ip, 4) || !same(rip + 16, net_guest_ip, 4)) continue;
+        if (r[0] != 0 || get16(r + 4) != 0x1234 || get16(r + 6) != 1) continue;
+        if (!same(r + 8, (const u8 *)payload, plen)) net_fail("echo payload differs");
+        if (inet_checksum(rip, 20) != 0 || inet_checksum(r, icmp_len) != 0) net_fail("bad checksum");
+        puts_("NET-PING=ok\n");
+        return;
+    }
+    net_fail("no echo reply");
+}
+
 /* ---- several vCPUs: each AP counts in its own slot ---- */
 #define MAX_APS 31
 volatile u32 ap_count;
@@ -441,6 +596,12 @@ void guest_main(u8 *boot_params) {
         reset();
     } else if (value_is(scenario, "vsock")) {
         vsock();
+        puts_("TEST-GUEST-DONE\n");
+        reset();
+    } else if (value_is(scenario, "net")) {
+        net_init();
+        net_arp();
+        net_ping();
         puts_("TEST-GUEST-DONE\n");
         reset();
     } else if (value_is(scenario, "counter")) {

@@ -2,7 +2,7 @@
 //! --no-agent`, a real image from a registry on loopback, real daemons and VMM.
 
 use microagent_integration::cli::{alive, survivors, Cli};
-use microagent_integration::net_services::free_port;
+use microagent_integration::net_services::{free_port, free_udp_port};
 use microagent_integration::registry::{push, write_layout, Registry};
 use microagent_integration::vmm::test_guest;
 use std::path::Path;
@@ -623,18 +623,31 @@ fn the_default_network_runs_a_net_daemon_and_publishes_ports_while_running() {
     let (cli, _registry, image) = setup(dir.path());
     let port = free_port();
     let spec = format!("127.0.0.1:{port}:80/tcp");
-    let out = net_create(&cli, "web", &image, &["--publish", &spec]);
+    let udp_port = free_udp_port();
+    let udp_spec = format!("{udp_port}:53/udp");
+    let out = net_create(
+        &cli,
+        "web",
+        &image,
+        &["--publish", &spec, "--publish", &udp_spec],
+    );
     assert!(out.status.success(), "{out:?}");
 
     let inspect: serde_json::Value = serde_json::from_str(&cli.ok(&["inspect", "web"])).unwrap();
     assert_eq!(inspect["config"]["net"], "user", "{inspect}");
-    assert_eq!(inspect["config"]["publish"], serde_json::json!([spec]));
-    assert_eq!(cli.entry("web")["publish"], serde_json::json!([spec]));
+    let both = serde_json::json!([spec, udp_spec]);
+    assert_eq!(inspect["config"]["publish"], both);
+    assert_eq!(cli.entry("web")["publish"], both);
     let table = cli.ok(&["list"]);
-    assert!(table.contains("PORTS") && table.contains(&spec), "{table}");
+    assert!(
+        table.contains("PORTS") && table.contains(&format!("{spec},{udp_spec}")),
+        "{table}"
+    );
 
     // Nothing listens before the start.
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    let udp_free = || std::net::UdpSocket::bind(("127.0.0.1", udp_port)).is_ok();
+    assert!(udp_free());
     cli.ok(&["start", "web"]);
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(cli.runtime.join("web/state.json")).unwrap())
@@ -646,7 +659,7 @@ fn the_default_network_runs_a_net_daemon_and_publishes_ports_while_running() {
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     assert!(argv[0].ends_with("microagent-vhost-net"), "{argv:?}");
-    assert!(argv.contains(&spec), "{argv:?}");
+    assert!(argv.contains(&spec) && argv.contains(&udp_spec), "{argv:?}");
     let vmm_pid = state["vmm"].as_u64().unwrap();
     let vmm_argv =
         String::from_utf8_lossy(&std::fs::read(format!("/proc/{vmm_pid}/cmdline")).unwrap())
@@ -654,6 +667,7 @@ fn the_default_network_runs_a_net_daemon_and_publishes_ports_while_running() {
     assert!(vmm_argv.contains("--net "), "{vmm_argv}");
     // The VMM connected: the daemon serves its frontend, the published port accepts.
     std::net::TcpStream::connect(("127.0.0.1", port)).expect("the published port accepts");
+    assert!(!udp_free(), "the daemon holds the published UDP port");
     assert_eq!(cli.state("web"), "running");
 
     let pids = cli.pids("web");
@@ -667,6 +681,7 @@ fn the_default_network_runs_a_net_daemon_and_publishes_ports_while_running() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "the published port outlived the workspace"
     );
+    assert!(udp_free(), "the published UDP port outlived the workspace");
 
     let out = net_create(&cli, "offline", &image, &["--net", "none"]);
     assert!(out.status.success(), "{out:?}");
@@ -689,7 +704,8 @@ fn bad_or_taken_published_ports_are_refused_with_a_code() {
             vec!["--publish", "127.0.0.1:0:80"],
             "is not [IP:]HOSTPORT:GUESTPORT",
         ),
-        (vec!["--publish", "8080:80/udp"], "only TCP"),
+        (vec!["--publish", "8080:80/sctp"], "[/tcp|udp]"),
+        (vec!["--publish", "8080:80/UDP"], "[/tcp|udp]"),
         (
             vec!["--net", "none", "--publish", "8080:80"],
             "needs a network",

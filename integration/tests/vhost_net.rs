@@ -417,6 +417,136 @@ fn a_udp_flow_to_the_gateway_reaches_a_host_socket_and_the_answer_comes_back() {
     rig.assert_alive();
 }
 
+/// A `--publish .../udp` port: each host sender's datagrams reach the guest's port from
+/// a gateway port of that sender's own (kept for its later datagrams), and the guest's
+/// replies to that gateway port go back to that sender from the published address.
+#[test]
+fn datagrams_to_a_published_udp_port_reach_the_guest_and_replies_return_to_each_sender() {
+    use microagent_vhost_net::frame::udp_frame;
+    use microagent_vhost_net::smoltcp::wire::{EthernetFrame, UdpPacket};
+    use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+    let published: SocketAddr = {
+        let probe = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        probe.local_addr().unwrap()
+    };
+    let spec = format!("{published}:7000/udp");
+    let mut rig = start(&["--publish", &spec]);
+    let mut guest = NetGuest::new(&rig.socket);
+    let senders: Vec<UdpSocket> = (0..2)
+        .map(|_| {
+            let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s
+        })
+        .collect();
+    // (gateway port, payload) of a datagram to the guest's port 7000.
+    let receive = |guest: &mut NetGuest| {
+        let frame = guest.recv_until("a datagram to guest port 7000", |f| {
+            let Ok(eth) = EthernetFrame::new_checked(f) else {
+                return false;
+            };
+            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+                return false;
+            };
+            UdpPacket::new_checked(ip.payload()).is_ok_and(|u| u.dst_port() == 7000)
+        });
+        let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
+        assert_eq!(eth.dst_addr(), GUEST_MAC);
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (GATEWAY, GUEST));
+        let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+        (udp.src_port(), udp.payload().to_vec())
+    };
+    let mut gateway_ports = Vec::new();
+    for (i, sender) in senders.iter().enumerate() {
+        sender
+            .send_to(format!("hello-{i}").as_bytes(), published)
+            .unwrap();
+        let (port, payload) = receive(&mut guest);
+        assert_eq!(payload, format!("hello-{i}").as_bytes());
+        gateway_ports.push(port);
+    }
+    assert_ne!(
+        gateway_ports[0], gateway_ports[1],
+        "one gateway port per sender"
+    );
+    // A sender's next datagram comes from the same gateway port.
+    senders[0].send_to(b"again", published).unwrap();
+    assert_eq!(receive(&mut guest), (gateway_ports[0], b"again".to_vec()));
+
+    // The guest answers each gateway port; each sender gets its own answer.
+    for (i, port) in gateway_ports.iter().enumerate().rev() {
+        let mut frame = udp_frame(
+            SocketAddrV4::new(GUEST, 7000),
+            SocketAddrV4::new(GATEWAY, *port),
+            GATEWAY_MAC,
+            format!("reply-{i}").as_bytes(),
+        )
+        .unwrap();
+        frame[6..12].copy_from_slice(GUEST_MAC.as_bytes());
+        guest.send(&frame);
+    }
+    for (i, sender) in senders.iter().enumerate() {
+        let mut buf = [0u8; 64];
+        let (n, from) = sender.recv_from(&mut buf).unwrap();
+        assert_eq!(from, published);
+        assert_eq!(&buf[..n], format!("reply-{i}").as_bytes());
+    }
+    rig.assert_alive();
+}
+
+/// Senders to a published UDP port share the UDP flow limit: past it, a new sender's
+/// datagrams are dropped while senders that have a flow still get through.
+#[test]
+fn senders_to_a_published_udp_port_beyond_the_flow_limit_are_dropped() {
+    use microagent_vhost_net::nat::MAX_UDP_FLOWS;
+    use microagent_vhost_net::smoltcp::wire::{EthernetFrame, UdpPacket};
+    use std::collections::HashSet;
+    use std::net::{SocketAddr, UdpSocket};
+    let published: SocketAddr = {
+        let probe = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        probe.local_addr().unwrap()
+    };
+    let spec = format!("{published}:7000/udp");
+    let mut rig = start(&["--publish", &spec]);
+    let mut guest = NetGuest::new(&rig.socket);
+    let senders: Vec<UdpSocket> = (0..MAX_UDP_FLOWS + 40)
+        .map(|_| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap())
+        .collect();
+    let payload_of = |f: &[u8]| -> Option<Vec<u8>> {
+        let eth = EthernetFrame::new_checked(f).ok()?;
+        let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+        (udp.dst_port() == 7000).then(|| udp.payload().to_vec())
+    };
+    let mut delivered = HashSet::new();
+    // In batches, each closed by a marker from sender 0 (whose flow exists from the
+    // first batch on): datagrams on one socket are taken in order, so once the marker
+    // arrives every datagram sent before it was either delivered or dropped.
+    for (batch, chunk) in senders.chunks(32).enumerate() {
+        for (i, sender) in chunk.iter().enumerate() {
+            let n = batch * 32 + i;
+            sender
+                .send_to(format!("from-{n}").as_bytes(), published)
+                .unwrap();
+        }
+        let marker = format!("marker-{batch}");
+        senders[0].send_to(marker.as_bytes(), published).unwrap();
+        loop {
+            let frame =
+                guest.recv_until("a datagram to guest port 7000", |f| payload_of(f).is_some());
+            let payload = String::from_utf8(payload_of(&frame).unwrap()).unwrap();
+            if payload == marker {
+                break;
+            }
+            assert!(delivered.insert(payload.clone()), "{payload} twice");
+        }
+    }
+    let expected: HashSet<String> = (0..MAX_UDP_FLOWS).map(|n| format!("from-{n}")).collect();
+    assert_eq!(delivered, expected);
+    rig.assert_alive();
+}
+
 #[test]
 fn syns_beyond_the_flow_limit_are_reset_and_the_limit_holds() {
     use microagent_vhost_net::nat::MAX_TCP_FLOWS;

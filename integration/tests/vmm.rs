@@ -295,6 +295,36 @@ fn test_guest_reaches_a_host_listener_through_microagent_vhost_vsock() {
     assert_eq!(host.join().unwrap(), b"ping-from-kvm");
 }
 
+/// The test guest drives the virtio-net device through microagent-vmm's vhost-user
+/// frontend and our net daemon on this machine's KVM: ARP for the gateway, then an ICMP
+/// echo to it.
+#[test]
+fn test_guest_arps_and_pings_the_gateway_through_microagent_vhost_net() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost-net.sock");
+    let _daemon = Daemon::start(
+        "microagent-vhost-net",
+        &socket,
+        ["--mac", "52:54:00:12:34:99", "--dns", "127.0.0.1:9"],
+    )
+    .unwrap();
+    let mut args = VmmArgs::test_guest("scenario=net");
+    args.extra = vec!["--net".into(), socket.into()];
+    let (output, console) = args.run(dir.path(), RUN).unwrap();
+    assert!(output.status.success(), "{output:?}\n{console}");
+    assert!(console.contains("NET-MAC=52:54:00:12:34:99\n"), "{console}");
+    let gateway = microagent_vhost_net::frame::GATEWAY_MAC
+        .0
+        .map(|b| format!("{b:02x}"))
+        .join(":");
+    assert!(
+        console.contains(&format!("NET-ARP={gateway}\n")),
+        "{console}"
+    );
+    assert!(console.contains("NET-PING=ok\n"), "{console}");
+    assert!(!console.contains("NET-FAIL"), "{console}");
+}
+
 // ---- The control socket never blocks the event loop (issue 19 item 2, issue 16) ----
 
 mod control_socket {

@@ -20,8 +20,6 @@ pub enum Error {
          (for example 127.0.0.1:8080:80/tcp)"
     )]
     BadPublish(String),
-    #[error("--publish {0:?}: only TCP is forwarded inbound so far")]
-    PublishUdp(String),
     #[error("--dns {0:?} is not an IP address with an optional port (1.1.1.1 or 127.0.0.1:5353)")]
     BadDns(String),
     #[error("reading {path}: {source}")]
@@ -39,7 +37,7 @@ impl Error {
         match self {
             Self::PathTooLong(_) => "net.socket_path_too_long",
             Self::BadMac(_) => "net.bad_mac",
-            Self::BadPublish(_) | Self::PublishUdp(_) => "net.bad_publish",
+            Self::BadPublish(_) => "net.bad_publish",
             Self::BadDns(_) => "net.bad_dns",
             Self::ResolvConf { .. } | Self::NoResolver(_) => "net.no_resolver",
         }
@@ -67,8 +65,8 @@ pub struct Args {
     pub mac: String,
     #[arg(long, value_enum, default_value = "user")]
     pub mode: Mode,
-    /// Forward a host port to a guest port: [IP:]HOSTPORT:GUESTPORT[/tcp]. IP defaults
-    /// to 127.0.0.1. Repeatable.
+    /// Forward a host port to a guest port: [IP:]HOSTPORT:GUESTPORT[/tcp|udp]. IP
+    /// defaults to 127.0.0.1, the protocol to TCP. Repeatable.
     #[arg(long)]
     pub publish: Vec<String>,
     /// Upstream DNS server for 10.0.2.3, IP[:PORT]; default: the nameservers of
@@ -81,11 +79,19 @@ pub struct Args {
     pub confine: microagent_confine::ConfineArgs,
 }
 
+/// The transport a published port forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
 /// One inbound forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Publish {
     pub host: SocketAddr,
     pub guest_port: u16,
+    pub protocol: Protocol,
 }
 
 impl FromStr for Publish {
@@ -93,11 +99,11 @@ impl FromStr for Publish {
 
     fn from_str(spec: &str) -> Result<Self, Error> {
         let bad = || Error::BadPublish(spec.to_owned());
-        let ports = match spec.rsplit_once('/') {
-            Some((ports, "tcp")) => ports,
-            Some((_, "udp")) => return Err(Error::PublishUdp(spec.to_owned())),
+        let (ports, protocol) = match spec.rsplit_once('/') {
+            Some((ports, "tcp")) => (ports, Protocol::Tcp),
+            Some((ports, "udp")) => (ports, Protocol::Udp),
             Some(_) => return Err(bad()),
-            None => spec,
+            None => (spec, Protocol::Tcp),
         };
         let (rest, guest) = ports.rsplit_once(':').ok_or_else(bad)?;
         let (ip, host) = match rest.rsplit_once(':') {
@@ -111,6 +117,7 @@ impl FromStr for Publish {
         Ok(Self {
             host: SocketAddr::new(ip, port(host)?),
             guest_port: port(guest)?,
+            protocol,
         })
     }
 }
@@ -209,11 +216,17 @@ mod tests {
     fn publish_specs_parse_with_defaults_and_bad_ones_are_refused() {
         let p: Publish = "8080:80".parse().unwrap();
         assert_eq!(p.host, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(p.guest_port, 80);
+        assert_eq!((p.guest_port, p.protocol), (80, Protocol::Tcp));
         let p: Publish = "0.0.0.0:2222:22/tcp".parse().unwrap();
         assert_eq!(p.host, "0.0.0.0:2222".parse().unwrap());
+        assert_eq!(p.protocol, Protocol::Tcp);
         let p: Publish = "[::1]:9000:90".parse().unwrap();
         assert_eq!(p.host, "[::1]:9000".parse().unwrap());
+        let p: Publish = "5353:53/udp".parse().unwrap();
+        assert_eq!(p.host, "127.0.0.1:5353".parse().unwrap());
+        assert_eq!((p.guest_port, p.protocol), (53, Protocol::Udp));
+        let p: Publish = "0.0.0.0:6000:60/udp".parse().unwrap();
+        assert_eq!(p.host, "0.0.0.0:6000".parse().unwrap());
         for bad in [
             "80",
             "0:80",
@@ -221,15 +234,20 @@ mod tests {
             "a:80",
             "1.2.3:80:80",
             "80:80/sctp",
+            "80:80/UDP",
+            "80:80/",
+            "/udp",
+            "53/udp",
+            "0:53/udp",
+            "53:0/udp",
+            "53:53/udp/tcp",
             "70000:80",
+            "70000:80/udp",
         ] {
             let err = bad.parse::<Publish>().unwrap_err();
             assert_eq!(err.code(), "net.bad_publish", "{bad}");
+            assert!(err.to_string().contains("[/tcp|udp]"), "{err}");
         }
-        assert!(matches!(
-            "53:53/udp".parse::<Publish>(),
-            Err(Error::PublishUdp(_))
-        ));
     }
 
     #[test]

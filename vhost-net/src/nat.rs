@@ -10,7 +10,8 @@ use std::time::Instant;
 /// At most this many TCP flows (guest connections and published ones) at once; a SYN
 /// beyond it is answered with a reset.
 pub const MAX_TCP_FLOWS: usize = 256;
-/// At most this many UDP flows (DNS included); a datagram opening one more is dropped.
+/// At most this many UDP flows (DNS and senders to published ports included); a
+/// datagram opening one more is dropped.
 pub const MAX_UDP_FLOWS: usize = 256;
 /// Bytes buffered by the stack for each TCP flow, each way.
 pub const TCP_BUFFER: usize = 128 << 10;
@@ -86,6 +87,15 @@ pub struct TcpFlow {
 #[derive(Debug)]
 pub struct UdpFlow {
     pub host: UdpSocket,
+    pub last_used: Instant,
+}
+
+/// Datagrams from `peer` to the published UDP socket with index `socket`, and the
+/// guest's replies back to it.
+#[derive(Debug)]
+pub struct InboundUdp {
+    pub socket: usize,
+    pub peer: SocketAddr,
     pub last_used: Instant,
 }
 

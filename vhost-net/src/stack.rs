@@ -3,23 +3,25 @@
 //! itself, and every flow has a host socket. Knows nothing about virtqueues: frames
 //! come in through [`Net::guest_frame`] and wait in [`Net::link`] for the guest.
 
-use crate::config::{NetConfig, Publish};
+use crate::config::{NetConfig, Protocol, Publish};
 use crate::dhcp;
 use crate::frame::{self, Verdict, DNS, GATEWAY, GATEWAY_MAC, GUEST, PREFIX_LEN};
 use crate::link::{Link, FROM_GUEST_FRAMES, TO_GUEST_FRAMES};
-use crate::nat::{self, TcpFlow, UdpFlow, MAX_TCP_FLOWS, MAX_UDP_FLOWS, TCP_BUFFER};
+use crate::nat::{self, InboundUdp, TcpFlow, UdpFlow, MAX_TCP_FLOWS, MAX_UDP_FLOWS, TCP_BUFFER};
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpListenEndpoint};
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// Ephemeral ports the gateway connects from for published ports.
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+/// Datagrams taken from one published UDP socket per poll (epoll reports the rest).
+const UDP_BATCH: usize = 256;
 /// Egress passes per poll: at most this many segments per flow at once.
 const EGRESS_PASSES: usize = 256;
 /// While flows exist the owner polls at least this often (closing, expiry).
@@ -85,32 +87,53 @@ pub struct Net {
     /// Keyed (guest end, destination as the guest sees it).
     tcp: HashMap<FlowKey, TcpFlow>,
     udp: HashMap<FlowKey, UdpFlow>,
+    /// Datagrams from senders to published UDP ports, keyed (guest end, the gateway
+    /// end the guest sees them coming from).
+    udp_inbound: HashMap<FlowKey, InboundUdp>,
     listeners: Vec<(TcpListener, u16)>,
+    udp_published: Vec<(UdpSocket, u16)>,
     next_port: u16,
     epoch: Instant,
 }
 
-/// Host listeners of published ports with their guest ports, bound while the daemon
-/// may still hold the capability a port below 1024 needs.
-pub type Published = Vec<(TcpListener, u16)>;
+/// Host sockets of published ports with their guest ports, bound while the daemon may
+/// still hold the capability a port below 1024 needs.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub tcp: Vec<(TcpListener, u16)>,
+    pub udp: Vec<(UdpSocket, u16)>,
+}
 
-/// Binds every `--publish` listener (non-blocking).
+/// Binds every `--publish` socket (non-blocking).
 pub fn publish(publish: &[Publish]) -> Result<Published, Error> {
-    publish
-        .iter()
-        .map(|&Publish { host, guest_port }| {
-            let publish_error = |source| Error::Publish { addr: host, source };
-            let listener = TcpListener::bind(host).map_err(publish_error)?;
-            listener.set_nonblocking(true).map_err(publish_error)?;
-            log::info!("publishing {host} to guest port {guest_port}");
-            Ok((listener, guest_port))
-        })
-        .collect()
+    let mut published = Published::default();
+    for &Publish {
+        host,
+        guest_port,
+        protocol,
+    } in publish
+    {
+        let publish_error = |source| Error::Publish { addr: host, source };
+        match protocol {
+            Protocol::Tcp => {
+                let listener = TcpListener::bind(host).map_err(publish_error)?;
+                listener.set_nonblocking(true).map_err(publish_error)?;
+                published.tcp.push((listener, guest_port));
+            }
+            Protocol::Udp => {
+                let socket = UdpSocket::bind(host).map_err(publish_error)?;
+                socket.set_nonblocking(true).map_err(publish_error)?;
+                published.udp.push((socket, guest_port));
+            }
+        }
+        log::info!("publishing {host}/{protocol:?} to guest port {guest_port}");
+    }
+    Ok(published)
 }
 
 impl Net {
     /// The stack, with the `listeners` of [`publish`] registered with the worker.
-    pub fn new(config: &NetConfig, listeners: Published, poller: Poller) -> Result<Self, Error> {
+    pub fn new(config: &NetConfig, published: Published, poller: Poller) -> Result<Self, Error> {
         let mut link = Link::default();
         let epoch = Instant::now();
         let mut iface_config = Config::new(HardwareAddress::Ethernet(GATEWAY_MAC));
@@ -124,9 +147,10 @@ impl Net {
         // are ours: that is how guest connections to the world reach a listener.
         let _ = iface.routes_mut().add_default_ipv4_route(GATEWAY);
         iface.set_any_ip(true);
-        for (listener, _) in &listeners {
+        let fds = published.tcp.iter().map(|(l, _)| l.as_raw_fd());
+        for fd in fds.chain(published.udp.iter().map(|(s, _)| s.as_raw_fd())) {
             poller
-                .add(listener.as_raw_fd(), libc::EPOLLIN as u32)
+                .add(fd, libc::EPOLLIN as u32)
                 .map_err(Error::Register)?;
         }
         Ok(Self {
@@ -139,7 +163,9 @@ impl Net {
             poller,
             tcp: HashMap::new(),
             udp: HashMap::new(),
-            listeners,
+            udp_inbound: HashMap::new(),
+            listeners: published.tcp,
+            udp_published: published.udp,
             next_port: *EPHEMERAL.start(),
             epoch,
         })
@@ -153,7 +179,7 @@ impl Net {
 
     /// Number of TCP and UDP flows.
     pub fn flows(&self) -> (usize, usize) {
-        (self.tcp.len(), self.udp.len())
+        (self.tcp.len(), self.udp.len() + self.udp_inbound.len())
     }
 
     /// One frame from the guest.
@@ -285,8 +311,18 @@ impl Net {
             return;
         }
         let key = (guest, dest);
+        if let Some(flow) = self.udp_inbound.get_mut(&key) {
+            // A reply to a sender on a published port.
+            flow.last_used = Instant::now();
+            if let Some((socket, _)) = self.udp_published.get(flow.socket) {
+                if let Err(e) = socket.send_to(payload, flow.peer) {
+                    log::debug!("UDP {guest} -> {}: {e}", flow.peer);
+                }
+            }
+            return;
+        }
         if !self.udp.contains_key(&key) {
-            if self.udp.len() >= MAX_UDP_FLOWS {
+            if self.udp.len() + self.udp_inbound.len() >= MAX_UDP_FLOWS {
                 log::warn!("UDP {guest} -> {dest}: {MAX_UDP_FLOWS} flows already, dropped");
                 return;
             }
@@ -329,6 +365,7 @@ impl Net {
     /// every event. Returns how long the stack may wait before the next call.
     pub fn poll(&mut self) -> Option<Duration> {
         self.accept_published();
+        self.receive_published_udp();
         self.poll_stack();
         self.service_tcp();
         self.service_udp();
@@ -338,7 +375,7 @@ impl Net {
             .iface
             .poll_delay(now, &self.sockets)
             .map(|d| Duration::from_micros(d.total_micros()));
-        if self.tcp.is_empty() && self.udp.is_empty() {
+        if self.tcp.is_empty() && self.udp.is_empty() && self.udp_inbound.is_empty() {
             delay
         } else {
             Some(delay.map_or(HOUSEKEEPING, |d| d.min(HOUSEKEEPING)))
@@ -369,7 +406,10 @@ impl Net {
             return Err(io::Error::other(format!("{MAX_TCP_FLOWS} flows already")));
         }
         let guest = SocketAddrV4::new(GUEST, guest_port);
-        let local = self.free_port(guest)?;
+        let tcp = &self.tcp;
+        let local = free_port(&mut self.next_port, |port| {
+            tcp.contains_key(&(guest, SocketAddrV4::new(GATEWAY, port)))
+        })?;
         host.set_nonblocking(true)?;
         self.poller.add_stream(host.as_raw_fd())?;
         let mut socket = new_tcp_socket();
@@ -392,23 +432,68 @@ impl Net {
         Ok(())
     }
 
-    fn free_port(&mut self, guest: SocketAddrV4) -> io::Result<u16> {
-        let span = usize::from(EPHEMERAL.end() - EPHEMERAL.start()) + 1;
-        for _ in 0..span {
-            let port = self.next_port;
-            self.next_port = if port == *EPHEMERAL.end() {
-                *EPHEMERAL.start()
-            } else {
-                port + 1
-            };
-            if !self
-                .tcp
-                .contains_key(&(guest, SocketAddrV4::new(GATEWAY, port)))
-            {
-                return Ok(port);
+    /// Datagrams to published UDP ports go to the guest from a gateway port of their
+    /// own per sender, so the guest's replies find their way back.
+    fn receive_published_udp(&mut self) {
+        let mut buf = vec![0u8; frame::MAX_UDP_PAYLOAD + 1];
+        for socket in 0..self.udp_published.len() {
+            for _ in 0..UDP_BATCH {
+                let (n, peer) = match self.udp_published[socket].0.recv_from(&mut buf) {
+                    Ok(received) => received,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        log::debug!("receiving on a published UDP port: {e}");
+                        break;
+                    }
+                };
+                let guest = SocketAddrV4::new(GUEST, self.udp_published[socket].1);
+                let Some(from) = self.inbound_udp_flow(socket, guest, peer) else {
+                    continue;
+                };
+                // Larger datagrams do not fit a frame; dropped.
+                if let Some(frame) = frame::udp_frame(from, guest, self.guest_mac, &buf[..n]) {
+                    self.link.send_to_guest(frame);
+                }
             }
         }
-        Err(io::Error::other("no free gateway port"))
+    }
+
+    /// The gateway end of the inbound flow from `peer` on published socket `socket`,
+    /// made on its first datagram; `None` at the flow limit.
+    fn inbound_udp_flow(
+        &mut self,
+        socket: usize,
+        guest: SocketAddrV4,
+        peer: SocketAddr,
+    ) -> Option<SocketAddrV4> {
+        let existing = self
+            .udp_inbound
+            .iter_mut()
+            .find(|(_, flow)| flow.socket == socket && flow.peer == peer);
+        if let Some(((_, from), flow)) = existing {
+            flow.last_used = Instant::now();
+            return Some(*from);
+        }
+        if self.udp.len() + self.udp_inbound.len() >= MAX_UDP_FLOWS {
+            log::warn!("UDP {peer} -> {guest}: {MAX_UDP_FLOWS} flows already, dropped");
+            return None;
+        }
+        let (udp, inbound) = (&self.udp, &self.udp_inbound);
+        let port = free_port(&mut self.next_port, |port| {
+            let key = (guest, SocketAddrV4::new(GATEWAY, port));
+            udp.contains_key(&key) || inbound.contains_key(&key)
+        })
+        .ok()?;
+        let from = SocketAddrV4::new(GATEWAY, port);
+        self.udp_inbound.insert(
+            (guest, from),
+            InboundUdp {
+                socket,
+                peer,
+                last_used: Instant::now(),
+            },
+        );
+        Some(from)
     }
 
     fn service_tcp(&mut self) {
@@ -449,7 +534,26 @@ impl Net {
             }
             flow.last_used.elapsed() < idle
         });
+        self.udp_inbound
+            .retain(|_, flow| flow.last_used.elapsed() < idle);
     }
+}
+
+/// The next ephemeral gateway port, after `next`, that is not `taken`.
+fn free_port(next: &mut u16, taken: impl Fn(u16) -> bool) -> io::Result<u16> {
+    let span = usize::from(EPHEMERAL.end() - EPHEMERAL.start()) + 1;
+    for _ in 0..span {
+        let port = *next;
+        *next = if port == *EPHEMERAL.end() {
+            *EPHEMERAL.start()
+        } else {
+            port + 1
+        };
+        if !taken(port) {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::other("no free gateway port"))
 }
 
 fn new_tcp_socket() -> tcp::Socket<'static> {
