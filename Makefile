@@ -69,14 +69,15 @@ fuzz-build: deps
 
 # Each target for FUZZ_SECONDS seconds on the seeds plus what earlier runs found.
 fuzz: fuzz-build
-	@set -e; for t in $(FUZZ_TARGETS); do \
+	@failed=""; for t in $(FUZZ_TARGETS); do \
 		mkdir -p target/fuzz-corpus/$$t target/fuzz-artifacts/$$t; \
 		echo "fuzz: $$t for $(FUZZ_SECONDS)s"; \
 		(cd fuzz && $(FUZZ_CARGO) run --debug-assertions $$t \
 			../target/fuzz-corpus/$$t corpus/$$t -- \
 			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
-			-artifact_prefix=../target/fuzz-artifacts/$$t/); \
-	done
+			-artifact_prefix=../target/fuzz-artifacts/$$t/) || failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashes in$$failed (inputs in target/fuzz-artifacts/)"; exit 1; fi
 
 # Replays every input in the corpus once (no mutation, deterministic): a regression
 # check that each earlier finding stays fixed.

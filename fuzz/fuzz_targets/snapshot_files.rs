@@ -38,12 +38,17 @@ fn manifest(fix_checksum: bool, text: &[u8]) {
         text.to_owned()
     };
     if let Ok(parsed) = Manifest::parse(path, &text) {
+        // Written again, it parses to the same manifest. Only the stored checksum may
+        // differ: it covers the JSON as read, and a field left out (an absent `initrd`)
+        // is written back as `null`.
         let written = parsed.to_json().expect("writing a parsed manifest");
         let written = String::from_utf8(written).expect("a manifest is UTF-8");
-        assert_eq!(
-            Manifest::parse(path, &written).expect("parsing a written manifest"),
-            parsed
-        );
+        let again = Manifest::parse(path, &written).expect("parsing a written manifest");
+        let without_checksum = |m: &Manifest| Manifest {
+            checksum: String::new(),
+            ..m.clone()
+        };
+        assert_eq!(without_checksum(&again), without_checksum(&parsed));
     }
 }
 
