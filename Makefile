@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all deps kernel nested-kernel agent build lint test demo clean-kernel bench
+.PHONY: all deps kernel nested-kernel agent build lint test demo clean-kernel bench fuzz fuzz-build fuzz-check
 
 all: build
 
@@ -55,3 +55,34 @@ demo: deps kernel nested-kernel build
 
 clean-kernel:
 	rm -rf "$$(dirname "$$(scripts/build-kernel.sh --path)")"
+
+# Fuzzing (cargo fuzz, nightly; docs/security.md "What was fuzzed"). The seed corpus is
+# fuzz/corpus/<target>/ (fuzz/seeds/make-seeds.py writes it); what a run finds goes to
+# target/fuzz-corpus/<target>/ and crashes to target/fuzz-artifacts/<target>/, so the
+# repository changes only when a finding is added on purpose. One process, one target at
+# a time (no -jobs/-workers: libFuzzer then runs in this process and prints here).
+FUZZ_TARGETS := vhost_blk_request vsock_packet agent_frames device_state snapshot_files image_layer vmm_api
+FUZZ_SECONDS ?= 60
+FUZZ_CARGO := $(CARGO) +nightly fuzz
+fuzz-build: deps
+	cd fuzz && $(FUZZ_CARGO) build --debug-assertions
+
+# Each target for FUZZ_SECONDS seconds on the seeds plus what earlier runs found.
+fuzz: fuzz-build
+	@failed=""; for t in $(FUZZ_TARGETS); do \
+		mkdir -p target/fuzz-corpus/$$t target/fuzz-artifacts/$$t; \
+		echo "fuzz: $$t for $(FUZZ_SECONDS)s"; \
+		(cd fuzz && $(FUZZ_CARGO) run --debug-assertions $$t \
+			../target/fuzz-corpus/$$t corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			-artifact_prefix=../target/fuzz-artifacts/$$t/) || failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashes in$$failed (inputs in target/fuzz-artifacts/)"; exit 1; fi
+
+# Replays every input in the corpus once (no mutation, deterministic): a regression
+# check that each earlier finding stays fixed.
+fuzz-check: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzz-check: $$t ($$(ls fuzz/corpus/$$t | wc -l) inputs)"; \
+		(cd fuzz && $(FUZZ_CARGO) run --debug-assertions $$t corpus/$$t -- -runs=0); \
+	done

@@ -40,3 +40,13 @@ for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs docker-registry 
 done
 cargo clippy --version >/dev/null 2>&1 || { echo "install-deps: cargo clippy is missing (rustup component add clippy)" >&2; exit 1; }
 cargo fmt --version >/dev/null 2>&1 || { echo "install-deps: cargo fmt is missing (rustup component add rustfmt)" >&2; exit 1; }
+
+# make fuzz / fuzz-check: a nightly toolchain and cargo-fuzz (skipped when present).
+if command -v rustup >/dev/null 2>&1 && ! rustup toolchain list | grep -q '^nightly'; then
+  echo "install-deps: installing the nightly toolchain (for cargo fuzz)" >&2
+  rustup toolchain install nightly --profile minimal >/dev/null
+fi
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-fuzz" >&2
+  cargo install cargo-fuzz --locked
+fi

@@ -118,6 +118,17 @@ impl Connection {
                 io::Error::new(io::ErrorKind::ConnectionRefused, "agent not listening").into(),
             );
         }
+        Self::handshake(reader, writer)
+    }
+
+    /// Opens a connection over a stream that already reaches the agent (what follows
+    /// the vsock daemon's `OK` line): the version check, then commands.
+    pub fn over(stream: UnixStream) -> Result<Self, Error> {
+        let writer = stream.try_clone()?;
+        Self::handshake(BufReader::new(stream), writer)
+    }
+
+    fn handshake(mut reader: BufReader<UnixStream>, mut writer: UnixStream) -> Result<Self, Error> {
         write_control(
             &mut writer,
             &HostMessage::Hello {
@@ -335,7 +346,30 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
-    use super::Exit;
+    use super::{Connection, Error, Exit};
+    use crate::frame::write_control;
+    use crate::message::AgentMessage;
+    use crate::PROTOCOL_VERSION;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_connection_over_a_stream_checks_the_agent_version_first() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let hello = |version| AgentMessage::Hello {
+            version,
+            agent: "test".into(),
+            cid: Some(3),
+        };
+        write_control(&mut theirs, &hello(PROTOCOL_VERSION + 1)).unwrap();
+        assert!(matches!(
+            Connection::over(ours),
+            Err(Error::VersionMismatch { agent }) if agent == PROTOCOL_VERSION + 1
+        ));
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        write_control(&mut theirs, &hello(PROTOCOL_VERSION)).unwrap();
+        let conn = Connection::over(ours).unwrap();
+        assert_eq!(conn.info().cid, Some(3));
+    }
 
     #[test]
     fn exit_codes_follow_the_shell_and_a_hostile_signal_cannot_overflow() {

@@ -252,7 +252,12 @@ fn config_platform(store: &Store, image: &Image) -> Result<Option<Platform>, Err
 
 /// Reads Env, WorkingDir, User, Entrypoint and Cmd from the image's config blob.
 pub fn exec_defaults(store: &Store, image: &Image) -> Result<ExecDefaults, Error> {
-    let config = config_json(store, image)?;
+    Ok(exec_defaults_of(&config_json(store, image)?))
+}
+
+/// Env, WorkingDir, User, Entrypoint and Cmd of a parsed image config; fields of the
+/// wrong type count as absent.
+pub fn exec_defaults_of(config: &Value) -> ExecDefaults {
     let c = &config["config"];
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
@@ -264,7 +269,7 @@ pub fn exec_defaults(store: &Store, image: &Image) -> Result<ExecDefaults, Error
             .unwrap_or_default()
     };
     let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
-    Ok(ExecDefaults {
+    ExecDefaults {
         env: strings(&c["Env"])
             .into_iter()
             .filter_map(|kv| {
@@ -276,7 +281,7 @@ pub fn exec_defaults(store: &Store, image: &Image) -> Result<ExecDefaults, Error
         user: text(&c["User"]),
         entrypoint: strings(&c["Entrypoint"]),
         cmd: strings(&c["Cmd"]),
-    })
+    }
 }
 
 fn fetch_blobs(store: &Store, source: &Source, options: &PullOptions) -> Result<Image, Error> {

@@ -22,7 +22,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -33,7 +33,7 @@ const SEG_MAX: u32 = 254;
 /// A batch moving at least this much data is executed on several threads.
 const PARALLEL_BATCH_BYTES: u64 = 512 << 10;
 
-type Parsed = Result<Request, (request::Error, Option<GuestAddress>)>;
+use crate::request::Parsed;
 
 use microagent_daemon_kit::memory::Memory;
 use microagent_daemon_kit::Mem;
@@ -211,16 +211,7 @@ impl BlkBackend {
         device: &Device<'_>,
         batch: &[(u16, Parsed)],
     ) -> Vec<u32> {
-        let one = |(_, parsed): &(u16, Parsed)| match parsed {
-            Ok(request) => request.execute(mem, device).used_len,
-            Err((e, status)) => {
-                log::warn!("queue {queue}: malformed request: {e}");
-                match status {
-                    Some(at) if request::write_status(mem, *at, request::VIRTIO_BLK_S_IOERR) => 1,
-                    _ => 0,
-                }
-            }
-        };
+        let one = |(_, parsed): &(u16, Parsed)| request::complete(queue, mem, device, parsed);
         let bytes: u64 = batch
             .iter()
             .filter_map(|(_, p)| p.as_ref().ok())

@@ -282,6 +282,24 @@ enum Outcome {
 }
 use Outcome::{Failed, Unsupported};
 
+/// What [`Request::parse`] made of one chain.
+pub type Parsed = Result<Request, (Error, Option<GuestAddress>)>;
+
+/// Completes one parsed chain on `queue` and returns its used length: a request is
+/// carried out; a malformed chain gets IOERR when it has a usable status byte.
+pub fn complete(queue: usize, mem: &GuestMemoryMmap, device: &Device<'_>, parsed: &Parsed) -> u32 {
+    match parsed {
+        Ok(request) => request.execute(mem, device).used_len,
+        Err((e, status)) => {
+            log::warn!("queue {queue}: malformed request: {e}");
+            match status {
+                Some(at) if write_status(mem, *at, VIRTIO_BLK_S_IOERR) => 1,
+                _ => 0,
+            }
+        }
+    }
+}
+
 /// Writes a status byte; false if its address is outside guest memory.
 pub fn write_status(mem: &GuestMemoryMmap, addr: GuestAddress, status: u8) -> bool {
     mem.write_obj(status, addr).is_ok()

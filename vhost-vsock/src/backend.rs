@@ -309,7 +309,7 @@ fn errno(e: vmm_sys_util::errno::Error) -> Error {
 
 /// Header and payload of one TX chain. On error, the header when it could be read, so
 /// that its connection can be reset.
-fn read_packet(
+pub fn read_packet(
     mem: &GuestMemoryMmap,
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
 ) -> Result<(Packet, Vec<u8>), (Option<Packet>, String)> {

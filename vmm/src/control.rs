@@ -42,6 +42,27 @@ pub struct Lines {
     pub overflow: bool,
 }
 
+/// Takes the complete lines (without their newline) off the front of a client's input;
+/// what follows the last newline stays for the next read. A line, or an unfinished
+/// rest, longer than [`MAX_LINE`] is an overflow: the input is then dropped.
+pub fn split_lines(input: &mut Vec<u8>) -> Lines {
+    let mut lines = Vec::new();
+    let mut overflow = false;
+    while let Some(end) = input.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = input.drain(..=end).collect();
+        if line.len() - 1 > MAX_LINE {
+            overflow = true;
+            break;
+        }
+        lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+    }
+    if overflow || input.len() > MAX_LINE {
+        overflow = true;
+        *input = Vec::new();
+    }
+    Lines { lines, overflow }
+}
+
 struct Client {
     stream: UnixStream,
     input: Vec<u8>,
@@ -160,13 +181,15 @@ impl Server {
 
     /// Reads what a client sent and splits it into complete lines.
     pub fn read(&mut self, token: u64) -> Lines {
-        let mut lines = Vec::new();
-        let mut overflow = false;
+        let none = Lines {
+            lines: Vec::new(),
+            overflow: false,
+        };
         let Some(client) = self.clients.get_mut(&token) else {
-            return Lines { lines, overflow };
+            return none;
         };
         if client.closing {
-            return Lines { lines, overflow };
+            return none;
         }
         let mut closing = false;
         let mut budget = READ_BUDGET;
@@ -192,20 +215,9 @@ impl Server {
                 }
             }
         }
-        while let Some(end) = client.input.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = client.input.drain(..=end).collect();
-            if line.len() - 1 > MAX_LINE {
-                overflow = true;
-                break;
-            }
-            lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
-        }
-        if overflow || client.input.len() > MAX_LINE {
-            overflow = true;
-            client.input = Vec::new();
-        }
-        client.closing = closing || overflow;
-        Lines { lines, overflow }
+        let split = split_lines(&mut client.input);
+        client.closing = closing || split.overflow;
+        split
     }
 
     /// Queues a reply (one line, newline included).
@@ -300,5 +312,22 @@ mod tests {
         assert_eq!(pending_line_len(b"abc"), 3);
         assert_eq!(pending_line_len(b"{\"cmd\":1}\n"), 0);
         assert_eq!(pending_line_len(b"one\ntwo\nthr"), 3);
+    }
+
+    #[test]
+    fn complete_lines_are_taken_and_the_rest_waits_or_overflows() {
+        let mut input = b"{\"cmd\":\"status\"}\n\n{\"cmd\"".to_vec();
+        let read = split_lines(&mut input);
+        assert_eq!(read.lines, ["{\"cmd\":\"status\"}", ""]);
+        assert!(!read.overflow);
+        assert_eq!(input, b"{\"cmd\"");
+
+        let mut input = vec![b'x'; MAX_LINE + 1];
+        assert!(split_lines(&mut input).overflow);
+        assert!(input.is_empty());
+        let mut input = vec![b'x'; MAX_LINE];
+        input.push(b'\n');
+        let read = split_lines(&mut input);
+        assert_eq!((read.lines.len(), read.overflow), (1, false));
     }
 }
