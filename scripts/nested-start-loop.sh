@@ -2,14 +2,15 @@
 # Counts failed workspace starts in the nested rig: inside L1, a registry on loopback,
 # one workspace from the demo image, then ROUNDS rounds of start, exec, halt. A failed
 # start prints the ends of its logs. For chasing intermittent boot failures
-# (docs/testing.md, "L2 triple faults"). After `make demo` (release build, demo image):
-#   target/release/microagent-nested --timeout 3600 -- scripts/nested-start-loop.sh 30
-# MICROAGENT_SECCOMP=off (passed with --env) starts the workspace's processes unfiltered.
+# (docs/testing.md, "L2 boot failures"). After `make demo` (release build, demo image):
+#   scripts/nested-start-loop.sh 30
+# MICROAGENT_SECCOMP=off starts the workspace's processes unfiltered.
 set -uo pipefail
 rounds=${1:-20}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${MICROAGENT_NESTED_L1:-}" ]; then
-  exec "$repo/target/release/microagent-nested" --timeout 3600 -- "$0" "$@"
+  exec "$repo/target/release/microagent-nested" --timeout 3600 \
+    --env "MICROAGENT_SECCOMP=${MICROAGENT_SECCOMP:-on}" -- "$0" "$@"
 fi
 layout=$repo/target/demo-image
 kernels=$(dirname "$(dirname "$("$repo/scripts/build-kernel.sh" --path)")")
