@@ -1,8 +1,7 @@
-//! Builds the guest programs the tests put into guests:
-//!
-//! Builds the freestanding test guest (guest/test-guest/guest.c) that microagent-vmm
-//! boots on any KVM, including PVM hosts where guest kernel code is emulated: no SSE,
-//! no red zone, no libc, linked at 2 MiB.
+//! Builds the programs the tests put into guests: the freestanding test guest
+//! (guest/test-guest/guest.c) that microagent-vmm boots on any KVM, including PVM hosts
+//! where guest kernel code is emulated (no SSE, no red zone, no libc, linked at 2 MiB),
+//! and static Linux programs for the QEMU rig (vsock-echo, tcp-connect).
 
 use std::env;
 use std::path::PathBuf;
@@ -53,4 +52,18 @@ fn main() {
         .expect("running gcc for vsock-echo");
     assert!(status.success(), "building vsock-echo failed");
     println!("cargo:rustc-env=MICROAGENT_VSOCK_ECHO={}", out.display());
+
+    // A static Linux program for the network benchmark's connection set-up rate.
+    let source = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap())
+        .join("../guest/tcp-connect/tcp_connect.c");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("tcp-connect");
+    println!("cargo:rerun-if-changed={}", source.display());
+    let status = Command::new(env::var("CC").unwrap_or_else(|_| "gcc".into()))
+        .args(["-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .expect("running gcc for tcp-connect");
+    assert!(status.success(), "building tcp-connect failed");
+    println!("cargo:rustc-env=MICROAGENT_TCP_CONNECT={}", out.display());
 }

@@ -13,6 +13,8 @@ packages=(
   # image tests: a real registry on loopback and a real pusher; umoci for bench_image;
   # openssl makes the TLS registry's CA and certificate (image_tls.rs)
   docker-registry skopeo umoci openssl
+  # bench_net: passt, the other user-mode network peer (QEMU's -netdev stream)
+  passt
 )
 
 missing=()
@@ -33,7 +35,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs docker-registry skopeo umoci; do
+for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs docker-registry skopeo umoci passt; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool not found after install" >&2; exit 1; }
 done
 cargo clippy --version >/dev/null 2>&1 || { echo "install-deps: cargo clippy is missing (rustup component add clippy)" >&2; exit 1; }
