@@ -1,9 +1,9 @@
-//! Builds the guest programs the tests put into guests:
-//!
-//! Builds the freestanding test guest (guest/test-guest/guest.c) that microagent-vmm
-//! boots on any KVM, including PVM hosts where guest kernel code is emulated: no SSE,
-//! no red zone, no libc, linked at 2 MiB; and the reset guest
-//! (guest/reset-guest/reset.S), whose first instruction resets, for start-up benchmarks.
+//! Builds the programs the tests put into guests: the freestanding test guest
+//! (guest/test-guest/guest.c) that microagent-vmm boots on any KVM, including PVM hosts
+//! where guest kernel code is emulated (no SSE, no red zone, no libc, linked at 2 MiB);
+//! the reset guest (guest/reset-guest/reset.S), whose first instruction resets, for
+//! start-up benchmarks; and static Linux programs for the QEMU rig (vsock-echo,
+//! tcp-connect).
 
 use std::env;
 use std::path::PathBuf;
@@ -76,4 +76,18 @@ fn main() {
         .expect("running gcc for the reset guest");
     assert!(status.success(), "building the reset guest failed");
     println!("cargo:rustc-env=MICROAGENT_RESET_GUEST={}", out.display());
+
+    // A static Linux program for the network benchmark's connection set-up rate.
+    let source = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap())
+        .join("../guest/tcp-connect/tcp_connect.c");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("tcp-connect");
+    println!("cargo:rerun-if-changed={}", source.display());
+    let status = Command::new(env::var("CC").unwrap_or_else(|_| "gcc".into()))
+        .args(["-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .expect("running gcc for tcp-connect");
+    assert!(status.success(), "building tcp-connect failed");
+    println!("cargo:rustc-env=MICROAGENT_TCP_CONNECT={}", out.display());
 }

@@ -28,7 +28,7 @@ BENCHES=(
   "image|bench_image|3"
   "image_large|bench_image_large|1024 3"
   "snapshot|bench_snapshot|5"
-  "net|bench_net|32 3"
+  "net|bench_net|32 3 200"
   "fork|bench_fork|5"
 )
 if [ -n "${FIRECRACKER:-}" ]; then

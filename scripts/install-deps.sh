@@ -15,6 +15,8 @@ packages=(
   docker-registry skopeo umoci openssl
   # the VMM start-up breakdown in docs/benchmarks.md (off-CPU and CPU profiles, syscalls)
   linux-perf strace
+  # bench_net: passt, the other user-mode network peer (QEMU's -netdev stream)
+  passt
 )
 
 missing=()
@@ -35,7 +37,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs docker-registry skopeo umoci; do
+for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs docker-registry skopeo umoci passt; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool not found after install" >&2; exit 1; }
 done
 cargo clippy --version >/dev/null 2>&1 || { echo "install-deps: cargo clippy is missing (rustup component add clippy)" >&2; exit 1; }

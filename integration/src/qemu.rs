@@ -61,6 +61,9 @@ pub struct QemuConfig {
     /// QEMU's own user-mode network on a virtio-net device (guest 10.0.2.15, gateway
     /// 10.0.2.2 reaching the host's loopback, DNS 10.0.2.3).
     pub user_net: bool,
+    /// A virtio-net device on `-netdev stream` connected to this unix socket, where
+    /// passt listens (QEMU 7.2 has `-netdev stream`).
+    pub stream_net: Option<PathBuf>,
     /// Where the console log goes.
     pub console: PathBuf,
     /// A human monitor socket (for `pmemsave`), if wanted.
@@ -78,6 +81,7 @@ impl QemuConfig {
             vsock: None,
             net: None,
             user_net: false,
+            stream_net: None,
             console,
             monitor: None,
         }
@@ -129,6 +133,14 @@ impl QemuConfig {
                 "-device",
                 "virtio-net-device,netdev=u0",
             ]);
+        }
+        if let Some(socket) = &self.stream_net {
+            cmd.arg("-netdev")
+                .arg(format!(
+                    "stream,id=s0,server=off,addr.type=unix,addr.path={}",
+                    socket.display()
+                ))
+                .args(["-device", "virtio-net-device,netdev=s0"]);
         }
         cmd.arg("-kernel")
             .arg(&self.kernel)
