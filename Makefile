@@ -64,7 +64,8 @@ clean-kernel:
 FUZZ_TARGETS := vhost_blk_request vsock_packet agent_frames device_state snapshot_files image_layer vmm_api
 FUZZ_SECONDS ?= 60
 FUZZ_CARGO := $(CARGO) +nightly fuzz
-fuzz-build: deps
+fuzz-build:
+	scripts/install-deps.sh --fuzz
 	cd fuzz && $(FUZZ_CARGO) build --debug-assertions
 
 # Each target for FUZZ_SECONDS seconds on the seeds plus what earlier runs found.

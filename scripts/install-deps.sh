@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages microagent's build, tests and demo need, if missing.
+# Installs the Debian packages microagent's build, tests and demo need, if missing
+# (with --fuzz, also what `make fuzz` needs).
 # Idempotent: when everything is present it only checks and returns.
 set -euo pipefail
 
@@ -43,7 +44,9 @@ done
 cargo clippy --version >/dev/null 2>&1 || { echo "install-deps: cargo clippy is missing (rustup component add clippy)" >&2; exit 1; }
 cargo fmt --version >/dev/null 2>&1 || { echo "install-deps: cargo fmt is missing (rustup component add rustfmt)" >&2; exit 1; }
 
-# make fuzz / fuzz-check: a nightly toolchain and cargo-fuzz (skipped when present).
+# make fuzz / fuzz-check (`install-deps.sh --fuzz`): a nightly toolchain and cargo-fuzz,
+# skipped when present. `make test` does not fuzz, so it does not install them.
+[ "${1:-}" = --fuzz ] || exit 0
 if command -v rustup >/dev/null 2>&1 && ! rustup toolchain list | grep -q '^nightly'; then
   echo "install-deps: installing the nightly toolchain (for cargo fuzz)" >&2
   rustup toolchain install nightly --profile minimal >/dev/null
