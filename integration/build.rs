@@ -9,85 +9,78 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
+/// A static Linux program: warnings are errors.
+const LINUX_PROGRAM: &[&str] = &["-static", "-O2", "-Wall", "-Wextra", "-Werror"];
+/// A freestanding ELF kernel linked at 2 MiB, entered at `_start`.
+const BARE_KERNEL: &[&str] = &[
+    "-nostdlib",
+    "-static",
+    "-no-pie",
+    "-Wl,-Ttext=0x200000",
+    "-Wl,-e,_start",
+    "-Wl,--build-id=none",
+];
+
+/// Compiles `source` (relative to the repository) with `flags` into `OUT_DIR/name` and
+/// hands its path to the crate as the environment variable `var`.
+fn build(source: &str, flags: &[&str], name: &str, var: &str) {
+    let source = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap())
+        .join("..")
+        .join(source);
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join(name);
+    println!("cargo:rerun-if-changed={}", source.display());
+    let status = Command::new(env::var("CC").unwrap_or_else(|_| "gcc".into()))
+        .args(flags)
+        .arg("-o")
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .unwrap_or_else(|e| panic!("running gcc for {name}: {e}"));
+    assert!(status.success(), "building {name} failed");
+    println!("cargo:rustc-env={var}={}", out.display());
+}
+
 fn main() {
-    let source =
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("../guest/test-guest/guest.c");
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("test-guest.elf");
-    println!("cargo:rerun-if-changed={}", source.display());
-    let status = Command::new(env::var("CC").unwrap_or_else(|_| "gcc".into()))
-        .args([
-            "-ffreestanding",
-            "-mgeneral-regs-only",
-            "-mno-red-zone",
-            "-nostdlib",
-            "-static",
-            "-O1",
-            "-fno-pic",
-            "-no-pie",
-            "-fno-stack-protector",
-            "-fcf-protection=none",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-Wl,-Ttext=0x200000",
-            "-Wl,-e,_start",
-            "-Wl,--build-id=none",
-            "-o",
-        ])
-        .arg(&out)
-        .arg(&source)
-        .status()
-        .expect("running gcc for the test guest");
-    assert!(status.success(), "building the test guest failed");
-    println!("cargo:rustc-env=MICROAGENT_TEST_GUEST={}", out.display());
-
-    // A static Linux program for the vsock tests under QEMU.
-    let source = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap())
-        .join("../guest/vsock-echo/vsock_echo.c");
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("vsock-echo");
-    println!("cargo:rerun-if-changed={}", source.display());
-    let status = Command::new(env::var("CC").unwrap_or_else(|_| "gcc".into()))
-        .args(["-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
-        .arg(&out)
-        .arg(&source)
-        .status()
-        .expect("running gcc for vsock-echo");
-    assert!(status.success(), "building vsock-echo failed");
-    println!("cargo:rustc-env=MICROAGENT_VSOCK_ECHO={}", out.display());
-
+    let test_guest: Vec<&str> = [
+        "-ffreestanding",
+        "-mgeneral-regs-only",
+        "-mno-red-zone",
+        "-O1",
+        "-fno-pic",
+        "-fno-stack-protector",
+        "-fcf-protection=none",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+    ]
+    .into_iter()
+    .chain(BARE_KERNEL.iter().copied())
+    .collect();
+    build(
+        "guest/test-guest/guest.c",
+        &test_guest,
+        "test-guest.elf",
+        "MICROAGENT_TEST_GUEST",
+    );
     // The smallest ELF kernel: resets at its first instruction.
-    let source =
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("../guest/reset-guest/reset.S");
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("reset-guest.elf");
-    println!("cargo:rerun-if-changed={}", source.display());
-    let status = Command::new(env::var("CC").unwrap_or_else(|_| "gcc".into()))
-        .args([
-            "-nostdlib",
-            "-static",
-            "-no-pie",
-            "-Wl,-Ttext=0x200000",
-            "-Wl,-e,_start",
-            "-Wl,--build-id=none",
-            "-o",
-        ])
-        .arg(&out)
-        .arg(&source)
-        .status()
-        .expect("running gcc for the reset guest");
-    assert!(status.success(), "building the reset guest failed");
-    println!("cargo:rustc-env=MICROAGENT_RESET_GUEST={}", out.display());
-
-    // A static Linux program for the network benchmark's connection set-up rate.
-    let source = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap())
-        .join("../guest/tcp-connect/tcp_connect.c");
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("tcp-connect");
-    println!("cargo:rerun-if-changed={}", source.display());
-    let status = Command::new(env::var("CC").unwrap_or_else(|_| "gcc".into()))
-        .args(["-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
-        .arg(&out)
-        .arg(&source)
-        .status()
-        .expect("running gcc for tcp-connect");
-    assert!(status.success(), "building tcp-connect failed");
-    println!("cargo:rustc-env=MICROAGENT_TCP_CONNECT={}", out.display());
+    build(
+        "guest/reset-guest/reset.S",
+        BARE_KERNEL,
+        "reset-guest.elf",
+        "MICROAGENT_RESET_GUEST",
+    );
+    // For the vsock tests under QEMU.
+    build(
+        "guest/vsock-echo/vsock_echo.c",
+        LINUX_PROGRAM,
+        "vsock-echo",
+        "MICROAGENT_VSOCK_ECHO",
+    );
+    // For the network benchmark's connection set-up rate.
+    build(
+        "guest/tcp-connect/tcp_connect.c",
+        LINUX_PROGRAM,
+        "tcp-connect",
+        "MICROAGENT_TCP_CONNECT",
+    );
 }

@@ -11,21 +11,8 @@ export MICROAGENT_HOME=/tmp/microagent-demo
 mkdir -p "$MICROAGENT_HOME"
 ln -sfn "$kernels" "$MICROAGENT_HOME/kernels"
 
-mkdir -p /tmp/registry
-cat >/tmp/registry/config.yml <<YML
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: /tmp/registry/data
-http:
-  addr: 127.0.0.1:5000
-YML
-docker-registry serve /tmp/registry/config.yml >/tmp/registry/log 2>&1 &
-for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/5000) 2>/dev/null && break; sleep 0.1; done
 echo "(L1) a registry on 127.0.0.1:5000; pushing the demo image (busybox-static) with skopeo"
-skopeo copy --quiet --dest-tls-verify=false "oci:$layout:v1" docker://127.0.0.1:5000/demo/busybox:1
+"$repo/scripts/l1-registry.sh" "$layout"
 
 # Shows the command as a user would type it, then runs it.
 run() {

@@ -15,21 +15,9 @@ fi
 layout=$repo/target/demo-image
 kernels=$(dirname "$(dirname "$("$repo/scripts/build-kernel.sh" --path)")")
 export MICROAGENT_HOME=/tmp/microagent-loop
-mkdir -p "$MICROAGENT_HOME" /tmp/registry
+mkdir -p "$MICROAGENT_HOME"
 ln -sfn "$kernels" "$MICROAGENT_HOME/kernels"
-cat >/tmp/registry/config.yml <<YML
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: /tmp/registry/data
-http:
-  addr: 127.0.0.1:5000
-YML
-docker-registry serve /tmp/registry/config.yml >/tmp/registry/log 2>&1 &
-for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/5000) 2>/dev/null && break; sleep 0.1; done
-skopeo copy --quiet --dest-tls-verify=false "oci:$layout:v1" docker://127.0.0.1:5000/demo/busybox:1
+"$repo/scripts/l1-registry.sh" "$layout"
 ma=$repo/target/release/microagent
 ws=$MICROAGENT_HOME/workspaces/loop
 "$ma" create loop --image 127.0.0.1:5000/demo/busybox:1 >/dev/null || exit 1
