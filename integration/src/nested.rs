@@ -368,9 +368,11 @@ fn job_script(job: &Job) -> String {
     for (key, value) in &job.env {
         script.push_str(&format!("export {key}={}\n", quote(value)));
     }
+    let cwd = quote(&job.cwd.to_string_lossy());
     script.push_str(&format!(
-        "cd {} || exit 125\n",
-        quote(&job.cwd.to_string_lossy())
+        "cd {cwd} || {{ echo \"nested rig: L1 cannot see {cwd}: L1 has its own empty \
+         /tmp, /run, /root and /var/tmp, so the repository must be elsewhere\" >&2; \
+         exit 125; }}\n"
     ));
     script.push_str("exec");
     for word in
@@ -524,7 +526,8 @@ mod tests {
         job.env.push(("K".into(), "v'1".into()));
         let script = job_script(&job);
         assert!(script.contains("export K='v'\\''1'\n"), "{script}");
-        assert!(script.contains("cd '/work/x y' || exit 125\n"), "{script}");
+        assert!(script.contains("cd '/work/x y' || {"), "{script}");
+        assert!(script.contains("exit 125; }\n"), "{script}");
         assert!(
             script.ends_with("exec '/bin/echo' 'it'\\''s' 'a b'\n"),
             "{script}"
