@@ -385,6 +385,14 @@ fn job_script(job: &Job) -> String {
     script
 }
 
+/// Which of [`L2_BOOT_FAILURES`] a failed job's output shows, if any.
+fn boot_failure(output: &str) -> Option<&'static str> {
+    L2_BOOT_FAILURES
+        .iter()
+        .copied()
+        .find(|signature| output.contains(signature))
+}
+
 /// Single-quoted for sh.
 fn quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
@@ -473,10 +481,7 @@ pub fn on_linux_kvm(name: &str, body: impl FnOnce()) {
     }
     let passed = |o: &Outcome| o.code == 0 && o.output.contains("test result: ok. 1 passed");
     let mut outcome = run(&job, name).unwrap_or_else(|e| panic!("nested rig: {e}"));
-    let boot_failure = L2_BOOT_FAILURES
-        .iter()
-        .find(|signature| outcome.output.contains(*signature));
-    if let (false, Some(signature)) = (passed(&outcome), boot_failure) {
+    if let (false, Some(signature)) = (passed(&outcome), boot_failure(&outcome.output)) {
         eprintln!("{}", outcome.tails());
         report::retried(
             name,
@@ -517,6 +522,21 @@ mod tests {
         // Stopped.
         assert!(!beats.frozen(4, t0 + FROZEN * 4 - Duration::from_secs(1)));
         assert!(beats.frozen(4, t0 + FROZEN * 4));
+    }
+
+    #[test]
+    fn only_the_known_l2_boot_failures_are_run_again() {
+        let triple = "L1| [..] INFO microagent_vmm] VM ended: GuestReset { how: \"triple fault or shutdown\" }";
+        assert_eq!(boot_failure(triple), Some(L2_BOOT_FAILURES[0]));
+        let silent =
+            "L1| microagent: the agent did not answer within 60s (workspace.agent_timeout)";
+        assert_eq!(boot_failure(silent), Some(L2_BOOT_FAILURES[1]));
+        // A guest that reset itself on purpose, or any other failure, is not retried.
+        assert_eq!(
+            boot_failure("VM ended: GuestReset { how: \"i8042 reset\" }"),
+            None
+        );
+        assert_eq!(boot_failure("assertion `left == right` failed"), None);
     }
 
     #[test]
