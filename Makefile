@@ -39,7 +39,7 @@ TEST_LOG := target/test-output.log
 TEST_REPORT := target/test-not-run.tsv
 test: deps kernel nested-kernel lint agent
 	$(CARGO) build --workspace --locked
-	@rm -f $(TEST_REPORT) $(TEST_REPORT).retried
+	@rm -rf $(TEST_REPORT) $(TEST_REPORT).retried $(TEST_REPORT).lost
 	@set -o pipefail; MICROAGENT_TEST_REPORT=$(CURDIR)/$(TEST_REPORT) \
 		$(CARGO) test --workspace --locked --no-fail-fast 2>&1 | tee $(TEST_LOG); \
 		status=$$?; scripts/test-summary.sh $(TEST_LOG) $(TEST_REPORT); exit $$status

@@ -30,7 +30,7 @@ fi
 if [ -s "$report.retried" ]; then
   echo "== run again after a lost run, each with why (passed the second time; see docs/testing.md):"
   while IFS=$'\t' read -r name why; do
-    echo "   - $name: ${why:0:260}"
+    echo "   - $name: ${why:0:400}"
   done <"$report.retried"
 fi
 if [ "$failed" -gt 0 ]; then

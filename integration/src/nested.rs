@@ -482,12 +482,16 @@ pub fn on_linux_kvm(name: &str, body: impl FnOnce()) {
     let passed = |o: &Outcome| o.code == 0 && o.output.contains("test result: ok. 1 passed");
     let mut outcome = run(&job, name).unwrap_or_else(|e| panic!("nested rig: {e}"));
     if let (false, Some(signature)) = (passed(&outcome), boot_failure(&outcome.output)) {
-        eprintln!("{}", outcome.tails());
+        let tails = outcome.tails();
+        eprintln!("{tails}");
+        let kept = report::keep_lost_output(name, &tails)
+            .map(|path| format!("; its output: {}", path.display()))
+            .unwrap_or_default();
         report::retried(
             name,
             &format!(
                 "a Linux guest's boot failed ({signature}); seen only in this rig, about \
-                 once in 30-50 boots, cause not known (docs/testing.md)"
+                 once in 30-50 boots, cause not known (docs/testing.md){kept}"
             ),
         );
         outcome = run(&job, name).unwrap_or_else(|e| panic!("nested rig: {e}"));

@@ -22,6 +22,19 @@ pub fn retried(name: &str, why: &str) {
     record(name, why, "RETRIED", ".retried");
 }
 
+/// Keeps the output of a lost run of `name` beside the report (`<report>.lost/NAME.log`),
+/// since libtest shows nothing of a test that then passes; returns where, if it did.
+pub fn keep_lost_output(name: &str, output: &str) -> Option<std::path::PathBuf> {
+    let mut dir = env::var_os(REPORT_ENV).filter(|p| !p.is_empty())?;
+    dir.push(".lost");
+    let dir = std::path::PathBuf::from(dir);
+    let path = dir.join(format!("{name}.log"));
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&path, output))
+        .ok()?;
+    Some(path)
+}
+
 fn record(name: &str, why: &str, label: &str, suffix: &str) {
     let why = why.replace(['\n', '\t'], " ");
     eprintln!("{label} {name}: {why}");
