@@ -86,8 +86,22 @@ pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(),
     buf.extend_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
     buf.push(kind as u8);
     buf.extend_from_slice(payload);
-    w.write_all(&buf)?;
+    let written = w.write_all(&buf);
+    wipe(&mut buf);
+    written?;
     Ok(())
+}
+
+/// Zeroes a buffer in a way the compiler cannot drop as a dead store. Every buffer that
+/// held workspace data (a secret a command printed, stdin, a file) is wiped before it is
+/// freed: the agent is PID 1 and its freed heap is never returned to the kernel (which
+/// would zero it, `init_on_free=1`), so a snapshot of guest memory would keep the bytes.
+pub fn wipe(buf: &mut [u8]) {
+    for b in buf.iter_mut() {
+        // SAFETY: a volatile write to a valid, exclusively borrowed byte.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
 }
 
 pub fn write_control(w: &mut impl Write, message: &impl Serialize) -> Result<(), Error> {

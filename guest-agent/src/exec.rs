@@ -4,7 +4,7 @@
 
 use crate::init::Root;
 use crate::reaper::{Reaper, Status};
-use microagent_agent_protocol::frame::{read_frame, write_control, write_frame, Kind};
+use microagent_agent_protocol::frame::{read_frame, wipe, write_control, write_frame, Kind};
 use microagent_agent_protocol::message::{codes, AgentMessage, ExecRequest, HostMessage, TtySize};
 use std::ffi::CString;
 use std::fs;
@@ -258,7 +258,10 @@ fn pump(mut pipe: Box<dyn Read + Send>, kind: Kind, writer: &Mutex<UnixStream>) 
             Err(_) => return,
         };
         let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-        if write_frame(&mut *w, kind, &buf[..n]).is_err() {
+        let sent = write_frame(&mut *w, kind, &buf[..n]);
+        // Output may be a secret the command printed (see `frame::wipe`).
+        wipe(&mut buf[..n]);
+        if sent.is_err() {
             return;
         }
     }
@@ -280,7 +283,7 @@ fn feed(
         }
     };
     loop {
-        let frame = match read_frame(reader) {
+        let mut frame = match read_frame(reader) {
             Ok(frame) => frame,
             Err(_) => {
                 signal(libc::SIGKILL);
@@ -308,6 +311,7 @@ fn feed(
             },
             Kind::Stdout | Kind::Stderr | Kind::Secret | Kind::File => {}
         }
+        wipe(&mut frame.payload);
     }
 }
 

@@ -26,15 +26,16 @@ pub fn write(root: &Root, path: &str, mode: u32, reader: &mut impl Read) -> Resu
         .open(&target)
         .map_err(|e| format!("{path}: {e}"))?;
     loop {
-        let frame = read_frame(reader).map_err(|e| e.to_string())?;
+        let mut frame = read_frame(reader).map_err(|e| e.to_string())?;
         if frame.kind != Kind::File {
             return Err("expected file contents".into());
         }
         if frame.payload.is_empty() {
             break;
         }
-        file.write_all(&frame.payload)
-            .map_err(|e| format!("{path}: {e}"))?;
+        let written = file.write_all(&frame.payload);
+        frame::wipe(&mut frame.payload);
+        written.map_err(|e| format!("{path}: {e}"))?;
     }
     fs::set_permissions(&target, fs::Permissions::from_mode(mode & 0o7777))
         .map_err(|e| format!("{path}: {e}"))
@@ -45,7 +46,9 @@ pub fn read(root: &Root, path: &str, writer: &mut impl Write) -> Result<(), Stri
     let mut buf = vec![0u8; frame::MAX_PAYLOAD];
     loop {
         let n = file.read(&mut buf).map_err(|e| format!("{path}: {e}"))?;
-        write_frame(writer, Kind::File, &buf[..n]).map_err(|e| e.to_string())?;
+        let sent = write_frame(writer, Kind::File, &buf[..n]);
+        frame::wipe(&mut buf[..n]);
+        sent.map_err(|e| e.to_string())?;
         if n == 0 {
             return Ok(());
         }

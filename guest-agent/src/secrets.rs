@@ -11,14 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// Overwrites a buffer in a way the compiler cannot drop as a dead store.
-pub fn wipe(buf: &mut [u8]) {
-    for b in buf.iter_mut() {
-        // SAFETY: a volatile write to a valid, exclusively borrowed byte.
-        unsafe { std::ptr::write_volatile(b, 0) };
-    }
-    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
-}
+pub use microagent_agent_protocol::frame::wipe;
 
 fn secrets_dir(root: &Root) -> PathBuf {
     root.path().join("run/secrets")
