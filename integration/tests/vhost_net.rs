@@ -417,6 +417,16 @@ fn a_udp_flow_to_the_gateway_reaches_a_host_socket_and_the_answer_comes_back() {
     rig.assert_alive();
 }
 
+/// A daemon publishing a free UDP port on 127.0.0.1 to the guest's port 7000.
+fn start_publishing_udp_to_7000() -> (std::net::SocketAddr, Rig) {
+    let published = std::net::SocketAddr::from((
+        Ipv4Addr::LOCALHOST,
+        microagent_integration::net_services::free_udp_port(),
+    ));
+    let rig = start(&["--publish", &format!("{published}:7000/udp")]);
+    (published, rig)
+}
+
 /// A `--publish .../udp` port: each host sender's datagrams reach the guest's port from
 /// a gateway port of that sender's own (kept for its later datagrams), and the guest's
 /// replies to that gateway port go back to that sender from the published address.
@@ -424,13 +434,8 @@ fn a_udp_flow_to_the_gateway_reaches_a_host_socket_and_the_answer_comes_back() {
 fn datagrams_to_a_published_udp_port_reach_the_guest_and_replies_return_to_each_sender() {
     use microagent_vhost_net::frame::udp_frame;
     use microagent_vhost_net::smoltcp::wire::{EthernetFrame, UdpPacket};
-    use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
-    let published: SocketAddr = {
-        let probe = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        probe.local_addr().unwrap()
-    };
-    let spec = format!("{published}:7000/udp");
-    let mut rig = start(&["--publish", &spec]);
+    use std::net::{SocketAddrV4, UdpSocket};
+    let (published, mut rig) = start_publishing_udp_to_7000();
     let mut guest = NetGuest::new(&rig.socket);
     let senders: Vec<UdpSocket> = (0..2)
         .map(|_| {
@@ -502,13 +507,8 @@ fn senders_to_a_published_udp_port_beyond_the_flow_limit_are_dropped() {
     use microagent_vhost_net::nat::MAX_UDP_FLOWS;
     use microagent_vhost_net::smoltcp::wire::{EthernetFrame, UdpPacket};
     use std::collections::HashSet;
-    use std::net::{SocketAddr, UdpSocket};
-    let published: SocketAddr = {
-        let probe = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        probe.local_addr().unwrap()
-    };
-    let spec = format!("{published}:7000/udp");
-    let mut rig = start(&["--publish", &spec]);
+    use std::net::UdpSocket;
+    let (published, mut rig) = start_publishing_udp_to_7000();
     let mut guest = NetGuest::new(&rig.socket);
     let senders: Vec<UdpSocket> = (0..MAX_UDP_FLOWS + 40)
         .map(|_| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap())
