@@ -119,9 +119,36 @@ pub fn kernel_support() -> (bool, String) {
     )
 }
 
+/// The sequence number of the kernel log's newest record, taken before a workspace's
+/// processes start, so that a later crash report reads only records written after it
+/// (a new process can reuse the pid of one killed earlier).
+pub fn kmsg_newest_seq() -> Option<u64> {
+    let mut newest = None;
+    read_kmsg(|record| {
+        if let Some(seq) = record_seq(record) {
+            newest = Some(seq);
+        }
+    })?;
+    newest
+}
+
 /// The syscall whose seccomp filter killed `pid` (running `binary`), from the kernel's
-/// audit record; `None` when there is none or the log cannot be read.
-pub fn seccomp_kill(pid: u32, binary: &str) -> Option<u64> {
+/// audit record newer than sequence number `after`; `None` when there is none or the
+/// log cannot be read.
+pub fn seccomp_kill(pid: u32, binary: &str, after: Option<u64>) -> Option<u64> {
+    let mut found = None;
+    read_kmsg(|record| {
+        if is_newer(record, after) {
+            if let Some(nr) = kill_record(record, pid, binary) {
+                found = Some(nr);
+            }
+        }
+    })?;
+    found
+}
+
+/// Calls `each` with every record in the kernel log, oldest first.
+fn read_kmsg(mut each: impl FnMut(&str)) -> Option<()> {
     let mut kmsg = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -129,21 +156,31 @@ pub fn seccomp_kill(pid: u32, binary: &str) -> Option<u64> {
         .ok()?;
     // /dev/kmsg returns one record per read and EAGAIN at the end.
     let mut record = vec![0u8; 8192];
-    let mut found = None;
     loop {
         match kmsg.read(&mut record) {
             Ok(0) => break,
-            Ok(n) => {
-                if let Some(nr) = kill_record(&String::from_utf8_lossy(&record[..n]), pid, binary) {
-                    found = Some(nr);
-                }
-            }
+            Ok(n) => each(&String::from_utf8_lossy(&record[..n])),
             // EPIPE: a record was overwritten while reading; go on with the next one.
             Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
             Err(_) => break,
         }
     }
-    found
+    Some(())
+}
+
+/// Whether `record` was written after the record numbered `after` (any record when
+/// nothing was taken).
+fn is_newer(record: &str, after: Option<u64>) -> bool {
+    match (after, record_seq(record)) {
+        (Some(after), Some(seq)) => seq > after,
+        (Some(_), None) => false,
+        (None, _) => true,
+    }
+}
+
+/// A record's sequence number: `PRIORITY,SEQ,MICROSECONDS,FLAGS;MESSAGE`.
+fn record_seq(record: &str) -> Option<u64> {
+    record.split(',').nth(1)?.parse().ok()
 }
 
 /// The syscall number of a seccomp kill record of `pid` running `binary`.
@@ -180,6 +217,23 @@ mod tests {
         assert_eq!(kill_record(RECORD, 3609, "microagent-vmm"), None);
         let logged = RECORD.replace("sig=31", "sig=0");
         assert_eq!(kill_record(&logged, 3609, "microagent-vhost-net"), None);
+    }
+
+    #[test]
+    fn a_record_is_ordered_by_its_sequence_number() {
+        assert_eq!(record_seq(RECORD), Some(1234));
+        assert_eq!(record_seq("no fields here"), None);
+    }
+
+    /// A pid reused by a later process must not inherit the crash reason of the process
+    /// that had it before: only records newer than the start of the workspace count.
+    #[test]
+    fn a_kill_record_older_than_the_start_is_not_reported() {
+        let later = RECORD.replace(",1234,", ",1300,");
+        assert!(is_newer(RECORD, None));
+        assert!(!is_newer(RECORD, Some(1234)));
+        assert!(is_newer(&later, Some(1234)));
+        assert!(!is_newer("no sequence number", Some(1)));
     }
 
     #[test]

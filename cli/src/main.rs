@@ -663,8 +663,6 @@ fn terminal_size() -> TtySize {
     }
 }
 
-/// Ok for a running workspace; otherwise `workspace.crashed` naming the process that
-/// died, or `workspace.not_running`.
 /// Prints the guest console; with `follow`, goes on printing what the guest writes until
 /// the workspace stops (halted, crashed, deleted).
 fn logs(home: &Home, name: &str, follow: bool) {
@@ -695,6 +693,8 @@ fn logs(home: &Home, name: &str, follow: bool) {
     }
 }
 
+/// Ok for a running workspace; otherwise `workspace.crashed` naming the process that
+/// died, or `workspace.not_running`.
 fn running(home: &Home, name: &str) -> Result<()> {
     match runtime::state(home, name) {
         State::Running => Ok(()),

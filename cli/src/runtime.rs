@@ -33,6 +33,10 @@ pub struct Pids {
     pub vsock: Option<u32>,
     #[serde(default)]
     pub net: Option<u32>,
+    /// The kernel log's newest record before these processes started: a crash report
+    /// reads only records after it (confinement::kmsg_newest_seq).
+    #[serde(default)]
+    pub kmsg_seq: Option<u64>,
 }
 
 /// A vhost-user daemon of a workspace: `<name>.sock` in the runtime directory,
@@ -247,14 +251,16 @@ pub fn state(home: &Home, name: &str) -> State {
     let dead: Vec<String> = pids
         .all()
         .filter(|(bin, pid)| !alive(*pid, bin))
-        .map(|(bin, pid)| match confinement::seccomp_kill(pid, bin) {
-            Some(nr) => format!(
-                "{bin} (pid {pid}) was killed by SIGSYS (seccomp): syscall {nr} is not in its \
+        .map(
+            |(bin, pid)| match confinement::seccomp_kill(pid, bin, pids.kmsg_seq) {
+                Some(nr) => format!(
+                    "{bin} (pid {pid}) was killed by SIGSYS (seccomp): syscall {nr} is not in its \
                  allow-list; {SECCOMP_ENV}=off starts workspaces without filters, for \
                  debugging (docs/security.md)"
-            ),
-            None => format!("{bin} (pid {pid}) is gone"),
-        })
+                ),
+                None => format!("{bin} (pid {pid}) is gone"),
+            },
+        )
         .collect();
     if !dead.is_empty() {
         let mut reason = dead.join(", ");
@@ -437,6 +443,7 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
             blk: 0,
             vsock: None,
             net: None,
+            kmsg_seq: confinement::kmsg_newest_seq(),
         };
         let mut devices = Vec::new();
         for daemon in daemons(home, config) {
