@@ -20,7 +20,7 @@ use event_loop::{EventLoop, TOKEN_API, TOKEN_CONN_BASE};
 
 mod event_loop;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use microagent_confine::Confinement;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -232,11 +232,17 @@ impl Vm {
         mptable::write(&self.mem, self.cpus)?;
         log::info!("kernel command line: {cmdline}");
 
+        let tsc_deadline = self.kvm.check_extension(Cap::TscDeadlineTimer);
         let mut vcpus = Vec::with_capacity(usize::from(self.cpus));
         for id in 0..self.cpus {
             let vcpu = self.create_vcpu(id)?;
-            vcpu.set_cpuid2(&cpu::cpuid(&self.supported_cpuid, id, self.cpus))
-                .map_err(cpu::Error::SetCpuid)?;
+            vcpu.set_cpuid2(&cpu::cpuid(
+                &self.supported_cpuid,
+                id,
+                self.cpus,
+                tsc_deadline,
+            ))
+            .map_err(cpu::Error::SetCpuid)?;
             cpu::setup_msrs(&vcpu)?;
             cpu::setup_fpu(&vcpu)?;
             cpu::setup_lapic(&vcpu)?;
