@@ -970,6 +970,14 @@ fn doctor(home: &Home, out: &Output) {
         format!("{free_gib} GiB free under {}", home.root().display()),
         "free at least 4 GiB for images and workspaces",
     );
+    let (huge, detail) = memory::huge_pages();
+    check(
+        "huge_pages",
+        huge,
+        detail,
+        "echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled (as root; a \
+         systemd-tmpfiles `w` line keeps it across reboots)",
+    );
     let (supported, detail) = confinement::kernel_support();
     let off = confinement::seccomp_flag().is_some();
     check(

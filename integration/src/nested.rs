@@ -193,6 +193,9 @@ for m in $(cat /modules/order); do
   insmod /modules/$m.ko 2>/dev/null || say "insmod $m failed"
 done
 [ -c /dev/kvm ] || say "no /dev/kvm after loading kvm-amd"
+# Huge pages for memfd guest memory where the VMM asks for them (vmm/src/memory.rs),
+# as on a host set up for microagent (`microagent doctor`); Debian's default is never.
+echo advise >/sys/kernel/mm/transparent_hugepage/shmem_enabled || say "no shmem huge pages"
 ip link set lo up
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=MSIZE host /host || say "cannot mount the host share"

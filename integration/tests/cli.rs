@@ -528,6 +528,14 @@ fn doctor_names_what_is_missing_and_how_to_fix_it() {
     for name in ["hardware_virtualization", "mke2fs", "cp", "free_space"] {
         find(&checks, name);
     }
+    // Guest memory gets huge pages only where the host allows them for shmem.
+    let shmem = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
+    let allowed = ["[advise]", "[always]", "[within_size]", "[force]"]
+        .iter()
+        .any(|setting| shmem.contains(setting));
+    let huge = find(&checks, "huge_pages");
+    assert_eq!(huge["ok"], allowed, "{huge} ({shmem})");
 
     // With the project's kernel in place the same check passes.
     cli.link_kernels();
