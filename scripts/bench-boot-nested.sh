@@ -23,6 +23,8 @@ ln -sfn "$kernels" "$MICROAGENT_HOME/kernels"
   --image 127.0.0.1:5000/demo/busybox:1 >/dev/null
 "$repo/target/release/examples/bench_boot" "$peer" "$rounds" bench
 if [ -n "${BENCH_BOOT_CONSOLE:-}" ]; then
-  echo "--- microagent's guest console, last run ---"
-  cat "$MICROAGENT_HOME/workspaces/bench/console.log"
+  for log in console vmm blk vsock; do
+    echo "--- microagent's $log.log, last run ---"
+    cat "$MICROAGENT_HOME/workspaces/bench/$log.log"
+  done
 fi

@@ -195,7 +195,7 @@ fn main() {
          (guest up {b_guest:.0} ms); ratio (Firecracker / microagent) {:.2}",
         b / a
     );
-    if std::env::var_os("BENCH_BOOT_CONSOLE").is_some() {
+    if std::env::var_os("BENCH_BOOT_CONSOLE").is_some_and(|v| !v.is_empty()) {
         let log = fs::read_to_string(&console).unwrap_or_default();
         println!("--- Firecracker's guest console, last run ---\n{log}");
     }
