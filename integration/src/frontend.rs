@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -240,6 +241,63 @@ impl VirtQueue {
         head
     }
 
+    /// Writes `bufs` as an indirect descriptor table at `table` (16 bytes per entry) and
+    /// one descriptor pointing at it into the ring's table; returns that head.
+    pub fn write_indirect_chain(
+        &mut self,
+        mem: &GuestMemory,
+        table: GuestAddress,
+        bufs: &[Buf],
+    ) -> u16 {
+        for (i, buf) in bufs.iter().enumerate() {
+            let mut flags = if buf.device_writes {
+                VIRTQ_DESC_F_WRITE
+            } else {
+                0
+            };
+            if i + 1 < bufs.len() {
+                flags |= VIRTQ_DESC_F_NEXT;
+            }
+            let desc = Descriptor::new(buf.addr.0, buf.len, flags, i as u16 + 1);
+            mem.mmap()
+                .write_obj(desc, table.unchecked_add(16 * i as u64))
+                .expect("indirect table lies inside guest memory");
+        }
+        let head = self.next_desc;
+        let len = 16 * bufs.len() as u32;
+        self.write_descriptor(
+            mem,
+            head,
+            Descriptor::new(table.0, len, VIRTQ_DESC_F_INDIRECT, 0),
+        );
+        self.next_desc = (head + 1) % self.size;
+        head
+    }
+
+    /// With VIRTIO_RING_F_EVENT_IDX: asks the device to signal only once the used index
+    /// moves past `idx` (the avail ring's trailing `used_event`).
+    pub fn set_used_event(&self, mem: &GuestMemory, idx: u16) {
+        mem.mmap()
+            .write_obj(idx, self.avail.unchecked_add(4 + 2 * u64::from(self.size)))
+            .expect("avail ring lies inside guest memory");
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// With VIRTIO_RING_F_EVENT_IDX: the avail index after which the device wants a kick
+    /// (the used ring's trailing `avail_event`).
+    pub fn avail_event(&self, mem: &GuestMemory) -> u16 {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.mmap()
+            .read_obj(self.used.unchecked_add(4 + 8 * u64::from(self.size)))
+            .expect("used ring lies inside guest memory")
+    }
+
+    /// How many times the device signalled the call eventfd since the last look (0 when
+    /// it did not), without waiting.
+    pub fn take_calls(&self) -> u64 {
+        self.call.read().unwrap_or(0)
+    }
+
     /// Publishes `head` in the avail ring (without kicking).
     pub fn publish(&mut self, mem: &GuestMemory, head: u16) {
         let slot = u64::from(self.avail_idx % self.size);
@@ -440,41 +498,7 @@ impl Frontend {
             load_device_state(&mut vu, state)?;
         }
 
-        let mut queues = Vec::with_capacity(setup.queues);
-        for index in 0..setup.queues {
-            let pipe_kick = setup.pipe_kick == Some(index);
-            let mut queue = VirtQueue::new(index, mem, setup.queue_size, pipe_kick)?;
-            let base = setup.vring_bases.get(index).copied().unwrap_or(0);
-            queue.next_desc = base % queue.size;
-            queue.avail_idx = base;
-            queue.last_used = base;
-            // A restored used ring already holds `base` in guest memory.
-            if base != 0 {
-                mem.mmap()
-                    .write_obj(base, queue.used.unchecked_add(2))
-                    .expect("used ring lies inside guest memory");
-                queue.set_avail_idx(mem, base);
-            }
-            // vhost-user carries ring addresses in the frontend's own address space.
-            let config = VringConfigData {
-                queue_max_size: setup.queue_size,
-                queue_size: setup.queue_size,
-                flags: 0,
-                desc_table_addr: mem.host_address(queue.desc_table)?,
-                used_ring_addr: mem.host_address(queue.used)?,
-                avail_ring_addr: mem.host_address(queue.avail)?,
-                log_addr: None,
-            };
-            vu.set_vring_num(index, setup.queue_size)?;
-            vu.set_vring_addr(index, &config)?;
-            vu.set_vring_base(index, base)?;
-            vu.set_vring_call(index, &queue.call)?;
-            vu.set_vring_kick(index, &queue.kick)?;
-            if !protocol_features.is_empty() {
-                vu.set_vring_enable(index, true)?;
-            }
-            queues.push(queue);
-        }
+        let queues = start_queues(&mut vu, mem, setup, !protocol_features.is_empty())?;
         Ok(Self {
             vu,
             features,
@@ -506,11 +530,75 @@ impl Frontend {
             .collect()
     }
 
+    /// A device reset and a new start, as a VMM runs them when the driver resets the
+    /// device (status 0) and sets it up again: every ring stopped (GET_VRING_BASE),
+    /// features acked anew (what the device offers minus `setup.refuse_features`), and
+    /// fresh rings from index 0. What the old rings held is the driver's to forget.
+    pub fn reset(&mut self, mem: &mut GuestMemory, setup: &Setup) -> Result<(), Error> {
+        self.stop()?;
+        let mut features = self.vu.get_features()? & !setup.refuse_features;
+        if !self.protocol_features.is_empty() {
+            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }
+        self.vu.set_features(features)?;
+        self.features = features;
+        let enable = !self.protocol_features.is_empty();
+        self.queues = start_queues(&mut self.vu, mem, setup, enable)?;
+        Ok(())
+    }
+
     /// SET_DEVICE_STATE_FD(SAVE) after [`Frontend::stop`]: reads the state to EOF and
     /// checks it with CHECK_DEVICE_STATE.
     pub fn save_state(&mut self) -> Result<Vec<u8>, Error> {
         Ok(save_device_state(&mut self.vu)?)
     }
+}
+
+/// Builds fresh rings for `setup.queues` queues (continuing from `setup.vring_bases`)
+/// and hands them to the daemon, as a VMM does when the driver sets DRIVER_OK;
+/// `enable` sends SET_VRING_ENABLE (with VHOST_USER_F_PROTOCOL_FEATURES).
+fn start_queues(
+    vu: &mut VuFrontend,
+    mem: &mut GuestMemory,
+    setup: &Setup,
+    enable: bool,
+) -> Result<Vec<VirtQueue>, Error> {
+    let mut queues = Vec::with_capacity(setup.queues);
+    for index in 0..setup.queues {
+        let pipe_kick = setup.pipe_kick == Some(index);
+        let mut queue = VirtQueue::new(index, mem, setup.queue_size, pipe_kick)?;
+        let base = setup.vring_bases.get(index).copied().unwrap_or(0);
+        queue.next_desc = base % queue.size;
+        queue.avail_idx = base;
+        queue.last_used = base;
+        // A restored used ring already holds `base` in guest memory.
+        if base != 0 {
+            mem.mmap()
+                .write_obj(base, queue.used.unchecked_add(2))
+                .expect("used ring lies inside guest memory");
+            queue.set_avail_idx(mem, base);
+        }
+        // vhost-user carries ring addresses in the frontend's own address space.
+        let config = VringConfigData {
+            queue_max_size: setup.queue_size,
+            queue_size: setup.queue_size,
+            flags: 0,
+            desc_table_addr: mem.host_address(queue.desc_table)?,
+            used_ring_addr: mem.host_address(queue.used)?,
+            avail_ring_addr: mem.host_address(queue.avail)?,
+            log_addr: None,
+        };
+        vu.set_vring_num(index, setup.queue_size)?;
+        vu.set_vring_addr(index, &config)?;
+        vu.set_vring_base(index, base)?;
+        vu.set_vring_call(index, &queue.call)?;
+        vu.set_vring_kick(index, &queue.kick)?;
+        if enable {
+            vu.set_vring_enable(index, true)?;
+        }
+        queues.push(queue);
+    }
+    Ok(queues)
 }
 
 /// A pipe: (read end, write end).
