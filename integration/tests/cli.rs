@@ -316,6 +316,40 @@ fn image_pull_list_rm_and_the_image_config_becomes_exec_defaults() {
     assert!(cli.home.join("workspaces/ws/rootfs.ext4").is_file());
 }
 
+/// `image rm busybox` removes what `pull busybox` stored, docker.io/library/busybox:latest
+/// (Docker Hub is not reachable here: the store holds a local registry's image under
+/// that name, as a pull from Docker Hub would have left it).
+#[test]
+fn image_rm_takes_the_short_name_a_docker_hub_image_was_pulled_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    cli.ok(&["image", "pull", &image]);
+    let refs_path = cli.home.join("images/refs.json");
+    let refs = std::fs::read_to_string(&refs_path).unwrap();
+    assert!(refs.contains(&format!("\"{image}\"")), "{refs}");
+    std::fs::write(
+        &refs_path,
+        refs.replace(&image, "docker.io/library/busybox:latest"),
+    )
+    .unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "image", "list"])).unwrap();
+    assert_eq!(list[0]["reference"], "docker.io/library/busybox:latest");
+
+    // Another short name, or another tag, is not that image.
+    cli.fails(&["image", "rm", "busybox:1.36"], "image.not_found");
+    cli.fails(&["image", "rm", "alpine"], "image.not_found");
+    let removed: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "image", "rm", "busybox"])).unwrap();
+    assert_eq!(removed["removed"], "docker.io/library/busybox:latest");
+    let list: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "image", "list"])).unwrap();
+    assert_eq!(list, serde_json::json!([]));
+    let blobs = cli.home.join("images/blobs/sha256");
+    assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 0, "blobs left");
+    cli.fails(&["image", "rm", "busybox"], "image.not_found");
+}
+
 #[test]
 fn a_start_that_fails_names_the_step_and_leaves_nothing_running() {
     let dir = tempfile::tempdir().unwrap();
