@@ -1,0 +1,238 @@
+//! Workload compatibility: ordinary software from a Debian bookworm root filesystem
+//! (built by `scripts/debian-rootfs.sh` with debootstrap, cached between runs) runs on
+//! the project's guest kernel, booted with the agent as /init under QEMU (TCG) with our
+//! blk and vsock daemons and a virtio-rng device.
+//!
+//! Every step runs, and the test then fails naming each step that did not pass and the
+//! kernel option it depends on (docs/kernel.md says why each option is there). To see
+//! what another kernel lacks, point the test at it:
+//!
+//! ```text
+//! MICROAGENT_KERNEL=/var/lib/microagent/kernels/<old hash>/vmlinux \
+//!     cargo test -p microagent-integration --test qemu_workloads
+//! ```
+
+use microagent_agent_protocol::client::Exit;
+use microagent_integration::agent::{argv_request, AgentVm};
+use microagent_integration::debian_rootfs::debian_root_disk;
+
+/// What the steps need from Debian (util-linux, with `unshare`, is always there).
+const PACKAGES: &[&str] = &["python3", "postgresql", "inotify-tools", "nftables"];
+
+/// No step may hang the test: each runs under coreutils' `timeout`.
+const STEP_TIMEOUT_SECS: &str = "240";
+
+struct Step {
+    name: &'static str,
+    /// The kernel options the step depends on, for the failure message.
+    needs: &'static str,
+    user: Option<&'static str>,
+    script: &'static str,
+    /// What stdout must contain.
+    expect: &'static str,
+}
+
+const PYTHON: &str = r#"python3 - <<'EOF'
+import multiprocessing, sqlite3
+def square(x):
+    return x * x
+if __name__ == "__main__":
+    with multiprocessing.Pool(2) as pool:
+        squares = pool.map(square, range(10))
+    db = sqlite3.connect("/tmp/squares.db")
+    db.execute("create table t (x integer)")
+    db.executemany("insert into t values (?)", [(s,) for s in squares])
+    db.commit()
+    print("python sum", db.execute("select sum(x) from t").fetchone()[0])
+EOF"#;
+
+const POSTGRES: &str = r#"set -e
+bin=/usr/lib/postgresql/15/bin
+d=$(mktemp -d /tmp/pg.XXXXXX)
+if ! $bin/initdb -D $d/data -A trust -U postgres >$d/initdb.log 2>&1; then
+    cat $d/initdb.log; exit 1
+fi
+if ! $bin/pg_ctl -D $d/data -l $d/server.log -w -t 120 \
+    -o "-k $d -c listen_addresses=''" start >/dev/null; then
+    cat $d/server.log; exit 1
+fi
+psql -h $d -U postgres -Atc "select 'postgres answer ' || 6 * 7"
+$bin/pg_ctl -D $d/data -m fast -w stop >/dev/null"#;
+
+const INOTIFY: &str = r#"f=/tmp/watched
+: > $f
+inotifywait -t 60 -e modify --format '%e %w' $f >/tmp/iw.out 2>/tmp/iw.err &
+pid=$!
+for i in $(seq 300); do
+    grep -q 'Watches established' /tmp/iw.err && break
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.1
+done
+echo change >> $f
+wait $pid
+rc=$?
+cat /tmp/iw.out /tmp/iw.err
+exit $rc"#;
+
+const UNSHARE: &str = r#"unshare --net --pid --mount --fork sh -c \
+    'echo "unshared pid $$"; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " " | tr "\n" " "; echo'"#;
+
+const NFT: &str = r#"nft -f - <<'EOF'
+table inet filter {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        ct state established,related accept
+        tcp dport 22 accept
+        counter
+    }
+}
+table ip nat {
+    chain postrouting {
+        type nat hook postrouting priority 100;
+        oifname "eth0" masquerade
+    }
+}
+EOF
+nft list ruleset"#;
+
+const OVERLAY: &str = r#"set -e
+mkdir -p /tmp/ov/lower /tmp/ov/upper /tmp/ov/work /tmp/ov/merged
+echo lower > /tmp/ov/lower/file
+mount -t overlay overlay -o lowerdir=/tmp/ov/lower,upperdir=/tmp/ov/upper,workdir=/tmp/ov/work /tmp/ov/merged
+echo upper >> /tmp/ov/merged/file
+echo "overlay $(cat /tmp/ov/lower/file) $(tr '\n' ' ' < /tmp/ov/upper/file)"
+umount /tmp/ov/merged"#;
+
+const CGROUPS: &str = r#"set -e
+mkdir -p /sys/fs/cgroup
+mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup
+echo "controllers: $(cat /sys/fs/cgroup/cgroup.controllers)""#;
+
+const HWRNG: &str = r#"echo "rng $(cat /sys/class/misc/hw_random/rng_current)"
+echo "bytes $(dd if=/dev/hwrng bs=64 count=1 iflag=fullblock 2>/dev/null | wc -c)""#;
+
+const STEPS: &[Step] = &[
+    Step {
+        name: "python3 multiprocessing and sqlite3",
+        needs: "POSIX semaphores on /dev/shm (CONFIG_SHMEM, CONFIG_TMPFS, mounted by the agent)",
+        user: None,
+        script: PYTHON,
+        expect: "python sum 285",
+    },
+    Step {
+        name: "PostgreSQL initdb, start, query over a unix socket",
+        needs: "CONFIG_SYSVIPC (System V shared memory)",
+        user: Some("postgres"),
+        script: POSTGRES,
+        expect: "postgres answer 42",
+    },
+    Step {
+        name: "inotifywait notices a change",
+        needs: "CONFIG_INOTIFY_USER",
+        user: None,
+        script: INOTIFY,
+        expect: "MODIFY /tmp/watched",
+    },
+    Step {
+        name: "unshare --net --pid --mount --fork",
+        needs: "CONFIG_NAMESPACES, CONFIG_PID_NS, CONFIG_NET_NS",
+        user: None,
+        script: UNSHARE,
+        expect: "unshared pid 1\nlo \n",
+    },
+    Step {
+        name: "nft loads an inet filter table and a NAT chain",
+        needs: "CONFIG_NF_TABLES, CONFIG_NF_TABLES_INET, CONFIG_NFT_CT, CONFIG_NFT_NAT, CONFIG_NFT_MASQ",
+        user: None,
+        script: NFT,
+        expect: "oifname \"eth0\" masquerade",
+    },
+    Step {
+        name: "a seccomp filter refuses getppid",
+        needs: "CONFIG_SECCOMP, CONFIG_SECCOMP_FILTER",
+        user: None,
+        script: "/usr/local/bin/seccomp-deny",
+        expect: "seccomp: getppid refused with EPERM",
+    },
+    Step {
+        name: "I/O through io_uring",
+        needs: "CONFIG_IO_URING",
+        user: None,
+        script: "/usr/local/bin/io-uring-rw /tmp/uring.dat",
+        expect: "io_uring: wrote and read back 4096 bytes",
+    },
+    Step {
+        name: "/dev/hwrng gives bytes",
+        needs: "CONFIG_HW_RANDOM, CONFIG_HW_RANDOM_VIRTIO",
+        user: None,
+        script: HWRNG,
+        expect: "rng virtio_rng.0\nbytes 64\n",
+    },
+    Step {
+        name: "an overlay mount",
+        needs: "CONFIG_OVERLAY_FS",
+        user: None,
+        script: OVERLAY,
+        expect: "overlay lower lower upper",
+    },
+    Step {
+        name: "cgroup v2 with memory and pids controllers",
+        needs: "CONFIG_CGROUPS, CONFIG_MEMCG, CONFIG_CGROUP_PIDS",
+        user: None,
+        script: CGROUPS,
+        expect: "memory pids",
+    },
+    Step {
+        name: "the kernel's config in /proc/config.gz",
+        needs: "CONFIG_IKCONFIG, CONFIG_IKCONFIG_PROC",
+        user: None,
+        script: "zcat /proc/config.gz | grep -x CONFIG_IO_URING=y",
+        expect: "CONFIG_IO_URING=y",
+    },
+];
+
+#[test]
+fn debian_workloads_run_on_the_guest_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = debian_root_disk(PACKAGES, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let mut ws = AgentVm::boot_with(dir.path(), Some(&disk), "workloads", |c| {
+        c.memory_mib = 1024;
+        c.rng = true;
+    });
+    for (name, env) in [
+        ("seccomp-deny", env!("MICROAGENT_SECCOMP_PROBE")),
+        ("io-uring-rw", env!("MICROAGENT_IO_URING_PROBE")),
+    ] {
+        let program = std::fs::read(env).unwrap();
+        ws.connect()
+            .write_file(&format!("/usr/local/bin/{name}"), 0o755, &program)
+            .unwrap();
+    }
+
+    let mut failures = Vec::new();
+    for step in STEPS {
+        let mut request = argv_request(&["timeout", STEP_TIMEOUT_SECS, "sh", "-c", step.script]);
+        request.user = step.user.map(str::to_owned);
+        request.cwd = Some("/tmp".into());
+        let (exit, out, err) = ws.run_with(request, Vec::new());
+        let out = String::from_utf8_lossy(&out);
+        if exit != Exit::Code(0) || !out.contains(step.expect) {
+            failures.push(format!(
+                "step {:?} failed (depends on {}): {exit:?}, expected {:?} on stdout\n\
+                 stdout: {}\nstderr: {}",
+                step.name,
+                step.needs,
+                step.expect,
+                out.trim_end(),
+                String::from_utf8_lossy(&err).trim_end()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} workload steps failed:\n\n{}",
+        failures.len(),
+        STEPS.len(),
+        failures.join("\n\n")
+    );
+}
