@@ -27,10 +27,15 @@ pub enum Error {
     },
 }
 
+/// `scripts/debian-rootfs.sh`, which builds and caches the image.
+pub fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/debian-rootfs.sh")
+}
+
 /// The cached image for `packages` (built on first use; minutes, needs Debian's mirror),
 /// copied sparsely to `dir/debian.img`.
 pub fn debian_root_disk(packages: &[&str], dir: &Path) -> Result<PathBuf, Error> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/debian-rootfs.sh");
+    let script = script();
     let out = Command::new(&script)
         .args(packages)
         .output()

@@ -14,7 +14,8 @@
 
 use microagent_agent_protocol::client::Exit;
 use microagent_integration::agent::{argv_request, AgentVm};
-use microagent_integration::debian_rootfs::debian_root_disk;
+use microagent_integration::debian_rootfs::{self, debian_root_disk};
+use std::process::Command;
 
 /// What the steps need from Debian (util-linux, with `unshare`, is always there).
 const PACKAGES: &[&str] = &["python3", "postgresql", "inotify-tools", "nftables"];
@@ -74,8 +75,16 @@ rc=$?
 cat /tmp/iw.out /tmp/iw.err
 exit $rc"#;
 
-const UNSHARE: &str = r#"unshare --net --pid --mount --fork sh -c \
-    'echo "unshared pid $$"; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " " | tr "\n" " "; echo'"#;
+const UNSHARE: &str = r#"set -e
+outer=$(readlink /proc/self/ns/net /proc/self/ns/mnt)
+inner=$(unshare --net --pid --mount --fork sh -c \
+    'echo "pid $$"; readlink /proc/self/ns/net /proc/self/ns/mnt')
+echo "$inner"
+[ "$(echo "$inner" | head -n 1)" = "pid 1" ]
+for ns in $(echo "$inner" | tail -n +2); do
+    if echo "$outer" | grep -qxF "$ns"; then echo "still in $ns"; exit 1; fi
+done
+echo "unshared: pid 1, new net and mount namespaces""#;
 
 const NFT: &str = r#"nft -f - <<'EOF'
 table inet filter {
@@ -138,7 +147,7 @@ const STEPS: &[Step] = &[
         needs: "CONFIG_NAMESPACES, CONFIG_PID_NS, CONFIG_NET_NS",
         user: None,
         script: UNSHARE,
-        expect: "unshared pid 1\nlo \n",
+        expect: "unshared: pid 1, new net and mount namespaces",
     },
     Step {
         name: "nft loads an inet filter table and a NAT chain",
@@ -235,4 +244,31 @@ fn debian_workloads_run_on_the_guest_kernel() {
         STEPS.len(),
         failures.join("\n\n")
     );
+}
+
+#[test]
+fn a_debian_mirror_that_cannot_be_reached_fails_with_a_clear_message() {
+    let cache = tempfile::tempdir().unwrap();
+    // Nothing listens on the discard port of loopback: the connection is refused.
+    let mirror = "http://127.0.0.1:9/debian";
+    let out = Command::new(debian_rootfs::script())
+        .arg("python3")
+        .env("MICROAGENT_DEBIAN_MIRROR", mirror)
+        .env("MICROAGENT_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "debian-rootfs: debootstrap could not fetch bookworm from {mirror}: check the network or set MICROAGENT_DEBIAN_MIRROR"
+        )),
+        "{stderr}"
+    );
+    // Nothing half-built is left to be taken for a cached image.
+    let entries: Vec<_> = std::fs::read_dir(cache.path().join("debian-rootfs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, Vec::<std::ffi::OsString>::new());
 }
