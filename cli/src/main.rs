@@ -943,7 +943,9 @@ fn doctor(home: &Home, out: &Output) {
         info.is_ok(),
         match &info {
             Ok(info) => format!("{} ({})", kernel.display(), info.describe()),
-            Err(e) => e.to_string(),
+            Err(kernel_info::Error::Read { source, .. }) => {
+                format!("{}: {source}", kernel.display())
+            }
         },
         "make kernel",
     );
