@@ -48,6 +48,14 @@ command -v debootstrap >/dev/null || {
 }
 
 mkdir -p "$cache/debian-rootfs"
+# One build per key at a time; a second caller waits and then finds it cached.
+exec 9>"$cache/debian-rootfs/.$key.lock"
+flock 9
+if [ -f "$dest/root.img" ]; then
+  echo "debian-rootfs: cache hit $dest (built meanwhile)" >&2
+  echo "$dest/root.img"
+  exit 0
+fi
 work=$(mktemp -d "$cache/debian-rootfs/.build-$key.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
@@ -67,7 +75,8 @@ fi
 # Apt's package lists and downloaded .debs are not needed in the guest.
 rm -rf "$work/tree/var/cache/apt/archives/"*.deb "$work/tree/var/lib/apt/lists/"*
 mkdir -p "$work/out"
-mke2fs -q -F -t ext4 -E root_owner=0:0 -d "$work/tree" "$work/out/root.img" "$size"
+# stdout carries only the image path: mke2fs says "Creating regular file" there.
+mke2fs -q -F -t ext4 -E root_owner=0:0 -d "$work/tree" "$work/out/root.img" "$size" >&2
 printf '%s\n' "$packages" >"$work/out/packages"
 sync
 rm -rf "$dest"

@@ -49,7 +49,9 @@ pub fn debian_root_disk(packages: &[&str], dir: &Path) -> Result<PathBuf, Error>
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         });
     }
-    let cached = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    // The path is the script's last line of output.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let cached = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
     let disk = dir.join("debian.img");
     let copy = Command::new("cp")
         .args(["--sparse=always", "--reflink=auto"])
