@@ -120,6 +120,21 @@ echo "controllers: $(cat /sys/fs/cgroup/cgroup.controllers)""#;
 const HWRNG: &str = r#"echo "rng $(cat /sys/class/misc/hw_random/rng_current)"
 echo "bytes $(dd if=/dev/hwrng bs=64 count=1 iflag=fullblock 2>/dev/null | wc -c)""#;
 
+/// System calls and devices no Debian tool here exercises on its own, through ctypes.
+const SYSCALLS: &str = r#"python3 - <<'EOF'
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def check(name, ok):
+    print(name, "ok" if ok else "failed: " + os.strerror(ctypes.get_errno()))
+ctx = ctypes.c_ulong(0)
+check("io_setup", libc.syscall(206, 8, ctypes.byref(ctx)) == 0)
+# bpf(BPF_MAP_CREATE) of an array map: type 2, 4-byte keys and values, 1 entry.
+attr = (ctypes.c_uint32 * 32)(2, 4, 4, 1)
+check("bpf_map_create", libc.syscall(321, 0, attr, ctypes.sizeof(attr)) >= 0)
+check("mq_open", libc.mq_open(b"/probe", os.O_CREAT | os.O_RDWR, 0o600, None) >= 0)
+check("fuse", os.path.exists("/dev/fuse") and "\tfuse\n" in open("/proc/filesystems").read())
+EOF"#;
+
 const STEPS: &[Step] = &[
     Step {
         name: "python3 multiprocessing and sqlite3",
@@ -190,6 +205,13 @@ const STEPS: &[Step] = &[
         user: None,
         script: CGROUPS,
         expect: "memory pids",
+    },
+    Step {
+        name: "io_setup, bpf(BPF_MAP_CREATE), mq_open and /dev/fuse",
+        needs: "CONFIG_AIO, CONFIG_BPF_SYSCALL, CONFIG_POSIX_MQUEUE, CONFIG_FUSE_FS",
+        user: None,
+        script: SYSCALLS,
+        expect: "io_setup ok\nbpf_map_create ok\nmq_open ok\nfuse ok\n",
     },
     Step {
         name: "the kernel's config in /proc/config.gz",
