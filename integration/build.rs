@@ -3,7 +3,7 @@
 //! where guest kernel code is emulated (no SSE, no red zone, no libc, linked at 2 MiB);
 //! the reset guest (guest/reset-guest/reset.S), whose first instruction resets, for
 //! start-up benchmarks; and static Linux programs for the QEMU rig (vsock-echo,
-//! tcp-connect).
+//! tcp-connect, and the workload test's seccomp and io_uring probes).
 
 use std::env;
 use std::path::PathBuf;
@@ -82,5 +82,18 @@ fn main() {
         LINUX_PROGRAM,
         "tcp-connect",
         "MICROAGENT_TCP_CONNECT",
+    );
+    // For the workload compatibility test (tests/qemu_workloads.rs).
+    build(
+        "guest/workload-probes/seccomp_deny.c",
+        LINUX_PROGRAM,
+        "seccomp-deny",
+        "MICROAGENT_SECCOMP_PROBE",
+    );
+    build(
+        "guest/workload-probes/io_uring_rw.c",
+        LINUX_PROGRAM,
+        "io-uring-rw",
+        "MICROAGENT_IO_URING_PROBE",
     );
 }

@@ -9,7 +9,8 @@
 #   scripts/bench.sh [NAME...]     (default: all; names as in the markers)
 #
 # vmm_start compares against a Firecracker binary, which this project neither builds
-# nor ships; it runs only when FIRECRACKER names one.
+# nor ships; it runs only when FIRECRACKER names one. kernel_boot runs only when
+# OLD_KERNEL names a vmlinux to compare the project kernel with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,11 @@ BENCHES=(
 )
 if [ -n "${FIRECRACKER:-}" ]; then
   BENCHES+=("vmm_start|bench_vmm_start|$FIRECRACKER 20")
+fi
+# kernel_boot compares the project kernel with another vmlinux (the one before a config
+# change); it runs only when OLD_KERNEL names one.
+if [ -n "${OLD_KERNEL:-}" ]; then
+  BENCHES+=("kernel_boot|bench_kernel_boot|$OLD_KERNEL $(scripts/build-kernel.sh --path) 10")
 fi
 
 machine() {

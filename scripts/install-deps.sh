@@ -18,6 +18,9 @@ packages=(
   linux-perf strace
   # bench_net: passt, the other user-mode network peer (QEMU's -netdev stream)
   passt
+  # the workload compatibility test (integration/tests/qemu_workloads.rs): a Debian
+  # bookworm root filesystem built with debootstrap
+  debootstrap
 )
 
 missing=()
@@ -38,7 +41,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs docker-registry skopeo umoci passt; do
+for tool in cargo qemu-system-x86_64 qemu-storage-daemon mke2fs docker-registry skopeo umoci passt debootstrap; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool not found after install" >&2; exit 1; }
 done
 cargo clippy --version >/dev/null 2>&1 || { echo "install-deps: cargo clippy is missing (rustup component add clippy)" >&2; exit 1; }

@@ -2,6 +2,7 @@
 //! microagent-vmm with their devices served by the vhost-user daemons.
 //!
 //! - [`home`]: where state lives (`MICROAGENT_HOME`) and the cached guest kernel.
+//! - [`kernel_info`]: a guest kernel's Linux version and build configuration hash.
 //! - [`workspace`]: a workspace's configuration and files.
 //! - [`runtime`]: starting and stopping a workspace's processes, and its state.
 //! - [`initramfs`]: the cpio image that carries the agent as /init.
@@ -18,6 +19,7 @@ pub mod confinement;
 pub mod error;
 pub mod home;
 pub mod initramfs;
+pub mod kernel_info;
 pub mod lock;
 pub mod memory;
 pub mod progress;

@@ -5,6 +5,7 @@ use microagent_cli::confinement::{self, SECCOMP_ENV};
 use microagent_cli::error::{CliError, Result, EXIT_ERROR};
 use microagent_cli::home::Home;
 use microagent_cli::initramfs::Initramfs;
+use microagent_cli::kernel_info;
 use microagent_cli::lock::{self, Wait, WorkspaceLock};
 use microagent_cli::memory;
 use microagent_cli::progress;
@@ -936,12 +937,19 @@ fn doctor(home: &Home, out: &Output) {
         "run on a host (or nested VM) with VMX/SVM; this host can still run the test guest and the QEMU rigs",
     );
     let kernel = home.default_kernel();
+    let info = kernel_info::identify(&kernel);
     check(
         "guest_kernel",
-        kernel.is_file(),
-        kernel.display().to_string(),
+        info.is_ok(),
+        match &info {
+            Ok(info) => format!("{} ({})", kernel.display(), info.describe()),
+            Err(kernel_info::Error::Read { source, .. }) => {
+                format!("{}: {source}", kernel.display())
+            }
+        },
         "make kernel",
     );
+    let kernel_json = info.ok().map(|info| serde_json::json!(info));
     for tool in ["mke2fs", "cp"] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
@@ -1004,6 +1012,12 @@ fn doctor(home: &Home, out: &Output) {
                     "restart the workspace: it was started without confinement",
                 );
             }
+        }
+    }
+    // --json carries the kernel's version and config hash as fields too.
+    if let Some(kernel) = kernel_json {
+        for c in checks.iter_mut().filter(|c| c["check"] == "guest_kernel") {
+            c["kernel"] = kernel.clone();
         }
     }
     if out.json {
@@ -1087,9 +1101,15 @@ fn run(cli: Cli) -> Result<i32> {
                 })
                 .flatten()
                 .map(|conn| serde_json::json!({"version": conn.info().agent, "cid": conn.info().cid}));
+            // The kernel's version and build configuration; an unreadable file is an
+            // error for `start`, here it is shown as such.
+            let kernel = match kernel_info::identify(&config.kernel) {
+                Ok(info) => serde_json::json!(info),
+                Err(e) => serde_json::json!({"error": e.to_string()}),
+            };
             println!(
                 "{}",
-                serde_json::json!({"config": config, "state": state, "snapshots": snapshots, "agent": agent})
+                serde_json::json!({"config": config, "state": state, "snapshots": snapshots, "agent": agent, "kernel": kernel})
             );
         }
         Cmd::Pause { name } | Cmd::Resume { name } if workspace::load(&home, &name).is_err() => {

@@ -136,6 +136,15 @@ pub fn setup() -> Result<Root, String> {
     )
     .map_err(|e| e.to_string())?;
     bind("/dev/pts", &format!("{ROOT_MOUNT}/dev/pts")).map_err(|e| e.to_string())?;
+    // POSIX shared memory and named semaphores (shm_open, sem_open: Python's
+    // multiprocessing, PostgreSQL's dynamic shared memory) live on a tmpfs at /dev/shm.
+    mount(
+        "tmpfs",
+        &format!("{ROOT_MOUNT}/dev/shm"),
+        "tmpfs",
+        Some("mode=1777"),
+    )
+    .map_err(|e| e.to_string())?;
     console(&format!("root disk {device} mounted"));
     let root = Root(ROOT_MOUNT.into());
     match crate::net::from_cmdline(&cmdline) {
@@ -147,6 +156,23 @@ pub fn setup() -> Result<Root, String> {
         None => {}
     }
     Ok(root)
+}
+
+/// Time since the kernel's clock started (CLOCK_BOOTTIME, the base of the console's
+/// printk timestamps): from early kernel start-up to now.
+pub fn since_kernel_start() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a valid, exclusively borrowed timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } < 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// Ends the VM: a reset, which microagent-vmm (i8042, `reboot=k`) and QEMU with

@@ -26,7 +26,12 @@ fn main() {
             std::process::exit(1);
         }
     };
-    console(&format!("ready on vsock port {AGENT_PORT}"));
+    // Time since the kernel started its clock, for boot-time measurements
+    // (integration/examples/bench_kernel_boot.rs reads this line).
+    console(&format!(
+        "ready on vsock port {AGENT_PORT} {:.3} s after kernel start",
+        init::since_kernel_start().as_secs_f64()
+    ));
     loop {
         match listener.accept() {
             Ok(stream) => {

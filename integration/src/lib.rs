@@ -9,6 +9,8 @@
 //!   a daemon's virtqueues directly (no guest).
 //! - [`vsock_guest`]: the harness as a guest's virtio-vsock driver.
 //! - [`daemon`]: microagent's own daemons as real processes.
+//! - [`debian_rootfs`]: a cached Debian bookworm root disk (debootstrap) for workload
+//!   tests.
 //! - [`agent`]: the static guest agent and a busybox root disk for it.
 //! - [`cli`]: the `microagent` command driven with its own home, errors checked by code.
 //! - [`process`]: guards that kill what a test started, also when the test fails.
@@ -29,6 +31,7 @@
 pub mod agent;
 pub mod cli;
 pub mod daemon;
+pub mod debian_rootfs;
 pub mod ext4;
 pub mod flaky_proxy;
 pub mod frontend;

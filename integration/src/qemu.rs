@@ -68,6 +68,8 @@ pub struct QemuConfig {
     pub console: PathBuf,
     /// A human monitor socket (for `pmemsave`), if wanted.
     pub monitor: Option<PathBuf>,
+    /// A virtio-rng device (the guest's `/dev/hwrng`), fed from the host's entropy.
+    pub rng: bool,
 }
 
 impl QemuConfig {
@@ -84,6 +86,7 @@ impl QemuConfig {
             stream_net: None,
             console,
             monitor: None,
+            rng: false,
         }
     }
 
@@ -141,6 +144,9 @@ impl QemuConfig {
                     socket.display()
                 ))
                 .args(["-device", "virtio-net-device,netdev=s0"]);
+        }
+        if self.rng {
+            cmd.args(["-device", "virtio-rng-device"]);
         }
         cmd.arg("-kernel")
             .arg(&self.kernel)

@@ -571,7 +571,8 @@ fn doctor_names_what_is_missing_and_how_to_fix_it() {
     let huge = find(&checks, "huge_pages");
     assert_eq!(huge["ok"], allowed, "{huge} ({shmem})");
 
-    // With the project's kernel in place the same check passes.
+    // With the project's kernel in place the same check passes, and names the kernel's
+    // version and the hash of the configuration it was built from.
     cli.link_kernels();
     let kernel = find(&doctor(&cli), "guest_kernel");
     assert_eq!(
@@ -579,6 +580,106 @@ fn doctor_names_what_is_missing_and_how_to_fix_it() {
         (&true.into(), &"".into()),
         "{kernel}"
     );
+    let config_hash = project_kernel_config_hash();
+    assert!(
+        kernel["kernel"]["version"]
+            .as_str()
+            .unwrap()
+            .starts_with("6.1."),
+        "{kernel}"
+    );
+    assert_eq!(
+        kernel["kernel"]["config_sha256"],
+        config_hash.as_str(),
+        "{kernel}"
+    );
+    let detail = kernel["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("(Linux 6.1.")
+            && detail.contains(&format!("config sha256 {}", &config_hash[..16])),
+        "{detail}"
+    );
+}
+
+/// sha256 of the `config` file `scripts/build-kernel.sh` keeps next to the project kernel.
+fn project_kernel_config_hash() -> String {
+    use sha2::{Digest, Sha256};
+    let kernel = microagent_integration::kernel::guest_kernel().unwrap();
+    let config = std::fs::read(kernel.with_file_name("config")).unwrap();
+    Sha256::digest(config)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn inspect_shows_the_kernel_version_and_config_hash_and_a_users_own_kernel_still_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    cli.link_kernels();
+    let config_hash = project_kernel_config_hash();
+    let inspect = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&cli.ok(&["inspect", name])).unwrap()
+    };
+
+    // The project kernel: the version from its banner, the hash of its cache entry's config.
+    cli.ok(&["create", "project", "--image", &image, "--no-agent"]);
+    let kernel = inspect("project")["kernel"].clone();
+    assert!(
+        kernel["version"].as_str().unwrap().starts_with("6.1."),
+        "{kernel}"
+    );
+    assert!(
+        kernel["banner"]
+            .as_str()
+            .unwrap()
+            .starts_with("Linux version 6.1."),
+        "{kernel}"
+    );
+    assert_eq!(
+        (&kernel["config_sha256"], &kernel["config_source"]),
+        (&config_hash.as_str().into(), &"cache_entry".into()),
+        "{kernel}"
+    );
+
+    // A copy elsewhere (a user's kernel file) still names its config: the kernel
+    // carries it (CONFIG_IKCONFIG), byte for byte the cache entry's.
+    let own = dir.path().join("own");
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::copy(
+        microagent_integration::kernel::guest_kernel().unwrap(),
+        own.join("vmlinux"),
+    )
+    .unwrap();
+    cli.ok(&[
+        "create",
+        "copy",
+        "--image",
+        &image,
+        "--no-agent",
+        "--kernel",
+        own.join("vmlinux").to_str().unwrap(),
+    ]);
+    let kernel = inspect("copy")["kernel"].clone();
+    assert_eq!(
+        (&kernel["config_sha256"], &kernel["config_source"]),
+        (&config_hash.as_str().into(), &"embedded".into()),
+        "{kernel}"
+    );
+
+    // A user's own kernel that is not Linux at all (the freestanding test guest): no
+    // version, no config, and it still starts and runs.
+    create(&cli, "guest", &image);
+    let kernel = inspect("guest")["kernel"].clone();
+    assert_eq!(
+        (&kernel["version"], &kernel["config_sha256"]),
+        (&serde_json::Value::Null, &serde_json::Value::Null),
+        "{kernel}"
+    );
+    assert!(cli.ok(&["start", "guest"]).starts_with("started guest in "));
+    assert_eq!(cli.state("guest"), "running");
+    cli.ok(&["halt", "guest"]);
+    assert_eq!(cli.state("guest"), "halted");
 }
 
 #[test]
