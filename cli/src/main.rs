@@ -989,6 +989,13 @@ fn doctor(home: &Home, out: &Output) {
         },
         "use a kernel with CONFIG_SECCOMP_FILTER; unset MICROAGENT_SECCOMP",
     );
+    let (landlock, detail) = confinement::landlock_support();
+    check(
+        "landlock",
+        landlock,
+        detail,
+        "use Linux 5.13+ with landlock in CONFIG_LSM (or lsm= on its command line); unset MICROAGENT_LANDLOCK",
+    );
     // The processes of running workspaces, as the kernel sees them.
     for ws in workspace::list(home) {
         let Some(pids) = runtime::pids(home, &ws.name) else {
@@ -1001,6 +1008,24 @@ fn doctor(home: &Home, out: &Output) {
                     p.fully_confined(),
                     format!("pid {pid}: {}", p.describe()),
                     "restart the workspace: it was started without confinement",
+                );
+            }
+            // Daemons log `<kind>.log` in their workspace; the VMM is not under Landlock.
+            let Some(kind) = binary.strip_prefix("microagent-vhost-") else {
+                continue;
+            };
+            if landlock && confinement::process(pid).is_some() {
+                let log = workspace::dir(home, &ws.name).join(format!("{kind}.log"));
+                let restricted = confinement::landlocked(&log);
+                check(
+                    &format!("landlock {}/{binary}", ws.name),
+                    restricted,
+                    if restricted {
+                        format!("pid {pid}: files only beneath its runtime directory")
+                    } else {
+                        format!("pid {pid}: not restricted (its log has no Landlock line)")
+                    },
+                    "restart the workspace: it was started without Landlock",
                 );
             }
         }

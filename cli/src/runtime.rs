@@ -462,7 +462,10 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
             let socket = rt.join(format!("{}.sock", kind.name()));
             let log = ws.join(format!("{}.log", kind.name()));
             let mut cmd = Command::new(sibling(kind.binary())?);
-            cmd.arg("--socket-path").arg(&socket).args(daemon.args);
+            cmd.arg("--socket-path")
+                .arg(&socket)
+                .args(daemon.args)
+                .args(confinement::landlock_flags(&rt));
             let pid = spawn_detached(cmd, &log)?;
             kill_point::reached("start.daemon_spawned");
             pids.record(kind, pid);
