@@ -144,8 +144,8 @@ pub fn landlock_support() -> (bool, String) {
         Ok(abi) => (
             true,
             format!(
-                "Landlock ABI {abi}: every daemon may touch files only beneath its workspace's \
-                 runtime directory after set-up (the VMM is not restricted)"
+                "Landlock ABI {abi}: after set-up every daemon may touch files only beneath \
+                 its workspace's runtime directory, the VMM also its snapshots directory"
             ),
         ),
     }

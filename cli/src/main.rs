@@ -1010,10 +1010,10 @@ fn doctor(home: &Home, out: &Output) {
                     "restart the workspace: it was started without confinement",
                 );
             }
-            // Daemons log `<kind>.log` in their workspace; the VMM is not under Landlock.
-            let Some(kind) = binary.strip_prefix("microagent-vhost-") else {
-                continue;
-            };
+            // Each process logs to `<kind>.log` in its workspace.
+            let kind = binary
+                .strip_prefix("microagent-vhost-")
+                .unwrap_or(binary.trim_start_matches("microagent-"));
             if landlock && confinement::process(pid).is_some() {
                 let log = workspace::dir(home, &ws.name).join(format!("{kind}.log"));
                 let restricted = confinement::landlocked(&log);
@@ -1021,7 +1021,7 @@ fn doctor(home: &Home, out: &Output) {
                     &format!("landlock {}/{binary}", ws.name),
                     restricted,
                     if restricted {
-                        format!("pid {pid}: files only beneath its runtime directory")
+                        format!("pid {pid}: files only beneath its workspace's directories")
                     } else {
                         format!("pid {pid}: not restricted (its log has no Landlock line)")
                     },

@@ -476,6 +476,19 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
         kill_point::reached("start.daemons_up");
         let mut vmm = Command::new(sibling("microagent-vmm")?);
         vmm.arg("--kernel").arg(&config.kernel);
+        // Under Landlock the VMM may write only its runtime directory and the snapshots
+        // directory (made now: a rule needs the directory to exist).
+        let snapshots = ws.join("snapshots");
+        fs::create_dir_all(&snapshots).map_err(|e| {
+            CliError::new(
+                "workspace.start_failed",
+                format!("{}: {e}", snapshots.display()),
+            )
+        })?;
+        let landlock = confinement::landlock_flags(&rt);
+        if !landlock.is_empty() {
+            vmm.args(landlock).arg("--landlock-dir").arg(&snapshots);
+        }
         match how {
             Launch::Boot => {
                 vmm.arg("--cmdline")

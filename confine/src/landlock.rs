@@ -93,10 +93,11 @@ pub fn abi() -> Result<i64, Error> {
 }
 
 /// Restricts the calling thread (and the threads it spawns later) to files beneath
-/// `writable` (every right but executing) and reading and mapping the system's
-/// libraries. Needs no_new_privs set first (see [`crate::privileges`]). Returns the
-/// ABI version it ran under.
-pub fn restrict(writable: &[PathBuf]) -> Result<i64, Error> {
+/// `writable` (every right but executing), reading the files and directories in
+/// `readable` (those that exist), and reading and mapping the system's libraries. Needs
+/// no_new_privs set first (see [`crate::privileges`]). Returns the ABI version it ran
+/// under.
+pub fn restrict(writable: &[PathBuf], readable: &[PathBuf]) -> Result<i64, Error> {
     let abi = abi()?;
     let all = handled(abi);
     let attr = RulesetAttr {
@@ -121,6 +122,15 @@ pub fn restrict(writable: &[PathBuf]) -> Result<i64, Error> {
         .iter()
         .map(|dir| (dir.clone(), all & !EXECUTE))
         .collect();
+    // A rule on a file may carry file rights only.
+    rules.extend(readable.iter().filter(|p| p.exists()).map(|p| {
+        let access = if p.is_dir() {
+            READ_FILE | READ_DIR
+        } else {
+            READ_FILE
+        };
+        (p.clone(), access)
+    }));
     rules.extend(
         SYSTEM_READ_ONLY
             .iter()
@@ -192,7 +202,7 @@ mod tests {
         );
         let result = std::thread::spawn(move || {
             crate::privileges::drop_all().unwrap();
-            restrict(std::slice::from_ref(&inside_dir)).unwrap();
+            restrict(std::slice::from_ref(&inside_dir), &[]).unwrap();
             let inside = std::fs::write(inside_dir.join("mine"), b"ok");
             let read_outside = std::fs::read(&outside_file);
             let write_outside = std::fs::write(outside_file.with_file_name("new"), b"x");

@@ -39,12 +39,13 @@ pub struct ConfineArgs {
     pub seccomp: Seccomp,
 }
 
-/// The Landlock flag of every daemon (not the VMM: it is not restricted yet).
+/// The Landlock flag of the VMM and every daemon.
 #[derive(Clone, Debug, clap::Args)]
 pub struct LandlockArgs {
     /// After set-up, open, create, rename or remove files only beneath DIR (Landlock;
-    /// repeatable), besides reading the system's libraries. None given: no Landlock.
-    /// `microagent` passes the workspace's runtime directory.
+    /// repeatable), besides reading the system's libraries (and, for the VMM, its
+    /// kernel and initrd). None given: no Landlock. `microagent` passes the workspace's
+    /// runtime directory (and to the VMM its snapshots directory).
     #[arg(long = "landlock-dir", value_name = "DIR")]
     pub landlock_dirs: Vec<std::path::PathBuf>,
 }
@@ -55,14 +56,18 @@ pub struct LandlockArgs {
 pub const LANDLOCK_SELFTEST_ENV: &str = "MICROAGENT_LANDLOCK_SELFTEST";
 
 /// Restricts the calling thread, and the threads it spawns afterwards, to files beneath
-/// `dirs` ([`landlock::restrict`]); nothing when `dirs` is empty. `name` is the process
-/// kind for the log line (`vhost-blk`).
-pub fn enter_landlock(name: &str, dirs: &[std::path::PathBuf]) -> Result<(), Error> {
+/// `dirs` and reading `readable` ([`landlock::restrict`]); nothing when `dirs` is
+/// empty. `name` is the process kind for the log line (`vhost-blk`).
+pub fn enter_landlock(
+    name: &str,
+    dirs: &[std::path::PathBuf],
+    readable: &[std::path::PathBuf],
+) -> Result<(), Error> {
     if dirs.is_empty() {
         return Ok(());
     }
     privileges::drop_all()?;
-    let abi = landlock::restrict(dirs)?;
+    let abi = landlock::restrict(dirs, readable)?;
     let shown: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
     log::info!(
         "landlock {name}: files only beneath {} (and reading system libraries), ABI {abi}",

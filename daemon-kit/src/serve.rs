@@ -65,7 +65,7 @@ where
     // opens what needs privileges (disk images, published ports) before `serve`.
     microagent_confine::privileges::drop_all().map_err(microagent_confine::Error::from)?;
     // Files only beneath `landlock` from here on (when given), for every thread to come.
-    microagent_confine::enter_landlock(policy.daemon, landlock)?;
+    microagent_confine::enter_landlock(policy.daemon, landlock, &[])?;
     let limits = Limits {
         max_queue_size: u16::try_from(backend.max_queue_size()).unwrap_or(u16::MAX),
     };

@@ -135,7 +135,7 @@ fn selftest_line(log: &std::path::Path, path: &std::path::Path) -> String {
 }
 
 #[test]
-fn a_landlocked_daemon_cannot_read_a_host_file_outside_its_runtime_directory() {
+fn a_landlocked_vmm_or_daemon_cannot_read_a_host_file_outside_its_workspace_directories() {
     if microagent_confine::landlock::abi().is_err() {
         eprintln!("SKIPPED: this kernel has no Landlock (landlock not in CONFIG_LSM)");
         return;
@@ -176,7 +176,7 @@ fn a_landlocked_daemon_cannot_read_a_host_file_outside_its_runtime_directory() {
     };
     start(&secret, "on");
     let logs = cli.home.join("workspaces/ws");
-    for daemon in ["blk", "net"] {
+    for daemon in ["vmm", "blk", "net"] {
         let line = selftest_line(&logs.join(format!("{daemon}.log")), &secret);
         assert!(
             line.contains("Permission denied (os error 13)"),
@@ -187,7 +187,11 @@ fn a_landlocked_daemon_cannot_read_a_host_file_outside_its_runtime_directory() {
     let checks = checks.as_array().unwrap();
     let landlock = checks.iter().find(|c| c["check"] == "landlock").unwrap();
     assert_eq!(landlock["ok"], true, "{landlock}");
-    for daemon in ["microagent-vhost-blk", "microagent-vhost-net"] {
+    for daemon in [
+        "microagent-vmm",
+        "microagent-vhost-blk",
+        "microagent-vhost-net",
+    ] {
         let c = checks
             .iter()
             .find(|c| c["check"] == format!("landlock ws/{daemon}"))

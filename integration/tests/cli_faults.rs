@@ -338,7 +338,8 @@ fn a_snapshot_that_fills_the_home_while_writing_fails_with_no_space_and_leaves_n
     let small = SmallFs::mount(cli.home.clone(), "96m");
     let _reaper = cli.reaper();
     cli.ok(&create_args("ws", &image, "scenario=counter"));
-    let gate = dir.path().join("gate");
+    // In the runtime directory: the VMM may write nothing outside it and the snapshots.
+    let gate = cli.runtime.join("ws/snapshot-gate");
     // The VMM holds the snapshot after the preflight (there was room) with its rings
     // stopped until the gate goes: the home fills up meanwhile.
     let start = cli
