@@ -422,9 +422,9 @@ async fn pull_async(
         match result {
             Ok(bytes) => downloaded_bytes += bytes,
             Err(source) => {
-                if source.is_refusal() {
-                    // The image is refused as a whole: what the other downloads had is
-                    // dropped too, so a refused pull leaves nothing behind.
+                if source.is_refusal() || source.is_no_space() {
+                    // The image is refused as a whole, or the disk is full: what the
+                    // other downloads had is dropped too, so nothing is left behind.
                     tasks.shutdown().await;
                     for blob in &wanted {
                         store.discard_partial(&blob.digest);

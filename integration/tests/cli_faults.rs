@@ -9,6 +9,7 @@ use microagent_agent_protocol::message::AgentMessage;
 use microagent_agent_protocol::PROTOCOL_VERSION;
 use microagent_cli::kill_point::{KILL_AT_ENV, POINTS};
 use microagent_integration::cli::{processes_under, survivors, Cli, SmallFs};
+use microagent_integration::flaky_proxy::{FlakyProxy, Mode};
 use microagent_integration::registry::{push, write_layout, Registry};
 use microagent_integration::registry_push::push_large_image;
 use microagent_integration::vmm::test_guest;
@@ -418,6 +419,60 @@ fn a_pull_into_a_full_home_fails_with_no_space_leaves_no_half_blob_and_works_onc
     );
 
     fs::remove_file(&filler).unwrap();
+    cli.ok(&["image", "pull", &reference]);
+    assert_eq!(images(&cli).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_pull_that_fills_the_home_midway_fails_with_no_space_and_keeps_no_half_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let image = push_large_image(dir.path(), &registry, "test/big", 24 << 20);
+    let proxy = FlakyProxy::start(&registry.addr);
+    let reference = image.reference.replace(&registry.addr, &proxy.addr);
+    let cli = Cli::new(dir.path());
+    let small = SmallFs::mount(cli.home.clone(), "64m");
+    // The preflight sees room; after 1 MiB of the layer the proxy holds the download
+    // while the home fills up, then sends the rest.
+    let gate = dir.path().join("hold");
+    fs::write(&gate, b"").unwrap();
+    proxy.set_mode(Mode::Hold {
+        digest: image.layer.digest.clone(),
+        after: 1 << 20,
+        until_gone: gate.clone(),
+    });
+    let pull = cli
+        .command(&["--json", "image", "pull", &reference])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = cli
+        .home
+        .join("images/blobs/sha256")
+        .join(format!(".partial-{}", &image.layer.digest[7..]));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fs::metadata(&partial).map_or(0, |m| m.len()) < 1 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the layer's first MiB never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let filler = small.fill_leaving(256 << 10);
+    fs::remove_file(&gate).unwrap();
+    let out = pull.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["error"]["code"], "image.no_space", "{reply}");
+    assert_eq!(images(&cli), serde_json::json!([]));
+    assert_eq!(
+        store_leftovers(&cli.home.join("images")),
+        Vec::<String>::new()
+    );
+
+    fs::remove_file(&filler).unwrap();
+    proxy.set_mode(Mode::Pass);
     cli.ok(&["image", "pull", &reference]);
     assert_eq!(images(&cli).as_array().unwrap().len(), 1);
 }
