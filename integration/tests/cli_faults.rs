@@ -10,6 +10,7 @@ use microagent_agent_protocol::PROTOCOL_VERSION;
 use microagent_cli::kill_point::{KILL_AT_ENV, POINTS};
 use microagent_integration::cli::{processes_under, survivors, Cli, SmallFs};
 use microagent_integration::flaky_proxy::{FlakyProxy, Mode};
+use microagent_integration::process::ChildGuard;
 use microagent_integration::registry::{push, write_layout, Registry};
 use microagent_integration::registry_push::push_large_image;
 use microagent_integration::vmm::test_guest;
@@ -349,12 +350,12 @@ fn a_snapshot_that_fills_the_home_while_writing_fails_with_no_space_and_leaves_n
         .output()
         .unwrap();
     assert!(start.status.success(), "{start:?}");
-    let snapshot = cli
-        .command(&["--json", "snapshot", "create", "ws", "--tag", "full"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let snapshot = ChildGuard::spawn(
+        cli.command(&["--json", "snapshot", "create", "ws", "--tag", "full"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !gate.exists() {
         assert!(Instant::now() < deadline, "the VMM never reached the gate");
@@ -362,7 +363,7 @@ fn a_snapshot_that_fills_the_home_while_writing_fails_with_no_space_and_leaves_n
     }
     let filler = small.fill_leaving(256 << 10);
     fs::remove_file(&gate).unwrap();
-    let out = snapshot.wait_with_output().unwrap();
+    let out = snapshot.into_output().unwrap();
     assert_eq!(out.status.code(), Some(125), "{out:?}");
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["error"]["code"], "snapshot.no_space", "{reply}");
@@ -441,12 +442,12 @@ fn a_pull_that_fills_the_home_midway_fails_with_no_space_and_keeps_no_half_blob(
         after: 1 << 20,
         until_gone: gate.clone(),
     });
-    let pull = cli
-        .command(&["--json", "image", "pull", &reference])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let pull = ChildGuard::spawn(
+        cli.command(&["--json", "image", "pull", &reference])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap();
     let partial = cli
         .home
         .join("images/blobs/sha256")
@@ -461,7 +462,7 @@ fn a_pull_that_fills_the_home_midway_fails_with_no_space_and_keeps_no_half_blob(
     }
     let filler = small.fill_leaving(256 << 10);
     fs::remove_file(&gate).unwrap();
-    let out = pull.wait_with_output().unwrap();
+    let out = pull.into_output().unwrap();
     assert_eq!(out.status.code(), Some(125), "{out:?}");
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["error"]["code"], "image.no_space", "{reply}");
