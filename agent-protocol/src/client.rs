@@ -24,6 +24,14 @@ pub enum Error {
     VersionMismatch { agent: u32 },
     #[error("agent: {code}: {message}")]
     Agent { code: String, message: String },
+    #[error(
+        "the agent took {request} but did not answer within {waited:?}: the guest may be hung \
+         or overloaded (microagent logs shows its console; halt or restart it)"
+    )]
+    NoReply {
+        request: &'static str,
+        waited: Duration,
+    },
     #[error("unexpected message from the agent: {0:?}")]
     Unexpected(AgentMessage),
     #[error("the file the agent sends is larger than the {limit} bytes asked for")]
@@ -74,11 +82,17 @@ pub struct AgentInfo {
     pub cid: Option<u32>,
 }
 
+/// How long the agent may take to answer a request (the start of a command, a
+/// shutdown, a file, secrets): a hung guest must not hang the host's command with it.
+/// A running command's output has no limit.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A connection to the agent that has passed the version check.
 pub struct Connection {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     info: AgentInfo,
+    reply_timeout: Duration,
 }
 
 impl Connection {
@@ -152,7 +166,34 @@ impl Connection {
             reader,
             writer,
             info,
+            reply_timeout: REPLY_TIMEOUT,
         })
+    }
+
+    /// Another limit than [`REPLY_TIMEOUT`] for the agent's answers.
+    pub fn with_reply_timeout(mut self, timeout: Duration) -> Self {
+        self.reply_timeout = timeout;
+        self
+    }
+
+    /// The next frame, which must come within the reply timeout: `Error::NoReply`
+    /// names `request` when it does not.
+    fn reply(&mut self, request: &'static str) -> Result<frame::Frame, Error> {
+        let waited = self.reply_timeout;
+        self.reader.get_ref().set_read_timeout(Some(waited))?;
+        let frame = read_frame(&mut self.reader).map_err(|e| match e {
+            frame::Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Error::NoReply { request, waited }
+            }
+            other => other.into(),
+        })?;
+        self.reader.get_ref().set_read_timeout(None)?;
+        Ok(frame)
     }
 
     /// What the agent said of itself.
@@ -184,7 +225,7 @@ impl Connection {
         controls: Receiver<HostMessage>,
     ) -> Result<Exit, Error> {
         write_control(&mut self.writer, &HostMessage::Exec(request))?;
-        match read_frame(&mut self.reader)?.parse()? {
+        match self.reply("exec")?.parse()? {
             AgentMessage::Started { .. } => {}
             AgentMessage::Error { code, message } => return Err(Error::Agent { code, message }),
             other => return Err(Error::Unexpected(other)),
@@ -235,7 +276,7 @@ impl Connection {
     /// Asks the agent to sync, unmount and power the VM off.
     pub fn shutdown(mut self) -> Result<(), Error> {
         write_control(&mut self.writer, &HostMessage::Shutdown)?;
-        match read_frame(&mut self.reader)?.parse()? {
+        match self.reply("shutdown")?.parse()? {
             AgentMessage::ShuttingDown => Ok(()),
             AgentMessage::Error { code, message } => Err(Error::Agent { code, message }),
             other => Err(Error::Unexpected(other)),
@@ -259,7 +300,7 @@ fn pump_stdin(mut stdin: impl Read, writer: &Mutex<UnixStream>) -> Result<(), Er
 
 impl Connection {
     fn expect_done(&mut self) -> Result<(), Error> {
-        match read_frame(&mut self.reader)?.parse()? {
+        match self.reply("the request")?.parse()? {
             AgentMessage::Done => Ok(()),
             AgentMessage::Error { code, message } => Err(Error::Agent { code, message }),
             other => Err(Error::Unexpected(other)),
@@ -323,7 +364,7 @@ impl Connection {
         )?;
         let mut data = Vec::new();
         loop {
-            let frame = read_frame(&mut self.reader)?;
+            let frame = self.reply("read_file")?;
             match frame.kind {
                 Kind::File if frame.payload.is_empty() => break,
                 Kind::File if data.len() + frame.payload.len() > limit => {
@@ -351,6 +392,44 @@ mod tests {
     use crate::message::AgentMessage;
     use crate::PROTOCOL_VERSION;
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn an_agent_that_takes_a_request_and_never_answers_times_out_naming_it() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let hello = AgentMessage::Hello {
+            version: PROTOCOL_VERSION,
+            agent: "test".into(),
+            cid: Some(3),
+        };
+        write_control(&mut theirs, &hello).unwrap();
+        let conn = Connection::over(ours)
+            .unwrap()
+            .with_reply_timeout(std::time::Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let request = crate::message::ExecRequest {
+            argv: vec!["true".into()],
+            env: Vec::new(),
+            cwd: None,
+            user: None,
+            tty: None,
+        };
+        let err = conn
+            .exec(request, std::io::empty(), &mut Vec::new(), &mut Vec::new())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::NoReply {
+                    request: "exec",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(err.exit_code(), 125);
+        drop(theirs);
+    }
 
     #[test]
     fn a_connection_over_a_stream_checks_the_agent_version_first() {

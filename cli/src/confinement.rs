@@ -132,6 +132,47 @@ pub fn kmsg_newest_seq() -> Option<u64> {
     newest
 }
 
+/// `MICROAGENT_LANDLOCK=off` starts the daemons of a workspace without Landlock (for
+/// debugging); otherwise they get it wherever the kernel has it.
+pub const LANDLOCK_ENV: &str = "MICROAGENT_LANDLOCK";
+
+/// The flags that restrict a daemon to files beneath `dir` (the workspace's runtime
+/// directory), when this kernel has Landlock and it is not switched off.
+pub fn landlock_flags(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let off = std::env::var(LANDLOCK_ENV).is_ok_and(|v| v == "off");
+    if off || microagent_confine::landlock::abi().is_err() {
+        return Vec::new();
+    }
+    vec!["--landlock-dir".into(), dir.into()]
+}
+
+/// Whether this kernel has Landlock, and a sentence saying what it is used for.
+pub fn landlock_support() -> (bool, String) {
+    match microagent_confine::landlock::abi() {
+        Err(e) => (false, e.to_string()),
+        Ok(_) if std::env::var(LANDLOCK_ENV).is_ok_and(|v| v == "off") => (
+            false,
+            format!("{LANDLOCK_ENV}=off: daemons start WITHOUT Landlock"),
+        ),
+        Ok(abi) => (
+            true,
+            format!(
+                "Landlock ABI {abi}: after set-up every daemon may touch files only beneath \
+                 its workspace's runtime directory, the VMM also its snapshots directory"
+            ),
+        ),
+    }
+}
+
+/// Whether the daemon whose log is `log` says it entered its Landlock ruleset (each
+/// start writes a fresh log, so the line is about the running process).
+pub fn landlocked(log: &std::path::Path) -> bool {
+    fs::read_to_string(log).is_ok_and(|text| {
+        text.lines()
+            .any(|l| l.contains("landlock ") && l.contains(": files only beneath "))
+    })
+}
+
 /// The syscall whose seccomp filter killed `pid` (running `binary`), from the kernel's
 /// audit record newer than sequence number `after`; `None` when there is none or the
 /// log cannot be read.

@@ -12,6 +12,7 @@
 //! - [`memory`]: guest memory checked against the host's.
 //! - [`progress`]: pull progress as bars on a terminal or JSON lines for scripts.
 //! - [`error`]: user-facing errors with stable codes.
+//! - [`kill_point`]: debug-build points where tests make a command die mid-way.
 //! - [`confinement`]: seccomp support, how confined running processes are, and
 //!   seccomp kills, for `doctor` and crash reasons.
 
@@ -20,6 +21,7 @@ pub mod error;
 pub mod home;
 pub mod initramfs;
 pub mod kernel_info;
+pub mod kill_point;
 pub mod lock;
 pub mod memory;
 pub mod progress;

@@ -1,11 +1,12 @@
 use clap::{Parser, Subcommand};
-use microagent_agent_protocol::client::Connection;
+use microagent_agent_protocol::client::{Connection, Error as AgentError};
 use microagent_agent_protocol::message::{ExecRequest, HostMessage, TtySize};
 use microagent_cli::confinement::{self, SECCOMP_ENV};
 use microagent_cli::error::{CliError, Result, EXIT_ERROR};
 use microagent_cli::home::Home;
 use microagent_cli::initramfs::Initramfs;
 use microagent_cli::kernel_info;
+use microagent_cli::kill_point;
 use microagent_cli::lock::{self, Wait, WorkspaceLock};
 use microagent_cli::memory;
 use microagent_cli::progress;
@@ -410,12 +411,15 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
     let disk = root_disk_observed(&store, &pulled, disk_size, &progress)
         .map_err(|e| CliError::new(e.code(), e.to_string()))?;
 
+    kill_point::reached("create.disk_built");
     // Built in a temporary directory and renamed: a workspace exists whole or not at all.
-    let tmp = home.workspaces().join(format!(".creating-{name}"));
-    let _ = fs::remove_dir_all(&tmp);
+    // The directory ends in this process's pid: what a killed create left is swept.
+    workspace::sweep_interrupted(home);
+    let tmp = workspace::creating_dir(home, &name);
     let made = (|| {
         fs::create_dir_all(&tmp).map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
         workspace::copy_disk(&disk, &tmp.join("rootfs.ext4"))?;
+        kill_point::reached("create.disk_copied");
         let (initrd, base) = if no_agent {
             (initrd, String::new())
         } else {
@@ -779,6 +783,9 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
     drop(raw);
     match result {
         Ok(exit) => Ok(exit.code()),
+        Err(e @ AgentError::NoReply { .. }) => {
+            Err(CliError::new("agent.timeout", format!("{name}: {e}")))
+        }
         Err(e) => {
             let code = e.exit_code();
             eprintln!("microagent: {e}");
@@ -998,6 +1005,13 @@ fn doctor(home: &Home, out: &Output) {
         },
         "use a kernel with CONFIG_SECCOMP_FILTER; unset MICROAGENT_SECCOMP",
     );
+    let (landlock, detail) = confinement::landlock_support();
+    check(
+        "landlock",
+        landlock,
+        detail,
+        "use Linux 5.13+ with landlock in CONFIG_LSM (or lsm= on its command line); unset MICROAGENT_LANDLOCK",
+    );
     // The processes of running workspaces, as the kernel sees them.
     for ws in workspace::list(home) {
         let Some(pids) = runtime::pids(home, &ws.name) else {
@@ -1010,6 +1024,24 @@ fn doctor(home: &Home, out: &Output) {
                     p.fully_confined(),
                     format!("pid {pid}: {}", p.describe()),
                     "restart the workspace: it was started without confinement",
+                );
+            }
+            // Each process logs to `<kind>.log` in its workspace.
+            let kind = binary
+                .strip_prefix("microagent-vhost-")
+                .unwrap_or(binary.trim_start_matches("microagent-"));
+            if landlock && confinement::process(pid).is_some() {
+                let log = workspace::dir(home, &ws.name).join(format!("{kind}.log"));
+                let restricted = confinement::landlocked(&log);
+                check(
+                    &format!("landlock {}/{binary}", ws.name),
+                    restricted,
+                    if restricted {
+                        format!("pid {pid}: files only beneath its workspace's directories")
+                    } else {
+                        format!("pid {pid}: not restricted (its log has no Landlock line)")
+                    },
+                    "restart the workspace: it was started without Landlock",
                 );
             }
         }
@@ -1117,6 +1149,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Pause { name } => {
             runtime::vmm_call(&home, &name, &Request::Pause, runtime::CONTROL_TIMEOUT)?;
+            snapshot::forget_interrupted(&home, &name);
             out.say(
                 &format!("paused {name}"),
                 serde_json::json!({"paused": name}),
@@ -1124,6 +1157,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Resume { name } => {
             runtime::vmm_call(&home, &name, &Request::Resume, runtime::CONTROL_TIMEOUT)?;
+            snapshot::forget_interrupted(&home, &name);
             out.say(
                 &format!("resumed {name}"),
                 serde_json::json!({"resumed": name}),

@@ -81,8 +81,8 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
     }
     let source = &snap.info.workspace;
     snap.check_artifacts(&source.kernel, snap.initrd().as_deref())?;
-    let tmp = home.workspaces().join(format!(".creating-{new}"));
-    let _ = fs::remove_dir_all(&tmp);
+    workspace::sweep_interrupted(home);
+    let tmp = workspace::creating_dir(home, new);
     let made = (|| {
         fs::create_dir_all(&tmp).map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
         workspace::copy_disk(&snap.disk(), &tmp.join("rootfs.ext4"))?;

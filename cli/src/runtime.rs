@@ -5,6 +5,7 @@
 use crate::confinement::{self, SECCOMP_ENV};
 use crate::error::{CliError, Result};
 use crate::home::Home;
+use crate::kill_point;
 use crate::workspace::{self, Config, Network};
 use microagent_agent_protocol::client::Connection;
 use microagent_vmm::api::Request;
@@ -242,6 +243,20 @@ fn exchange(home: &Home, name: &str, line: &str, timeout: Duration) -> Result<se
 
 pub fn state(home: &Home, name: &str) -> State {
     let Some(pids) = pids(home, name) else {
+        // A start killed before it recorded a process leaves that process unrecorded.
+        let strays = strays(home, name);
+        if !strays.is_empty() {
+            let names: Vec<String> = strays
+                .iter()
+                .map(|(bin, pid)| format!("{bin} (pid {pid})"))
+                .collect();
+            return State::Crashed {
+                reason: format!(
+                    "an interrupted start left {} running (microagent delete {name}, or start it again)",
+                    names.join(", ")
+                ),
+            };
+        }
         return if halted_marker(home, name).exists() {
             State::Halted
         } else {
@@ -253,6 +268,7 @@ pub fn state(home: &Home, name: &str) -> State {
         .filter(|(bin, pid)| !alive(*pid, bin))
         .map(
             |(bin, pid)| match confinement::seccomp_kill(pid, bin, pids.kmsg_seq) {
+                _ if pid == 0 => format!("{bin} never started (the start was interrupted)"),
                 Some(nr) => format!(
                     "{bin} (pid {pid}) was killed by SIGSYS (seccomp): syscall {nr} is not in its \
                  allow-list; {SECCOMP_ENV}=off starts workspaces without filters, for \
@@ -426,7 +442,9 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
     let started = Instant::now();
     let name = &config.name;
     let rt = dir(home, name);
-    let _ = fs::remove_dir_all(&rt);
+    // Whatever an interrupted start left (recorded or not) must not serve the same disk
+    // next to the new daemons.
+    kill_all(home, name);
     fs::create_dir_all(&rt)
         .map_err(|e| CliError::new("workspace.start_failed", format!("{}: {e}", rt.display())))?;
     let ws = workspace::dir(home, name);
@@ -451,15 +469,33 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
             let socket = rt.join(format!("{}.sock", kind.name()));
             let log = ws.join(format!("{}.log", kind.name()));
             let mut cmd = Command::new(sibling(kind.binary())?);
-            cmd.arg("--socket-path").arg(&socket).args(daemon.args);
+            cmd.arg("--socket-path")
+                .arg(&socket)
+                .args(daemon.args)
+                .args(confinement::landlock_flags(&rt));
             let pid = spawn_detached(cmd, &log)?;
+            kill_point::reached("start.daemon_spawned");
             pids.record(kind, pid);
             write_pids(home, name, &pids)?;
             wait_for(&socket, pid, kind.binary(), &log)?;
             devices.push((format!("--{}", kind.name()), socket));
         }
+        kill_point::reached("start.daemons_up");
         let mut vmm = Command::new(sibling("microagent-vmm")?);
         vmm.arg("--kernel").arg(&config.kernel);
+        // Under Landlock the VMM may write only its runtime directory and the snapshots
+        // directory (made now: a rule needs the directory to exist).
+        let snapshots = ws.join("snapshots");
+        fs::create_dir_all(&snapshots).map_err(|e| {
+            CliError::new(
+                "workspace.start_failed",
+                format!("{}: {e}", snapshots.display()),
+            )
+        })?;
+        let landlock = confinement::landlock_flags(&rt);
+        if !landlock.is_empty() {
+            vmm.args(landlock).arg("--landlock-dir").arg(&snapshots);
+        }
         match how {
             Launch::Boot => {
                 vmm.arg("--cmdline")
@@ -486,6 +522,7 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
         let vmm_pid = spawn_detached(vmm, &ws.join("vmm.log"))?;
         pids.vmm = vmm_pid;
         write_pids(home, name, &pids)?;
+        kill_point::reached("start.vmm_spawned");
         wait_for(
             &api_socket(home, name),
             vmm_pid,
@@ -561,21 +598,62 @@ pub fn halt(home: &Home, config: &Config) {
     let _ = fs::write(halted_marker(home, name), workspace::now_rfc3339());
 }
 
-/// SIGKILL for every recorded process still alive, then the runtime directory goes.
+/// SIGKILL for every recorded process still alive and every unrecorded one serving
+/// this workspace's runtime directory (a start killed between spawning a process and
+/// recording it), then the runtime directory goes.
 pub fn kill_all(home: &Home, name: &str) {
-    if let Some(pids) = pids(home, name) {
-        for (bin, pid) in pids.all() {
-            if pid != 0 && alive(pid, bin) {
-                // SAFETY: signalling a process we started, checked to still be ours.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while alive(pid, bin) && Instant::now() < deadline {
-                    sleep(Duration::from_millis(10));
-                }
+    let recorded = pids(home, name).map(|p| p.all().collect::<Vec<_>>());
+    let all = recorded.into_iter().flatten().chain(strays(home, name));
+    for (bin, pid) in all {
+        if pid != 0 && alive(pid, bin) {
+            // SAFETY: signalling a process we started, checked to still be ours.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while alive(pid, bin) && Instant::now() < deadline {
+                sleep(Duration::from_millis(10));
             }
         }
     }
     let _ = fs::remove_dir_all(dir(home, name));
+}
+
+/// Live processes running one of microagent's binaries with a socket in this
+/// workspace's runtime directory, whether recorded or not.
+fn strays(home: &Home, name: &str) -> Vec<(&'static str, u32)> {
+    const BINARIES: [&str; 4] = [
+        "microagent-vmm",
+        "microagent-vhost-blk",
+        "microagent-vhost-vsock",
+        "microagent-vhost-net",
+    ];
+    let rt = dir(home, name);
+    let rt = rt.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|&b| b == 0);
+        let argv0 = args.next().unwrap_or_default();
+        let Some(bin) = BINARIES.iter().find(|b| argv0.ends_with(b.as_bytes())) else {
+            continue;
+        };
+        let serves_here = args.any(|arg| {
+            arg.strip_prefix(rt)
+                .is_some_and(|rest| rest.first() == Some(&b'/'))
+        });
+        if serves_here && alive(pid, bin) {
+            found.push((*bin, pid));
+        }
+    }
+    found
 }
 
 /// Reads every secret from its host file and hands them to the agent for /run/secrets.

@@ -1,11 +1,12 @@
 //! Workspace snapshots: `workspaces/<name>/snapshots/<tag>/` holds the VMM's snapshot
 //! (`vm/`), a copy of the root disk taken while the VM was paused (`rootfs.ext4`), the
 //! initrd the guest was booted with and `snapshot.json` (tag, time, the workspace's
-//! configuration). A snapshot is built in `.creating-<tag>` and renamed: it exists whole
-//! or not at all.
+//! configuration). A snapshot is built in `.creating-<tag>-<pid>` and renamed: it exists
+//! whole or not at all, and what a killed `snapshot create` left is swept by the next.
 
 use crate::error::{CliError, Result};
 use crate::home::Home;
+use crate::kill_point;
 use crate::runtime::{self, State};
 use crate::workspace::{self, Config};
 use microagent_agent_protocol::client::Connection;
@@ -22,6 +23,13 @@ const VM_DIR: &str = "vm";
 const DISK: &str = "rootfs.ext4";
 const INITRD: &str = "initrd.cpio";
 const INFO: &str = "snapshot.json";
+/// Prefix of a snapshot being built (`.creating-<tag>-<pid>`).
+const CREATING: &str = ".creating-";
+/// In the runtime directory while a snapshot has the VM in another state than it was:
+/// holds [`RUNNING`] or [`PAUSED`].
+const INTERRUPTED: &str = "snapshot-interrupted";
+const RUNNING: &str = "running";
+const PAUSED: &str = "paused";
 /// Writing guest memory of a large VM on a slow disk takes a while.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -214,6 +222,7 @@ fn free_bytes(path: &Path) -> Option<u64> {
 pub fn create(home: &Home, config: &Config, tag: &str) -> Result<Info> {
     validate_tag(tag)?;
     let name = &config.name;
+    recover_interrupted(home, config)?;
     let was_running = match runtime::state(home, name) {
         State::Running => true,
         State::Paused => false,
@@ -251,8 +260,9 @@ pub fn create(home: &Home, config: &Config, tag: &str) -> Result<Info> {
             ),
         ));
     }
-    let tmp = root.join(format!(".creating-{tag}"));
-    let _ = fs::remove_dir_all(&tmp);
+    // A snapshot create killed earlier left its directory (its pid is gone).
+    microagent_image::stale::sweep(&root, &[CREATING]);
+    let tmp = root.join(format!("{CREATING}{tag}-{}", std::process::id()));
     fs::create_dir(&tmp)
         .map_err(|e| CliError::new("home.unwritable", format!("{}: {e}", tmp.display())))?;
     // The agent answers only while the guest runs: a paused agent workspace runs for the
@@ -262,6 +272,14 @@ pub fn create(home: &Home, config: &Config, tag: &str) -> Result<Info> {
         runtime::vmm_call(home, name, &request, runtime::CONTROL_TIMEOUT).map(drop)
     };
     let made = (|| {
+        if runs_meanwhile {
+            // Until the VM is back as it was, a marker says how it was: a later command
+            // puts it back if this one is killed in between (see `recover_interrupted`).
+            let was = if was_running { RUNNING } else { PAUSED };
+            fs::write(runtime::dir(home, name).join(INTERRUPTED), was).map_err(|e| {
+                CliError::new("home.unwritable", format!("{}: {e}", root.display()))
+            })?;
+        }
         if config.agent {
             if !was_running {
                 vmm(Request::Resume)?;
@@ -273,14 +291,17 @@ pub fn create(home: &Home, config: &Config, tag: &str) -> Result<Info> {
         if runs_meanwhile {
             vmm(Request::Pause)?;
         }
+        kill_point::reached("snapshot.paused");
         let request = Request::Snapshot {
             dir: tmp.join(VM_DIR),
         };
         runtime::vmm_call(home, name, &request, SNAPSHOT_TIMEOUT)?;
+        kill_point::reached("snapshot.vm_written");
         workspace::copy_disk(&disk, &tmp.join(DISK)).map_err(|e| match &*e.code {
             "home.no_space" => CliError::new("snapshot.no_space", e.message),
             _ => e,
         })?;
+        kill_point::reached("snapshot.disk_copied");
         if let Some(initrd) = &config.initrd {
             fs::copy(initrd, tmp.join(INITRD)).map_err(|e| {
                 CliError::new(
@@ -319,9 +340,45 @@ pub fn create(home: &Home, config: &Config, tag: &str) -> Result<Info> {
             restored = restored.and(vmm(Request::Pause));
         }
     }
+    if restored.is_ok() {
+        let _ = fs::remove_file(runtime::dir(home, name).join(INTERRUPTED));
+    }
     let info = made?;
     restored?;
     Ok(info)
+}
+
+/// Puts back a workspace that a killed `snapshot create` left paused (or, for a paused
+/// agent workspace, running) with its secrets scrubbed, as the marker that command wrote
+/// says it was. Called with the workspace's lock held; a no-op without the marker.
+pub fn recover_interrupted(home: &Home, config: &Config) -> Result<()> {
+    let marker = runtime::dir(home, &config.name).join(INTERRUPTED);
+    let Ok(was) = fs::read_to_string(&marker) else {
+        return Ok(());
+    };
+    let name = &config.name;
+    if !matches!(runtime::state(home, name), State::Running | State::Paused) {
+        let _ = fs::remove_file(&marker);
+        return Ok(());
+    }
+    let vmm = |request: Request| {
+        runtime::vmm_call(home, name, &request, runtime::CONTROL_TIMEOUT).map(drop)
+    };
+    vmm(Request::Resume)?;
+    if config.agent && !config.secrets.is_empty() {
+        runtime::deliver_secrets(home, config)?;
+    }
+    if was == PAUSED {
+        vmm(Request::Pause)?;
+    }
+    let _ = fs::remove_file(&marker);
+    Ok(())
+}
+
+/// Forgets the marker of an interrupted snapshot: the user paused or resumed the
+/// workspace since, and that is how it stays.
+pub fn forget_interrupted(home: &Home, name: &str) {
+    let _ = fs::remove_file(runtime::dir(home, name).join(INTERRUPTED));
 }
 
 /// Removes one snapshot.

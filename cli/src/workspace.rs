@@ -121,6 +121,23 @@ pub fn dir(home: &Home, name: &str) -> PathBuf {
     home.workspaces().join(name)
 }
 
+/// Prefix of a workspace being built (`.creating-<name>-<pid>`), renamed to its name
+/// when whole.
+pub const CREATING: &str = ".creating-";
+
+/// Where this process builds workspace `name` before renaming it into place; the pid
+/// at its end lets [`sweep_interrupted`] tell a dead builder's leftovers.
+pub fn creating_dir(home: &Home, name: &str) -> PathBuf {
+    home.workspaces()
+        .join(format!("{CREATING}{name}-{}", std::process::id()))
+}
+
+/// Removes what creates and forks that were killed left half built (their pid is
+/// gone); returns how many went.
+pub fn sweep_interrupted(home: &Home) -> usize {
+    microagent_image::stale::sweep(&home.workspaces(), &[CREATING])
+}
+
 pub fn rootfs(home: &Home, name: &str) -> PathBuf {
     dir(home, name).join("rootfs.ext4")
 }

@@ -5,16 +5,19 @@
 //! - [`filter`]: a seccomp allow-list per process and thread kind ([`filter::Profile`]),
 //!   compiled once with `seccompiler`; any other syscall kills the whole process
 //!   (`SECCOMP_RET_KILL_PROCESS`, the process dies of SIGSYS).
+//! - [`landlock`]: files only beneath given directories after set-up (Landlock LSM).
 //! - [`privileges`]: `no_new_privs` and dropping every capability (effective, permitted,
 //!   inheritable, ambient and, when allowed, the bounding set).
 //! - [`Confinement`]: both together, entered by each thread kind.
-//! - [`ConfineArgs`]: the `--seccomp=on|off` flag every binary flattens into its own.
+//! - [`ConfineArgs`]: the `--seccomp=on|off` flag every binary flattens into its own;
+//!   [`LandlockArgs`]: `--landlock-dir DIR`, every daemon's.
 //!
 //! Capabilities and seccomp filters belong to a thread, and a new thread inherits them
 //! from the one that spawns it. So a thread kind is confined either by the thread that
 //! spawns it (before the spawn) or by itself (first thing it does): see each binary.
 
 pub mod filter;
+pub mod landlock;
 pub mod privileges;
 
 pub use filter::{Ioctl, Profile};
@@ -36,6 +39,63 @@ pub struct ConfineArgs {
     pub seccomp: Seccomp,
 }
 
+/// The Landlock flag of the VMM and every daemon.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LandlockArgs {
+    /// After set-up, open, create, rename or remove files only beneath DIR (Landlock;
+    /// repeatable), besides reading the system's libraries (and, for the VMM, its
+    /// kernel and initrd). None given: no Landlock. `microagent` passes the workspace's
+    /// runtime directory (and to the VMM its snapshots directory).
+    #[arg(long = "landlock-dir", value_name = "DIR")]
+    pub landlock_dirs: Vec<std::path::PathBuf>,
+}
+
+/// Environment variable a debug build reads: once a process has entered its Landlock
+/// ruleset it tries to read the file this names and logs whether it could, so a test
+/// can prove the ruleset denies a host file. Release builds do not have it.
+pub const LANDLOCK_SELFTEST_ENV: &str = "MICROAGENT_LANDLOCK_SELFTEST";
+
+/// Restricts the calling thread, and the threads it spawns afterwards, to files beneath
+/// `dirs` and reading `readable` ([`landlock::restrict`]); nothing when `dirs` is
+/// empty. `name` is the process kind for the log line (`vhost-blk`).
+pub fn enter_landlock(
+    name: &str,
+    dirs: &[std::path::PathBuf],
+    readable: &[std::path::PathBuf],
+) -> Result<(), Error> {
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    privileges::drop_all()?;
+    let abi = landlock::restrict(dirs, readable)?;
+    let shown: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    log::info!(
+        "landlock {name}: files only beneath {} (and reading system libraries), ABI {abi}",
+        shown.join(", ")
+    );
+    landlock_selftest();
+    Ok(())
+}
+
+/// Debug builds: try to read a file on request (see [`LANDLOCK_SELFTEST_ENV`]).
+#[cfg(debug_assertions)]
+fn landlock_selftest() {
+    if let Some(path) = std::env::var_os(LANDLOCK_SELFTEST_ENV) {
+        let path = std::path::PathBuf::from(path);
+        match std::fs::read(&path) {
+            Ok(data) => log::warn!(
+                "{LANDLOCK_SELFTEST_ENV}: read {} ({} bytes): not denied",
+                path.display(),
+                data.len()
+            ),
+            Err(e) => log::warn!("{LANDLOCK_SELFTEST_ENV}: reading {}: {e}", path.display()),
+        }
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn landlock_selftest() {}
+
 /// Environment variable a debug build reads: when it names the profile a thread just
 /// entered (e.g. `vhost-blk/main`), that thread then calls a forbidden syscall, so a test
 /// can prove the filter kills. Release builds do not have it.
@@ -47,6 +107,8 @@ pub enum Error {
     Filter(#[from] filter::Error),
     #[error(transparent)]
     Privileges(#[from] privileges::Error),
+    #[error(transparent)]
+    Landlock(#[from] landlock::Error),
 }
 
 /// A compiled profile and the mode it runs in; cheap to clone into the threads that

@@ -52,6 +52,7 @@ pub fn serve<B, E>(
     socket: &Path,
     backend: Arc<B>,
     policy: &Policy,
+    landlock: &[PathBuf],
     wire: impl FnOnce(&[RawFd]) -> Result<(), E>,
 ) -> Result<(), Error>
 where
@@ -63,6 +64,8 @@ where
     // Before any thread starts, so that every thread is without capabilities: a daemon
     // opens what needs privileges (disk images, published ports) before `serve`.
     microagent_confine::privileges::drop_all().map_err(microagent_confine::Error::from)?;
+    // Files only beneath `landlock` from here on (when given), for every thread to come.
+    microagent_confine::enter_landlock(policy.daemon, landlock, &[])?;
     let limits = Limits {
         max_queue_size: u16::try_from(backend.max_queue_size()).unwrap_or(u16::MAX),
     };
@@ -82,7 +85,8 @@ where
     };
     // The handler is connected before the frontend is accepted, so that the frontend's
     // first message does not wait for it.
-    let (relay_end, handler_listener) = private_pair().map_err(Error::Internal)?;
+    let (relay_end, handler_listener) =
+        private_pair(socket.parent().unwrap_or(Path::new("."))).map_err(Error::Internal)?;
     daemon
         .start(&mut Listener::from(handler_listener))
         .map_err(|e| Error::Daemon(e.to_string()))?;
@@ -120,11 +124,12 @@ where
 
 /// A connected pair between the gate and the handler. vhost-user-backend only takes its
 /// connection from a listener, so the pair meets on a socket in a fresh 0700 directory
-/// that is removed at once (the queued connection outlives the name).
-fn private_pair() -> io::Result<(UnixStream, UnixListener)> {
+/// that is removed at once (the queued connection outlives the name). The directory is
+/// made beside the daemon's own socket, where Landlock lets the daemon create files.
+fn private_pair(beside: &Path) -> io::Result<(UnixStream, UnixListener)> {
     let dir = tempfile::Builder::new()
-        .prefix("microagent-gate-")
-        .tempdir()?;
+        .prefix(".gate-")
+        .tempdir_in(beside)?;
     let path = dir.path().join("s");
     let listener = UnixListener::bind(&path)?;
     let stream = UnixStream::connect(&path)?;

@@ -19,6 +19,10 @@
  *                     gateway 10.0.2.2 from 10.0.2.15, print NET-ARP=<its mac>, send
  *                     it an ICMP echo request, print NET-PING=ok when the matching
  *                     reply comes back, reset
+ *   scenario=blk_loop  write sector blk_sector=+N for N = 0, 1, ... (up to 4096), each
+ *                     holding "blkloop N", printing "blk-io N status=S" as each completes;
+ *                     when the device says it needs a reset (its daemon died) print
+ *                     BLK-ERROR and halt
  *   scenario=counter  print "tick N" forever (for pause/resume)
  *   scenario=smp      start smp_aps= application processors (INIT/SIPI), each counts
  *                     in its own slot; print "tick N ap0=.. ap1=.." forever
@@ -153,6 +157,8 @@ static struct { u32 type; u32 ioprio; u64 sector; } hdr;
 static u8 data[512] __attribute__((aligned(512)));
 static volatile u8 status;
 static u64 mmio;
+/* When set, request() gives up with -1 once the device says it needs a reset. */
+static int watch_needs_reset;
 
 static u32 rd(u32 off) { return *(volatile u32 *)(mmio + off); }
 static void wr(u32 off, u32 v) { *(volatile u32 *)(mmio + off) = v; }
@@ -170,8 +176,10 @@ static int request(u32 type, u64 sector) {
     avail.idx++;
     __asm__ volatile("mfence" ::: "memory");
     wr(0x50, 0);
-    for (u32 spins = 0; *(volatile u16 *)&used.idx != want; spins++)
+    for (u32 spins = 0; *(volatile u16 *)&used.idx != want; spins++) {
         if (spins > 5000000) fail("timeout");
+        if (watch_needs_reset && (rd(0x70) & 0x40)) return -1;
+    }
     return status;
 }
 
@@ -227,6 +235,32 @@ static void blk(void) {
     blk_init();
     blk_write_pattern();
     blk_read_back();
+}
+
+/* Writes "blkloop N" to sector base+N until the device fails (see the scenario list). */
+static void blk_loop(void) {
+    blk_init();
+    watch_needs_reset = 1;
+    u64 base = blk_sector_arg();
+    for (u64 n = 0; n < 4096; n++) {
+        for (int i = 0; i < 512; i++) data[i] = 0;
+        const char *word = "blkloop ";
+        int k = 0;
+        for (; word[k]; k++) data[k] = (u8)word[k];
+        char digits[24];
+        int d = 0;
+        u64 v = n;
+        do { digits[d++] = (char)('0' + v % 10); v /= 10; } while (v);
+        while (d) data[k++] = (u8)digits[--d];
+        int st = request(1, base + n);
+        if (st < 0) {
+            puts_("BLK-ERROR device needs reset at write "); put_dec(n); putc_('\n');
+            halt_forever();
+        }
+        puts_("blk-io "); put_dec(n); puts_(" status="); put_dec((u64)st); putc_('\n');
+    }
+    puts_("BLK-LOOP-DONE\n");
+    halt_forever();
 }
 
 /* Prints "wait N" n times, as slowly as the counter: time for a snapshot. */
@@ -604,6 +638,8 @@ void guest_main(u8 *boot_params) {
         net_ping();
         puts_("TEST-GUEST-DONE\n");
         reset();
+    } else if (value_is(scenario, "blk_loop")) {
+        blk_loop();
     } else if (value_is(scenario, "counter")) {
         for (u64 i = 0;; i++) {
             puts_("tick ");

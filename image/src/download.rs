@@ -27,6 +27,12 @@ pub enum Error {
         size: u64,
         source: std::io::Error,
     },
+    #[error("blob {digest}: the store's file system filled up after {bytes} of {size} bytes; nothing of the image is kept: free space and pull again")]
+    NoSpace {
+        digest: String,
+        bytes: u64,
+        size: u64,
+    },
     #[error("blob {digest}: writing it into the store: {source}")]
     Write {
         digest: String,
@@ -43,10 +49,17 @@ impl Error {
         matches!(self, Self::Store(_))
     }
 
+    /// Whether the store's file system filled up: what was downloaded is dropped, as
+    /// keeping it for a resume would keep the space the user has to free.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Self::NoSpace { .. })
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             Self::Registry(_) => "image.pull_failed",
             Self::Interrupted { .. } => "image.pull_interrupted",
+            Self::NoSpace { .. } => "image.no_space",
             Self::Write { .. } => "image.store_failed",
             Self::Store(e) => e.code(),
         }
@@ -147,6 +160,13 @@ async fn stream_into(
                     limit: blob.size,
                 }
                 .into());
+            }
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(Error::NoSpace {
+                    bytes: writer.len(),
+                    size: blob.size,
+                    digest,
+                });
             }
             return Err(Error::Write { digest, source });
         }

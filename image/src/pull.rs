@@ -83,6 +83,20 @@ pub enum Error {
     },
     #[error("starting the network runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{reference}: the missing blobs need {needed} bytes but {path} has {free} bytes free; free space (microagent image rm removes unused images) and pull again")]
+    NoSpace {
+        reference: String,
+        path: PathBuf,
+        needed: u64,
+        free: u64,
+    },
+    #[error("unpacking layer {digest} needs more than the {room} bytes {path} can still give it (half of the {free_at_start} bytes free when the build started is kept for the root disk); free space (microagent image rm removes unused images) and retry")]
+    UnpackNoSpace {
+        digest: String,
+        path: PathBuf,
+        room: u64,
+        free_at_start: u64,
+    },
 }
 
 impl Error {
@@ -100,6 +114,7 @@ impl Error {
             Self::Rootfs(e) => e.code(),
             Self::Io { .. } => "image.store_failed",
             Self::Runtime(_) => "host.runtime_failed",
+            Self::NoSpace { .. } | Self::UnpackNoSpace { .. } => "image.no_space",
         }
     }
 }
@@ -349,6 +364,29 @@ async fn pull_async(
         .filter(|w| !store.has(&w.digest))
         .map(|w| (*w).clone())
         .collect();
+    // Room for what is still to come, checked before a byte is fetched: a download that
+    // fills the file system would leave a half blob where the space is needed.
+    let needed: u64 = missing
+        .iter()
+        .map(|w| w.size.saturating_sub(store.partial_len(&w.digest)))
+        .sum();
+    let root = store.root().to_path_buf();
+    fs::create_dir_all(&root).map_err(|source| Error::Io {
+        path: root.clone(),
+        source,
+    })?;
+    let free = rootfs::free_bytes(&root).map_err(|source| Error::Io {
+        path: root.clone(),
+        source,
+    })?;
+    if free < needed {
+        return Err(Error::NoSpace {
+            reference: reference.to_string(),
+            path: root,
+            needed,
+            free,
+        });
+    }
     let started = Instant::now();
     options.progress.emit(Event::Resolved {
         reference: reference.to_string(),
@@ -384,9 +422,9 @@ async fn pull_async(
         match result {
             Ok(bytes) => downloaded_bytes += bytes,
             Err(source) => {
-                if source.is_refusal() {
-                    // The image is refused as a whole: what the other downloads had is
-                    // dropped too, so a refused pull leaves nothing behind.
+                if source.is_refusal() || source.is_no_space() {
+                    // The image is refused as a whole, or the disk is full: what the
+                    // other downloads had is dropped too, so nothing is left behind.
                     tasks.shutdown().await;
                     for blob in &wanted {
                         store.discard_partial(&blob.digest);
@@ -505,12 +543,21 @@ pub fn root_disk_observed(
                 source,
             };
             let metered = UnpackMeter::new(blob, progress, digest.as_str(), compressed);
-            unpack::apply_layer_auto(
-                &tree,
-                io::BufReader::new(metered),
-                unpack::expansion_limit(compressed, unpack::room(free_at_start, free)),
-            )
-            .map_err(unpack_err)?;
+            let room = unpack::room(free_at_start, free);
+            let limit = unpack::expansion_limit(compressed, room);
+            unpack::apply_layer_auto(&tree, io::BufReader::new(metered), limit).map_err(
+                |source| match source {
+                    // The free space, not the layer's ratio, set the limit: a full disk,
+                    // not a hostile layer.
+                    unpack::Error::TooLarge { .. } if limit == room => Error::UnpackNoSpace {
+                        digest: digest.to_string(),
+                        path: dir.clone(),
+                        room,
+                        free_at_start,
+                    },
+                    source => unpack_err(source),
+                },
+            )?;
             progress.emit(Event::LayerUnpacking {
                 digest: digest.to_string(),
                 bytes: compressed,

@@ -271,6 +271,12 @@ impl Store {
         self.blob_path(digest).is_file()
     }
 
+    /// Bytes an interrupted download of `digest` kept (0 when there is none).
+    pub fn partial_len(&self, digest: &Digest) -> u64 {
+        let path = self.blobs().join(format!("{PARTIAL}{}", digest.hex()));
+        fs::metadata(path).map_or(0, |m| m.len())
+    }
+
     /// Removes temporary files of writers that died (see [`crate::stale`]).
     /// Also removes partial downloads nobody continued for [`PARTIAL_MAX_AGE`].
     pub fn sweep_stale(&self) -> usize {

@@ -199,9 +199,10 @@ pub fn survivors(pids: &[u32]) -> Vec<u32> {
     }
 }
 
-/// Kills, when dropped, every process the CLI recorded under `runtime` (workspaces that
-/// a failing test left running: the CLI starts them detached, so no child guard holds
-/// them). Only processes whose command is one of microagent's binaries are signalled.
+/// Kills, when dropped, every process the CLI recorded under `runtime` or that serves a
+/// socket there (workspaces that a failing test left running: the CLI starts them
+/// detached, so no child guard holds them). Only processes whose command is one of
+/// microagent's binaries are signalled.
 pub struct Reaper {
     runtime: PathBuf,
 }
@@ -216,6 +217,19 @@ impl Cli {
 
 impl Drop for Reaper {
     fn drop(&mut self) {
+        // Unrecorded ones too (a start killed before it wrote a pid down).
+        for (pid, command) in processes_under(&self.runtime) {
+            let ours = command
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .contains("/microagent-");
+            if let (true, Ok(pid)) = (ours, i32::try_from(pid)) {
+                // SAFETY: SIGKILL to a process running one of microagent's binaries with
+                // a path in this test's own runtime directory.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         let Ok(dirs) = std::fs::read_dir(&self.runtime) else {
             return;
         };
@@ -240,4 +254,90 @@ impl Drop for Reaper {
             }
         }
     }
+}
+
+/// A tmpfs of `size` mounted on `dir`, unmounted when dropped (needs root): a file
+/// system that fills up when a test wants it to.
+pub struct SmallFs(pub PathBuf);
+
+impl SmallFs {
+    pub fn mount(dir: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a small tmpfs (needs root)");
+        Self(dir)
+    }
+
+    /// Bytes still free.
+    pub fn free(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().nth(1).unwrap().trim().parse::<u64>().unwrap()
+    }
+
+    /// Fills the file system but for `leave` bytes with one file; returns it (remove it
+    /// to free the space again).
+    pub fn fill_leaving(&self, leave: u64) -> PathBuf {
+        let filler = self.0.join("filler");
+        let size = self.free().saturating_sub(leave).max(4096);
+        let status = Command::new("fallocate")
+            .args(["-l", &size.to_string()])
+            .arg(&filler)
+            .status()
+            .unwrap();
+        assert!(status.success(), "fallocate {size} on {}", self.0.display());
+        filler
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        // Processes a failing test's reaper just killed may still hold files in it for a
+        // moment; in the end it is detached lazily rather than left mounted.
+        for _ in 0..50 {
+            if Command::new("umount")
+                .arg(&self.0)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Live processes whose command line names a path under `dir` (a test's runtime
+/// directory): whatever the CLI started there and did not stop.
+pub fn processes_under(dir: &Path) -> Vec<(u32, String)> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let names_dir = cmdline
+            .split(|&b| b == 0)
+            .any(|arg| arg.starts_with(needle));
+        if names_dir && alive(pid) {
+            found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+        }
+    }
+    found
 }

@@ -94,7 +94,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `name --socket-path SOCKET ARGS…` and waits for the socket to appear.
+    /// Starts `name --socket-path SOCKET ARGS… [--landlock-dir DIR-OF-SOCKET]` and waits
+    /// for the socket to appear.
     pub fn start<I, S>(name: &str, socket: &Path, args: I) -> Result<Self, Error>
     where
         I: IntoIterator<Item = S>,
@@ -122,11 +123,12 @@ impl Daemon {
         S: AsRef<OsStr>,
     {
         let mut cmd = Command::new(binary(name)?);
-        cmd.arg("--socket-path")
-            .arg(socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stderr(stderr);
+        cmd.arg("--socket-path").arg(socket).args(args);
+        // As under `microagent`: files only beneath the socket's directory after set-up.
+        if let (Some(dir), Ok(_)) = (socket.parent(), microagent_confine::landlock::abi()) {
+            cmd.arg("--landlock-dir").arg(dir);
+        }
+        cmd.stdin(Stdio::null()).stderr(stderr);
         let mut process = ChildGuard::spawn(&mut cmd)?;
         process.wait_for_path(socket, Duration::from_secs(10))?;
         Ok(Self { process })

@@ -20,6 +20,13 @@ pub enum Mode {
     Stall { digest: String, after: u64 },
     /// After `after` body bytes of blob `digest`, the connection is closed.
     Cut { digest: String, after: u64 },
+    /// After `after` body bytes of blob `digest`, nothing more is sent until the file
+    /// `until_gone` is removed; then the rest follows (a test acts in between).
+    Hold {
+        digest: String,
+        after: u64,
+        until_gone: std::path::PathBuf,
+    },
 }
 
 #[derive(Default)]
@@ -160,6 +167,18 @@ fn serve(shared: &Shared, client: TcpStream, upstream: &str) -> io::Result<()> {
             while !shared.stop.load(Ordering::Relaxed) {
                 thread::sleep(Duration::from_millis(20));
             }
+        }
+        Mode::Hold {
+            digest,
+            after,
+            until_gone,
+        } if is_get_of(&digest) => {
+            io::copy(&mut (&mut from_server).take(after), &mut client)?;
+            client.flush()?;
+            while until_gone.exists() && !shared.stop.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            io::copy(&mut from_server, &mut client)?;
         }
         Mode::Cut { digest, after } if is_get_of(&digest) => {
             io::copy(&mut (&mut from_server).take(after), &mut client)?;

@@ -4,7 +4,7 @@
 //! the crash reason comes from the kernel's audit record, which the kernel rate-limits
 //! (10 per 5 s without auditd), so no other test here may trigger seccomp kills.
 
-use microagent_confine::SELFTEST_ENV;
+use microagent_confine::{LANDLOCK_SELFTEST_ENV, SELFTEST_ENV};
 use microagent_integration::cli::Cli;
 use microagent_integration::registry::{push, write_layout, Registry};
 use microagent_integration::vmm::test_guest;
@@ -117,4 +117,113 @@ fn a_cli_workspace_runs_confined_doctor_says_so_and_a_seccomp_kill_is_the_crash_
         "{reason}"
     );
     cli.ok(&["delete", "killed", "--yes"]);
+}
+
+/// Reads, in a daemon's log, what its Landlock self-test said about `path`.
+fn selftest_line(log: &std::path::Path, path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .find(|l| l.contains(LANDLOCK_SELFTEST_ENV) && l.contains(&*path.to_string_lossy()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no self-test line for {} in {}:\n{text}",
+                path.display(),
+                log.display()
+            )
+        })
+        .to_owned()
+}
+
+#[test]
+fn a_landlocked_vmm_or_daemon_cannot_read_a_host_file_outside_its_workspace_directories() {
+    if microagent_confine::landlock::abi().is_err() {
+        eprintln!("SKIPPED: this kernel has no Landlock (landlock not in CONFIG_LSM)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let layout = dir.path().join("layout");
+    write_layout(&layout);
+    push(&layout, &registry, "test/img:v1");
+    let image = format!("{}/test/img:v1", registry.addr);
+    let cli = Cli::new(dir.path());
+    let _reaper = cli.reaper();
+    cli.ok(&[
+        "create",
+        "ws",
+        "--image",
+        &image,
+        "--no-agent",
+        "--memory",
+        "64M",
+        "--kernel",
+        test_guest().to_str().unwrap(),
+        "--cmdline",
+        "scenario=halt",
+    ]);
+    // A host file root may read (the test runs as root, the file is root's).
+    let secret = dir.path().join("host-secret");
+    std::fs::write(&secret, b"root's file").unwrap();
+    let start = |path: &std::path::Path, landlock: &str| {
+        let out = cli
+            .command(&["start", "ws"])
+            .env(LANDLOCK_SELFTEST_ENV, path)
+            .env("MICROAGENT_LANDLOCK", landlock)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    start(&secret, "on");
+    let logs = cli.home.join("workspaces/ws");
+    for daemon in ["vmm", "blk", "net"] {
+        let line = selftest_line(&logs.join(format!("{daemon}.log")), &secret);
+        assert!(
+            line.contains("Permission denied (os error 13)"),
+            "{daemon}: {line}"
+        );
+    }
+    let checks: serde_json::Value = serde_json::from_str(&cli.ok(&["--json", "doctor"])).unwrap();
+    let checks = checks.as_array().unwrap();
+    let landlock = checks.iter().find(|c| c["check"] == "landlock").unwrap();
+    assert_eq!(landlock["ok"], true, "{landlock}");
+    for daemon in [
+        "microagent-vmm",
+        "microagent-vhost-blk",
+        "microagent-vhost-net",
+    ] {
+        let c = checks
+            .iter()
+            .find(|c| c["check"] == format!("landlock ws/{daemon}"))
+            .unwrap_or_else(|| panic!("no landlock check for {daemon}: {checks:?}"));
+        assert_eq!(c["ok"], true, "{c}");
+    }
+    cli.ok(&["halt", "ws"]);
+
+    // What the rules allow is still there: the system's libraries.
+    let library = std::path::Path::new("/usr/lib/os-release");
+    start(library, "on");
+    let line = selftest_line(&logs.join("blk.log"), library);
+    assert!(line.contains("not denied"), "{line}");
+    cli.ok(&["halt", "ws"]);
+
+    // MICROAGENT_LANDLOCK=off: no ruleset, and doctor says so.
+    start(&secret, "off");
+    let blk_log = std::fs::read_to_string(logs.join("blk.log")).unwrap();
+    assert!(!blk_log.contains("files only beneath"), "{blk_log}");
+    let out = cli
+        .command(&["--json", "doctor"])
+        .env("MICROAGENT_LANDLOCK", "off")
+        .output()
+        .unwrap();
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let landlock = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "landlock")
+        .unwrap()
+        .clone();
+    assert_eq!(landlock["ok"], false, "{landlock}");
+    cli.ok(&["delete", "ws", "--yes", "--force"]);
 }

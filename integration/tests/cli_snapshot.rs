@@ -4,12 +4,11 @@
 //! guest's counter (`tick N` / `wait N` on its console) shows where a restored VM
 //! continues; `scenario=blk_snapshot` shows which disk it reads.
 
-use microagent_integration::cli::{alive, survivors, Cli};
+use microagent_integration::cli::{alive, survivors, Cli, SmallFs};
 use microagent_integration::registry::{push, write_layout, Registry};
 use microagent_integration::vmm::test_guest;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const RUN: Duration = Duration::from_secs(60);
@@ -426,28 +425,6 @@ fn a_changed_kernel_is_refused_for_rollback_and_fork() {
     assert_eq!(cli.state("fork"), "absent");
 }
 
-/// A tmpfs of `size` mounted on `dir`, unmounted when dropped (needs root).
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(dir: PathBuf, size: &str) -> Self {
-        fs::create_dir_all(&dir).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(status.success(), "mounting a small tmpfs (needs root)");
-        Self(dir)
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_home_refuses_the_snapshot_leaves_nothing_and_the_workspace_running() {
     let dir = tempfile::tempdir().unwrap();
@@ -459,24 +436,7 @@ fn a_full_home_refuses_the_snapshot_leaves_nothing_and_the_workspace_running() {
     cli.ok(&["start", "ws"]);
     counts_past(&cli, "ws", 0, "tick", 2);
     // Fill the home but for 1 MiB.
-    let free = {
-        let out = Command::new("df")
-            .args(["--output=avail", "-B1"])
-            .arg(&small.0)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.lines().nth(1).unwrap().trim().parse::<u64>().unwrap()
-    };
-    let filler = small.0.join("filler");
-    let file = fs::File::create(&filler).unwrap();
-    let status = Command::new("fallocate")
-        .args(["-l", &(free - (1 << 20)).to_string()])
-        .arg(&filler)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    drop(file);
+    let filler = small.fill_leaving(1 << 20);
 
     let message = cli.fails(
         &["snapshot", "create", "ws", "--tag", "full"],

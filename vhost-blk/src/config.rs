@@ -47,6 +47,8 @@ pub struct Args {
     pub direct_io: bool,
     #[command(flatten)]
     pub confine: microagent_confine::ConfineArgs,
+    #[command(flatten)]
+    pub landlock: microagent_confine::LandlockArgs,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +60,8 @@ pub struct BlkConfig {
     pub queues: u16,
     pub direct_io: bool,
     pub seccomp: microagent_confine::Seccomp,
+    /// `--landlock-dir`: after set-up, files only beneath these (none: no Landlock).
+    pub landlock: Vec<PathBuf>,
 }
 
 impl TryFrom<Args> for BlkConfig {
@@ -81,6 +85,7 @@ impl TryFrom<Args> for BlkConfig {
             queues: args.queues,
             direct_io: args.direct_io,
             seccomp: args.confine.seccomp,
+            landlock: args.landlock.landlock_dirs,
         })
     }
 }

@@ -32,9 +32,15 @@ pub enum Error {
 pub fn serve(config: config::BlkConfig) -> Result<(), Error> {
     let socket = config.socket_path.clone();
     let policy = confinement::policy(config.seccomp);
+    let landlock = config.landlock.clone();
     let backend = Arc::new(backend::BlkBackend::new(config)?);
-    microagent_daemon_kit::serve::serve("microagent-vhost-blk", &socket, backend, &policy, |_| {
-        Ok::<(), Infallible>(())
-    })?;
+    microagent_daemon_kit::serve::serve(
+        "microagent-vhost-blk",
+        &socket,
+        backend,
+        &policy,
+        &landlock,
+        |_| Ok::<(), Infallible>(()),
+    )?;
     Ok(())
 }

@@ -77,6 +77,8 @@ pub struct Args {
     pub resolv_conf: PathBuf,
     #[command(flatten)]
     pub confine: microagent_confine::ConfineArgs,
+    #[command(flatten)]
+    pub landlock: microagent_confine::LandlockArgs,
 }
 
 /// The transport a published port forwards.
@@ -130,6 +132,8 @@ pub struct NetConfig {
     /// Where 10.0.2.3:53 is forwarded.
     pub dns: Vec<SocketAddr>,
     pub seccomp: microagent_confine::Seccomp,
+    /// `--landlock-dir`: after set-up, files only beneath these (none: no Landlock).
+    pub landlock: Vec<PathBuf>,
 }
 
 impl TryFrom<Args> for NetConfig {
@@ -171,6 +175,7 @@ impl TryFrom<Args> for NetConfig {
             publish,
             dns,
             seccomp: args.confine.seccomp,
+            landlock: args.landlock.landlock_dirs,
         })
     }
 }

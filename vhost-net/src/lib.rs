@@ -44,6 +44,7 @@ pub enum Error {
 pub fn serve(config: config::NetConfig) -> Result<(), Error> {
     let socket = config.socket_path.clone();
     let policy = confinement::policy(config.seccomp);
+    let landlock = config.landlock.clone();
     // Bound first: the daemon drops every capability before it starts its threads.
     let published = stack::publish(&config.publish)?;
     let backend = Arc::new(backend::NetBackend::new(config, published));
@@ -53,6 +54,7 @@ pub fn serve(config: config::NetConfig) -> Result<(), Error> {
         &socket,
         backend,
         &policy,
+        &landlock,
         |epolls| {
             let worker = epolls.first().ok_or(backend::Error::NotStarted)?;
             wired.start(*worker)

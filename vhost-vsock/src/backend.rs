@@ -451,6 +451,7 @@ mod tests {
             guest_cid: 3,
             uds_path: dir.path().join("vm.vsock"),
             seccomp: microagent_confine::Seccomp::On,
+            landlock: Vec::new(),
         }));
         // SAFETY: epoll_create1 with valid flags; the result is checked.
         let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };

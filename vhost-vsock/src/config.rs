@@ -37,6 +37,8 @@ pub struct Args {
     pub uds_path: PathBuf,
     #[command(flatten)]
     pub confine: microagent_confine::ConfineArgs,
+    #[command(flatten)]
+    pub landlock: microagent_confine::LandlockArgs,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +47,8 @@ pub struct VsockConfig {
     pub guest_cid: u64,
     pub uds_path: PathBuf,
     pub seccomp: microagent_confine::Seccomp,
+    /// `--landlock-dir`: after set-up, files only beneath these (none: no Landlock).
+    pub landlock: Vec<PathBuf>,
 }
 
 impl TryFrom<Args> for VsockConfig {
@@ -71,6 +75,7 @@ impl TryFrom<Args> for VsockConfig {
             guest_cid: args.guest_cid,
             uds_path: args.uds_path,
             seccomp: args.confine.seccomp,
+            landlock: args.landlock.landlock_dirs,
         })
     }
 }

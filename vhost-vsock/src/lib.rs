@@ -30,6 +30,7 @@ pub enum Error {
 pub fn serve(config: config::VsockConfig) -> Result<(), Error> {
     let socket = config.socket_path.clone();
     let policy = confinement::policy(config.seccomp);
+    let landlock = config.landlock.clone();
     let backend = Arc::new(backend::VsockBackend::new(config));
     let wired = backend.clone();
     microagent_daemon_kit::serve::serve(
@@ -37,6 +38,7 @@ pub fn serve(config: config::VsockConfig) -> Result<(), Error> {
         &socket,
         backend,
         &policy,
+        &landlock,
         |epolls| {
             let worker = epolls.first().ok_or(backend::Error::NotStarted)?;
             wired.start(*worker)

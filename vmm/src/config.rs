@@ -76,6 +76,8 @@ pub struct Args {
     pub api_socket: Option<PathBuf>,
     #[command(flatten)]
     pub confine: microagent_confine::ConfineArgs,
+    #[command(flatten)]
+    pub landlock: microagent_confine::LandlockArgs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +113,9 @@ pub struct VmmConfig {
     pub net: Option<PathBuf>,
     pub api_socket: Option<PathBuf>,
     pub seccomp: microagent_confine::Seccomp,
+    /// `--landlock-dir`: after set-up, files only beneath these, besides reading the
+    /// kernel and initrd a snapshot hashes (none: no Landlock).
+    pub landlock: Vec<PathBuf>,
 }
 
 impl TryFrom<Args> for VmmConfig {
@@ -165,6 +170,7 @@ impl TryFrom<Args> for VmmConfig {
             net: args.net,
             api_socket: args.api_socket,
             seccomp: args.confine.seccomp,
+            landlock: args.landlock.landlock_dirs,
         })
     }
 }

@@ -481,6 +481,12 @@ fn start(config: &VmmConfig, vm: Vm, booted: Booted, paused: bool) -> Result<Out
         exit_evt.try_clone().map_err(Error::EventLoop)?,
         booted.failure_hint,
     ));
+    // Before the first vCPU thread starts, so that every thread is under the ruleset: a
+    // snapshot writes beneath the given directories and hashes the kernel and initrd.
+    let readable: Vec<PathBuf> = std::iter::once(booted.origin.kernel.clone())
+        .chain(booted.origin.initrd.clone())
+        .collect();
+    microagent_confine::enter_landlock("vmm", &config.landlock, &readable)?;
     let vcpus = Vcpus::start(
         booted.vcpus,
         bus.clone(),
