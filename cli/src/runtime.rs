@@ -7,6 +7,7 @@ use crate::error::{CliError, Result};
 use crate::home::Home;
 use crate::workspace::{self, Config, Network};
 use microagent_agent_protocol::client::Connection;
+use microagent_vhost_net::netns;
 use microagent_vmm::api::Request;
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
@@ -90,6 +91,15 @@ fn daemons(home: &Home, config: &Config) -> Vec<DaemonSpec> {
                 "--uds-path".into(),
                 agent_socket(home, name).into(),
             ],
+        });
+    }
+    if config.net == Network::Tap {
+        let netns = workspace::netns_name(name);
+        let mac = config.mac.iter().flat_map(|m| ["--mac", m]);
+        let tap = ["--mode", "tap", "--netns", &netns].into_iter();
+        list.push(DaemonSpec {
+            kind: DaemonKind::Net,
+            args: tap.chain(mac).map(OsString::from).collect(),
         });
     }
     if config.net == Network::User {
@@ -438,6 +448,9 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
             vsock: None,
             net: None,
         };
+        if config.net == Network::Tap {
+            make_tap_network(name)?;
+        }
         let mut devices = Vec::new();
         for daemon in daemons(home, config) {
             let kind = daemon.kind;
@@ -505,6 +518,27 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// The workspace's network namespace, veth pair and NAT; a stale one of the same name
+/// (a start that was interrupted) is removed first: the name is this workspace's.
+fn make_tap_network(name: &str) -> Result<()> {
+    let netns = workspace::netns_name(name);
+    let fail = |e: netns::Error| CliError::new(e.code(), format!("{name}: {e}"));
+    if netns::exists(&netns) {
+        netns::remove(&netns).map_err(fail)?;
+    }
+    netns::create(&netns).map(drop).map_err(fail)
+}
+
+/// Removes a tap workspace's network, if any is left (nothing for other workspaces).
+fn remove_tap_network(name: &str) {
+    let netns = workspace::netns_name(name);
+    if netns::exists(&netns) {
+        if let Err(e) = netns::remove(&netns) {
+            eprintln!("microagent: warning: removing network namespace {netns}: {e}");
+        }
+    }
+}
+
 fn wait_for_agent(home: &Home, name: &str, vmm_pid: u32) -> Result<()> {
     let deadline = Instant::now() + AGENT_TIMEOUT;
     loop {
@@ -554,7 +588,8 @@ pub fn halt(home: &Home, config: &Config) {
     let _ = fs::write(halted_marker(home, name), workspace::now_rfc3339());
 }
 
-/// SIGKILL for every recorded process still alive, then the runtime directory goes.
+/// SIGKILL for every recorded process still alive, then the tap network (if any) and
+/// the runtime directory go.
 pub fn kill_all(home: &Home, name: &str) {
     if let Some(pids) = pids(home, name) {
         for (bin, pid) in pids.all() {
@@ -568,6 +603,7 @@ pub fn kill_all(home: &Home, name: &str) {
             }
         }
     }
+    remove_tap_network(name);
     let _ = fs::remove_dir_all(dir(home, name));
 }
 
@@ -636,6 +672,20 @@ mod tests {
         );
         assert_eq!(all[1].args[1], OsString::from("7"));
         assert_eq!(all[1].args[3], OsString::from(agent_socket(&home, "ws")));
+        let tap = daemons(&home, &config(false, Network::Tap));
+        assert_eq!(tap[1].kind, DaemonKind::Net);
+        assert_eq!(
+            tap[1].args,
+            [
+                "--mode",
+                "tap",
+                "--netns",
+                "microagent-ws",
+                "--mac",
+                "02:00:00:00:00:01"
+            ]
+            .map(OsString::from)
+        );
         let bare = daemons(&home, &config(false, Network::None));
         assert_eq!(bare.len(), 1);
         assert_eq!(bare[0].kind, DaemonKind::Blk);

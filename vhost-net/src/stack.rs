@@ -53,7 +53,7 @@ pub struct Poller {
 }
 
 impl Poller {
-    fn add(&self, fd: RawFd, events: u32) -> io::Result<()> {
+    pub(crate) fn add(&self, fd: RawFd, events: u32) -> io::Result<()> {
         let mut event = libc::epoll_event {
             events,
             u64: u64::from(self.id),
