@@ -18,6 +18,9 @@ packages=(
   linux-perf strace
   # bench_net: passt, the other user-mode network peer (QEMU's -netdev stream)
   passt
+  # tap mode (vhost-net/src/netns.rs): ip netns/link/tuntap, NAT rules; setpriv drops
+  # capabilities in the tap tests (util-linux)
+  iproute2 iptables util-linux
 )
 
 missing=()
