@@ -196,3 +196,114 @@ impl Tap {
         Some(RETRY)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixDatagram;
+
+    const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+
+    /// A tap whose kernel side is the other end of a datagram socket pair (frames keep
+    /// their boundaries, as on a tap), and that other end.
+    fn tap() -> (Tap, UnixDatagram) {
+        let (ours, kernel) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        kernel.set_nonblocking(true).unwrap();
+        // SAFETY: epoll_create1 takes no pointers; the fd leaks for the test's lifetime.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epoll >= 0);
+        let file = File::from(OwnedFd::from(ours));
+        let tap = Tap::new(file, Poller { epoll, id: 9 }).unwrap();
+        (tap, kernel)
+    }
+
+    /// A DHCP DISCOVER from the guest, as a frame.
+    fn discover() -> Vec<u8> {
+        use smoltcp::wire::{DhcpMessageType, DhcpPacket, DhcpRepr, Ipv4Address};
+        let repr = DhcpRepr {
+            message_type: DhcpMessageType::Discover,
+            transaction_id: 7,
+            secs: 0,
+            client_hardware_address: GUEST_MAC,
+            client_ip: Ipv4Address::UNSPECIFIED,
+            your_ip: Ipv4Address::UNSPECIFIED,
+            server_ip: Ipv4Address::UNSPECIFIED,
+            router: None,
+            subnet_mask: None,
+            relay_agent_ip: Ipv4Address::UNSPECIFIED,
+            broadcast: false,
+            requested_ip: None,
+            client_identifier: Some(GUEST_MAC),
+            server_identifier: None,
+            parameter_request_list: Some(&[1, 3, 6]),
+            dns_servers: None,
+            max_size: Some(576),
+            lease_duration: None,
+            renew_duration: None,
+            rebind_duration: None,
+            additional_options: &[],
+        };
+        let mut payload = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut DhcpPacket::new_unchecked(&mut payload[..]))
+            .unwrap();
+        let from = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, dhcp::CLIENT_PORT);
+        let to = SocketAddrV4::new(std::net::Ipv4Addr::BROADCAST, dhcp::SERVER_PORT);
+        let mut frame = frame::udp_frame(from, to, EthernetAddress::BROADCAST, &payload).unwrap();
+        // From the guest: its MAC is the source.
+        frame[6..12].copy_from_slice(&GUEST_MAC.0);
+        frame
+    }
+
+    #[test]
+    fn dhcp_is_answered_by_the_daemon_and_other_frames_go_to_the_kernel() {
+        let (mut tap, kernel) = tap();
+        tap.guest_frame(&discover());
+        let mut buf = [0u8; 2048];
+        assert!(kernel.recv(&mut buf).is_err(), "DHCP reached the kernel");
+        let offer = tap.to_guest.pop_front().expect("an offer for the guest");
+        assert_eq!(&offer[..6], &GUEST_MAC.0, "addressed to the guest's MAC");
+        match frame::classify(&offer).1 {
+            Verdict::Udp { guest, dest, .. } => {
+                assert_eq!(guest.port(), dhcp::SERVER_PORT);
+                assert_eq!(dest.port(), dhcp::CLIENT_PORT);
+            }
+            other => panic!("not a UDP frame: {other:?}"),
+        }
+        // Anything else, even what the user network would drop, is the kernel's.
+        let other = [0xabu8; 60];
+        tap.guest_frame(&other);
+        let n = kernel.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &other[..]);
+        assert!(tap.to_guest.is_empty());
+    }
+
+    #[test]
+    fn kernel_frames_wait_for_the_guest_up_to_the_link_bound_then_poll_comes_back() {
+        let (mut tap, kernel) = tap();
+        kernel.send(&[1u8; 100]).unwrap();
+        assert_eq!(
+            tap.poll(),
+            None,
+            "the tap is empty: the next event says more"
+        );
+        assert_eq!(tap.to_guest.pop_front().unwrap(), vec![1u8; 100]);
+        // A socket pair holds few datagrams: fill the guest's queue in rounds.
+        let mut sent = 0;
+        while tap.to_guest.len() < TO_GUEST_FRAMES {
+            while sent < TO_GUEST_FRAMES && kernel.send(&[2u8; 60]).is_ok() {
+                sent += 1;
+            }
+            // A full queue means "look again": the tap may hold more.
+            let again = tap.poll();
+            assert_eq!(again.is_some(), tap.to_guest.len() == TO_GUEST_FRAMES);
+        }
+        kernel.send(&[3u8; 60]).unwrap();
+        assert_eq!(tap.poll(), Some(RETRY), "a frame is left in the tap");
+        assert_eq!(tap.to_guest.len(), TO_GUEST_FRAMES);
+        tap.to_guest.clear();
+        assert_eq!(tap.poll(), None);
+        assert_eq!(tap.to_guest.pop_front().unwrap(), vec![3u8; 60]);
+    }
+}
