@@ -376,10 +376,10 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
         ));
     }
     if net == workspace::Network::Tap {
-        if !publish.is_empty() || !dns.is_empty() {
+        if !publish.is_empty() {
             return Err(CliError::new(
                 "input.user_net_only",
-                "--publish and --dns are for --net user (with --net tap the namespace's kernel routes the guest's traffic)",
+                "--publish is for --net user (with --net tap the namespace's kernel routes the guest's traffic)",
             ));
         }
         microagent_vhost_net::netns::check_privileges()

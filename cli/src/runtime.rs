@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -449,7 +450,7 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
             net: None,
         };
         if config.net == Network::Tap {
-            make_tap_network(name)?;
+            make_tap_network(config)?;
         }
         let mut devices = Vec::new();
         for daemon in daemons(home, config) {
@@ -518,15 +519,41 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// The workspace's network namespace, veth pair and NAT; a stale one of the same name
-/// (a start that was interrupted) is removed first: the name is this workspace's.
-fn make_tap_network(name: &str) -> Result<()> {
+/// The workspace's network namespace, veth pair and NAT, 10.0.2.3 forwarded to a
+/// resolver; a stale one of the same name (a start that was interrupted) is removed
+/// first: the name is this workspace's.
+fn make_tap_network(config: &Config) -> Result<()> {
+    let name = &config.name;
     let netns = workspace::netns_name(name);
+    let resolv_conf = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let dns = tap_resolver(&config.dns, &resolv_conf);
+    if dns.is_none() {
+        eprintln!(
+            "microagent: warning: {name}: no resolver outside the host's loopback in --dns or \
+             /etc/resolv.conf: DNS at 10.0.2.3 will not answer"
+        );
+    }
     let fail = |e: netns::Error| CliError::new(e.code(), format!("{name}: {e}"));
     if netns::exists(&netns) {
         netns::remove(&netns).map_err(fail)?;
     }
-    netns::create(&netns).map(drop).map_err(fail)
+    netns::create(&netns, dns).map(drop).map_err(fail)
+}
+
+/// Where a tap network's 10.0.2.3 forwards: the first `--dns` resolver, else the first
+/// of resolv.conf, that the namespace can reach (one on the host's loopback it cannot).
+fn tap_resolver(dns: &[String], resolv_conf: &str) -> Option<SocketAddrV4> {
+    let candidates = if dns.is_empty() {
+        microagent_vhost_net::config::nameservers(resolv_conf)
+    } else {
+        dns.iter()
+            .filter_map(|d| microagent_vhost_net::config::parse_dns(d))
+            .collect()
+    };
+    candidates.into_iter().find_map(|a| match a {
+        SocketAddr::V4(v4) if !v4.ip().is_loopback() => Some(v4),
+        _ => None,
+    })
 }
 
 /// Removes a tap workspace's network, if any is left (nothing for other workspaces).
@@ -650,6 +677,21 @@ mod tests {
             cid: 7,
             mac: Some("02:00:00:00:00:01".into()),
         }
+    }
+
+    #[test]
+    fn a_tap_network_forwards_dns_to_the_first_resolver_off_the_hosts_loopback() {
+        let conf = "nameserver 127.0.0.53\nnameserver 10.255.255.53\n";
+        assert_eq!(
+            tap_resolver(&[], conf),
+            Some("10.255.255.53:53".parse().unwrap())
+        );
+        assert_eq!(tap_resolver(&[], "nameserver 127.0.0.53\n"), None);
+        let given = ["127.0.0.1:5353".into(), "192.0.2.7:5300".into()];
+        assert_eq!(
+            tap_resolver(&given, conf),
+            Some("192.0.2.7:5300".parse().unwrap())
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use microagent_integration::daemon::{self, Daemon};
 use microagent_integration::tap_net;
 use microagent_integration::vmm::VmmArgs;
 use microagent_vhost_net::netns::{self, TapNetwork};
-use std::net::UdpSocket;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -20,8 +20,12 @@ struct NetGuard(TapNetwork);
 
 impl NetGuard {
     fn create(tag: &str) -> Self {
+        Self::with_dns(tag, None)
+    }
+
+    fn with_dns(tag: &str, dns: Option<SocketAddrV4>) -> Self {
         let name = format!("microagent-test-{}-{tag}", std::process::id());
-        Self(netns::create(&name).unwrap())
+        Self(netns::create(&name, dns).unwrap())
     }
 }
 
@@ -42,12 +46,30 @@ fn run(program: &str, args: &[&str]) -> String {
 /// end of the veth pair, which sees it come from the namespace's address (the
 /// namespace's NAT) and replies through the NAT back to the guest.
 fn guest_through(net: &TapNetwork, dir: &Path) {
-    let socket = dir.join("net.sock");
     let service = UdpSocket::bind((net.host_addr(), 0)).unwrap();
+    let SocketAddr::V4(dest) = service.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let from = udp_from_guest(net, dir, service, dest);
+    assert_eq!(
+        from.ip(),
+        net.netns_addr(),
+        "the guest's 10.0.2.15 is translated"
+    );
+}
+
+/// Runs the test guest with `net_udp=DEST`; `service` answers the datagram with
+/// `pong-through-nat`. Returns where the service saw it come from.
+fn udp_from_guest(
+    net: &TapNetwork,
+    dir: &Path,
+    service: UdpSocket,
+    dest: SocketAddrV4,
+) -> SocketAddr {
+    let socket = dir.join("net.sock");
     service
         .set_read_timeout(Some(Duration::from_secs(50)))
         .unwrap();
-    let port = service.local_addr().unwrap().port();
     let host = std::thread::spawn(move || {
         let mut buf = [0u8; 64];
         let (n, from) = service.recv_from(&mut buf).unwrap();
@@ -68,7 +90,7 @@ fn guest_through(net: &TapNetwork, dir: &Path) {
         &dir.join("net.log"),
     )
     .unwrap();
-    let mut args = VmmArgs::test_guest(&format!("scenario=net net_udp={}:{port}", net.host_addr()));
+    let mut args = VmmArgs::test_guest(&format!("scenario=net net_udp={dest}"));
     args.extra = vec!["--net".into(), socket.into()];
     let (output, console) = args.run(dir, RUN).unwrap();
     let log = std::fs::read_to_string(dir.join("net.log")).unwrap_or_default();
@@ -90,11 +112,34 @@ fn guest_through(net: &TapNetwork, dir: &Path) {
     assert!(!console.contains("NET-FAIL"), "{console}");
     let (payload, from) = host.join().unwrap();
     assert_eq!(payload, b"microagent-udp");
-    assert_eq!(
-        from.ip(),
-        net.netns_addr(),
-        "the guest's 10.0.2.15 is translated"
-    );
+    from
+}
+
+/// The host's first global IPv4 address (one the namespace reaches through the NAT and
+/// that is not the host's loopback).
+fn host_global_ipv4() -> Ipv4Addr {
+    let text = run("ip", &["-4", "-o", "addr", "show", "scope", "global"]);
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|cidr| cidr.split('/').next()?.parse::<Ipv4Addr>().ok())
+        .find(|ip| !ip.octets().starts_with(&[10, 201]))
+        .expect("a global IPv4 address on this host")
+}
+
+/// With a resolver given, the guest's DNS address 10.0.2.3:53 is forwarded to it: the
+/// guest's datagram to 10.0.2.3:53 reaches a "resolver" on a host address and the
+/// answer comes back from 10.0.2.3:53 (the guest matches the reply's source).
+#[test]
+fn the_dns_address_of_a_tap_network_forwards_to_its_resolver() {
+    let resolver = UdpSocket::bind((host_global_ipv4(), 0)).unwrap();
+    let SocketAddr::V4(at) = resolver.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let net = NetGuard::with_dns("dns", Some(at));
+    let dir = tempfile::tempdir().unwrap();
+    let dns = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 3), 53);
+    let from = udp_from_guest(&net.0, dir.path(), resolver, dns);
+    assert_eq!(from.ip(), net.0.netns_addr());
 }
 
 /// Two VMs at once, each in a namespace of its own with the same guest address and

@@ -15,8 +15,8 @@
 //! namespace's name: the index is read back from the veth end inside it, the host's NAT
 //! rule is found by its comment. Made with `ip` and `iptables` (iproute2, iptables).
 
-use crate::frame::{GATEWAY, GATEWAY_MAC, PREFIX_LEN};
-use std::net::Ipv4Addr;
+use crate::frame::{DNS, GATEWAY, GATEWAY_MAC, PREFIX_LEN};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::process::Command;
 
@@ -180,8 +180,9 @@ fn run(netns: &str, program: &str, args: &[&str]) -> Result<String, Error> {
 }
 
 /// Makes the namespace, its tap (with the gateway's address and MAC), the veth pair and
-/// both NAT rules. On failure, whatever was made is removed again.
-pub fn create(netns: &str) -> Result<TapNetwork, Error> {
+/// both NAT rules; with `dns`, the guest's DNS address 10.0.2.3 on the tap, its port 53
+/// forwarded (DNAT) to that resolver. On failure, whatever was made is removed again.
+pub fn create(netns: &str, dns: Option<SocketAddrV4>) -> Result<TapNetwork, Error> {
     check_name(netns)?;
     if exists(netns) {
         return Err(Error::Exists(netns.to_owned()));
@@ -194,6 +195,9 @@ pub fn create(netns: &str) -> Result<TapNetwork, Error> {
             index,
         };
         configure(&net)?;
+        if let Some(dns) = dns {
+            forward_dns(&net, dns)?;
+        }
         Ok(net)
     })();
     if made.is_err() {
@@ -308,6 +312,43 @@ fn configure(net: &TapNetwork) -> Result<(), Error> {
         run(ns, program, args)?;
     }
     enable_host_forwarding();
+    Ok(())
+}
+
+/// 10.0.2.3 on the tap, and its port 53 (UDP and TCP) forwarded to `dns`: a resolver
+/// the namespace can reach (not the host's loopback).
+fn forward_dns(net: &TapNetwork, dns: SocketAddrV4) -> Result<(), Error> {
+    let ns = net.netns.as_str();
+    let address = format!("{DNS}/32");
+    run(ns, "ip", &["-n", ns, "addr", "add", &address, "dev", TAP])?;
+    let to = dns.to_string();
+    let dest = DNS.to_string();
+    for protocol in ["udp", "tcp"] {
+        let args = [
+            "netns",
+            "exec",
+            ns,
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-i",
+            TAP,
+            "-d",
+            &dest,
+            "-p",
+            protocol,
+            "--dport",
+            "53",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to,
+        ];
+        run(ns, "ip", &args)?;
+    }
     Ok(())
 }
 
