@@ -164,3 +164,42 @@ fn create_net_tap_without_privileges_or_with_publish_is_refused_with_a_code() {
     args.extend(["--publish", "8080:80"]);
     cli.fails(&args, "input.user_net_only");
 }
+
+/// A fork of a tap workspace runs beside its source with a network of its own (same
+/// guest address inside each namespace); deleting either removes only its own.
+#[test]
+fn a_fork_of_a_tap_workspace_gets_its_own_namespace_beside_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = setup(dir.path());
+    let _reaper = cli.reaper();
+    let source = unique("src");
+    let fork = unique("fork");
+    let kernel = test_guest().to_str().unwrap();
+    cli.ok(&create_args(&source, &image, kernel));
+    cli.ok(&["start", &source]);
+    cli.ok(&["snapshot", "create", &source, "--tag", "base"]);
+    cli.ok(&[
+        "create",
+        &fork,
+        "--from-snapshot",
+        &format!("{source}:base"),
+    ]);
+    assert_eq!(cli.state(&fork), "running");
+    assert_eq!(cli.state(&source), "running");
+    let ours = netns::lookup(&format!("microagent-{source}"))
+        .unwrap()
+        .unwrap();
+    let theirs = netns::lookup(&format!("microagent-{fork}"))
+        .unwrap()
+        .unwrap();
+    assert_ne!(ours.index, theirs.index);
+    tap_net::assert_present(&ours);
+    tap_net::assert_present(&theirs);
+    let inspect: serde_json::Value = serde_json::from_str(&cli.ok(&["inspect", &fork])).unwrap();
+    assert_eq!(inspect["config"]["net"], "tap", "{inspect}");
+    cli.ok(&["delete", &fork, "--yes", "--force"]);
+    assert_eq!(tap_net::traces(&theirs), Vec::<String>::new());
+    tap_net::assert_present(&ours);
+    cli.ok(&["delete", &source, "--yes", "--force"]);
+    assert_eq!(tap_net::traces(&ours), Vec::<String>::new());
+}
