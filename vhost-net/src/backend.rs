@@ -87,8 +87,8 @@ impl NetBackend {
         }
     }
 
-    /// Binds published ports and registers them, and the stack's timer, with the
-    /// worker's epoll instance. Called once, before the frontend connects.
+    /// Registers the network's host fds (published ports, or the tap) and the stack's
+    /// timer with the worker's epoll instance. Called once, before the frontend connects.
     pub fn start(&self, epoll_fd: i32) -> Result<(), Error> {
         let attachment = self
             .attachment

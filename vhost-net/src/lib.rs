@@ -1,7 +1,9 @@
 //! `microagent-vhost-net`: a vhost-user net device with a user-mode network, a private
 //! network per daemon in the manner of QEMU's slirp: guest 10.0.2.15/24 by DHCP,
 //! gateway 10.0.2.2 (the host's loopback), DNS 10.0.2.3 (the host's resolvers), guest
-//! TCP and UDP flows as host sockets, published host ports forwarded in.
+//! TCP and UDP flows as host sockets, published host ports forwarded in. Or, with
+//! `--mode tap` (root), a tap device in a network namespace whose kernel is the gateway
+//! for the same addresses (the daemon still answers DHCP).
 //!
 //! - [`config`]: flags checked into a [`config::NetConfig`].
 //! - [`confinement`]: this daemon's syscalls beyond daemon-kit's seccomp profiles.
