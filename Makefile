@@ -61,7 +61,7 @@ clean-kernel:
 # target/fuzz-corpus/<target>/ and crashes to target/fuzz-artifacts/<target>/, so the
 # repository changes only when a finding is added on purpose. One process, one target at
 # a time (no -jobs/-workers: libFuzzer then runs in this process and prints here).
-FUZZ_TARGETS := vhost_blk_request vsock_packet agent_frames device_state snapshot_files image_layer vmm_api
+FUZZ_TARGETS := vhost_blk_request vsock_packet agent_frames device_state snapshot_files image_layer vmm_api net_frames
 FUZZ_SECONDS ?= 60
 FUZZ_CARGO := $(CARGO) +nightly fuzz
 fuzz-build:

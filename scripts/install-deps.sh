@@ -21,6 +21,9 @@ packages=(
   # the workload compatibility test (integration/tests/qemu_workloads.rs): a Debian
   # bookworm root filesystem built with debootstrap
   debootstrap
+  # tap mode (vhost-net/src/netns.rs): ip netns/link/tuntap, NAT rules; setpriv drops
+  # capabilities in the tap tests (util-linux)
+  iproute2 iptables util-linux
 )
 
 missing=()

@@ -90,7 +90,8 @@ enum Cmd {
         #[arg(long = "secret", value_name = "NAME=@FILE")]
         secrets: Vec<String>,
         /// The guest's network: `user` (a private network, guest 10.0.2.15, the host's
-        /// loopback at 10.0.2.2, DNS 10.0.2.3) or `none`.
+        /// loopback at 10.0.2.2, DNS 10.0.2.3), `tap` (root: a tap in a network
+        /// namespace of the workspace's own, NAT to the host) or `none`.
         #[arg(long, value_enum, default_value = "user")]
         net: workspace::Network,
         /// Forward a host port to a guest port while the workspace runs:
@@ -376,6 +377,16 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
             "--dns needs a network (drop --net none)",
         ));
     }
+    if net == workspace::Network::Tap {
+        if !publish.is_empty() {
+            return Err(CliError::new(
+                "input.user_net_only",
+                "--publish is for --net user (with --net tap the namespace's kernel routes the guest's traffic)",
+            ));
+        }
+        microagent_vhost_net::netns::check_privileges()
+            .map_err(|e| CliError::new(e.code(), e.to_string()))?;
+    }
     workspace::check_publish(&publish)?;
     workspace::check_dns(&dns)?;
     if cpus == 0 || cpus > 32 {
@@ -432,7 +443,7 @@ fn create(home: &Home, out: &Output, args: Cmd) -> Result<()> {
                 .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
             let mut base =
                 format!("console=ttyS0 reboot=k panic=1 init_on_free=1 microagent.hostname={name}");
-            if net == workspace::Network::User {
+            if net != workspace::Network::None {
                 base.push(' ');
                 base.push_str(workspace::USER_NET_CMDLINE);
             }

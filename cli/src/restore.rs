@@ -98,7 +98,7 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
         let config = Config {
             name: new.to_owned(),
             cid,
-            mac: (source.net == Network::User).then_some(mac),
+            mac: (source.net != Network::None).then_some(mac),
             initrd,
             cmdline: source.cmdline.replace(
                 &format!("microagent.hostname={}", source.name),

@@ -8,11 +8,13 @@ use crate::home::Home;
 use crate::kill_point;
 use crate::workspace::{self, Config, Network};
 use microagent_agent_protocol::client::Connection;
+use microagent_vhost_net::netns;
 use microagent_vmm::api::Request;
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -95,6 +97,15 @@ fn daemons(home: &Home, config: &Config) -> Vec<DaemonSpec> {
                 "--uds-path".into(),
                 agent_socket(home, name).into(),
             ],
+        });
+    }
+    if config.net == Network::Tap {
+        let netns = workspace::netns_name(name);
+        let mac = config.mac.iter().flat_map(|m| ["--mac", m]);
+        let tap = ["--mode", "tap", "--netns", &netns].into_iter();
+        list.push(DaemonSpec {
+            kind: DaemonKind::Net,
+            args: tap.chain(mac).map(OsString::from).collect(),
         });
     }
     if config.net == Network::User {
@@ -463,6 +474,9 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
             net: None,
             kmsg_seq: confinement::kmsg_newest_seq(),
         };
+        if config.net == Network::Tap {
+            make_tap_network(config)?;
+        }
         let mut devices = Vec::new();
         for daemon in daemons(home, config) {
             let kind = daemon.kind;
@@ -549,6 +563,53 @@ fn launch(home: &Home, config: &Config, how: Launch<'_>) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// The workspace's network namespace, veth pair and NAT, 10.0.2.3 forwarded to a
+/// resolver; a stale one of the same name (a start that was interrupted) is removed
+/// first: the name is this workspace's.
+fn make_tap_network(config: &Config) -> Result<()> {
+    let name = &config.name;
+    let netns = workspace::netns_name(name);
+    let resolv_conf = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let dns = tap_resolver(&config.dns, &resolv_conf);
+    if dns.is_none() {
+        eprintln!(
+            "microagent: warning: {name}: no resolver outside the host's loopback in --dns or \
+             /etc/resolv.conf: DNS at 10.0.2.3 will not answer"
+        );
+    }
+    let fail = |e: netns::Error| CliError::new(e.code(), format!("{name}: {e}"));
+    if netns::exists(&netns) {
+        netns::remove(&netns).map_err(fail)?;
+    }
+    netns::create(&netns, dns).map(drop).map_err(fail)
+}
+
+/// Where a tap network's 10.0.2.3 forwards: the first `--dns` resolver, else the first
+/// of resolv.conf, that the namespace can reach (one on the host's loopback it cannot).
+fn tap_resolver(dns: &[String], resolv_conf: &str) -> Option<SocketAddrV4> {
+    let candidates = if dns.is_empty() {
+        microagent_vhost_net::config::nameservers(resolv_conf)
+    } else {
+        dns.iter()
+            .filter_map(|d| microagent_vhost_net::config::parse_dns(d))
+            .collect()
+    };
+    candidates.into_iter().find_map(|a| match a {
+        SocketAddr::V4(v4) if !v4.ip().is_loopback() => Some(v4),
+        _ => None,
+    })
+}
+
+/// Removes a tap workspace's network, if any is left (nothing for other workspaces).
+fn remove_tap_network(name: &str) {
+    let netns = workspace::netns_name(name);
+    if netns::exists(&netns) {
+        if let Err(e) = netns::remove(&netns) {
+            eprintln!("microagent: warning: removing network namespace {netns}: {e}");
+        }
+    }
+}
+
 fn wait_for_agent(home: &Home, name: &str, vmm_pid: u32) -> Result<()> {
     let deadline = Instant::now() + AGENT_TIMEOUT;
     loop {
@@ -600,7 +661,7 @@ pub fn halt(home: &Home, config: &Config) {
 
 /// SIGKILL for every recorded process still alive and every unrecorded one serving
 /// this workspace's runtime directory (a start killed between spawning a process and
-/// recording it), then the runtime directory goes.
+/// recording it), then the tap network (if any) and the runtime directory go.
 pub fn kill_all(home: &Home, name: &str) {
     let recorded = pids(home, name).map(|p| p.all().collect::<Vec<_>>());
     let all = recorded.into_iter().flatten().chain(strays(home, name));
@@ -614,6 +675,7 @@ pub fn kill_all(home: &Home, name: &str) {
             }
         }
     }
+    remove_tap_network(name);
     let _ = fs::remove_dir_all(dir(home, name));
 }
 
@@ -702,6 +764,21 @@ mod tests {
     }
 
     #[test]
+    fn a_tap_network_forwards_dns_to_the_first_resolver_off_the_hosts_loopback() {
+        let conf = "nameserver 127.0.0.53\nnameserver 10.255.255.53\n";
+        assert_eq!(
+            tap_resolver(&[], conf),
+            Some("10.255.255.53:53".parse().unwrap())
+        );
+        assert_eq!(tap_resolver(&[], "nameserver 127.0.0.53\n"), None);
+        let given = ["127.0.0.1:5353".into(), "192.0.2.7:5300".into()];
+        assert_eq!(
+            tap_resolver(&given, conf),
+            Some("192.0.2.7:5300".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn a_workspace_runs_one_daemon_per_device_it_has() {
         let home = Home::new("/h");
         let all = daemons(&home, &config(true, Network::User));
@@ -721,6 +798,20 @@ mod tests {
         );
         assert_eq!(all[1].args[1], OsString::from("7"));
         assert_eq!(all[1].args[3], OsString::from(agent_socket(&home, "ws")));
+        let tap = daemons(&home, &config(false, Network::Tap));
+        assert_eq!(tap[1].kind, DaemonKind::Net);
+        assert_eq!(
+            tap[1].args,
+            [
+                "--mode",
+                "tap",
+                "--netns",
+                "microagent-ws",
+                "--mac",
+                "02:00:00:00:00:01"
+            ]
+            .map(OsString::from)
+        );
         let bare = daemons(&home, &config(false, Network::None));
         assert_eq!(bare.len(), 1);
         assert_eq!(bare[0].kind, DaemonKind::Blk);

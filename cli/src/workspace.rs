@@ -67,9 +67,19 @@ pub enum Network {
     /// A private user-mode network (microagent-vhost-net): the guest is 10.0.2.15/24,
     /// the gateway 10.0.2.2 reaches the host's loopback, DNS is 10.0.2.3.
     User,
+    /// A tap device in a network namespace of the workspace's own (root): the same
+    /// guest addresses, the namespace's kernel as the gateway, NAT to the host.
+    Tap,
 }
 
-/// What the guest agent reads to configure `Network::User` (the daemon's fixed plan).
+/// The network namespace of a `Network::Tap` workspace (made at start, removed when it
+/// stops; see `microagent_vhost_net::netns`).
+pub fn netns_name(name: &str) -> String {
+    format!("microagent-{name}")
+}
+
+/// What the guest agent reads to configure `Network::User` and `Network::Tap` (the
+/// daemon's fixed plan, the same in both).
 pub const USER_NET_CMDLINE: &str =
     "microagent.ip=10.0.2.15/24 microagent.gw=10.0.2.2 microagent.dns=10.0.2.3";
 

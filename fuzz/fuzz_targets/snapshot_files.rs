@@ -60,7 +60,7 @@ fn state(json: &[u8], ops: &[u8]) {
     let Ok(state) = serde_json::from_slice::<SnapshotState>(json) else {
         return;
     };
-    let (Some(serial_irq), Some(reset), Some(kbd_irq)) = (trigger(), trigger(), trigger()) else {
+    let (Some(serial_irq), Some(kbd_irq)) = (trigger(), trigger()) else {
         return;
     };
     let Ok(serial) = serial_from(&state.legacy.serial, serial_irq, Box::new(std::io::sink()))
@@ -69,7 +69,7 @@ fn state(json: &[u8], ops: &[u8]) {
     };
     let bus = PioBus::new(
         serial,
-        I8042::restore(state.legacy.i8042.clone(), reset, kbd_irq),
+        I8042::restore(state.legacy.i8042.clone(), kbd_irq),
     );
     for op in ops.chunks_exact(3) {
         let port = match op[0] % 4 {
@@ -82,7 +82,8 @@ fn state(json: &[u8], ops: &[u8]) {
             let mut byte = [0u8; 1];
             bus.read(port, &mut byte);
         } else {
-            bus.write(port, &[op[2]]);
+            // A reset request (i8042 0xFE) is the VMM's to act on; here it is only state.
+            let _ = bus.write(port, &[op[2]]);
         }
     }
     let after = bus.state();

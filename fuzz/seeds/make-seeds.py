@@ -326,6 +326,109 @@ def image_seeds():
     }
     put("image_layer", "config", b"\x02" + json.dumps(config).encode())
 
+# ---- guest frames into the user network (net_frames) ------------------------------
+# Input: frames, each a little-endian u16 length and its bytes (fuzz_targets/net_frames.rs).
+GUEST_MAC = bytes.fromhex("525400123456")
+GW_MAC = bytes.fromhex("52550a000202")
+GUEST_IP, GW_IP, DNS_IP = bytes([10, 0, 2, 15]), bytes([10, 0, 2, 2]), bytes([10, 0, 2, 3])
+
+
+def csum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return (~total) & 0xFFFF
+
+
+def eth(payload, kind=0x0800, dst=GW_MAC):
+    return dst + GUEST_MAC + struct.pack("!H", kind) + payload
+
+
+def ipv4(proto, payload, dst=GW_IP, options=b"", flags_frag=0x4000, total=None, good=True):
+    ihl = 5 + len(options) // 4
+    length = total if total is not None else 20 + len(options) + len(payload)
+    head = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, length, 1, flags_frag, 64, proto, 0,
+                       GUEST_IP, dst) + options
+    c = csum(head) if good else 0xBEEF
+    head = head[:10] + struct.pack("!H", c) + head[12:]
+    return head + payload
+
+
+def pseudo(proto, dst, seg):
+    return GUEST_IP + dst + struct.pack("!BBH", 0, proto, len(seg))
+
+
+def tcp(sport, dport, flags, seq=1000, ack=0, data=b"", dst=GW_IP, good=True):
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + data
+    c = csum(pseudo(6, dst, seg) + seg) if good else 0x1234
+    return seg[:16] + struct.pack("!H", c) + seg[18:]
+
+
+def udp(sport, dport, data, dst=GW_IP, length=None):
+    seg = struct.pack("!HHHH", sport, dport, length if length is not None else 8 + len(data), 0) + data
+    return seg
+
+
+def icmp_echo(data=b"microagent-ping"):
+    msg = struct.pack("!BBHHH", 8, 0, 0, 0x1234, 1) + data
+    return msg[:2] + struct.pack("!H", csum(msg)) + msg[4:]
+
+
+def arp_request(target=GW_IP):
+    return eth(struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + GUEST_MAC + GUEST_IP + b"\0" * 6 + target,
+               kind=0x0806, dst=b"\xff" * 6)
+
+
+def dhcp_discover():
+    msg = struct.pack("!BBBBIHH", 1, 1, 6, 0, 0x12345678, 0, 0x8000) + b"\0" * 16
+    msg += GUEST_MAC + b"\0" * 10 + b"\0" * 192 + bytes([99, 130, 83, 99])
+    msg += bytes([53, 1, 1, 55, 3, 1, 3, 6, 255])
+    return eth(ipv4(17, udp(68, 67, msg, dst=b"\xff" * 4), dst=b"\xff" * 4), dst=b"\xff" * 6)
+
+
+def dns_query():
+    q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"\x07example\x03com\x00" + struct.pack("!HH", 1, 1)
+    return eth(ipv4(17, udp(40000, 53, q, dst=DNS_IP), dst=DNS_IP))
+
+
+def frames(*fs):
+    return b"".join(struct.pack("<H", len(f)) + f for f in fs)
+
+
+def net_seeds():
+    syn = eth(ipv4(6, tcp(40000, 8080, 0x02)))
+    ack = eth(ipv4(6, tcp(40000, 8080, 0x10, seq=1001, ack=1)))
+    data = eth(ipv4(6, tcp(40000, 8080, 0x18, seq=1001, ack=1, data=b"GET / HTTP/1.0\r\n\r\n")))
+    fin = eth(ipv4(6, tcp(40000, 8080, 0x11, seq=1019, ack=1)))
+    put("net_frames", "arp-ping", frames(arp_request(), eth(ipv4(1, icmp_echo()))))
+    put("net_frames", "dhcp", frames(dhcp_discover()))
+    put("net_frames", "dns", frames(dns_query()))
+    put("net_frames", "tcp-flow", frames(arp_request(), syn, ack, data, fin))
+    put("net_frames", "udp-gateway", frames(eth(ipv4(17, udp(40001, 5353, b"hello")))))
+    put("net_frames", "truncated", frames(b"\x52\x55\x0a", eth(b"\x45\x00"), syn[:30], arp_request()[:20]))
+    put("net_frames", "bad-lengths", frames(
+        eth(ipv4(17, udp(40001, 5353, b"hello", length=4000))),
+        eth(ipv4(17, udp(40001, 5353, b"hello", length=3))),
+        eth(ipv4(1, icmp_echo(), total=9000)),
+        eth(ipv4(1, icmp_echo(), total=10))))
+    put("net_frames", "bad-checksums", frames(
+        eth(ipv4(1, icmp_echo(), good=False)),
+        eth(ipv4(6, tcp(40000, 8080, 0x02, good=False)))))
+    put("net_frames", "ip-options", frames(
+        eth(ipv4(1, icmp_echo(), options=b"\x94\x04\x00\x00")),
+        eth(ipv4(6, tcp(40002, 8080, 0x02), options=b"\x01\x01\x01\x00"))))
+    put("net_frames", "fragments", frames(
+        eth(ipv4(1, icmp_echo(b"A" * 64), flags_frag=0x2000)),
+        eth(ipv4(1, b"B" * 64, flags_frag=0x0008)),
+        eth(ipv4(17, udp(40001, 5353, b"x" * 32), flags_frag=0x2000))))
+    put("net_frames", "oversized", frames(eth(ipv4(1, icmp_echo(b"C" * 1600))), b"\xff" * 2000))
+    put("net_frames", "elsewhere", frames(
+        eth(ipv4(6, tcp(40003, 443, 0x02, dst=bytes([192, 0, 2, 1])), dst=bytes([192, 0, 2, 1]))),
+        eth(ipv4(17, udp(40004, 9, b"x", dst=bytes([10, 0, 2, 77])), dst=bytes([10, 0, 2, 77]))),
+        eth(b"\x86\xdd" * 20, kind=0x86DD)))
+
 
 def main():
     blk_seeds()
@@ -335,6 +438,7 @@ def main():
     snapshot_seeds()
     api_seeds()
     image_seeds()
+    net_seeds()
 
 
 if __name__ == "__main__":

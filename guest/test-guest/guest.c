@@ -18,7 +18,8 @@
  *   scenario=net      drive the virtio-mmio net device by polling: ARP for the
  *                     gateway 10.0.2.2 from 10.0.2.15, print NET-ARP=<its mac>, send
  *                     it an ICMP echo request, print NET-PING=ok when the matching
- *                     reply comes back, reset
+ *                     reply comes back; with net_udp=IP:PORT, send a UDP datagram
+ *                     there and print NET-UDP=<the reply's payload>; reset
  *   scenario=blk_loop  write sector blk_sector=+N for N = 0, 1, ... (up to 4096), each
  *                     holding "blkloop N", printing "blk-io N status=S" as each completes;
  *                     when the device says it needs a reset (its daemon died) print
@@ -556,6 +557,59 @@ static void net_ping(void) {
     net_fail("no echo reply");
 }
 
+/* Parses "a.b.c.d:port" into ip and port; 0 when it does not parse. */
+static int parse_ip_port(const char *v, u8 ip[4], u16 *port) {
+    for (int i = 0; i < 4; i++) {
+        u32 n = 0, digits = 0;
+        for (; *v >= '0' && *v <= '9'; v++, digits++) n = n * 10 + (u32)(*v - '0');
+        if (!digits || n > 255 || *v != (i < 3 ? '.' : ':')) return 0;
+        ip[i] = (u8)n;
+        v++;
+    }
+    u32 n = 0, digits = 0;
+    for (; *v >= '0' && *v <= '9'; v++, digits++) n = n * 10 + (u32)(*v - '0');
+    if (!digits || n == 0 || n > 65535) return 0;
+    *port = (u16)n;
+    return 1;
+}
+
+/* net_udp=IP:PORT: a UDP datagram from 10.0.2.15:40000 through the gateway to IP:PORT;
+ * prints NET-UDP=<payload of the reply to port 40000>. */
+static void net_udp(const char *dest) {
+    static const char payload[] = "microagent-udp";
+    u8 ip_dst[4];
+    u16 port;
+    if (!parse_ip_port(dest, ip_dst, &port)) net_fail("bad net_udp=");
+    const u32 plen = sizeof payload - 1, udp_len = 8 + plen, ip_len = 20 + udp_len;
+    u8 *f = net_tx + NET_HDR;
+    copy(f, net_mac_gw, 6);
+    copy(f + 6, net_mac, 6);
+    put16(f + 12, 0x0800);
+    u8 *ip = f + 14;
+    ip[0] = 0x45; ip[1] = 0; put16(ip + 2, (u16)ip_len); put16(ip + 4, 2); put16(ip + 6, 0x4000);
+    ip[8] = 64; ip[9] = 17; put16(ip + 10, 0);
+    copy(ip + 12, net_guest_ip, 4); copy(ip + 16, ip_dst, 4);
+    put16(ip + 10, inet_checksum(ip, 20));
+    u8 *udp = ip + 20;
+    put16(udp, 40000); put16(udp + 2, port); put16(udp + 4, (u16)udp_len); put16(udp + 6, 0);
+    copy(udp + 8, (const u8 *)payload, plen);
+    net_send(14 + ip_len);
+    for (int tries = 0; tries < 16; tries++) {
+        u32 len = net_recv();
+        const u8 *rip = net_frame + 14, *r = rip + 20;
+        if (len < 14 + 28 || get16(net_frame + 12) != 0x0800 || rip[0] != 0x45 || rip[9] != 17)
+            continue;
+        if (!same(rip + 12, ip_dst, 4) || get16(r + 2) != 40000) continue;
+        u32 n = get16(r + 4);
+        if (n < 8 || 14 + 20 + n > len) net_fail("bad UDP length");
+        puts_("NET-UDP=");
+        for (u32 i = 8; i < n; i++) putc_((char)r[i]);
+        putc_('\n');
+        return;
+    }
+    net_fail("no UDP reply");
+}
+
 /* ---- several vCPUs: each AP counts in its own slot ---- */
 #define MAX_APS 31
 volatile u32 ap_count;
@@ -636,6 +690,8 @@ void guest_main(u8 *boot_params) {
         net_init();
         net_arp();
         net_ping();
+        const char *udp = param("net_udp");
+        if (udp) net_udp(udp);
         puts_("TEST-GUEST-DONE\n");
         reset();
     } else if (value_is(scenario, "blk_loop")) {

@@ -46,5 +46,6 @@ pub mod registry;
 pub mod registry_push;
 pub mod report;
 pub mod storage_daemon;
+pub mod tap_net;
 pub mod vmm;
 pub mod vsock_guest;

@@ -8,7 +8,7 @@ use microagent_integration::net_guest::{
     arp_reply_for, arp_request, parse_tcp, tcp_segment, NetGuest, GUEST_MAC,
 };
 use microagent_vhost_net::frame::{DNS, GATEWAY, GATEWAY_MAC, GUEST};
-use microagent_vhost_net::smoltcp::wire::{Ipv4Address, Ipv4Packet, TcpControl};
+use microagent_vhost_net::smoltcp::wire::{Ipv4Address, Ipv4Packet, TcpControl, TcpPacket};
 use microagent_vhost_net::virtio::HEADER_LEN;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
@@ -155,6 +155,19 @@ fn malformed_frames_do_not_crash_the_daemon_and_it_keeps_answering() {
     options[16..18].copy_from_slice(&total.to_be_bytes());
     Ipv4Packet::new_unchecked(&mut options[14..]).fill_checksum();
     guest.send(&options);
+    // Sources no guest has, checksums valid: a SYN from 0.0.0.0 panicked the worker
+    // inside smoltcp (an answer to 0.0.0.0), found by the net_frames fuzz target.
+    for src in [[0, 0, 0, 0], [255; 4], [224, 0, 0, 1], [127, 0, 0, 1]] {
+        let mut frame = syn.clone();
+        frame[26..30].copy_from_slice(&src);
+        let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
+        ip.fill_checksum();
+        let (from, to) = (ip.src_addr(), ip.dst_addr());
+        TcpPacket::new_unchecked(ip.payload_mut()).fill_checksum(&from.into(), &to.into());
+        guest.send(&frame);
+        arp_gateway(&mut guest, GATEWAY);
+    }
+    rig.assert_alive();
     // Noise: random frames, some with a plausible Ethernet/IPv4 start.
     for i in 0..2000u64 {
         let len = (i as usize * 37) % 1600;

@@ -4,7 +4,8 @@
 
 use crate::config::NetConfig;
 use crate::frame::{MAX_FRAME, MTU};
-use crate::stack::{self, Net, Poller, Published};
+use crate::network::{self, Attachment, Network};
+use crate::stack::Poller;
 use crate::state::NetState;
 use crate::virtio;
 use microagent_daemon_kit::memory::Memory;
@@ -45,7 +46,7 @@ const TX_BATCH: usize = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Stack(#[from] stack::Error),
+    Network(#[from] network::Error),
     #[error("the daemon was not wired to its worker's epoll")]
     NotStarted,
     #[error("timer: {0}")]
@@ -64,17 +65,17 @@ pub struct NetBackend {
     mac: Mutex<[u8; 6]>,
     acked_features: AtomicU64,
     event_idx: AtomicBool,
-    net: OnceLock<Mutex<Net>>,
+    net: OnceLock<Mutex<Network>>,
     timer: OnceLock<Mutex<TimerFd>>,
     transfer: microagent_daemon_kit::state::transfer::Slot,
-    /// Bound before the daemon confines itself; the stack takes them in `start`.
-    published: Mutex<Published>,
+    /// Opened before the daemon confines itself; the network takes it in `start`.
+    attachment: Mutex<Option<Attachment>>,
 }
 
 impl NetBackend {
-    pub fn new(config: NetConfig, published: Published) -> Self {
+    pub fn new(config: NetConfig, attachment: Attachment) -> Self {
         Self {
-            published: Mutex::new(published),
+            attachment: Mutex::new(Some(attachment)),
             mac: Mutex::new(config.mac.0),
             config,
             mem: Memory::default(),
@@ -86,14 +87,18 @@ impl NetBackend {
         }
     }
 
-    /// Binds published ports and registers them, and the stack's timer, with the
-    /// worker's epoll instance. Called once, before the frontend connects.
+    /// Registers the network's host fds (published ports, or the tap) and the stack's
+    /// timer with the worker's epoll instance. Called once, before the frontend connects.
     pub fn start(&self, epoll_fd: i32) -> Result<(), Error> {
-        let published =
-            std::mem::take(&mut *self.published.lock().unwrap_or_else(|e| e.into_inner()));
-        let net = Net::new(
+        let attachment = self
+            .attachment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or(Error::NotStarted)?;
+        let net = Network::new(
             &self.config,
-            published,
+            attachment,
             Poller {
                 epoll: epoll_fd,
                 id: HOST_ID,
@@ -116,7 +121,7 @@ impl NetBackend {
         Ok(())
     }
 
-    fn net(&self) -> Option<MutexGuard<'_, Net>> {
+    fn net(&self) -> Option<MutexGuard<'_, Network>> {
         self.net
             .get()
             .map(|n| n.lock().unwrap_or_else(|e| e.into_inner()))
@@ -131,7 +136,7 @@ impl NetBackend {
     }
 
     /// Frames from the guest, at most [`TX_BATCH`]; `true` when more may wait.
-    fn process_tx(&self, vring: &VringRwLock<Mem>, net: &mut Net) -> bool {
+    fn process_tx(&self, vring: &VringRwLock<Mem>, net: &mut Network) -> bool {
         let mem = self.mem.get();
         let header_len = self.header_len();
         let event_idx = self.event_idx.load(Ordering::Acquire);
@@ -179,8 +184,8 @@ impl NetBackend {
     }
 
     /// Frames for the guest, as long as it has RX buffers; `true` if any was delivered.
-    fn process_rx(&self, vring: &VringRwLock<Mem>, net: &mut Net) -> bool {
-        if net.link.to_guest.is_empty() {
+    fn process_rx(&self, vring: &VringRwLock<Mem>, net: &mut Network) -> bool {
+        if net.to_guest().is_empty() {
             return false;
         }
         let mem = self.mem.get();
@@ -189,7 +194,7 @@ impl NetBackend {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut state = vring.get_mut();
         let mut used_any = false;
-        'frames: while let Some(frame) = net.link.to_guest.front() {
+        'frames: while let Some(frame) = net.to_guest().front() {
             let need = header_len + frame.len();
             // Buffers until the frame fits: one without mergeable buffers.
             let mut writers = Vec::new();
@@ -235,7 +240,7 @@ impl NetBackend {
                         let _ = state.add_used(*head, 0);
                     }
                     used_any = true;
-                    net.link.to_guest.pop_front();
+                    net.to_guest().pop_front();
                     continue;
                 }
                 // Not enough buffers yet: give them back and wait for the next kick.
@@ -261,7 +266,7 @@ impl NetBackend {
                 }
             }
             used_any = true;
-            net.link.to_guest.pop_front();
+            net.to_guest().pop_front();
         }
         if used_any && state.needs_notification().unwrap_or(true) {
             if let Err(e) = state.signal_used_queue() {

@@ -29,6 +29,10 @@ pub enum Error {
     },
     #[error("no IPv4 nameserver in {0}: pass --dns IP[:PORT]")]
     NoResolver(PathBuf),
+    #[error(
+        "--{0} is for --mode user (in tap mode the namespace's kernel routes the guest's traffic)"
+    )]
+    UserOnly(&'static str),
 }
 
 impl Error {
@@ -40,6 +44,7 @@ impl Error {
             Self::BadPublish(_) => "net.bad_publish",
             Self::BadDns(_) => "net.bad_dns",
             Self::ResolvConf { .. } | Self::NoResolver(_) => "net.no_resolver",
+            Self::UserOnly(_) => "net.user_mode_only",
         }
     }
 }
@@ -48,6 +53,10 @@ impl Error {
 pub enum Mode {
     /// A private network per daemon: DHCP, DNS, and guest flows as host sockets (NAT).
     User,
+    /// A tap device (root): in the network namespace of --netns, made by `microagent`
+    /// with a veth pair and NAT to the host (see the `netns` module), or in the
+    /// daemon's own namespace.
+    Tap,
 }
 
 /// vhost-user net device with a user-mode network: the guest gets 10.0.2.15/24 by DHCP,
@@ -65,6 +74,12 @@ pub struct Args {
     pub mac: String,
     #[arg(long, value_enum, default_value = "user")]
     pub mode: Mode,
+    /// Tap mode: the tap device to attach to (made if missing, in --netns if given).
+    #[arg(long, default_value = crate::netns::TAP)]
+    pub tap: String,
+    /// Tap mode: the network namespace (a name under /run/netns) holding the tap.
+    #[arg(long)]
+    pub netns: Option<String>,
     /// Forward a host port to a guest port: [IP:]HOSTPORT:GUESTPORT[/tcp|udp]. IP
     /// defaults to 127.0.0.1, the protocol to TCP. Repeatable.
     #[arg(long)]
@@ -128,6 +143,10 @@ impl FromStr for Publish {
 pub struct NetConfig {
     pub socket_path: PathBuf,
     pub mac: EthernetAddress,
+    pub mode: Mode,
+    /// Tap mode: the device and its namespace.
+    pub tap: String,
+    pub netns: Option<String>,
     pub publish: Vec<Publish>,
     /// Where 10.0.2.3:53 is forwarded.
     pub dns: Vec<SocketAddr>,
@@ -147,12 +166,22 @@ impl TryFrom<Args> for NetConfig {
             .ok()
             .filter(EthernetAddress::is_unicast)
             .ok_or_else(|| Error::BadMac(args.mac.clone()))?;
-        let publish = args
+        let publish: Vec<Publish> = args
             .publish
             .iter()
             .map(|p| p.parse())
             .collect::<Result<_, _>>()?;
-        let dns = if args.dns.is_empty() {
+        if args.mode == Mode::Tap {
+            if !publish.is_empty() {
+                return Err(Error::UserOnly("publish"));
+            }
+            if !args.dns.is_empty() {
+                return Err(Error::UserOnly("dns"));
+            }
+        }
+        let dns = if args.mode == Mode::Tap {
+            Vec::new()
+        } else if args.dns.is_empty() {
             let text =
                 std::fs::read_to_string(&args.resolv_conf).map_err(|source| Error::ResolvConf {
                     path: args.resolv_conf.clone(),
@@ -172,6 +201,9 @@ impl TryFrom<Args> for NetConfig {
         Ok(Self {
             socket_path: args.socket_path,
             mac,
+            mode: args.mode,
+            tap: args.tap,
+            netns: args.netns,
             publish,
             dns,
             seccomp: args.confine.seccomp,
@@ -292,5 +324,34 @@ mod tests {
         ]);
         let err = NetConfig::try_from(args).unwrap_err();
         assert_eq!(err.code(), "net.no_resolver");
+    }
+
+    #[test]
+    fn tap_mode_needs_no_resolver_and_refuses_user_mode_flags() {
+        let args = Args::parse_from([
+            "x",
+            "--socket-path",
+            "/tmp/n.sock",
+            "--mode",
+            "tap",
+            "--netns",
+            "microagent-ws",
+            "--resolv-conf",
+            "/nonexistent",
+        ]);
+        let config = NetConfig::try_from(args).unwrap();
+        assert_eq!(config.mode, Mode::Tap);
+        assert_eq!(config.tap, "tap0");
+        assert_eq!(config.netns.as_deref(), Some("microagent-ws"));
+        let err = parse(&["--mode", "tap", "--publish", "8080:80"]).unwrap_err();
+        assert_eq!(err.code(), "net.user_mode_only");
+        assert!(
+            err.to_string().contains("--publish is for --mode user"),
+            "{err}"
+        );
+        assert_eq!(
+            parse(&["--mode", "tap"]).unwrap_err().code(),
+            "net.user_mode_only"
+        );
     }
 }

@@ -102,6 +102,16 @@ fn ipv4(payload: &[u8]) -> Verdict<'_> {
     let Ok(ip) = Ipv4Repr::parse(&packet, &caps) else {
         return Verdict::Drop("bad IPv4 header or checksum");
     };
+    // The stack answers a source, and smoltcp panics when it is to send to 0.0.0.0
+    // (found by fuzzing); a broadcast, multicast or loopback source is no guest's
+    // either. Only a DHCP client, which has no address yet, sends from 0.0.0.0.
+    let src = ip.src_addr;
+    if src.is_broadcast() || src.is_multicast() || src.is_loopback() {
+        return Verdict::Drop("IPv4 source not a unicast address");
+    }
+    if src.is_unspecified() && !is_dhcp_request(&ip, packet.payload()) {
+        return Verdict::Drop("IPv4 source 0.0.0.0 outside DHCP");
+    }
     let body = packet.payload();
     match ip.next_header {
         IpProtocol::Icmp if ip.dst_addr == GATEWAY || ip.dst_addr == DNS => Verdict::Stack,
@@ -110,6 +120,12 @@ fn ipv4(payload: &[u8]) -> Verdict<'_> {
         IpProtocol::Udp => udp(&ip, body),
         _ => Verdict::Drop("not ICMP, TCP or UDP"),
     }
+}
+
+/// A UDP datagram to the DHCP server port (checked in full by [`udp`]).
+fn is_dhcp_request(ip: &Ipv4Repr, body: &[u8]) -> bool {
+    ip.next_header == IpProtocol::Udp
+        && UdpPacket::new_checked(body).is_ok_and(|d| d.dst_port() == crate::dhcp::SERVER_PORT)
 }
 
 fn tcp<'a>(ip: &Ipv4Repr, body: &'a [u8]) -> Verdict<'a> {
@@ -292,6 +308,78 @@ mod tests {
         let mut ip = Ipv4Packet::new_unchecked(&mut fragment[14..]);
         ip.fill_checksum();
         assert_eq!(classify(&fragment).1, Verdict::Drop("IPv4 fragment"));
+    }
+
+    /// A frame from the guest to `dst` from `src`, protocol `proto`, with valid checksums
+    /// (a TCP SYN or a UDP datagram to port 67).
+    fn from_source(src: Ipv4Address, proto: IpProtocol) -> Vec<u8> {
+        let (dst, payload) = match proto {
+            IpProtocol::Tcp => {
+                let mut seg = vec![0u8; 20];
+                let mut tcp = TcpPacket::new_unchecked(&mut seg[..]);
+                tcp.set_src_port(40000);
+                tcp.set_dst_port(8080);
+                tcp.set_header_len(20);
+                tcp.set_syn(true);
+                tcp.set_window_len(1024);
+                tcp.fill_checksum(&src.into(), &GATEWAY.into());
+                (GATEWAY, seg)
+            }
+            _ => {
+                let mut seg = vec![0u8; 12];
+                let mut udp = UdpPacket::new_unchecked(&mut seg[..]);
+                udp.set_src_port(crate::dhcp::CLIENT_PORT);
+                udp.set_dst_port(crate::dhcp::SERVER_PORT);
+                udp.set_len(12);
+                udp.fill_checksum(&src.into(), &Ipv4Address::BROADCAST.into());
+                (Ipv4Address::BROADCAST, seg)
+            }
+        };
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: proto,
+            payload_len: payload.len(),
+            hop_limit: 64,
+        };
+        let mut frame = vec![0u8; ETHERNET_HEADER + IPV4_HEADER + payload.len()];
+        let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+        EthernetRepr {
+            src_addr: GUEST_MAC,
+            dst_addr: GATEWAY_MAC,
+            ethertype: EthernetProtocol::Ipv4,
+        }
+        .emit(&mut eth);
+        let mut packet = Ipv4Packet::new_unchecked(eth.payload_mut());
+        ip.emit(&mut packet, &ChecksumCapabilities::default());
+        packet.payload_mut().copy_from_slice(&payload);
+        frame
+    }
+
+    #[test]
+    fn sources_no_guest_can_have_are_dropped_and_dhcp_from_nowhere_passes() {
+        let syn = |src| {
+            let frame = from_source(src, IpProtocol::Tcp);
+            match classify(&frame).1 {
+                Verdict::TcpSyn { .. } => Ok(()),
+                Verdict::Drop(why) => Err(why),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(syn(GUEST), Ok(()));
+        assert_eq!(
+            syn(Ipv4Address::UNSPECIFIED),
+            Err("IPv4 source 0.0.0.0 outside DHCP")
+        );
+        for src in [
+            Ipv4Address::BROADCAST,
+            Ipv4Address::new(224, 0, 0, 1),
+            Ipv4Address::new(127, 0, 0, 1),
+        ] {
+            assert_eq!(syn(src), Err("IPv4 source not a unicast address"));
+        }
+        let dhcp = from_source(Ipv4Address::UNSPECIFIED, IpProtocol::Udp);
+        assert!(matches!(classify(&dhcp).1, Verdict::Udp { .. }));
     }
 
     #[test]

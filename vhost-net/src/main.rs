@@ -6,6 +6,9 @@ fn main() -> ExitCode {
     microagent_daemon_kit::serve::main("microagent-vhost-net", || {
         let config =
             NetConfig::try_from(Args::parse()).map_err(|e| format!("[{}] {e}", e.code()))?;
-        microagent_vhost_net::serve(config).map_err(|e| e.to_string())
+        microagent_vhost_net::serve(config).map_err(|e| match e.code() {
+            Some(code) => format!("[{code}] {e}"),
+            None => e.to_string(),
+        })
     })
 }
