@@ -17,7 +17,7 @@
 
 use microagent_integration::daemon::binary;
 use microagent_integration::process::ChildGuard;
-use microagent_integration::vsock_guest::{pkt, Guest};
+use microagent_integration::vsock_guest::{self, pkt, Guest};
 use microagent_vhost_vsock::muxer::BUF_ALLOC;
 use microagent_vhost_vsock::packet::*;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -81,16 +81,8 @@ fn recv_where(guest: &mut Guest, want: impl Fn(&Packet) -> bool) -> Packet {
     }
 }
 
-/// Connects and sends the CONNECT line in one write, as clients such as socat do.
-/// (`writeln!` on an unbuffered socket writes "CONNECT ", the port and "\n" separately;
-/// vhost-device-vsock 0.3.0 reads the line once when the socket becomes readable and
-/// closes a client whose line is not whole yet, which the next write saw as EPIPE.)
 fn connect_line(uds: &Path, port: u32) -> UnixStream {
-    let mut client = UnixStream::connect(uds).unwrap();
-    client
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .unwrap();
-    client
+    vsock_guest::connect_line(uds, port).unwrap()
 }
 
 fn read_ok(client: &mut UnixStream) {

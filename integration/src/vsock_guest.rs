@@ -7,6 +7,8 @@ use microagent_vhost_vsock::packet::{
     Header, Packet, HEADER_LEN, HOST_CID, OP_CREDIT_UPDATE, TYPE_STREAM,
 };
 use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 use vm_memory::{ByteValued, GuestAddress};
@@ -156,4 +158,14 @@ pub fn pkt(
         buf_alloc,
         fwd_cnt,
     }
+}
+
+/// A host client of a hybrid vsock socket that has sent `CONNECT <port>\n`, in one write
+/// as clients such as socat do. (`writeln!` on an unbuffered socket writes "CONNECT ",
+/// the port and the newline separately; vhost-device-vsock 0.3.0 reads the line once when
+/// the socket becomes readable and closes a client whose line is not whole yet.)
+pub fn connect_line(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut client = UnixStream::connect(uds)?;
+    client.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    Ok(client)
 }
