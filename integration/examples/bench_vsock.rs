@@ -10,7 +10,8 @@
 //! flow control, 64 KiB packets) and connection set-up latency (host CONNECT → guest
 //! REQUEST → RESPONSE → "OK"). Rounds rotate which daemon goes first; medians shown.
 //! `--baseline` adds another build of our daemon (e.g. an earlier commit's, kept outside
-//! the repository) to the same rounds.
+//! the repository) to the same rounds. `BENCH_VSOCK_LOG` sets `RUST_LOG` for the daemons
+//! (default `error`).
 //! Both daemons buffer the same per connection: ours advertises [`BUF_ALLOC`] to the
 //! guest, the peer is started with `--tx-buffer-size` of the same size (its default is
 //! 64 KiB); the table's header reports both.
