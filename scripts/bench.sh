@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 BENCHES=(
   "blk|bench_blk|2 3"
   "vmm|bench_vmm|20"
-  "vsock|bench_vsock|$VSOCK_PEER 3"
+  "vsock|bench_vsock|$VSOCK_PEER 21"
   "exec|bench_exec|20"
   "image|bench_image|3"
   "image_large|bench_image_large|1024 3"

@@ -14,7 +14,7 @@
 use libfuzzer_sys::fuzz_target;
 use microagent_fuzz::{guest_memory, queue};
 use microagent_vhost_vsock::backend::read_packet;
-use microagent_vhost_vsock::muxer::{Muxer, Poller, Rx, LISTENER_ID};
+use microagent_vhost_vsock::muxer::{Muxer, Payload, Poller, Rx, LISTENER_ID};
 use microagent_vhost_vsock::packet::HEADER_LEN;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -79,9 +79,9 @@ fuzz_target!(|data: &[u8]| {
     for chain in chains {
         let head = chain.head_index();
         match read_packet(&mem, chain) {
-            Ok((packet, payload)) => {
-                assert!(payload.len() == packet.len as usize);
-                muxer.guest_packet(packet, &payload);
+            Ok((packet, mut payload)) => {
+                assert!(Payload::len(&payload) == packet.len as usize);
+                muxer.guest_packet(packet, &mut payload);
             }
             Err((Some(packet), _)) => muxer.malformed(&packet),
             Err((None, _)) => {}

@@ -3,18 +3,22 @@
 //!
 //! cargo install vhost-device-vsock --version 0.3.0 --locked --root /var/lib/microagent/tools
 //! cargo build --release --workspace
-//! cargo run --release -p microagent-integration --example bench_vsock -- [PEER_BINARY] [ROUNDS]
+//! cargo run --release -p microagent-integration --example bench_vsock -- [PEER_BINARY] [ROUNDS] \
+//!     [--baseline OLD_MICROAGENT_VHOST_VSOCK]
 //!
 //! Workloads: host → guest and guest → host stream throughput (128 MiB, credit-based
 //! flow control, 64 KiB packets) and connection set-up latency (host CONNECT → guest
-//! REQUEST → RESPONSE → "OK"). Rounds alternate which daemon goes first; medians shown.
+//! REQUEST → RESPONSE → "OK"). Rounds rotate which daemon goes first; medians shown.
+//! `--baseline` adds another build of our daemon (e.g. an earlier commit's, kept outside
+//! the repository) to the same rounds. `BENCH_VSOCK_LOG` sets `RUST_LOG` for the daemons
+//! (default `error`).
 //! Both daemons buffer the same per connection: ours advertises [`BUF_ALLOC`] to the
 //! guest, the peer is started with `--tx-buffer-size` of the same size (its default is
 //! 64 KiB); the table's header reports both.
 
 use microagent_integration::daemon::binary;
 use microagent_integration::process::ChildGuard;
-use microagent_integration::vsock_guest::{pkt, Guest};
+use microagent_integration::vsock_guest::{self, pkt, Guest};
 use microagent_vhost_vsock::muxer::BUF_ALLOC;
 use microagent_vhost_vsock::packet::*;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -27,20 +31,28 @@ const TOTAL: usize = 128 << 20;
 const GUEST_BUF: u32 = 256 << 10;
 const CONNECTS: usize = 200;
 
-/// Starts our daemon (`peer` None) or vhost-device-vsock on `socket`, host side `uds`.
-fn start(peer: Option<&Path>, socket: &Path, uds: &Path) -> ChildGuard {
+/// A daemon under test.
+enum Side {
+    /// A build of microagent-vhost-vsock.
+    Ours(PathBuf),
+    /// vhost-device-vsock.
+    Peer(PathBuf),
+}
+
+/// Starts a daemon on `socket`, host side `uds`.
+fn start(side: &Side, socket: &Path, uds: &Path) -> ChildGuard {
     let _ = std::fs::remove_file(socket);
     let _ = std::fs::remove_file(uds);
-    let mut cmd = match peer {
-        None => {
-            let mut cmd = Command::new(binary("microagent-vhost-vsock").unwrap());
+    let mut cmd = match side {
+        Side::Ours(binary) => {
+            let mut cmd = Command::new(binary);
             cmd.arg("--socket-path")
                 .arg(socket)
                 .args(["--guest-cid", "3", "--uds-path"])
                 .arg(uds);
             cmd
         }
-        Some(binary) => {
+        Side::Peer(binary) => {
             let mut cmd = Command::new(binary);
             cmd.args(["--guest-cid", "3", "--socket"])
                 .arg(socket)
@@ -51,7 +63,8 @@ fn start(peer: Option<&Path>, socket: &Path, uds: &Path) -> ChildGuard {
             cmd
         }
     };
-    cmd.env("RUST_LOG", "error").stdout(Stdio::null());
+    let log = std::env::var("BENCH_VSOCK_LOG").unwrap_or_else(|_| "error".into());
+    cmd.env("RUST_LOG", log).stdout(Stdio::null());
     let mut child = ChildGuard::spawn(&mut cmd).unwrap();
     child
         .wait_for_path(socket, Duration::from_secs(10))
@@ -70,9 +83,7 @@ fn recv_where(guest: &mut Guest, want: impl Fn(&Packet) -> bool) -> Packet {
 }
 
 fn connect_line(uds: &Path, port: u32) -> UnixStream {
-    let mut client = UnixStream::connect(uds).unwrap();
-    writeln!(client, "CONNECT {port}").unwrap();
-    client
+    vsock_guest::connect_line(uds, port).unwrap()
 }
 
 fn read_ok(client: &mut UnixStream) {
@@ -182,54 +193,118 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn measure(peer: Option<&Path>, dir: &Path) -> [f64; 3] {
+/// CPU time (user + system) a process has used so far, in ms, from /proc.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split(' ').collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 * 1000.0 / hz
+}
+
+/// The three workloads, the daemon's CPU ms for all three, and the RX buffers the daemon
+/// returned without a header.
+fn measure(side: &Side, dir: &Path) -> ([f64; 4], usize) {
     let socket = dir.join("bench.sock");
     let uds = dir.join("bench.vsock");
-    let _daemon = start(peer, &socket, &uds);
+    let daemon = start(side, &socket, &uds);
     let mut guest = Guest::new(&socket);
+    let cpu_before = daemon.id().map(cpu_ms).unwrap_or_default();
     let a = host_to_guest(&mut guest, &uds);
     let b = guest_to_host(&mut guest, &uds);
     let c = connect_latency(&mut guest, &uds);
+    let cpu = daemon.id().map(cpu_ms).unwrap_or_default() - cpu_before;
     let _ = std::fs::remove_file(format!("{}_6000", uds.display()));
-    [a, b, c]
+    ([a, b, c, cpu], guest.unwritten_rx)
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let baseline = match args.iter().position(|a| a == "--baseline") {
+        Some(i) if i + 1 < args.len() => {
+            let path = PathBuf::from(args.remove(i + 1));
+            args.remove(i);
+            Some(path)
+        }
+        Some(_) => panic!("--baseline needs a path"),
+        None => None,
+    };
     let peer = PathBuf::from(
-        args.get(1)
+        args.first()
             .cloned()
             .unwrap_or_else(|| "/var/lib/microagent/tools/bin/vhost-device-vsock".into()),
     );
-    let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let rounds: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let mut sides = vec![(
+        "microagent".to_owned(),
+        Side::Ours(binary("microagent-vhost-vsock").unwrap()),
+    )];
+    if let Some(path) = baseline {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        sides.push((format!("baseline {name}"), Side::Ours(path)));
+    }
+    sides.push(("vhost-device-vsock".to_owned(), Side::Peer(peer)));
     let dir = tempfile::tempdir().unwrap();
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let mut results: Vec<Vec<[f64; 4]>> = sides.iter().map(|_| Vec::new()).collect();
+    let mut unwritten = vec![0usize; sides.len()];
     for round in 0..rounds {
-        if round % 2 == 0 {
-            ours.push(measure(None, dir.path()));
-            theirs.push(measure(Some(&peer), dir.path()));
-        } else {
-            theirs.push(measure(Some(&peer), dir.path()));
-            ours.push(measure(None, dir.path()));
+        for k in 0..sides.len() {
+            let i = (round + k) % sides.len();
+            let (r, u) = measure(&sides[i].1, dir.path());
+            results[i].push(r);
+            unwritten[i] += u;
         }
     }
-    let col = |v: &[[f64; 3]], i: usize| median(v.iter().map(|r| r[i]).collect());
+    let col = |v: &[[f64; 4]], i: usize| median(v.iter().map(|r| r[i]).collect());
     println!(
-        "vhost-user-vsock: microagent-vhost-vsock vs vhost-device-vsock 0.3.0, {rounds} rounds; \
-         per-connection buffer: microagent {} KiB (BUF_ALLOC), vhost-device-vsock {} KiB \
-         (--tx-buffer-size)",
+        "vhost-user-vsock: microagent-vhost-vsock vs vhost-device-vsock 0.3.0, {rounds} rounds \
+         (rotating which side goes first, medians); per-connection buffer: microagent {} KiB \
+         (BUF_ALLOC), vhost-device-vsock {} KiB (--tx-buffer-size)",
         BUF_ALLOC >> 10,
         BUF_ALLOC >> 10
     );
-    println!("| workload | microagent | vhost-device-vsock | ratio (higher is better for us) |");
-    println!("|---|---|---|---|");
-    for (i, name) in ["host → guest MiB/s", "guest → host MiB/s"]
-        .iter()
-        .enumerate()
+    let names: Vec<&str> = sides.iter().map(|(n, _)| n.as_str()).collect();
+    println!(
+        "| workload | {} | ratio, microagent against vhost-device-vsock (above 1: microagent better) |",
+        names.join(" | ")
+    );
+    println!("|---|{}---|", "---|".repeat(names.len()));
+    let peer = sides.len() - 1;
+    for (w, name) in [
+        "host → guest MiB/s",
+        "guest → host MiB/s",
+        "connection set-up µs",
+        "daemon CPU ms, all three workloads",
+    ]
+    .iter()
+    .enumerate()
     {
-        let (a, b) = (col(&ours, i), col(&theirs, i));
-        println!("| {name} | {a:.0} | {b:.0} | {:.2} |", a / b);
+        let values: Vec<f64> = results.iter().map(|r| col(r, w)).collect();
+        let cells: Vec<String> = values.iter().map(|v| format!("{v:.0}")).collect();
+        // Throughput: higher is better; set-up time and CPU time: lower is better.
+        let ratio = if w >= 2 {
+            values[peer] / values[0]
+        } else {
+            values[0] / values[peer]
+        };
+        println!("| {name} | {} | {ratio:.2} |", cells.join(" | "));
     }
-    let (a, b) = (col(&ours, 2), col(&theirs, 2));
-    println!("| connection set-up µs | {a:.0} | {b:.0} | {:.2} |", b / a);
+    for (i, (name, _)) in sides.iter().enumerate() {
+        if unwritten[i] > 0 {
+            println!(
+                "\n{name} returned {} RX buffers without writing a header into them (skipped)",
+                unwritten[i]
+            );
+        }
+    }
 }

@@ -7,6 +7,8 @@ use microagent_vhost_vsock::packet::{
     Header, Packet, HEADER_LEN, HOST_CID, OP_CREDIT_UPDATE, TYPE_STREAM,
 };
 use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 use vm_memory::{ByteValued, GuestAddress};
@@ -29,6 +31,9 @@ pub struct Guest {
     pending: VecDeque<(u16, u32)>,
     tx_slots: Vec<GuestAddress>,
     next_slot: usize,
+    /// RX buffers the device returned as used without writing a header into them
+    /// (skipped: a driver would read a stale header from them).
+    pub unwritten_rx: usize,
 }
 
 impl Guest {
@@ -45,6 +50,7 @@ impl Guest {
             pending: VecDeque::new(),
             tx_slots,
             next_slot: 0,
+            unwritten_rx: 0,
         };
         for _ in 0..RX_BUFFERS {
             let addr = guest.mem.alloc(u64::from(RX_BUF), 8).unwrap();
@@ -63,7 +69,10 @@ impl Guest {
         )
     }
 
+    /// Posts an RX buffer whose header is poisoned (all 0xFF: op 0xFFFF, which no
+    /// device writes), so that a buffer returned without a header is recognised.
     fn post_rx(&mut self, addr: GuestAddress) {
+        self.mem.write(addr, &[0xFF; HEADER_LEN]);
         let q = &mut self.fe.queues[RX];
         let head = q.write_chain(&self.mem, &[Buf::writable(addr, RX_BUF)]);
         q.publish(&self.mem, head);
@@ -89,22 +98,28 @@ impl Guest {
 
     /// The next packet the device put in an RX buffer (the buffer is posted again).
     pub fn try_recv(&mut self, timeout: Duration) -> Option<(Packet, Vec<u8>)> {
-        if self.pending.is_empty() {
-            let used = self.fe.queues[RX].wait_used(&self.mem, 1, timeout).ok()?;
-            self.pending.extend(used);
+        loop {
+            if self.pending.is_empty() {
+                let used = self.fe.queues[RX].wait_used(&self.mem, 1, timeout).ok()?;
+                self.pending.extend(used);
+            }
+            let (head, len) = self.pending.pop_front()?;
+            let addr = self
+                .rx_bufs
+                .remove(&head)
+                .expect("used an unknown rx buffer");
+            assert!(len as usize >= HEADER_LEN, "rx used length {len}");
+            let bytes = self.mem.read(addr, len as usize);
+            self.post_rx(addr);
+            if bytes[..HEADER_LEN].iter().all(|&b| b == 0xFF) {
+                self.unwritten_rx += 1;
+                continue;
+            }
+            let header = *Header::from_slice(&bytes[..HEADER_LEN]).unwrap();
+            let packet = Packet::from(header);
+            assert_eq!(packet.len as usize, len as usize - HEADER_LEN);
+            return Some((packet, bytes[HEADER_LEN..].to_vec()));
         }
-        let (head, len) = self.pending.pop_front()?;
-        let addr = self
-            .rx_bufs
-            .remove(&head)
-            .expect("used an unknown rx buffer");
-        assert!(len as usize >= HEADER_LEN, "rx used length {len}");
-        let bytes = self.mem.read(addr, len as usize);
-        let header = *Header::from_slice(&bytes[..HEADER_LEN]).unwrap();
-        let packet = Packet::from(header);
-        assert_eq!(packet.len as usize, len as usize - HEADER_LEN);
-        self.post_rx(addr);
-        Some((packet, bytes[HEADER_LEN..].to_vec()))
     }
 
     pub fn recv(&mut self) -> (Packet, Vec<u8>) {
@@ -143,4 +158,14 @@ pub fn pkt(
         buf_alloc,
         fwd_cnt,
     }
+}
+
+/// A host client of a hybrid vsock socket that has sent `CONNECT <port>\n`, in one write
+/// as clients such as socat do. (`writeln!` on an unbuffered socket writes "CONNECT ",
+/// the port and the newline separately; vhost-device-vsock 0.3.0 reads the line once when
+/// the socket becomes readable and closes a client whose line is not whole yet.)
+pub fn connect_line(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut client = UnixStream::connect(uds)?;
+    client.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    Ok(client)
 }

@@ -4,7 +4,7 @@
 
 use microagent_integration::daemon::Daemon;
 use microagent_integration::frontend::{Buf, Setup};
-use microagent_integration::vsock_guest::{pkt, Guest, CID, EVENT};
+use microagent_integration::vsock_guest::{pkt, Guest, CID, EVENT, TX};
 use microagent_vhost_vsock::packet::*;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -13,6 +13,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
+use vm_memory::{ByteValued, GuestAddress};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -602,4 +603,156 @@ fn running_out_of_descriptors_does_not_spin_and_accepting_resumes() {
     let (req, _) = guest.recv_op();
     assert_eq!((req.op, req.dst_port), (OP_REQUEST, 77));
     assert!(process.try_status().unwrap().is_none());
+}
+
+/// The daemon returns credit before the guest runs out, unasked (a Linux guest does not
+/// send CREDIT_REQUEST while it waits), and not after every packet: a guest sending 8 MiB
+/// in 64 KiB packets, only within the credit it was told and never asking, finishes, and
+/// receives at most one update per 128 KiB forwarded (before, one per 64 KiB: 128 for
+/// 8 MiB, each an RX buffer and a notification).
+#[test]
+fn guest_to_host_credit_updates_come_unasked_and_at_most_one_per_128_kib() {
+    const TOTAL: usize = 8 << 20;
+    const CHUNK: usize = 64 << 10;
+    let mut rig = rig();
+    let listener = UnixListener::bind(format!("{}_7100", rig.uds.display())).unwrap();
+    rig.guest
+        .send(pkt(710, 7100, OP_REQUEST, 0, 1 << 20, 0), &[]);
+    let (resp, _) = rig.guest.recv_op();
+    assert_eq!(resp.op, OP_RESPONSE);
+    let (mut host, _) = listener.accept().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        while total < TOTAL {
+            let n = host.read(&mut buf).unwrap();
+            assert!(n > 0, "EOF after {total} bytes");
+            hash.update(&buf[..n]);
+            total += n;
+        }
+        (hash.finalize(), host) // kept open: its EOF would add a SHUTDOWN
+    });
+    let (mut peer_buf, mut peer_fwd) = (resp.buf_alloc, resp.fwd_cnt);
+    let (mut sent, mut hash, mut updates) = (0usize, Sha256::new(), 0usize);
+    let mut take = |p: Packet, buf: &mut u32, fwd: &mut u32| {
+        assert_eq!(p.op, OP_CREDIT_UPDATE, "{p:?}");
+        *buf = p.buf_alloc;
+        *fwd = p.fwd_cnt;
+        updates += 1;
+    };
+    while sent < TOTAL {
+        let credit = peer_buf.wrapping_sub((sent as u32).wrapping_sub(peer_fwd)) as usize;
+        if credit < CHUNK {
+            // Out of credit: wait (10 s at most) for the update the daemon owes us.
+            let (p, _) = rig.guest.recv();
+            take(p, &mut peer_buf, &mut peer_fwd);
+            continue;
+        }
+        let chunk = pattern_chunk(sent / CHUNK, CHUNK);
+        hash.update(&chunk);
+        rig.guest
+            .send(pkt(710, 7100, OP_RW, CHUNK as u32, 1 << 20, 0), &chunk);
+        sent += CHUNK;
+    }
+    let (read, _host) = reader.join().unwrap();
+    assert_eq!(hash.finalize(), read, "bytes differ");
+    while let Some((p, _)) = rig.guest.try_recv(Duration::from_millis(200)) {
+        take(p, &mut peer_buf, &mut peer_fwd);
+    }
+    let left = peer_buf as usize - (TOTAL - peer_fwd as usize);
+    assert!(
+        left >= CHUNK,
+        "the guest is left with {left} bytes of credit"
+    );
+    assert!(updates <= TOTAL / (128 << 10), "{updates} credit updates");
+    assert_eq!(rig.guest.unwritten_rx, 0);
+}
+
+/// A packet whose header and payload are split over several descriptors reaches the host
+/// whole and in order, both when the host socket takes it at once (written from guest
+/// memory) and when it is full (queued in the daemon until the reader drains it: the
+/// reader starts only once the guest has run out of credit, 256 KiB, more than a unix
+/// socket buffers by default).
+#[test]
+fn packets_split_over_many_descriptors_reach_the_host_whole_even_when_its_socket_is_full() {
+    const CHUNK: usize = 60_000;
+    const PACKETS: usize = 16;
+    let mut rig = rig();
+    let listener = UnixListener::bind(format!("{}_7200", rig.uds.display())).unwrap();
+    rig.guest
+        .send(pkt(720, 7200, OP_REQUEST, 0, 1 << 20, 0), &[]);
+    let (resp, _) = rig.guest.recv_op();
+    assert_eq!(resp.op, OP_RESPONSE);
+    let (host, _) = listener.accept().unwrap();
+    let read_all = |mut host: UnixStream| {
+        std::thread::spawn(move || {
+            let mut got = vec![0u8; PACKETS * CHUNK];
+            host.read_exact(&mut got).unwrap();
+            got
+        })
+    };
+    let (mut host, mut reader) = (Some(host), None);
+    let hdr = rig.guest.mem.alloc(HEADER_LEN as u64, 8).unwrap();
+    let data = rig.guest.mem.alloc(CHUNK as u64, 8).unwrap();
+    let at = |base: GuestAddress, off: u64| GuestAddress(base.0 + off);
+    let (mut expected, mut fwd) = (Vec::new(), 0usize);
+    for i in 0..PACKETS {
+        while resp.buf_alloc as usize - (expected.len() - fwd) < CHUNK {
+            if let Some((p, _)) = rig.guest.try_recv(Duration::ZERO) {
+                if p.op == OP_CREDIT_UPDATE {
+                    fwd = p.fwd_cnt as usize;
+                }
+            } else if let Some(host) = host.take() {
+                reader = Some(read_all(host)); // out of credit: now let the host read
+            } else {
+                let (p, _) = rig.guest.recv();
+                if p.op == OP_CREDIT_UPDATE {
+                    fwd = p.fwd_cnt as usize;
+                }
+            }
+        }
+        let chunk = pattern_chunk(i, CHUNK);
+        let header = Header::from(pkt(720, 7200, OP_RW, CHUNK as u32, 1 << 20, 0));
+        rig.guest.mem.write(hdr, header.as_slice());
+        rig.guest.mem.write(data, &chunk);
+        let bufs = [
+            Buf::readable(hdr, 20),
+            Buf::readable(at(hdr, 20), HEADER_LEN as u32 - 20),
+            Buf::readable(data, 1),
+            Buf::readable(at(data, 1), 4095),
+            Buf::readable(at(data, 4096), (CHUNK - 4096) as u32),
+        ];
+        let q = &mut rig.guest.fe.queues[TX];
+        q.submit(&rig.guest.mem, &bufs).unwrap();
+        q.wait_used(&rig.guest.mem, 1, WAIT).unwrap();
+        expected.extend_from_slice(&chunk);
+    }
+    let reader = reader.or_else(|| host.take().map(read_all)).unwrap();
+    let got = reader.join().unwrap();
+    assert!(
+        got == expected,
+        "the host read other bytes than the guest sent"
+    );
+    assert_eq!(rig.guest.unwritten_rx, 0);
+}
+
+/// A CONNECT line that arrives in pieces (the daemon reads what is there as soon as it
+/// accepts the client) is put together and answered.
+#[test]
+fn a_connect_line_sent_in_pieces_is_accepted() {
+    let mut rig = rig();
+    let mut client = UnixStream::connect(&rig.uds).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    for piece in ["CON", "NECT 5", "2", "\n"] {
+        client.write_all(piece.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (req, _) = rig.guest.recv_op();
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 52), "{req:?}");
+    rig.guest
+        .send(pkt(52, req.src_port, OP_RESPONSE, 0, 1 << 16, 0), &[]);
+    let mut line = String::new();
+    BufReader::new(client).read_line(&mut line).unwrap();
+    assert_eq!(line, format!("OK {}\n", req.src_port));
 }

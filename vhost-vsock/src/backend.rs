@@ -5,9 +5,11 @@ use crate::config::VsockConfig;
 use crate::muxer::{self, Muxer, Poller, Rx};
 use crate::packet::{Header, Packet, EVENT_TRANSPORT_RESET, HEADER_LEN, MAX_PAYLOAD};
 use crate::state::VsockState;
+use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -19,7 +21,10 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::QueueOwnedT;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{
+    ByteValued, GuestMemoryBackend, GuestMemoryMmap, VolatileMemoryError, VolatileSlice,
+    WriteVolatile,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::timerfd::TimerFd;
@@ -96,7 +101,9 @@ impl VsockBackend {
         Ok(())
     }
 
-    /// Arms the tick timer while the muxer needs it, disarms it otherwise.
+    /// Arms the tick timer when the muxer needs it. Disarming waits for a tick that finds
+    /// nothing to do (`needed` false there): a host client connected within one tick
+    /// then costs no timer syscalls, where arming and disarming cost two.
     fn update_tick(&self, needed: bool) {
         let Some(timer) = self.tick_timer.get() else {
             return;
@@ -147,7 +154,7 @@ impl VsockBackend {
         for chain in chains {
             let head = chain.head_index();
             match read_packet(&mem, chain) {
-                Ok((packet, payload)) => muxer.guest_packet(packet, &payload),
+                Ok((packet, mut payload)) => muxer.guest_packet(packet, &mut payload),
                 Err((packet, e)) => {
                     log::warn!("TX: malformed packet: {e}");
                     if let Some(packet) = packet {
@@ -307,30 +314,114 @@ fn errno(e: vmm_sys_util::errno::Error) -> Error {
     Error::Timer(io::Error::from_raw_os_error(e.errno()))
 }
 
-/// Header and payload of one TX chain. On error, the header when it could be read, so
-/// that its connection can be reset.
-pub fn read_packet(
-    mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-) -> Result<(Packet, Vec<u8>), (Option<Packet>, String)> {
-    let mut reader = chain.reader(mem).map_err(|e| (None, e.to_string()))?;
-    if reader.available_bytes() < HEADER_LEN {
-        let why = format!(
-            "{} bytes is shorter than a header",
-            reader.available_bytes()
-        );
-        return Err((None, why));
+/// A TX chain's payload, left in guest memory: the muxer writes it to the host socket
+/// from there, and copies only what the socket does not take at once.
+pub struct GuestPayload<'m> {
+    slices: Vec<VolatileSlice<'m>>,
+    len: usize,
+}
+
+impl muxer::Payload for GuestPayload<'_> {
+    fn len(&self) -> usize {
+        self.len
     }
-    let header: Header = reader.read_obj().map_err(|e| (None, e.to_string()))?;
+
+    fn write_to(&mut self, out: &mut UnixStream) -> io::Result<usize> {
+        while self.slices.first().is_some_and(|s| s.is_empty()) {
+            self.slices.remove(0);
+        }
+        let Some(first) = self.slices.first() else {
+            return Ok(0);
+        };
+        let n = out.write_volatile(first).map_err(|e| match e {
+            VolatileMemoryError::IOError(e) => e,
+            e => io::Error::other(e),
+        })?;
+        self.consume(n);
+        Ok(n)
+    }
+
+    fn append_to(&mut self, buf: &mut VecDeque<u8>) {
+        // Only when the host socket is full: copied through a small bounce buffer.
+        let mut chunk = [0u8; 4096];
+        while let Some(slice) = self.slices.first() {
+            let n = slice.copy_to(&mut chunk[..]);
+            buf.extend(&chunk[..n]);
+            self.consume(n);
+        }
+    }
+}
+
+impl GuestPayload<'_> {
+    /// Drops the first `n` bytes (and any slice left empty).
+    fn consume(&mut self, mut n: usize) {
+        self.len -= n.min(self.len);
+        while let Some(first) = self.slices.first_mut() {
+            if n < first.len() {
+                match first.offset(n) {
+                    Ok(rest) => *first = rest,
+                    Err(_) => {
+                        self.slices.remove(0);
+                    }
+                }
+                return;
+            }
+            n -= first.len();
+            self.slices.remove(0);
+        }
+    }
+}
+
+/// Header and payload of one TX chain (the payload left in guest memory). On error, the
+/// header when it could be read, so that its connection can be reset.
+pub fn read_packet<'m>(
+    mem: &'m GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> Result<(Packet, GuestPayload<'m>), (Option<Packet>, String)> {
+    let mut slices = Vec::new();
+    let mut total = 0usize;
+    for desc in chain.readable() {
+        total = total
+            .checked_add(desc.len() as usize)
+            .ok_or_else(|| (None, "descriptor lengths overflow".to_owned()))?;
+        for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), desc.len() as usize) {
+            slices.push(slice.map_err(|e| (None, e.to_string()))?);
+        }
+    }
+    if total < HEADER_LEN {
+        return Err((None, format!("{total} bytes is shorter than a header")));
+    }
+    let mut payload = GuestPayload { slices, len: total };
+    let mut header = Header::default();
+    let mut filled = 0;
+    while filled < HEADER_LEN {
+        let Some(slice) = payload.slices.first() else {
+            break;
+        };
+        let n = slice.copy_to(&mut header.as_mut_slice()[filled..]);
+        filled += n;
+        payload.consume(n);
+    }
     let packet = Packet::from(header);
-    if packet.len > MAX_PAYLOAD || packet.len as usize > reader.available_bytes() {
+    if packet.len > MAX_PAYLOAD || packet.len as usize > payload.len {
         let why = format!("payload length {} is invalid", packet.len);
         return Err((Some(packet), why));
     }
-    let mut payload = vec![0u8; packet.len as usize];
-    reader
-        .read_exact(&mut payload)
-        .map_err(|e| (Some(packet), e.to_string()))?;
+    // Bytes past the header's length are not part of the packet.
+    let mut keep = packet.len as usize;
+    payload.slices.retain_mut(|slice| {
+        if keep == 0 {
+            return false;
+        }
+        if slice.len() > keep {
+            if let Ok(head) = slice.subslice(0, keep) {
+                *slice = head;
+            }
+        }
+        keep -= slice.len().min(keep);
+        true
+    });
+    payload.len = packet.len as usize;
     Ok((packet, payload))
 }
 
@@ -411,12 +502,15 @@ impl VhostUserBackend for VsockBackend {
                     let _ = timer.lock().unwrap_or_else(|e| e.into_inner()).0.wait();
                 }
                 muxer.tick(Instant::now());
+                self.update_tick(muxer.needs_tick());
             }
             _ => muxer.fd_event(device_event, evset.bits()),
         }
         self.deliver_reset(event);
         self.process_rx(rx, &mut muxer);
-        self.update_tick(muxer.needs_tick());
+        if muxer.needs_tick() {
+            self.update_tick(true);
+        }
         Ok(())
     }
 

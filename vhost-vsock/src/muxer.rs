@@ -26,8 +26,10 @@ use std::time::{Duration, Instant};
 pub const BUF_ALLOC: u32 = 256 << 10;
 /// Host → guest bytes staged per connection.
 pub const STAGE_MAX: usize = 64 << 10;
-/// Send a credit update once this much was forwarded since the last one.
-const CREDIT_UPDATE_THRESHOLD: u32 = BUF_ALLOC / 4;
+/// Send a credit update once the credit the guest knows of falls below this and more
+/// has been forwarded since the last update (three 64 KiB packets of a 256 KiB buffer, as
+/// vhost-device-vsock does; an update per packet cost an RX buffer and a notification).
+const CREDIT_LOW: u32 = BUF_ALLOC / 2;
 /// Control packets waiting for RX buffers; more are dropped (a guest not posting RX
 /// buffers must not make the daemon grow).
 const MAX_CONTROL: usize = 4096;
@@ -52,6 +54,37 @@ pub enum Error {
     Listen { path: PathBuf, source: io::Error },
     #[error("epoll: {0}")]
     Epoll(io::Error),
+}
+
+/// A guest packet's payload, wherever it lies: guest memory for the daemon (written to
+/// the host socket from there, with no copy in the daemon), a byte slice in tests.
+pub trait Payload {
+    /// Bytes not yet consumed.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// One write of the unconsumed bytes to `out`; consumes what it took.
+    fn write_to(&mut self, out: &mut UnixStream) -> io::Result<usize>;
+    /// Appends the unconsumed bytes to `buf` and consumes them.
+    fn append_to(&mut self, buf: &mut VecDeque<u8>);
+}
+
+impl Payload for &[u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+
+    fn write_to(&mut self, out: &mut UnixStream) -> io::Result<usize> {
+        let n = out.write(self)?;
+        *self = &self[n..];
+        Ok(n)
+    }
+
+    fn append_to(&mut self, buf: &mut VecDeque<u8>) {
+        buf.extend(self.iter());
+        *self = &[];
+    }
 }
 
 /// Registers fds with the worker thread's epoll instance.
@@ -96,6 +129,8 @@ struct Conn {
     /// Bytes from the guest written to the host socket.
     fwd_cnt: u32,
     fwd_cnt_sent: u32,
+    /// Bytes received from the guest (written to the host socket or in `to_host`).
+    rx_from_guest: u32,
     to_host: VecDeque<u8>,
     to_guest: Vec<u8>,
     host_eof: bool,
@@ -120,6 +155,7 @@ impl Conn {
             rx_cnt: 0,
             fwd_cnt: 0,
             fwd_cnt_sent: 0,
+            rx_from_guest: 0,
             to_host: VecDeque::new(),
             to_guest: Vec::new(),
             host_eof: false,
@@ -155,6 +191,29 @@ impl Conn {
             events |= libc::EPOLLOUT as u32;
         }
         events
+    }
+
+    /// Credit the guest knows of: our buffer less what it sent since our last update.
+    fn guest_known_credit(&self) -> u32 {
+        BUF_ALLOC.saturating_sub(self.rx_from_guest.wrapping_sub(self.fwd_cnt_sent))
+    }
+
+    /// Forwards a guest payload: straight to the socket while nothing is queued before
+    /// it, the rest (what the socket would not take now) into `to_host`. False if the
+    /// socket failed.
+    fn forward(&mut self, payload: &mut dyn Payload) -> bool {
+        self.rx_from_guest = self.rx_from_guest.wrapping_add(payload.len() as u32);
+        while self.to_host.is_empty() && !payload.is_empty() {
+            match payload.write_to(&mut self.stream) {
+                Ok(0) => return false,
+                Ok(n) => self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        payload.append_to(&mut self.to_host);
+        true
     }
 
     /// Writes as much of `to_host` as the socket takes; false if the socket failed.
@@ -345,7 +404,7 @@ impl Muxer {
     }
 
     /// A packet the guest sent on the TX queue.
-    pub fn guest_packet(&mut self, p: Packet, payload: &[u8]) {
+    pub fn guest_packet(&mut self, p: Packet, payload: &mut dyn Payload) {
         if p.op == OP_RST {
             // Never answer a reset with a reset.
             self.remove_by_ports(p.dst_port, p.src_port);
@@ -411,7 +470,7 @@ impl Muxer {
         }
     }
 
-    fn conn_packet_in(&mut self, id: u16, op: u16, p: &Packet, payload: &[u8]) {
+    fn conn_packet_in(&mut self, id: u16, op: u16, p: &Packet, payload: &mut dyn Payload) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
@@ -435,8 +494,7 @@ impl Muxer {
                     log::warn!("guest port {} overran its credit", conn.peer_port);
                     reset = true;
                 } else {
-                    conn.to_host.extend(payload);
-                    reset = !conn.flush_to_host();
+                    reset = !conn.forward(payload);
                 }
             }
             OP_SHUTDOWN => {
@@ -523,7 +581,13 @@ impl Muxer {
                     if stream.set_nonblocking(true).is_ok() {
                         let conn = Conn::new(stream, 0, 0, State::AwaitConnect(Vec::new()));
                         if let Some(id) = self.insert(conn) {
-                            self.after_change(id);
+                            // Clients write their CONNECT line right after connecting:
+                            // read it now rather than after another turn of epoll.
+                            if self.read_connect_line(id) {
+                                self.reset_conn(id);
+                            } else {
+                                self.after_change(id);
+                            }
                         }
                     }
                 }
@@ -684,20 +748,22 @@ impl Muxer {
         None
     }
 
-    fn insert(&mut self, conn: Conn) -> Option<u16> {
+    fn insert(&mut self, mut conn: Conn) -> Option<u16> {
         for _ in 0..u16::MAX {
             let id = self.next_id;
             self.next_id = self.next_id.checked_add(1).unwrap_or(CONN_ID_BASE);
             if self.conns.contains_key(&id) {
                 continue;
             }
+            let interest = conn.wanted_interest();
             if self
                 .poller
-                .ctl(libc::EPOLL_CTL_ADD, conn.stream.as_raw_fd(), 0, id)
+                .ctl(libc::EPOLL_CTL_ADD, conn.stream.as_raw_fd(), interest, id)
                 .is_err()
             {
                 return None;
             }
+            conn.interest = interest;
             if !matches!(conn.state, State::AwaitConnect(_)) {
                 self.by_ports.insert((conn.local_port, conn.peer_port), id);
             }
@@ -712,7 +778,7 @@ impl Muxer {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        if conn.fwd_cnt.wrapping_sub(conn.fwd_cnt_sent) >= CREDIT_UPDATE_THRESHOLD {
+        if conn.fwd_cnt != conn.fwd_cnt_sent && conn.guest_known_credit() < CREDIT_LOW {
             conn.fwd_cnt_sent = conn.fwd_cnt;
             let update = self.conn_packet(&self.conns[&id], OP_CREDIT_UPDATE, 0, 0);
             self.push_control(update);
