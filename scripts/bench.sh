@@ -62,10 +62,7 @@ rewrite() {
   mv "$DOC.new" "$DOC"
 }
 
-scripts/install-deps.sh
-if [ ! -x "$VSOCK_PEER" ]; then
-  cargo install vhost-device-vsock --version 0.3.0 --locked --root "$TOOLS"
-fi
+scripts/install-deps.sh    # also builds the vsock peer into $TOOLS
 make agent
 cargo build --release --workspace --locked
 

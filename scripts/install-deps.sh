@@ -50,6 +50,14 @@ done
 cargo clippy --version >/dev/null 2>&1 || { echo "install-deps: cargo clippy is missing (rustup component add clippy)" >&2; exit 1; }
 cargo fmt --version >/dev/null 2>&1 || { echo "install-deps: cargo fmt is missing (rustup component add rustfmt)" >&2; exit 1; }
 
+# The vsock peer: rust-vmm's vhost-device-vsock 0.3.0 from crates.io, built into a
+# folder outside the work tree (integration/tests/vsock_peer_harness.rs, bench_vsock).
+tools=/var/lib/microagent/tools
+if [ ! -x "$tools/bin/vhost-device-vsock" ]; then
+  echo "install-deps: building vhost-device-vsock 0.3.0 into $tools (a few minutes)" >&2
+  cargo install vhost-device-vsock --version 0.3.0 --locked --root "$tools" --quiet
+fi
+
 # make fuzz / fuzz-check (`install-deps.sh --fuzz`): a nightly toolchain and cargo-fuzz,
 # skipped when present. `make test` does not fuzz, so it does not install them.
 [ "${1:-}" = --fuzz ] || exit 0
