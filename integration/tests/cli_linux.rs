@@ -266,6 +266,20 @@ fn linux_workspace_default_network_fetches_by_name_publishes_and_forks() {
             cli.ok(&["snapshot", "create", "ws", "--tag", "net"]);
             cli.ok(&["create", "f1", "--from-snapshot", "ws:net"]);
             cli.ok(&["create", "f2", "--from-snapshot", "ws:net"]);
+            // Both forks resumed one kernel CRNG state, yet their random values must
+            // differ (tokens, keys, temp names made in forks must not repeat). The agent
+            // reseeds each fork with the host's entropy; with that reseed taken out this
+            // still passed once (the kernel reseeds from the interrupt timings after the
+            // restore), so it guards the property, not the agent's reseed alone.
+            // (A random UUID is 122 bits from the kernel's CRNG.)
+            let random =
+                |name: &str| cli.ok(&["exec", name, "--", "cat", "/proc/sys/kernel/random/uuid"]);
+            let (r1, r2) = (random("f1"), random("f2"));
+            assert_eq!(r1.trim().len(), 36, "{r1:?}");
+            assert_ne!(
+                r1, r2,
+                "two forks of one snapshot drew the same random UUID"
+            );
             let fetches: Vec<_> = ["f1", "f2"]
                 .into_iter()
                 .map(|fork| {
