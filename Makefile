@@ -34,15 +34,21 @@ lint: deps
 
 # Daemon binaries are built first: integration tests start them as real processes.
 # Tests that cannot run on this host record why in $(TEST_REPORT); the summary at the end
-# counts and names them (scripts/test-summary.sh).
+# counts and names them (scripts/test-summary.sh). Then every fuzz target replays its
+# corpus and fuzzes for FUZZ_SMOKE_SECONDS (scripts/fuzz-smoke.sh; not run, and named so,
+# without a nightly toolchain and cargo-fuzz).
 TEST_LOG := target/test-output.log
 TEST_REPORT := target/test-not-run.tsv
+FUZZ_SMOKE_SECONDS ?= 10
 test: deps kernel nested-kernel lint agent
 	$(CARGO) build --workspace --locked
 	@rm -rf $(TEST_REPORT) $(TEST_REPORT).retried $(TEST_REPORT).lost
 	@set -o pipefail; MICROAGENT_TEST_REPORT=$(CURDIR)/$(TEST_REPORT) \
 		$(CARGO) test --workspace --locked --no-fail-fast 2>&1 | tee $(TEST_LOG); \
-		status=$$?; scripts/test-summary.sh $(TEST_LOG) $(TEST_REPORT); exit $$status
+		status=$$?; \
+		scripts/fuzz-smoke.sh $(CURDIR)/$(TEST_REPORT) $(FUZZ_SMOKE_SECONDS) $(FUZZ_TARGETS) \
+			2>&1 | tee -a $(TEST_LOG) || status=1; \
+		scripts/test-summary.sh $(TEST_LOG) $(TEST_REPORT); exit $$status
 
 # Every benchmark against its peer, rounds alternating, medians; rewrites the tables
 # between the <!-- bench:NAME --> markers in docs/benchmarks.md (scripts/bench.sh NAME...
