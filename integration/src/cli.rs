@@ -2,7 +2,7 @@
 //! output captured, `--json` errors checked by code.
 
 use crate::daemon::binary;
-use crate::registry::{push_workspace_image, Registry};
+use crate::registry::{push, push_workspace_image, write_layout, Registry};
 use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -44,6 +44,18 @@ impl Cli {
         let cli = Self::new(dir);
         cli.link_kernels();
         (cli, registry, image)
+    }
+
+    /// A CLI under `dir` with a registry on loopback serving the small test image
+    /// (`registry::write_layout`) as `test/img:v1`; returns the CLI, the registry
+    /// (stopped when dropped) and the image reference.
+    pub fn with_test_image(dir: &Path) -> (Self, Registry, String) {
+        let registry = Registry::start(dir);
+        let layout = dir.join("layout");
+        write_layout(&layout);
+        push(&layout, &registry, "test/img:v1");
+        let image = format!("{}/test/img:v1", registry.addr);
+        (Self::new(dir), registry, image)
     }
 
     /// The command, not started yet.

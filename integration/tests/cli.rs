@@ -3,20 +3,10 @@
 
 use microagent_integration::cli::{alive, survivors, Cli};
 use microagent_integration::net_services::{free_port, free_udp_port};
-use microagent_integration::registry::{push, write_layout, Registry};
+use microagent_integration::registry::write_layout;
 use microagent_integration::vmm::test_guest;
 use std::path::Path;
 use std::process::Stdio;
-
-fn setup(dir: &Path) -> (Cli, Registry, String) {
-    let registry = Registry::start(dir);
-    let layout = dir.join("layout");
-    write_layout(&layout);
-    push(&layout, &registry, "test/img:v1");
-    let image = format!("{}/test/img:v1", registry.addr);
-    let cli = Cli::new(dir);
-    (cli, registry, image)
-}
 
 fn create(cli: &Cli, name: &str, image: &str) {
     create_running(cli, name, image, "scenario=halt");
@@ -44,7 +34,7 @@ fn create_running(cli: &Cli, name: &str, image: &str, cmdline: &str) {
 #[test]
 fn lifecycle_create_start_pause_resume_halt_start_delete_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     create(&cli, "ws1", &image);
     assert_eq!(cli.state("ws1"), "created");
 
@@ -98,7 +88,7 @@ fn lifecycle_create_start_pause_resume_halt_start_delete_leaves_nothing_behind()
 #[test]
 fn a_killed_vmm_or_daemon_shows_crashed_and_delete_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     for (name, victim, binary) in [
         ("ws-vmm", 0usize, "microagent-vmm"),
         ("ws-blk", 1, "microagent-vhost-blk"),
@@ -136,7 +126,7 @@ fn a_killed_vmm_or_daemon_shows_crashed_and_delete_cleans_up() {
 #[test]
 fn bad_input_is_refused_with_a_code_and_nothing_half_created() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, registry, image) = setup(dir.path());
+    let (cli, registry, image) = Cli::with_test_image(dir.path());
     let kernel = test_guest().to_str().unwrap().to_owned();
     cli.fails(&["start", "nope"], "workspace.not_found");
     cli.fails(
@@ -281,7 +271,7 @@ fn help_commands(cli: &Cli, args: &[&str]) -> Vec<String> {
 #[test]
 fn image_pull_list_rm_and_the_image_config_becomes_exec_defaults() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let pulled: serde_json::Value =
         serde_json::from_str(&cli.ok(&["--json", "image", "pull", &image])).unwrap();
     assert_eq!(pulled["downloaded"], 3);
@@ -322,7 +312,7 @@ fn image_pull_list_rm_and_the_image_config_becomes_exec_defaults() {
 #[test]
 fn image_rm_takes_the_short_name_a_docker_hub_image_was_pulled_by() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     cli.ok(&["image", "pull", &image]);
     let refs_path = cli.home.join("images/refs.json");
     let refs = std::fs::read_to_string(&refs_path).unwrap();
@@ -353,7 +343,7 @@ fn image_rm_takes_the_short_name_a_docker_hub_image_was_pulled_by() {
 #[test]
 fn a_start_that_fails_names_the_step_and_leaves_nothing_running() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     // Not a kernel: the VMM refuses it during start-up.
     let not_a_kernel = dir.path().join("not-a-kernel");
     std::fs::write(&not_a_kernel, vec![0x5a; 8192]).unwrap();
@@ -615,7 +605,7 @@ fn project_kernel_config_hash() -> String {
 #[test]
 fn inspect_shows_the_kernel_version_and_config_hash_and_a_users_own_kernel_still_starts() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     cli.link_kernels();
     let config_hash = project_kernel_config_hash();
     let inspect = |name: &str| -> serde_json::Value {
@@ -763,7 +753,7 @@ fn net_create(cli: &Cli, name: &str, image: &str, extra: &[&str]) -> std::proces
 #[test]
 fn the_default_network_runs_a_net_daemon_and_publishes_ports_while_running() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let port = free_port();
     let spec = format!("127.0.0.1:{port}:80/tcp");
     let udp_port = free_udp_port();
@@ -840,7 +830,7 @@ fn the_default_network_runs_a_net_daemon_and_publishes_ports_while_running() {
 #[test]
 fn bad_or_taken_published_ports_are_refused_with_a_code() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     for (extra, needle) in [
         (vec!["--publish", "8080"], "is not [IP:]HOSTPORT:GUESTPORT"),
         (
@@ -890,7 +880,7 @@ fn last_tick(text: &str) -> u64 {
 fn logs_follow_prints_what_the_guest_writes_next_and_ends_when_the_workspace_halts() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     create_running(&cli, "ws", &image, "scenario=counter");
     cli.ok(&["start", "ws"]);
     let console = cli.home.join("workspaces/ws/console.log");

@@ -11,7 +11,7 @@ use microagent_cli::kill_point::{KILL_AT_ENV, POINTS};
 use microagent_integration::cli::{processes_under, survivors, Cli, SmallFs};
 use microagent_integration::flaky_proxy::{FlakyProxy, Mode};
 use microagent_integration::process::ChildGuard;
-use microagent_integration::registry::{push, write_layout, Registry};
+use microagent_integration::registry::Registry;
 use microagent_integration::registry_push::push_large_image;
 use microagent_integration::vmm::test_guest;
 use std::fs;
@@ -21,15 +21,6 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-fn setup(dir: &Path) -> (Cli, Registry, String) {
-    let registry = Registry::start(dir);
-    let layout = dir.join("layout");
-    write_layout(&layout);
-    push(&layout, &registry, "test/img:v1");
-    let image = format!("{}/test/img:v1", registry.addr);
-    (Cli::new(dir), registry, image)
-}
 
 fn create_args<'a>(name: &'a str, image: &'a str, cmdline: &'a str) -> Vec<&'a str> {
     vec![
@@ -104,7 +95,7 @@ fn killed_at(cli: &Cli, point: &str, args: &[&str]) {
 fn a_blk_daemon_killed_mid_io_fails_the_guests_disk_keeps_every_acknowledged_write_and_delete_cleans_up(
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let _reaper = cli.reaper();
     const BASE: u64 = 2048;
     cli.ok(&create_args(
@@ -202,7 +193,7 @@ fn silent_agent(socket: &Path) -> std::thread::JoinHandle<()> {
 #[test]
 fn an_agent_that_takes_a_request_and_never_answers_fails_exec_with_agent_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let _reaper = cli.reaper();
     cli.ok(&create_args("ws", &image, "scenario=halt"));
     cli.ok(&["start", "ws"]);
@@ -223,7 +214,7 @@ fn an_agent_that_takes_a_request_and_never_answers_fails_exec_with_agent_timeout
 #[test]
 fn a_create_killed_at_each_step_leaves_no_workspace_and_the_next_create_sweeps_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let workspaces = cli.home.join("workspaces");
     for point in POINTS.iter().filter(|p| p.starts_with("create.")) {
         let name = format!("ws-{}", point.replace(['.', '_'], "-"));
@@ -253,7 +244,7 @@ fn a_create_killed_at_each_step_leaves_no_workspace_and_the_next_create_sweeps_i
 #[test]
 fn a_start_killed_at_each_step_leaves_no_orphan_once_started_again_or_deleted() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let _reaper = cli.reaper();
     for point in POINTS.iter().filter(|p| p.starts_with("start.")) {
         cli.ok(&create_args("ws", &image, "scenario=halt"));
@@ -297,7 +288,7 @@ fn a_start_killed_at_each_step_leaves_no_orphan_once_started_again_or_deleted() 
 #[test]
 fn a_snapshot_killed_at_each_step_leaves_no_half_snapshot_and_the_next_one_resumes_the_workspace() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let _reaper = cli.reaper();
     cli.ok(&create_args("ws", &image, "scenario=counter"));
     cli.ok(&["start", "ws"]);
@@ -336,7 +327,7 @@ fn a_snapshot_killed_at_each_step_leaves_no_half_snapshot_and_the_next_one_resum
 #[test]
 fn a_snapshot_that_fills_the_home_while_writing_fails_with_no_space_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let small = SmallFs::mount(cli.home.clone(), "96m");
     let _reaper = cli.reaper();
     cli.ok(&create_args("ws", &image, "scenario=counter"));

@@ -4,21 +4,10 @@
 //! privileges `create` refuses with a code.
 
 use microagent_integration::cli::{survivors, Cli};
-use microagent_integration::registry::{push, write_layout, Registry};
 use microagent_integration::tap_net;
 use microagent_integration::vmm::test_guest;
 use microagent_vhost_net::netns;
-use std::path::Path;
 use std::process::Command;
-
-fn setup(dir: &Path) -> (Cli, Registry, String) {
-    let registry = Registry::start(dir);
-    let layout = dir.join("layout");
-    write_layout(&layout);
-    push(&layout, &registry, "test/img:v1");
-    let image = format!("{}/test/img:v1", registry.addr);
-    (Cli::new(dir), registry, image)
-}
 
 /// Workspace names are global to the host's namespaces: unique per test run.
 fn unique(tag: &str) -> String {
@@ -48,7 +37,7 @@ fn create_args<'a>(name: &'a str, image: &'a str, kernel: &'a str) -> Vec<&'a st
 #[test]
 fn a_tap_workspace_gets_its_namespace_at_start_and_delete_removes_it_after_a_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let name = unique("ws");
     let kernel = test_guest().to_str().unwrap();
     cli.ok(&create_args(&name, &image, kernel));
@@ -99,7 +88,7 @@ fn net_pid_of(cli: &Cli, name: &str) -> u32 {
 #[test]
 fn a_failed_start_of_a_tap_workspace_removes_its_network() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let name = unique("broken");
     let not_a_kernel = dir.path().join("not-a-kernel");
     std::fs::write(&not_a_kernel, vec![0x5a; 8192]).unwrap();
@@ -137,7 +126,7 @@ fn a_failed_start_of_a_tap_workspace_removes_its_network() {
 #[test]
 fn create_net_tap_without_privileges_or_with_publish_is_refused_with_a_code() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let name = unique("nopriv");
     let kernel = test_guest().to_str().unwrap();
     let mut args = vec!["--json"];
@@ -170,7 +159,7 @@ fn create_net_tap_without_privileges_or_with_publish_is_refused_with_a_code() {
 #[test]
 fn a_fork_of_a_tap_workspace_gets_its_own_namespace_beside_its_source() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let _reaper = cli.reaper();
     let source = unique("src");
     let fork = unique("fork");

@@ -5,22 +5,12 @@
 //! continues; `scenario=blk_snapshot` shows which disk it reads.
 
 use microagent_integration::cli::{alive, survivors, Cli, SmallFs};
-use microagent_integration::registry::{push, write_layout, Registry};
 use microagent_integration::vmm::test_guest;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const RUN: Duration = Duration::from_secs(60);
-
-fn setup(dir: &Path) -> (Cli, Registry, String) {
-    let registry = Registry::start(dir);
-    let layout = dir.join("layout");
-    write_layout(&layout);
-    push(&layout, &registry, "test/img:v1");
-    let image = format!("{}/test/img:v1", registry.addr);
-    (Cli::new(dir), registry, image)
-}
 
 fn create(cli: &Cli, name: &str, image: &str, kernel: &Path, cmdline: &str) {
     cli.ok(&[
@@ -137,7 +127,7 @@ fn snapshot_dirs(cli: &Cli, name: &str) -> Vec<String> {
 #[test]
 fn snapshots_of_running_and_paused_workspaces_list_and_delete_with_exact_formats() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let _reaper = cli.reaper();
     create(&cli, "ws", &image, test_guest(), "scenario=counter");
     cli.ok(&["start", "ws"]);
@@ -231,7 +221,7 @@ fn snapshots_of_running_and_paused_workspaces_list_and_delete_with_exact_formats
 #[test]
 fn rollback_brings_back_the_count_and_the_disk_block_written_before_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let _reaper = cli.reaper();
     create(
         &cli,
@@ -292,7 +282,7 @@ fn rollback_brings_back_the_count_and_the_disk_block_written_before_the_snapshot
 #[test]
 fn forks_continue_from_the_snapshot_count_and_outlive_their_deleted_source() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let _reaper = cli.reaper();
     create(&cli, "src", &image, test_guest(), "scenario=counter");
     cli.ok(&["start", "src"]);
@@ -391,7 +381,7 @@ fn forks_continue_from_the_snapshot_count_and_outlive_their_deleted_source() {
 #[test]
 fn a_changed_kernel_is_refused_for_rollback_and_fork() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let _reaper = cli.reaper();
     let kernel = dir.path().join("kernel");
     fs::copy(test_guest(), &kernel).unwrap();
@@ -428,7 +418,7 @@ fn a_changed_kernel_is_refused_for_rollback_and_fork() {
 #[test]
 fn a_full_home_refuses_the_snapshot_leaves_nothing_and_the_workspace_running() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let small = SmallFs::mount(cli.home.clone(), "64m");
     // Dropped before the tmpfs is unmounted.
     let _reaper = cli.reaper();
@@ -458,7 +448,7 @@ fn a_full_home_refuses_the_snapshot_leaves_nothing_and_the_workspace_running() {
 #[test]
 fn the_reaper_kills_workspaces_a_failing_test_leaves_running() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let reaper = cli.reaper();
     create(&cli, "ws", &image, test_guest(), "scenario=halt");
     cli.ok(&["start", "ws"]);
@@ -474,7 +464,7 @@ fn the_reaper_kills_workspaces_a_failing_test_leaves_running() {
 #[test]
 fn a_fork_gets_its_own_net_daemon_without_the_sources_published_ports() {
     let dir = tempfile::tempdir().unwrap();
-    let (cli, _registry, image) = setup(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let _reaper = cli.reaper();
     let port = microagent_integration::net_services::free_port();
     let spec = format!("127.0.0.1:{port}:80");
