@@ -64,13 +64,18 @@ pub fn reply(request: &[u8]) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use smoltcp::wire::EthernetAddress;
 
-    const MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    /// The guest's MAC address in these tests (and tap.rs's).
+    pub(crate) const MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 
-    fn client(message_type: DhcpMessageType, requested_ip: Option<Ipv4Address>) -> Vec<u8> {
+    /// A DHCP message from the guest (`MAC`), as a UDP payload.
+    pub(crate) fn client(
+        message_type: DhcpMessageType,
+        requested_ip: Option<Ipv4Address>,
+    ) -> Vec<u8> {
         let repr = DhcpRepr {
             message_type,
             transaction_id: 0x1234_5678,

@@ -203,7 +203,7 @@ mod tests {
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixDatagram;
 
-    const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    const GUEST_MAC: EthernetAddress = dhcp::tests::MAC;
 
     /// A tap whose kernel side is the other end of a datagram socket pair (frames keep
     /// their boundaries, as on a tap), and that other end.
@@ -221,33 +221,7 @@ mod tests {
 
     /// A DHCP DISCOVER from the guest, as a frame.
     fn discover() -> Vec<u8> {
-        use smoltcp::wire::{DhcpMessageType, DhcpPacket, DhcpRepr, Ipv4Address};
-        let repr = DhcpRepr {
-            message_type: DhcpMessageType::Discover,
-            transaction_id: 7,
-            secs: 0,
-            client_hardware_address: GUEST_MAC,
-            client_ip: Ipv4Address::UNSPECIFIED,
-            your_ip: Ipv4Address::UNSPECIFIED,
-            server_ip: Ipv4Address::UNSPECIFIED,
-            router: None,
-            subnet_mask: None,
-            relay_agent_ip: Ipv4Address::UNSPECIFIED,
-            broadcast: false,
-            requested_ip: None,
-            client_identifier: Some(GUEST_MAC),
-            server_identifier: None,
-            parameter_request_list: Some(&[1, 3, 6]),
-            dns_servers: None,
-            max_size: Some(576),
-            lease_duration: None,
-            renew_duration: None,
-            rebind_duration: None,
-            additional_options: &[],
-        };
-        let mut payload = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut DhcpPacket::new_unchecked(&mut payload[..]))
-            .unwrap();
+        let payload = dhcp::tests::client(smoltcp::wire::DhcpMessageType::Discover, None);
         let from = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, dhcp::CLIENT_PORT);
         let to = SocketAddrV4::new(std::net::Ipv4Addr::BROADCAST, dhcp::SERVER_PORT);
         let mut frame = frame::udp_frame(from, to, EthernetAddress::BROADCAST, &payload).unwrap();
