@@ -69,6 +69,18 @@ fn host_connect(
     (reader, req.src_port)
 }
 
+/// A guest REQUEST from `guest_port` to the host service on `host_port`, answered with
+/// RESPONSE; returns that RESPONSE (the daemon's credit) and the accepted host stream.
+fn guest_connect(rig: &mut Rig, guest_port: u32, host_port: u32) -> (Packet, UnixStream) {
+    let listener = UnixListener::bind(format!("{}_{host_port}", rig.uds.display())).unwrap();
+    rig.guest
+        .send(pkt(guest_port, host_port, OP_REQUEST, 0, 1 << 20, 0), &[]);
+    let (resp, _) = rig.guest.recv_op();
+    assert_eq!(resp.op, OP_RESPONSE, "{resp:?}");
+    let (host, _) = listener.accept().unwrap();
+    (resp, host)
+}
+
 #[test]
 fn host_connect_is_accepted_by_the_guest_and_data_flows_both_ways() {
     let mut rig = rig();
@@ -278,12 +290,7 @@ fn host_to_guest_64_mib_respects_the_guests_credit() {
 #[test]
 fn guest_to_host_64_mib_with_a_pausing_reader_stays_bounded() {
     let mut rig = rig();
-    let listener = UnixListener::bind(format!("{}_7000", rig.uds.display())).unwrap();
-    rig.guest
-        .send(pkt(700, 7000, OP_REQUEST, 0, 1 << 20, 0), &[]);
-    let (resp, _) = rig.guest.recv_op();
-    assert_eq!(resp.op, OP_RESPONSE);
-    let (mut host, _) = listener.accept().unwrap();
+    let (resp, mut host) = guest_connect(&mut rig, 700, 7000);
     let reader = std::thread::spawn(move || {
         let mut hash = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
@@ -615,12 +622,7 @@ fn guest_to_host_credit_updates_come_unasked_and_at_most_one_per_128_kib() {
     const TOTAL: usize = 8 << 20;
     const CHUNK: usize = 64 << 10;
     let mut rig = rig();
-    let listener = UnixListener::bind(format!("{}_7100", rig.uds.display())).unwrap();
-    rig.guest
-        .send(pkt(710, 7100, OP_REQUEST, 0, 1 << 20, 0), &[]);
-    let (resp, _) = rig.guest.recv_op();
-    assert_eq!(resp.op, OP_RESPONSE);
-    let (mut host, _) = listener.accept().unwrap();
+    let (resp, mut host) = guest_connect(&mut rig, 710, 7100);
     let reader = std::thread::spawn(move || {
         let mut hash = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
@@ -679,12 +681,7 @@ fn packets_split_over_many_descriptors_reach_the_host_whole_even_when_its_socket
     const CHUNK: usize = 60_000;
     const PACKETS: usize = 16;
     let mut rig = rig();
-    let listener = UnixListener::bind(format!("{}_7200", rig.uds.display())).unwrap();
-    rig.guest
-        .send(pkt(720, 7200, OP_REQUEST, 0, 1 << 20, 0), &[]);
-    let (resp, _) = rig.guest.recv_op();
-    assert_eq!(resp.op, OP_RESPONSE);
-    let (host, _) = listener.accept().unwrap();
+    let (resp, host) = guest_connect(&mut rig, 720, 7200);
     let read_all = |mut host: UnixStream| {
         std::thread::spawn(move || {
             let mut got = vec![0u8; PACKETS * CHUNK];
