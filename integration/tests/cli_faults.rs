@@ -479,8 +479,8 @@ fn an_unpack_into_a_full_home_fails_with_a_code_leaves_no_tree_or_disk_and_works
     let small = SmallFs::mount(cli.home.clone(), "64m");
     cli.ok(&["image", "pull", &reference]);
     let filler = small.fill_leaving(16 << 20);
-    let out = cli.run(&[
-        "--json",
+    let kernel = test_guest();
+    let create = [
         "create",
         "ws",
         "--image",
@@ -489,8 +489,9 @@ fn an_unpack_into_a_full_home_fails_with_a_code_leaves_no_tree_or_disk_and_works
         "--net",
         "none",
         "--kernel",
-        test_guest().to_str().unwrap(),
-    ]);
+        kernel.to_str().unwrap(),
+    ];
+    let out = cli.run(&[&["--json"][..], &create].concat());
     assert_eq!(out.status.code(), Some(125), "{out:?}");
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["error"]["code"], "image.no_space", "{reply}");
@@ -504,16 +505,6 @@ fn an_unpack_into_a_full_home_fails_with_a_code_leaves_no_tree_or_disk_and_works
     assert_eq!(names(&cli.home.join("images/rootfs")), Vec::<String>::new());
 
     fs::remove_file(&filler).unwrap();
-    cli.ok(&[
-        "create",
-        "ws",
-        "--image",
-        &reference,
-        "--no-agent",
-        "--net",
-        "none",
-        "--kernel",
-        test_guest().to_str().unwrap(),
-    ]);
+    cli.ok(&create);
     assert_eq!(cli.state("ws"), "created");
 }
