@@ -6,7 +6,6 @@
 
 use microagent_confine::{LANDLOCK_SELFTEST_ENV, SELFTEST_ENV};
 use microagent_integration::cli::Cli;
-use microagent_integration::registry::{push, write_layout, Registry};
 use microagent_integration::vmm::test_guest;
 use std::process::Stdio;
 use std::time::Duration;
@@ -14,12 +13,7 @@ use std::time::Duration;
 #[test]
 fn a_cli_workspace_runs_confined_doctor_says_so_and_a_seccomp_kill_is_the_crash_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start(dir.path());
-    let layout = dir.path().join("layout");
-    write_layout(&layout);
-    push(&layout, &registry, "test/img:v1");
-    let image = format!("{}/test/img:v1", registry.addr);
-    let cli = Cli::new(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     // Kills what the workspaces started if an assertion fails.
     let _reaper = cli.reaper();
     let create = |name: &str, cmdline: &str| {
@@ -136,17 +130,15 @@ fn selftest_line(log: &std::path::Path, path: &std::path::Path) -> String {
 
 #[test]
 fn a_landlocked_vmm_or_daemon_cannot_read_a_host_file_outside_its_workspace_directories() {
-    if microagent_confine::landlock::abi().is_err() {
-        eprintln!("SKIPPED: this kernel has no Landlock (landlock not in CONFIG_LSM)");
+    if let Err(e) = microagent_confine::landlock::abi() {
+        microagent_integration::report::not_run(
+            "a_landlocked_vmm_or_daemon_cannot_read_a_host_file_outside_its_workspace_directories",
+            &format!("needs Landlock (landlock in the kernel's LSM list): {e}"),
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start(dir.path());
-    let layout = dir.path().join("layout");
-    write_layout(&layout);
-    push(&layout, &registry, "test/img:v1");
-    let image = format!("{}/test/img:v1", registry.addr);
-    let cli = Cli::new(dir.path());
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
     let _reaper = cli.reaper();
     cli.ok(&[
         "create",

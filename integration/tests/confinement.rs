@@ -5,7 +5,7 @@
 //! That the normal work runs with the filters on is proven by every other test here:
 //! the filters are on by default.
 
-use microagent_confine::SELFTEST_ENV;
+use microagent_confine::{landlock, SELFTEST_ENV};
 use microagent_integration::daemon::{binary, Daemon};
 use microagent_integration::frontend::{Buf, Frontend, GuestMemory, Setup};
 use microagent_integration::process::ChildGuard;
@@ -353,4 +353,48 @@ fn a_blk_batch_big_enough_for_io_threads_is_served_under_the_filter() {
         assert_eq!(mem.read(status_at, 1)[0], 0);
         assert!(mem.read(data, 128 << 10).iter().all(|&b| b == 0x5A));
     }
+}
+
+/// In a thread of its own: the restriction stays with that thread.
+#[test]
+fn a_restricted_thread_reads_writes_and_removes_files_beneath_its_directory_only() {
+    if let Err(e) = landlock::abi() {
+        microagent_integration::report::not_run(
+            "a_restricted_thread_reads_writes_and_removes_files_beneath_its_directory_only",
+            &format!("needs Landlock: {e}"),
+        );
+        return;
+    }
+    let allowed = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("host-file"), b"secret").unwrap();
+    let (inside_dir, outside_file) = (
+        allowed.path().to_path_buf(),
+        outside.path().join("host-file"),
+    );
+    let result = std::thread::spawn(move || {
+        microagent_confine::privileges::drop_all().unwrap();
+        landlock::restrict(std::slice::from_ref(&inside_dir), &[]).unwrap();
+        let inside = std::fs::write(inside_dir.join("mine"), b"ok");
+        let read_outside = std::fs::read(&outside_file);
+        let write_outside = std::fs::write(outside_file.with_file_name("new"), b"x");
+        // unlink is in the daemons' seccomp lists (their sockets): Landlock bounds it.
+        let remove_outside = std::fs::remove_file(&outside_file);
+        let remove_inside = std::fs::remove_file(inside_dir.join("mine"));
+        (
+            inside.is_ok() && remove_inside.is_ok(),
+            read_outside.map(drop).map_err(|e| e.raw_os_error()),
+            write_outside.map_err(|e| e.raw_os_error()),
+            remove_outside.map_err(|e| e.raw_os_error()),
+        )
+    })
+    .join()
+    .unwrap();
+    let denied: Result<(), Option<i32>> = Err(Some(libc::EACCES));
+    assert_eq!(result, (true, denied, denied, denied));
+    // This thread was not restricted.
+    assert_eq!(
+        std::fs::read(outside.path().join("host-file")).unwrap(),
+        b"secret"
+    );
 }
