@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make test`'s fuzzing step: every cargo-fuzz target replays its corpus (fuzz/corpus,
-# which holds every crash found so far) and then fuzzes for SECONDS more, each result
+# which holds every crash found so far) and then fuzzes for SECONDS more (0: the replay
+# alone, which is `make fuzz-check`), each result
 # written as a libtest line (`test fuzz::TARGET ... ok|FAILED`, then one `test result:`
 # line) so that scripts/test-summary.sh counts them with the rest. Without a nightly
 # toolchain and cargo-fuzz (`scripts/install-deps.sh --fuzz`) nothing is run and that
@@ -31,10 +32,12 @@ passed=0 failed=0
 for t in "$@"; do
   mkdir -p "target/fuzz-corpus/$t" "target/fuzz-artifacts/$t"
   # The corpus first, each input once; then new inputs for $seconds, starting from it.
+  echo "fuzz: $t ($(ls "fuzz/corpus/$t" | wc -l) corpus inputs, then ${seconds}s)" >&2
   if (cd fuzz && cargo +nightly fuzz run --debug-assertions "$t" "corpus/$t" -- -runs=0 &&
-      cargo +nightly fuzz run --debug-assertions "$t" "../target/fuzz-corpus/$t" "corpus/$t" -- \
-        -max_total_time="$seconds" -print_final_stats=1 \
-        -artifact_prefix="../target/fuzz-artifacts/$t/") >"target/fuzz-smoke-$t.log" 2>&1; then
+      { [ "$seconds" = 0 ] ||
+        cargo +nightly fuzz run --debug-assertions "$t" "../target/fuzz-corpus/$t" "corpus/$t" -- \
+          -max_total_time="$seconds" -print_final_stats=1 \
+          -artifact_prefix="../target/fuzz-artifacts/$t/"; }) >"target/fuzz-smoke-$t.log" 2>&1; then
     echo "test fuzz::$t ... ok"
     passed=$((passed + 1))
   else
