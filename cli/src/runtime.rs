@@ -27,7 +27,9 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// nested rig's TCG took over 10 s on a loaded machine); a process that dies is noticed at
 /// once.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
-const HALT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a guest asked to stop has to sync its disks and power off before it is
+/// stopped by force (a guest under the nested rig's TCG can take seconds to sync).
+const HALT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pids {
@@ -653,6 +655,12 @@ pub fn halt(home: &Home, config: &Config) {
         let deadline = Instant::now() + HALT_TIMEOUT;
         while alive(pids.vmm, "microagent-vmm") && Instant::now() < deadline {
             sleep(Duration::from_millis(20));
+        }
+        if alive(pids.vmm, "microagent-vmm") {
+            eprintln!(
+                "microagent: warning: {name} did not power off within {HALT_TIMEOUT:?}; \
+                 stopping it by force (writes the guest had not synced are lost)"
+            );
         }
     }
     kill_all(home, name);

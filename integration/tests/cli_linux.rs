@@ -151,7 +151,11 @@ fn linux_workspace_lifecycle_through_the_cli() {
         );
 
         // Halt goes through the agent: the guest syncs and resets itself.
-        cli.ok(&["halt", "ws"]);
+        let logs_before_halt = cli.logs();
+        let halting = Instant::now();
+        let halt = cli.run(&["halt", "ws"]);
+        let halt_took = halting.elapsed();
+        assert!(halt.status.success(), "{halt:?}\n{logs_before_halt}");
         assert_eq!(cli.state("ws"), "halted");
         assert!(
             survivors(&pids).is_empty(),
@@ -162,7 +166,10 @@ fn linux_workspace_lifecycle_through_the_cli() {
             fs::read_to_string(cli.home.join("workspaces/ws/vmm.log")).unwrap_or_default();
         assert!(
             vmm_log.contains("i8042 reset"),
-            "not a guest-initiated halt:\n{vmm_log}"
+            "not a guest-initiated halt (took {halt_took:?}; stderr: {}):\n{vmm_log}\n\
+             logs before the halt:\n{logs_before_halt}\nafter:\n{}",
+            stderr(&halt),
+            cli.logs()
         );
 
         // Start again: the data is still there, the secret delivered again.

@@ -216,8 +216,13 @@ impl Vm {
 
     /// Loads the kernel (and initrd) and sets up every vCPU for its first instruction.
     fn boot(&self, config: &VmmConfig, kernel_path: &Path) -> Result<Booted, Error> {
-        let cmdline = format!("{}{}", config.cmdline, self.device_cmdline);
         let kernel = boot::load_kernel(&self.mem, kernel_path)?;
+        let cmdline = format!(
+            "{}{}{}",
+            config.cmdline,
+            self.device_cmdline,
+            kernel.cmdline_extra()
+        );
         let failure_hint = host::linux_guest_limitation().filter(|_| kernel.is_linux);
         if let Some(hint) = &failure_hint {
             log::warn!("{hint}");
