@@ -155,6 +155,7 @@ fn linux_workspace_lifecycle_through_the_cli() {
         let halting = Instant::now();
         let halt = cli.run(&["halt", "ws"]);
         let halt_took = halting.elapsed();
+        eprintln!("halt took {halt_took:?}");
         assert!(halt.status.success(), "{halt:?}\n{logs_before_halt}");
         assert_eq!(cli.state("ws"), "halted");
         assert!(
