@@ -24,6 +24,9 @@ packages=(
   # tap mode (vhost-net/src/netns.rs): ip netns/link/tuntap, NAT rules; setpriv drops
   # capabilities in the tap tests (util-linux)
   iproute2 iptables util-linux
+  # the block daemon's I/O timeout test (vhost_blk.rs): a disk image on a FUSE mount
+  # whose server is stopped, as on a hung network filesystem
+  bindfs
 )
 
 missing=()

@@ -77,18 +77,27 @@ struct DaemonSpec {
     args: Vec<OsString>,
 }
 
+/// `MICROAGENT_IO_TIMEOUT=SECS`: how long the disk daemon waits on a disk that stopped
+/// answering before it gives up and the workspace is crashed (the daemon's
+/// `--io-timeout`: 120 s unless set, 0 waits forever).
+pub const IO_TIMEOUT_ENV: &str = "MICROAGENT_IO_TIMEOUT";
+
 /// The daemons a workspace runs, in start order: its disk, the agent's vsock when it
 /// has an agent, the network unless `--net none`.
 fn daemons(home: &Home, config: &Config) -> Vec<DaemonSpec> {
     let name = &config.name;
+    let mut blk = vec![
+        "--disk".into(),
+        workspace::rootfs(home, name).into(),
+        "--serial".into(),
+        name.into(),
+    ];
+    if let Some(secs) = std::env::var_os(IO_TIMEOUT_ENV) {
+        blk.extend(["--io-timeout".into(), secs]);
+    }
     let mut list = vec![DaemonSpec {
         kind: DaemonKind::Blk,
-        args: vec![
-            "--disk".into(),
-            workspace::rootfs(home, name).into(),
-            "--serial".into(),
-            name.into(),
-        ],
+        args: blk,
     }];
     if config.agent {
         list.push(DaemonSpec {
@@ -287,7 +296,10 @@ pub fn state(home: &Home, name: &str) -> State {
                  allow-list; {SECCOMP_ENV}=off starts workspaces without filters, for \
                  debugging (docs/security.md)"
                 ),
-                None => format!("{bin} (pid {pid}) is gone"),
+                None => match last_daemon_error(home, name, bin) {
+                    Some(error) => format!("{bin} (pid {pid}) is gone; its last error: {error}"),
+                    None => format!("{bin} (pid {pid}) is gone"),
+                },
             },
         )
         .collect();
@@ -318,6 +330,21 @@ fn last_vmm_error(home: &Home, name: &str) -> Option<String> {
                 .rev()
                 .find_map(|l| l.split_once("VM ended: ").map(|(_, how)| how.to_owned()))
         })
+}
+
+/// The last error a daemon logged (`[TIME ERROR TARGET] message`), such as the block
+/// daemon's I/O watchdog giving up on a disk that stopped answering.
+fn last_daemon_error(home: &Home, name: &str, bin: &str) -> Option<String> {
+    let kind = bin.strip_prefix("microagent-vhost-")?;
+    let log = fs::read_to_string(workspace::dir(home, name).join(format!("{kind}.log"))).ok()?;
+    log.lines().rev().find_map(|line| {
+        let (_, rest) = line.split_once(" ERROR ")?;
+        Some(
+            rest.split_once("] ")
+                .map_or(rest, |(_, message)| message)
+                .to_owned(),
+        )
+    })
 }
 
 /// The directory of this binary (`target/<profile>/` in a checkout, also for tests).

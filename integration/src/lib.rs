@@ -14,6 +14,7 @@
 //! - [`agent`]: the static guest agent and a busybox root disk for it.
 //! - [`cli`]: the `microagent` command driven with its own home, errors checked by code.
 //! - [`process`]: guards that kill what a test started, also when the test fails.
+//! - [`fuse`]: a FUSE mount whose server can be stopped, for a disk that stops answering.
 //! - [`kernel`]: where the cached guest kernel is.
 //! - [`ext4`]: debugfs on ext4 images.
 //! - [`registry`]: a real OCI registry on loopback and test images to push to it.
@@ -35,6 +36,7 @@ pub mod debian_rootfs;
 pub mod ext4;
 pub mod flaky_proxy;
 pub mod frontend;
+pub mod fuse;
 pub mod initramfs;
 pub mod kernel;
 pub mod nested;

@@ -8,8 +8,10 @@ use microagent_agent_protocol::frame::{read_frame, write_control};
 use microagent_agent_protocol::message::AgentMessage;
 use microagent_agent_protocol::PROTOCOL_VERSION;
 use microagent_cli::kill_point::{KILL_AT_ENV, POINTS};
+use microagent_cli::runtime::IO_TIMEOUT_ENV;
 use microagent_integration::cli::{processes_under, survivors, Cli, SmallFs};
 use microagent_integration::flaky_proxy::{FlakyProxy, Mode};
+use microagent_integration::fuse::StoppableMount;
 use microagent_integration::process::ChildGuard;
 use microagent_integration::registry::Registry;
 use microagent_integration::registry_push::push_large_image;
@@ -158,6 +160,60 @@ fn a_blk_daemon_killed_mid_io_fails_the_guests_disk_keeps_every_acknowledged_wri
     cli.ok(&["delete", "ws", "--yes"]);
     assert_eq!(survivors(&pids), Vec::<u32>::new());
     assert_eq!(processes_under(&cli.runtime), Vec::new());
+    assert!(!cli.home.join("workspaces/ws").exists());
+}
+
+/// A disk that stops answering, as on a hung network filesystem (the workspace's image on
+/// a FUSE mount whose server is stopped): after `MICROAGENT_IO_TIMEOUT` the disk daemon
+/// gives up, the guest sees its device fail instead of waiting forever, and the
+/// workspace is crashed with the daemon's logged reason.
+#[test]
+fn a_disk_that_stops_answering_fails_the_guests_disk_and_the_workspace_says_why() {
+    if !StoppableMount::available(
+        "a_disk_that_stops_answering_fails_the_guests_disk_and_the_workspace_says_why",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
+    let _reaper = cli.reaper();
+    cli.ok(&create_args(
+        "ws",
+        &image,
+        "scenario=blk_loop blk_sector=2048",
+    ));
+    let (src, mnt) = (dir.path().join("fuse-src"), dir.path().join("fuse-mnt"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let rootfs = cli.home.join("workspaces/ws/rootfs.ext4");
+    fs::rename(&rootfs, src.join("rootfs.ext4")).unwrap();
+    let mount = StoppableMount::new(&src, &mnt);
+    std::os::unix::fs::symlink(mnt.join("rootfs.ext4"), &rootfs).unwrap();
+    let start = cli
+        .command(&["start", "ws"])
+        .env(IO_TIMEOUT_ENV, "2")
+        .output()
+        .unwrap();
+    assert!(start.status.success(), "{start:?}\n{}", cli.logs());
+    let pids = cli.pids("ws");
+    wait_console(&cli, "ws", "blk-io 20 ", Duration::from_secs(60));
+
+    mount.stop();
+    wait_console(&cli, "ws", "BLK-ERROR", Duration::from_secs(30));
+    let state = cli.entry("ws")["state"].clone();
+    assert_eq!(state["state"], "crashed", "{state}");
+    let reason = state["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("microagent-vhost-blk (pid ")
+            && reason.contains("its last error: queue 0: I/O on")
+            && reason.contains("has not completed in"),
+        "{state}"
+    );
+    cli.fails(&["exec", "ws", "--", "true"], "workspace.crashed");
+
+    mount.resume();
+    cli.ok(&["delete", "ws", "--yes"]);
+    assert_eq!(survivors(&pids), Vec::<u32>::new());
     assert!(!cli.home.join("workspaces/ws").exists());
 }
 

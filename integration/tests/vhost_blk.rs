@@ -3,6 +3,7 @@
 
 use microagent_integration::daemon::Daemon;
 use microagent_integration::frontend::{self, Buf, Frontend, GuestMemory, Setup, VirtQueue};
+use microagent_integration::fuse::StoppableMount;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -911,4 +912,107 @@ fn after_a_device_reset_fresh_rings_work_with_the_new_features() {
     let done = request(&mut rig, 0, VIRTIO_BLK_T_IN, 40, Data::In(&[4096]));
     assert_eq!((done.status, done.data), (S_OK, second));
     assert!(rig.daemon.try_status().unwrap().is_none(), "daemon died");
+}
+
+#[test]
+fn a_disk_that_stops_answering_ends_the_daemon_after_its_io_timeout() {
+    if !StoppableMount::available(
+        "a_disk_that_stops_answering_ends_the_daemon_after_its_io_timeout",
+    ) {
+        return;
+    }
+    const DISK: usize = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, mnt) = (dir.path().join("src"), dir.path().join("mnt"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    fs::write(src.join("disk.img"), pattern(DISK, 7)).unwrap();
+    let mount = StoppableMount::new(&src, &mnt);
+    let disk = mnt.join("disk.img");
+    let socket = dir.path().join("blk.sock");
+    let log = dir.path().join("blk.log");
+    let daemon = Daemon::start_logged(
+        "microagent-vhost-blk",
+        &socket,
+        ["--disk", disk.to_str().unwrap(), "--io-timeout", "2"],
+        &log,
+    )
+    .unwrap();
+    let mut mem = GuestMemory::new(16 << 20).unwrap();
+    let fe = Frontend::connect(&socket, &mut mem, &Setup::default()).unwrap();
+    let mut rig = Rig {
+        dir,
+        disk,
+        daemon,
+        mem,
+        fe,
+    };
+
+    // While the filesystem answers, the disk works.
+    let done = request(&mut rig, 0, VIRTIO_BLK_T_IN, 0, Data::In(&[512]));
+    assert_eq!(done.status, S_OK);
+    assert_eq!(done.data, pattern(DISK, 7)[..512]);
+
+    // Its server stops. A read 3 MiB further on (beyond any readahead) waits for it.
+    mount.stop();
+    let hdr = rig.mem.alloc(16, 16).unwrap();
+    rig.mem.write(hdr, &header(VIRTIO_BLK_T_IN, 6144));
+    let data = rig.mem.alloc(512, 512).unwrap();
+    let status = rig.mem.alloc(1, 1).unwrap();
+    rig.mem.write(status, &[0xFF]);
+    let bufs = [
+        Buf::readable(hdr, 16),
+        Buf::writable(data, 512),
+        Buf::writable(status, 1),
+    ];
+    let asked = std::time::Instant::now();
+    rig.fe.queues[0].submit(&rig.mem, &bufs).unwrap();
+
+    // The daemon gives up after its 2 s, says why, and drops the frontend's connection:
+    // the frontend sees the device go instead of a request that never completes.
+    let needle = format!(
+        "queue 0: I/O on {} has not completed in",
+        rig.disk.display()
+    );
+    let logged = || fs::read_to_string(&log).unwrap_or_default();
+    while !logged().contains(&needle) {
+        assert!(asked.elapsed() < Duration::from_secs(15), "{}", logged());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = asked.elapsed();
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    let mut hangup = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(rig.fe.vu()),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on the frontend's own socket with one valid pollfd.
+    let ready = unsafe { libc::poll(&mut hangup, 1, 5_000) };
+    assert_eq!(
+        ready,
+        1,
+        "the daemon kept the frontend's connection:\n{}",
+        logged()
+    );
+    let mut byte = [0u8; 1];
+    // SAFETY: a one-byte read into a buffer we own.
+    let read = unsafe { libc::recv(hangup.fd, byte.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT) };
+    assert_eq!(read, 0, "expected the connection closed");
+    assert_eq!(
+        rig.mem.read(status, 1)[0],
+        0xFF,
+        "the request was completed"
+    );
+
+    // Its exit waits for the filesystem (closing the image flushes it); once the server
+    // runs again the daemon is gone, with status 3.
+    mount.resume();
+    let exit = rig.daemon.wait_exit(Duration::from_secs(30)).unwrap();
+    assert_eq!(exit.code(), Some(3), "{exit}");
+    drop(mount);
+    // The image itself is untouched.
+    assert_eq!(
+        fs::read(rig.dir.path().join("src/disk.img")).unwrap(),
+        pattern(DISK, 7)
+    );
 }

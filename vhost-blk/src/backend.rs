@@ -5,9 +5,11 @@ use crate::config::BlkConfig;
 use crate::disk::{self, Disk, SECTOR_SIZE};
 use crate::request::{self, Device, Request, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use crate::state::BlkState;
+use crate::watchdog::InFlight;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
@@ -65,11 +67,14 @@ pub struct BlkBackend {
     transfer: microagent_daemon_kit::state::transfer::Slot,
     /// Threads a large batch is spread over.
     io_threads: usize,
+    /// Which queues are executing a batch, since when (for the I/O watchdog).
+    in_flight: Arc<InFlight>,
 }
 
 impl BlkBackend {
     pub fn new(config: BlkConfig) -> Result<Self, Error> {
         let disk = Disk::open(&config.disk, config.read_only, config.direct_io)?;
+        let in_flight = Arc::new(InFlight::new(usize::from(config.queues)));
         Ok(Self {
             disk,
             broken: (0..config.queues).map(|_| AtomicBool::new(false)).collect(),
@@ -79,7 +84,13 @@ impl BlkBackend {
             acked_features: AtomicU64::new(0),
             transfer: Default::default(),
             io_threads: thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            in_flight,
         })
+    }
+
+    /// What the I/O watchdog watches.
+    pub fn in_flight(&self) -> Arc<InFlight> {
+        self.in_flight.clone()
     }
 
     /// `struct virtio_blk_config`, little-endian.
@@ -179,7 +190,9 @@ impl BlkBackend {
                         (head, Request::parse(&mem, &descriptors))
                     })
                     .collect();
+                let busy = self.in_flight.busy(index);
                 let used = self.complete(index, &mem, &device, &parsed);
+                drop(busy);
                 for ((head, _), used_len) in parsed.iter().zip(used) {
                     state.add_used(*head, used_len)?;
                     used_any = true;

@@ -3,6 +3,7 @@
 use clap::Parser;
 use microagent_daemon_kit::serve::MAX_SOCKET_PATH;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Longest serial virtio-blk can report (VIRTIO_BLK_ID_BYTES).
 pub const MAX_SERIAL: usize = 20;
@@ -45,6 +46,11 @@ pub struct Args {
     /// Open the image with O_DIRECT, bypassing the host page cache.
     #[arg(long)]
     pub direct_io: bool,
+    /// Seconds a request may wait for the disk before the daemon gives up and exits
+    /// (status 3), so that the VM sees the device fail instead of waiting forever (an
+    /// image on a hung network filesystem). 0: wait forever.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub io_timeout: u64,
     #[command(flatten)]
     pub confine: microagent_confine::ConfineArgs,
     #[command(flatten)]
@@ -59,6 +65,8 @@ pub struct BlkConfig {
     pub serial: String,
     pub queues: u16,
     pub direct_io: bool,
+    /// `--io-timeout` (none: wait forever).
+    pub io_timeout: Option<Duration>,
     pub seccomp: microagent_confine::Seccomp,
     /// `--landlock-dir`: after set-up, files only beneath these (none: no Landlock).
     pub landlock: Vec<PathBuf>,
@@ -84,6 +92,7 @@ impl TryFrom<Args> for BlkConfig {
             serial: args.serial,
             queues: args.queues,
             direct_io: args.direct_io,
+            io_timeout: (args.io_timeout > 0).then(|| Duration::from_secs(args.io_timeout)),
             seccomp: args.confine.seccomp,
             landlock: args.landlock.landlock_dirs,
         })
@@ -112,6 +121,8 @@ mod tests {
         assert_eq!(config.queues, 1);
         assert!(!config.read_only && !config.direct_io);
         assert_eq!(config.serial, "microagent");
+        assert_eq!(config.io_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(parse(&["--io-timeout", "0"]).unwrap().io_timeout, None);
     }
 
     #[test]

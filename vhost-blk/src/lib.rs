@@ -6,6 +6,7 @@
 //! - [`request`]: virtio-blk request parsing and execution (pure, tested on real rings).
 //! - [`backend`]: the vhost-user backend: features, config space, queues, device state.
 //! - [`state`]: the serialized device state for snapshots.
+//! - [`watchdog`]: `--io-timeout`, for a disk that stops answering.
 //!
 //! Serving, the checks on the frontend's messages, memory and state transfer come from
 //! `microagent-daemon-kit`.
@@ -16,8 +17,8 @@ pub mod confinement;
 pub mod disk;
 pub mod request;
 pub mod state;
+pub mod watchdog;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,14 +34,22 @@ pub fn serve(config: config::BlkConfig) -> Result<(), Error> {
     let socket = config.socket_path.clone();
     let policy = confinement::policy(config.seccomp);
     let landlock = config.landlock.clone();
+    let io_timeout = config.io_timeout;
+    let disk = config.disk.clone();
     let backend = Arc::new(backend::BlkBackend::new(config)?);
+    let in_flight = backend.in_flight();
     microagent_daemon_kit::serve::serve(
         "microagent-vhost-blk",
         &socket,
         backend,
         &policy,
         &landlock,
-        |_| Ok::<(), Infallible>(()),
+        // After the privilege drop and Landlock, before the seccomp filter (which then
+        // covers this thread too).
+        |_| match io_timeout {
+            Some(timeout) => watchdog::start(in_flight, timeout, disk),
+            None => Ok(()),
+        },
     )?;
     Ok(())
 }
