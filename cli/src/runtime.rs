@@ -448,7 +448,9 @@ fn wait_for(path: &Path, pid: u32, binary: &str, log: &Path) -> Result<()> {
                 ),
             ));
         }
-        sleep(Duration::from_millis(10));
+        // A daemon binds its socket 3 to 10 ms after it starts: a coarser poll would add
+        // up to its whole period to every process of a start or a fork.
+        sleep(Duration::from_millis(1));
     }
     Ok(())
 }
