@@ -2,7 +2,8 @@
 //! guests (`scenario=halt`, 1 vCPU, `--no-agent`) of 256 MiB and 4 GiB, and 16 forks
 //! in a row of a 1 GiB guest: wall time of the CLI command (it returns once the VMM
 //! answers with the vCPUs running) and the host memory each fork's processes use
-//! (VmRSS of the VMM and the blk daemon, which counts the guest memfd pages they map).
+//! (VmRSS of the VMM and its daemons: blk, and net with the default user network; the
+//! VMM's and blk daemon's count the guest memfd pages they map).
 //!
 //! cargo build --release -p microagent-cli -p microagent-vmm -p microagent-vhost-blk
 //! cargo run --release -p microagent-integration --example bench_fork [-- RUNS]
@@ -77,7 +78,7 @@ fn main() {
     let image = format!("{}/bench/img:v1", registry.addr);
     let cli = Cli::new(dir.path());
 
-    println!("| guest | forks | median fork ms (CLI to running) | max ms | median KiB per fork (VMM + blk RSS) |");
+    println!("| guest | forks | median fork ms (CLI to running) | max ms | median KiB per fork (VMM + daemons' RSS) |");
     println!("|---|---|---|---|---|");
     for (name, memory, count) in [
         ("m256", "256M", runs),
