@@ -38,7 +38,6 @@ for i in $(seq "$rounds"); do
   "$ma" exec loop -- true || echo "exec $i failed"
   "$ma" pause loop >/dev/null && "$ma" resume loop >/dev/null || echo "pause/resume $i failed"
   "$ma" exec loop -- sh -c 'echo x >/root/loop; sync' || echo "exec $i after resume failed"
-  cp "$ws/console.log" /tmp/console.before-halt
   t0=$(date +%s%N)
   "$ma" halt loop >/dev/null || echo "halt $i failed"
   if ! grep -q "i8042 reset" "$ws/vmm.log"; then

@@ -297,7 +297,9 @@ pub fn state(home: &Home, name: &str) -> State {
                  debugging (docs/security.md)"
                 ),
                 None => match last_daemon_error(home, name, bin) {
-                    Some(error) => format!("{bin} (pid {pid}) is gone; its last error: {error}"),
+                    Some(error) => {
+                        format!("{bin} (pid {pid}) is gone; its last logged error: {error}")
+                    }
                     None => format!("{bin} (pid {pid}) is gone"),
                 },
             },

@@ -78,7 +78,21 @@ impl StoppableMount {
 impl Drop for StoppableMount {
     fn drop(&mut self) {
         self.resume();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        // As root `umount` does it; a user's bindfs mounted through fusermount.
+        let unmounted = ["umount -l", "fusermount3 -u -z", "fusermount -u -z"]
+            .iter()
+            .any(|command| {
+                let mut words = command.split(' ');
+                Command::new(words.next().unwrap_or_default())
+                    .args(words)
+                    .arg(&self.mnt)
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+        if !unmounted {
+            eprintln!("warning: {} is still mounted", self.mnt.display());
+        }
         let _ = self.server.kill();
         let _ = self.server.wait();
     }

@@ -200,13 +200,27 @@ fn a_disk_that_stops_answering_fails_the_guests_disk_and_the_workspace_says_why(
 
     mount.stop();
     wait_console(&cli, "ws", "BLK-ERROR", Duration::from_secs(30));
-    let state = cli.entry("ws")["state"].clone();
+    // The daemon drops its frontend before it logs why, so the reason may lag a little
+    // behind the guest's error. It counts as gone once it is exiting (its cmdline reads
+    // empty), though its exit waits for the filesystem.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let state = loop {
+        let state = cli.entry("ws")["state"].clone();
+        let reason = state["reason"].as_str().unwrap_or_default();
+        let explained = reason.contains("microagent-vhost-blk (pid ")
+            && reason.contains("its last logged error: queue 0: I/O on")
+            && reason.contains("has not completed in");
+        if explained || Instant::now() > deadline {
+            break state;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(state["state"], "crashed", "{state}");
-    let reason = state["reason"].as_str().unwrap();
     assert!(
-        reason.contains("microagent-vhost-blk (pid ")
-            && reason.contains("its last error: queue 0: I/O on")
-            && reason.contains("has not completed in"),
+        state["reason"]
+            .as_str()
+            .unwrap()
+            .contains("its last logged error: queue 0: I/O on"),
         "{state}"
     );
     cli.fails(&["exec", "ws", "--", "true"], "workspace.crashed");

@@ -947,6 +947,9 @@ fn a_disk_that_stops_answering_ends_the_daemon_after_its_io_timeout() {
         mem,
         fe,
     };
+    // Dropped first should an assertion fail: the server runs again and the mount goes
+    // before the daemon is reaped and the directory removed, which would wait for it.
+    let mount = mount;
 
     // While the filesystem answers, the disk works.
     let done = request(&mut rig, 0, VIRTIO_BLK_T_IN, 0, Data::In(&[512]));

@@ -224,7 +224,13 @@ impl BlkBackend {
         device: &Device<'_>,
         batch: &[(u16, Parsed)],
     ) -> Vec<u32> {
-        let one = |(_, parsed): &(u16, Parsed)| request::complete(queue, mem, device, parsed);
+        let one = |(_, parsed): &(u16, Parsed)| {
+            let used = request::complete(queue, mem, device, parsed);
+            // The watchdog times each request, not the batch: a long batch on a slow
+            // disk that keeps completing requests is not a disk that stopped answering.
+            self.in_flight.progress(queue);
+            used
+        };
         let bytes: u64 = batch
             .iter()
             .filter_map(|(_, p)| p.as_ref().ok())

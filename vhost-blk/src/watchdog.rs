@@ -1,8 +1,9 @@
 //! The I/O watchdog. A request whose disk never answers (an image on a hung network or
 //! FUSE filesystem) would hold its queue's worker forever, and with it the ring lock that
-//! the frontend's GET_VRING_BASE (a snapshot, a device reset) waits for. After
-//! `--io-timeout` the daemon gives up: it logs the queue and the disk, shuts down its
-//! sockets and exits with [`EXIT_IO_TIMEOUT`]. The frontend sees the device go at once
+//! the frontend's GET_VRING_BASE (a snapshot, a device reset) waits for. When a queue has
+//! waited `--io-timeout` without a request completing, the daemon gives up: it shuts
+//! down its sockets, logs the queue and the disk, and exits with [`EXIT_IO_TIMEOUT`].
+//! The frontend sees the device go at once
 //! (microagent-vmm marks it failed for the guest, and `microagent` reports the workspace
 //! crashed with the logged line); the process itself may linger until the filesystem
 //! answers, as closing the image waits for it.
@@ -17,8 +18,8 @@ use std::time::{Duration, Instant};
 /// The daemon's exit status when a request outlived `--io-timeout`.
 pub const EXIT_IO_TIMEOUT: i32 = 3;
 
-/// When each queue's current batch started, as milliseconds since `epoch` plus one
-/// (0: the queue is idle).
+/// Since when each queue has waited for the disk: the start of its current batch or the
+/// last request of it that completed, as milliseconds since `epoch` plus one (0: idle).
 pub struct InFlight {
     epoch: Instant,
     since: Vec<AtomicU64>,
@@ -47,10 +48,21 @@ impl InFlight {
     pub fn busy(&self, queue: usize) -> Busy<'_> {
         let slot = self.since.get(queue);
         if let Some(slot) = slot {
-            let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-            slot.store(now + 1, Ordering::Release);
+            slot.store(self.now(), Ordering::Release);
         }
         Busy(slot)
+    }
+
+    /// A request of `queue`'s batch completed: the disk answers, the clock starts again.
+    pub fn progress(&self, queue: usize) {
+        if let Some(slot) = self.since.get(queue) {
+            slot.store(self.now(), Ordering::Release);
+        }
+    }
+
+    /// Milliseconds since `epoch`, plus one so that 0 stays "idle".
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
 
     /// The queue busy for longest, and for how long.
@@ -70,8 +82,8 @@ impl InFlight {
     }
 }
 
-/// Watches `in_flight` from a thread of its own and ends the process once a batch has run
-/// for `timeout`.
+/// Watches `in_flight` from a thread of its own and ends the process once a queue has
+/// waited `timeout` for a request to complete.
 pub fn start(in_flight: Arc<InFlight>, timeout: Duration, disk: PathBuf) -> io::Result<()> {
     let period = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     thread::Builder::new()
@@ -82,6 +94,9 @@ pub fn start(in_flight: Arc<InFlight>, timeout: Duration, disk: PathBuf) -> io::
                 continue;
             };
             if busy >= timeout {
+                // The frontend must learn first: the log may sit on the same stuck
+                // filesystem as the image.
+                sever_sockets();
                 log::error!(
                     "queue {queue}: I/O on {} has not completed in {:.1} s (--io-timeout \
                      {} s): the disk is not answering; exiting, so that the VM sees the \
@@ -90,7 +105,6 @@ pub fn start(in_flight: Arc<InFlight>, timeout: Duration, disk: PathBuf) -> io::
                     busy.as_secs_f64(),
                     timeout.as_secs()
                 );
-                sever_sockets();
                 std::process::exit(EXIT_IO_TIMEOUT);
             }
         })?;
@@ -127,6 +141,16 @@ fn sever_sockets() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_completed_request_restarts_the_clock() {
+        let in_flight = InFlight::new(1);
+        let _busy = in_flight.busy(0);
+        thread::sleep(Duration::from_millis(30));
+        in_flight.progress(0);
+        let (_, waited) = in_flight.oldest().unwrap();
+        assert!(waited < Duration::from_millis(30), "{waited:?}");
+    }
 
     #[test]
     fn only_a_busy_queue_ages_and_the_guard_marks_it_idle_again() {

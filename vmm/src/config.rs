@@ -28,8 +28,9 @@ pub enum Error {
 /// A minimal KVM virtual machine monitor whose devices are vhost-user daemons.
 ///
 /// The VMM appends one `virtio_mmio.device=` entry per device to the kernel command
-/// line, and `pci=off` for a bzImage (the VM has no PCI bus). It exits 0 when the guest resets or powers off (i8042 reset, triple fault) or
-/// when told to shut down, and 1 with a JSON error on stderr when a vCPU fails.
+/// line, and `pci=off` for a bzImage (the VM has no PCI bus). It exits 0 when the guest
+/// resets or powers off (i8042 reset, triple fault) or when told to shut down, and 1
+/// with a JSON error on stderr when a vCPU fails.
 ///
 /// `--restore DIR` starts from a snapshot instead of booting: memory, vCPUs and the VM
 /// come from DIR, `--cpus`/`--memory`/`--cmdline` from its manifest; the kernel (and
