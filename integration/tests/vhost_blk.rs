@@ -6,7 +6,7 @@ use microagent_integration::frontend::{self, Buf, Frontend, GuestMemory, Setup, 
 use microagent_integration::fuse::StoppableMount;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tempfile::TempDir;
 use vhost::vhost_user::VhostUserProtocolFeatures;
@@ -36,8 +36,14 @@ fn rig_with(disk_size: usize, fill: impl Fn(usize) -> u8, args: &[&str], setup: 
     let mut argv: Vec<&str> = vec!["--disk", disk.to_str().unwrap()];
     argv.extend_from_slice(args);
     let daemon = Daemon::start("microagent-vhost-blk", &socket, &argv).unwrap();
+    connected(dir, disk, daemon, &socket, &setup)
+}
+
+/// A rig around `daemon`, already serving `disk` on `socket`: 16 MiB of guest memory, the
+/// frontend connected with `setup`.
+fn connected(dir: TempDir, disk: PathBuf, daemon: Daemon, socket: &Path, setup: &Setup) -> Rig {
     let mut mem = GuestMemory::new(16 << 20).unwrap();
-    let fe = Frontend::connect(&socket, &mut mem, &setup).unwrap();
+    let fe = Frontend::connect(socket, &mut mem, setup).unwrap();
     Rig {
         dir,
         disk,
@@ -618,15 +624,7 @@ fn direct_io_with_huge_buffers_outside_guest_memory_fails_without_allocating_the
         ["--disk", disk.to_str().unwrap(), "--direct-io"],
     )
     .unwrap();
-    let mut mem = GuestMemory::new(16 << 20).unwrap();
-    let fe = Frontend::connect(&socket, &mut mem, &Setup::default()).unwrap();
-    let mut rig = Rig {
-        dir,
-        disk,
-        daemon,
-        mem,
-        fe,
-    };
+    let mut rig = connected(dir, disk, daemon, &socket, &Setup::default());
 
     // A buffer of almost 4 GiB (the most one chain may describe) far outside the 16 MiB
     // of guest memory: a bounce buffer sized from the descriptor would be filled from
@@ -938,15 +936,7 @@ fn a_disk_that_stops_answering_ends_the_daemon_after_its_io_timeout() {
         &log,
     )
     .unwrap();
-    let mut mem = GuestMemory::new(16 << 20).unwrap();
-    let fe = Frontend::connect(&socket, &mut mem, &Setup::default()).unwrap();
-    let mut rig = Rig {
-        dir,
-        disk,
-        daemon,
-        mem,
-        fe,
-    };
+    let mut rig = connected(dir, disk, daemon, &socket, &Setup::default());
     // Dropped first should an assertion fail: the server runs again and the mount goes
     // before the daemon is reaped and the directory removed, which would wait for it.
     let mount = mount;
