@@ -37,6 +37,9 @@ const L1_MEMORY_MIB: u32 = 4096;
 const MSIZE: u32 = 512 * 1024;
 /// How much of a log a failure shows.
 const TAIL: usize = 20000;
+/// How many times a job whose L1 froze is run again: the fresh-clone CI of 5b76152 lost
+/// two of its dozen nested jobs to freezes, so two in a row in one job are not far off.
+const FREEZE_RETRIES: u32 = 2;
 /// How many times a run lost to one of [`L2_BOOT_FAILURES`] is run again: at about one
 /// lost boot in 20-50 and a dozen nested jobs in `make test`, two losses in a row are
 /// rare but each cost a whole CI run.
@@ -223,18 +226,21 @@ reboot -f
 
 /// Runs `job` inside a fresh L1 machine and returns what it did. One L1 at a time on
 /// this machine: a second caller waits (two TCG machines on two cores only slow both).
-/// If L1 freezes (see [`FROZEN`]) the job runs once more in a fresh L1, and `name` is
-/// recorded as retried ([`report::retried`]); a second freeze is an error.
+/// If L1 freezes (see [`FROZEN`]) the job runs again in a fresh L1, at most
+/// [`FREEZE_RETRIES`] times, and `name` is recorded as retried ([`report::retried`]) each
+/// time; one more freeze is an error.
 pub fn run(job: &Job, name: &str) -> Result<Outcome, Error> {
     let kernel = L1Kernel::locate()?;
     let _turn = LockFile::acquire(&env::temp_dir().join("microagent-nested.lock"))?;
-    match run_once(job, &kernel) {
-        Err(frozen @ Error::Frozen { .. }) => {
-            report::retried(name, &frozen.to_string());
-            run_once(job, &kernel)
-        }
-        other => other,
+    let mut outcome = run_once(job, &kernel);
+    for _ in 0..FREEZE_RETRIES {
+        let Err(frozen @ Error::Frozen { .. }) = &outcome else {
+            break;
+        };
+        report::retried(name, &frozen.to_string());
+        outcome = run_once(job, &kernel);
     }
+    outcome
 }
 
 fn run_once(job: &Job, kernel: &L1Kernel) -> Result<Outcome, Error> {
