@@ -187,6 +187,32 @@ impl Cli {
     }
 }
 
+/// `create NAME --image IMAGE` of the CLI tests' usual workspace: `kernel` (the
+/// freestanding test guest, or a stand-in) booted with `cmdline`, no agent, 1 vCPU,
+/// 64 MiB. Callers push further flags after these.
+pub fn test_guest_create<'a>(
+    name: &'a str,
+    image: &'a str,
+    kernel: &'a str,
+    cmdline: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "create",
+        name,
+        "--image",
+        image,
+        "--no-agent",
+        "--memory",
+        "64M",
+        "--cpus",
+        "1",
+        "--kernel",
+        kernel,
+        "--cmdline",
+        cmdline,
+    ]
+}
+
 /// A live process (not a zombie).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {

@@ -1,7 +1,7 @@
 //! The `microagent` lifecycle on this machine: the KVM test guest as `--kernel …
 //! --no-agent`, a real image from a registry on loopback, real daemons and VMM.
 
-use microagent_integration::cli::{alive, survivors, Cli};
+use microagent_integration::cli::{alive, survivors, test_guest_create, Cli};
 use microagent_integration::net_services::{free_port, free_udp_port};
 use microagent_integration::registry::write_layout;
 use microagent_integration::vmm::test_guest;
@@ -14,21 +14,8 @@ fn create(cli: &Cli, name: &str, image: &str) {
 
 /// A workspace whose test guest runs `cmdline` (a `scenario=`).
 fn create_running(cli: &Cli, name: &str, image: &str, cmdline: &str) {
-    cli.ok(&[
-        "create",
-        name,
-        "--image",
-        image,
-        "--no-agent",
-        "--memory",
-        "64M",
-        "--cpus",
-        "1",
-        "--kernel",
-        test_guest().to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-    ]);
+    let kernel = test_guest().to_str().unwrap();
+    cli.ok(&test_guest_create(name, image, kernel, cmdline));
 }
 
 #[test]
@@ -726,23 +713,9 @@ fn an_agent_workspace_is_refused_at_start_where_linux_cannot_boot() {
 }
 
 fn net_create(cli: &Cli, name: &str, image: &str, extra: &[&str]) -> std::process::Output {
-    let guest = test_guest();
-    let mut args = vec![
-        "--json",
-        "create",
-        name,
-        "--image",
-        image,
-        "--no-agent",
-        "--memory",
-        "64M",
-        "--cpus",
-        "1",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        "scenario=halt",
-    ];
+    let kernel = test_guest().to_str().unwrap();
+    let mut args = vec!["--json"];
+    args.extend(test_guest_create(name, image, kernel, "scenario=halt"));
     args.extend_from_slice(extra);
     cli.run(&args)
 }

@@ -9,7 +9,7 @@ use microagent_agent_protocol::message::AgentMessage;
 use microagent_agent_protocol::PROTOCOL_VERSION;
 use microagent_cli::kill_point::{KILL_AT_ENV, POINTS};
 use microagent_cli::runtime::IO_TIMEOUT_ENV;
-use microagent_integration::cli::{processes_under, survivors, Cli, SmallFs};
+use microagent_integration::cli::{processes_under, survivors, test_guest_create, Cli, SmallFs};
 use microagent_integration::flaky_proxy::{FlakyProxy, Mode};
 use microagent_integration::fuse::StoppableMount;
 use microagent_integration::process::ChildGuard;
@@ -25,23 +25,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn create_args<'a>(name: &'a str, image: &'a str, cmdline: &'a str) -> Vec<&'a str> {
-    vec![
-        "create",
-        name,
-        "--image",
-        image,
-        "--no-agent",
-        "--net",
-        "none",
-        "--memory",
-        "64M",
-        "--cpus",
-        "1",
-        "--kernel",
-        test_guest().to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-    ]
+    let mut args = test_guest_create(name, image, test_guest().to_str().unwrap(), cmdline);
+    args.extend(["--net", "none"]);
+    args
 }
 
 fn console(cli: &Cli, name: &str) -> String {

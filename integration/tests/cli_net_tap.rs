@@ -3,7 +3,7 @@
 //! delete (also after the net daemon was SIGKILLed) and on a failed start; without
 //! privileges `create` refuses with a code.
 
-use microagent_integration::cli::{survivors, Cli};
+use microagent_integration::cli::{survivors, test_guest_create, Cli};
 use microagent_integration::tap_net;
 use microagent_integration::vmm::test_guest;
 use microagent_vhost_net::netns;
@@ -15,23 +15,9 @@ fn unique(tag: &str) -> String {
 }
 
 fn create_args<'a>(name: &'a str, image: &'a str, kernel: &'a str) -> Vec<&'a str> {
-    vec![
-        "create",
-        name,
-        "--image",
-        image,
-        "--no-agent",
-        "--memory",
-        "64M",
-        "--cpus",
-        "1",
-        "--kernel",
-        kernel,
-        "--cmdline",
-        "scenario=halt",
-        "--net",
-        "tap",
-    ]
+    let mut args = test_guest_create(name, image, kernel, "scenario=halt");
+    args.extend(["--net", "tap"]);
+    args
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! guest's counter (`tick N` / `wait N` on its console) shows where a restored VM
 //! continues; `scenario=blk_snapshot` shows which disk it reads.
 
-use microagent_integration::cli::{alive, survivors, Cli, SmallFs};
+use microagent_integration::cli::{alive, survivors, test_guest_create, Cli, SmallFs};
 use microagent_integration::vmm::test_guest;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -13,21 +13,8 @@ use std::time::{Duration, Instant};
 const RUN: Duration = Duration::from_secs(60);
 
 fn create(cli: &Cli, name: &str, image: &str, kernel: &Path, cmdline: &str) {
-    cli.ok(&[
-        "create",
-        name,
-        "--image",
-        image,
-        "--no-agent",
-        "--memory",
-        "64M",
-        "--cpus",
-        "1",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-    ]);
+    let kernel = kernel.to_str().unwrap();
+    cli.ok(&test_guest_create(name, image, kernel, cmdline));
 }
 
 fn console_path(cli: &Cli, name: &str) -> PathBuf {

@@ -2,6 +2,7 @@
 //! test guest's counter: the restored VM continues where the snapshot was taken, in new
 //! processes, and every refusal has its stable code with nothing started or left behind.
 
+use microagent_integration::cli::SmallFs;
 use microagent_integration::daemon::Daemon;
 use microagent_integration::vmm::{restore_refused, Vmm, VmmArgs};
 use std::fs;
@@ -407,28 +408,6 @@ fn damaged_or_foreign_snapshots_are_refused_with_stable_codes_and_nothing_starts
     bytes.push(0);
     fs::write(&kernel, bytes).unwrap();
     case("kernel", &|_| {}, &[], "snapshot.kernel_mismatch");
-}
-
-/// A tmpfs of `size` mounted on `dir`, unmounted when dropped (needs root).
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(dir: PathBuf, size: &str) -> Self {
-        fs::create_dir_all(&dir).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(status.success(), "mounting a small tmpfs (needs root)");
-        Self(dir)
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[test]
