@@ -46,11 +46,8 @@ impl InFlight {
 
     /// Marks `queue` busy while the returned guard lives.
     pub fn busy(&self, queue: usize) -> Busy<'_> {
-        let slot = self.since.get(queue);
-        if let Some(slot) = slot {
-            slot.store(self.now(), Ordering::Release);
-        }
-        Busy(slot)
+        self.progress(queue);
+        Busy(self.since.get(queue))
     }
 
     /// A request of `queue`'s batch completed: the disk answers, the clock starts again.
