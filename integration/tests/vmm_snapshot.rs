@@ -254,8 +254,20 @@ fn a_running_vm_is_snapshotted_and_keeps_running() {
         &[],
     )
     .unwrap();
-    restored.wait_for("tick ", RUN).unwrap();
-    let first = ticks(&restored.console())[0];
+    // The first complete `tick N` line: `wait_for("tick ")` can return while that line is
+    // still being written, before its number and newline.
+    let deadline = std::time::Instant::now() + RUN;
+    let first = loop {
+        if let Some(&first) = ticks(&restored.console()).first() {
+            break first;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tick after the restore:\n{}",
+            restored.console()
+        );
+        sleep(Duration::from_millis(5));
+    };
     assert!(first > 3, "restarted from {first}");
 }
 
