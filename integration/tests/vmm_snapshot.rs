@@ -837,3 +837,50 @@ fn microagent_snapshot_verify_catches_one_flipped_byte_in_every_file() {
         );
     }
 }
+
+/// `microagent-snapshot guest`, what a hung guest is read with: the test guest's polled
+/// vsock set-up is exactly known (8 RX buffers and 1 event buffer posted, none used, no
+/// interrupts: its vCPU spins with them off, every IOAPIC pin masked).
+#[test]
+fn microagent_snapshot_guest_shows_the_vcpu_and_each_ring_where_the_guest_left_them() {
+    let dir = new_dir();
+    let (_daemon, socket, _) = vsock_daemon(dir.path(), "source");
+    let mut args = VmmArgs::test_guest("scenario=vsock_snapshot");
+    args.extra = vec!["--vsock".into(), socket.into()];
+    let source = Vmm::start(&args, &dir.path().join("src-run")).unwrap();
+    source.wait_for("VSOCK-READY\n", RUN).unwrap();
+    let snap = dir.path().join("snap");
+    let reply = snapshot(&source, &snap);
+    assert_eq!(reply["ok"], true, "{reply}");
+
+    let out = snapshot_tool(&["guest".as_ref(), "--json".as_ref(), snap.as_os_str()]);
+    assert!(out.status.success(), "{out:?}");
+    let guest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vcpus = guest["vcpus"].as_array().unwrap();
+    assert_eq!(vcpus.len(), 1, "{guest}");
+    assert_eq!(vcpus[0]["state"], "runnable", "{guest}");
+    assert_eq!(vcpus[0]["interrupts_enabled"], false, "{guest}");
+    assert_ne!(vcpus[0]["rip"], 0, "{guest}");
+    assert_eq!(guest["ioapic"], serde_json::json!([]), "{guest}");
+    let device = &guest["devices"][0];
+    assert_eq!(device["kind"], "vsock", "{guest}");
+    assert_eq!(device["status"], 0xf, "{guest}");
+    let queues: Vec<(u64, u64, u64)> = device["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| {
+            let n = |k: &str| q[k].as_u64().unwrap();
+            (n("index"), n("avail"), n("used"))
+        })
+        .collect();
+    assert_eq!(queues, [(0, 8, 0), (1, 0, 0), (2, 1, 0)], "{guest}");
+
+    let text = snapshot_tool(&["guest".as_ref(), snap.as_os_str()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.starts_with("vcpu 0: runnable at rip 0x"), "{text}");
+    assert!(
+        text.contains("  queue 0 (8 entries): guest avail 8, device used 0, daemon next 0"),
+        "{text}"
+    );
+}

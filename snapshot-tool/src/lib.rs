@@ -2,6 +2,8 @@
 //! through the VMM's own snapshot types (as Firecracker's snapshot-editor uses its
 //! vmm crate).
 
+pub mod guest;
+
 use microagent_vmm::snapshot::manifest::{Manifest, MANIFEST};
 use microagent_vmm::snapshot::{dir, Error};
 use serde::Serialize;

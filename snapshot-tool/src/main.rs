@@ -20,6 +20,13 @@ enum Command {
     },
     /// Checks every file's checksum; exits 1 naming the first bad file.
     Verify { dir: PathBuf },
+    /// Where the guest stood: each vCPU's rip, run state and pending interrupts, the
+    /// IOAPIC's unmasked pins, each virtqueue's indices (for a guest that hung).
+    Guest {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -29,6 +36,13 @@ fn main() -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&i).unwrap_or_default());
             } else {
                 print!("{}", microagent_snapshot::render(&i));
+            }
+        }),
+        Command::Guest { dir, json } => microagent_snapshot::guest::read(&dir).map(|g| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&g).unwrap_or_default());
+            } else {
+                print!("{}", microagent_snapshot::guest::render(&g));
             }
         }),
         Command::Verify { dir } => microagent_snapshot::verify(&dir).map(|m| {

@@ -88,8 +88,9 @@ pub fn check(devices: &[TransportState], memory: &File, memory_size: u64) -> Res
     Ok(())
 }
 
-/// Where the two bytes at guest address `addr` are in the memfd's layout.
-fn file_offset(addr: u64, memory_size: u64) -> Option<u64> {
+/// Where the two bytes at guest address `addr` are in the memfd's layout (the
+/// snapshot's memory file has the same layout).
+pub fn file_offset(addr: u64, memory_size: u64) -> Option<u64> {
     let mut offset = 0;
     for (start, len) in ram_ranges(memory_size) {
         let start = start.0;
