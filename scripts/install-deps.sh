@@ -27,6 +27,8 @@ packages=(
   # the block daemon's I/O timeout test (vhost_blk.rs): a disk image on a FUSE mount
   # whose server is stopped, as on a hung network filesystem
   bindfs
+  # scripts/nested-test-loop.sh talks to the VMM's API socket (as the README's examples)
+  socat
 )
 
 missing=()

@@ -4,10 +4,15 @@
 use crate::daemon::binary;
 use crate::registry::{push, push_workspace_image, write_layout, Registry};
 use std::ffi::OsStr;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+/// How long one CLI command may run in a test: far past the slowest seen (a workspace
+/// start in the nested rig, under 30 s), and short of the nested rig's 600 s per job,
+/// so that a hung command fails its test with the logs instead of timing the job out.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
 
 pub struct Cli {
     pub home: PathBuf,
@@ -68,8 +73,51 @@ impl Cli {
         cmd
     }
 
-    pub fn run<S: AsRef<OsStr>>(&self, args: &[S]) -> Output {
-        self.command(args).stdin(Stdio::null()).output().unwrap()
+    /// Runs to the end, output captured. A command still running after
+    /// [`COMMAND_LIMIT`] is killed and the test fails with what it printed and every
+    /// log, rather than hanging until the test's (or the nested rig's) own limit.
+    pub fn run<S: AsRef<OsStr> + std::fmt::Debug>(&self, args: &[S]) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        let deadline = Instant::now() + COMMAND_LIMIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "microagent {args:?} was still running after {COMMAND_LIMIT:?} (killed); \
+                     it printed:\n{}\n{}\n{}",
+                    String::from_utf8_lossy(&stdout.join().unwrap()),
+                    String::from_utf8_lossy(&stderr.join().unwrap()),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Output {
+            status,
+            stdout: stdout.join().unwrap(),
+            stderr: stderr.join().unwrap(),
+        }
     }
 
     /// Runs with `stdin` fed to the command.

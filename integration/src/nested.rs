@@ -33,6 +33,11 @@ pub const INSIDE_ENV: &str = "MICROAGENT_NESTED_L1";
 pub const KERNEL_DIR_ENV: &str = "MICROAGENT_NESTED_KERNEL";
 /// L1 memory; L2 guests, their disks and the workspace homes live in it (tmpfs).
 const L1_MEMORY_MIB: u32 = 4096;
+/// L1's soft-lockup watchdog reports a CPU that has not scheduled for twice this many
+/// seconds (Linux's default is 10, so 20 s): short enough for L1's console, shown with
+/// every failure, to say whether L1 itself stalled before a test's 10 s timeouts ended
+/// the job. No run of this rig has shown a false report at this setting.
+const WATCHDOG_THRESH: u32 = 2;
 /// Largest 9p message Linux 6.1's virtio transport takes: fewer round trips per read.
 const MSIZE: u32 = 512 * 1024;
 /// How much of a log a failure shows.
@@ -179,10 +184,12 @@ impl Outcome {
                 .map(|line| format!("L1| {line}\n"))
                 .collect::<String>()
         };
+        // L1's console first: it is short, and it is what an excerpt of a long failure
+        // (CI shows the start) must not lose.
         format!(
-            "--- command output (end) ---\n{}--- L1 console (end) ---\n{}",
-            mark(&self.output),
-            mark(&self.console)
+            "--- L1 console (end) ---\n{}--- command output (end) ---\n{}",
+            mark(&self.console),
+            mark(&self.output)
         )
     }
 }
@@ -365,7 +372,7 @@ fn l1_command(kernel: &L1Kernel, initrd: &Path, console: &Path, scratch: &Path) 
         .arg(initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet nested.scratch={}",
+            "console=ttyS0 panic=-1 quiet watchdog_thresh={WATCHDOG_THRESH} nested.scratch={}",
             scratch.display()
         ))
         .stdin(Stdio::null())
