@@ -11,12 +11,16 @@
 set -uo pipefail
 rounds=${1:?rounds} binary=${2:?test binary (tests/NAME.rs)} test=${3:?test name}
 repo=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${MICROAGENT_NESTED_L1:-}" ]; then
-  exec "$repo/target/debug/microagent-nested" --timeout 5400 --env "LIMIT=${LIMIT:-220}" -- "$0" "$@"
-fi
 limit=${LIMIT:-220}
-exe=$(ls -t "$repo"/target/debug/deps/"$binary"-* | grep -v '\.d$' | head -n 1)
+if [ -z "${MICROAGENT_NESTED_L1:-}" ]; then
+  # L1's own limit: every round at its longest, the readings, and L1's boot.
+  exec "$repo/target/debug/microagent-nested" --timeout $((rounds * (limit + 10) + 600)) \
+    --env "LIMIT=$limit" -- "$0" "$@"
+fi
+exe=$(ls -t "$repo"/target/debug/deps/"$binary"-* 2>/dev/null | grep -v '\.d$' | head -n 1)
+[ -x "$exe" ] || { echo "no test binary target/debug/deps/$binary-*: cargo build --workspace --tests" >&2; exit 2; }
 tool=$repo/target/debug/microagent-snapshot
+shopt -s nullglob
 cd "$repo/integration" || exit 1
 failed=0
 for i in $(seq "$rounds"); do
@@ -47,7 +51,8 @@ for i in $(seq "$rounds"); do
     echo "=== workspace $name"
     for log in "$ws"/*.log; do echo "--- $log (end)"; tail -n 12 "$log"; done
     snap=$ws/snapshots/hung-$i
-    echo "{\"cmd\":\"snapshot\",\"dir\":\"$snap\"}" | timeout 60 socat -t 30 - UNIX-CONNECT:"$api"
+    # socat waits up to 120 s after sending for the reply (the VMM keeps the socket open).
+    echo "{\"cmd\":\"snapshot\",\"dir\":\"$snap\"}" | timeout 130 socat -t 120 - UNIX-CONNECT:"$api"
     "$tool" guest "$snap"
   done
   break

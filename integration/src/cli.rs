@@ -10,8 +10,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long one CLI command may run in a test: far past the slowest seen (a workspace
-/// start in the nested rig, under 30 s), and short of the nested rig's 600 s per job,
-/// so that a hung command fails its test with the logs instead of timing the job out.
+/// start in the nested rig, under 30 s; a snapshot of the tests' 64-256 MiB guests, a
+/// few seconds, though the CLI itself allows one 600 s), and short of the nested rig's
+/// 600 s per job, so that a hung command fails its test with the logs instead of timing
+/// the job out.
 pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
 
 pub struct Cli {
@@ -77,13 +79,38 @@ impl Cli {
     /// [`COMMAND_LIMIT`] is killed and the test fails with what it printed and every
     /// log, rather than hanging until the test's (or the nested rig's) own limit.
     pub fn run<S: AsRef<OsStr> + std::fmt::Debug>(&self, args: &[S]) -> Output {
+        self.run_limited(args, None)
+    }
+
+    /// Runs with `stdin` fed to the command (within [`COMMAND_LIMIT`], as [`Self::run`]).
+    pub fn run_with_stdin<S: AsRef<OsStr> + std::fmt::Debug>(
+        &self,
+        args: &[S],
+        stdin: &[u8],
+    ) -> Output {
+        self.run_limited(args, Some(stdin))
+    }
+
+    fn run_limited<S: AsRef<OsStr> + std::fmt::Debug>(
+        &self,
+        args: &[S],
+        stdin: Option<&[u8]>,
+    ) -> Output {
         let mut child = self
             .command(args)
-            .stdin(Stdio::null())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let writer = child.stdin.take().zip(stdin).map(|(mut input, data)| {
+            let data = data.to_vec();
+            std::thread::spawn(move || input.write_all(&data))
+        });
         let drain = |pipe: Option<Box<dyn Read + Send>>| {
             std::thread::spawn(move || {
                 let mut bytes = Vec::new();
@@ -113,28 +140,14 @@ impl Cli {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
+        if let Some(writer) = writer {
+            writer.join().unwrap().unwrap();
+        }
         Output {
             status,
             stdout: stdout.join().unwrap(),
             stderr: stderr.join().unwrap(),
         }
-    }
-
-    /// Runs with `stdin` fed to the command.
-    pub fn run_with_stdin<S: AsRef<OsStr>>(&self, args: &[S], stdin: &[u8]) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        let data = stdin.to_vec();
-        let writer = std::thread::spawn(move || input.write_all(&data));
-        let out = child.wait_with_output().unwrap();
-        writer.join().unwrap().unwrap();
-        out
     }
 
     /// Runs and expects success; returns stdout.

@@ -298,10 +298,10 @@ fn run_once(job: &Job, kernel: &L1Kernel) -> Result<Outcome, Error> {
             drop(qemu);
             return Err(process::Error::Timeout {
                 what: format!(
-                    "the nested job {} (command output:\n{}\nL1 console:\n{})",
+                    "the nested job {} (L1 console:\n{}\ncommand output:\n{})",
                     job.program.display(),
-                    tail(&read_lossy(&output)),
-                    tail(&read_lossy(&console))
+                    tail(&read_lossy(&console)),
+                    tail(&read_lossy(&output))
                 ),
                 timeout: job.timeout,
             }

@@ -870,8 +870,8 @@ fn microagent_snapshot_guest_shows_the_vcpu_and_each_ring_where_the_guest_left_t
         .unwrap()
         .iter()
         .map(|q| {
-            let n = |k: &str| q[k].as_u64().unwrap();
-            (n("index"), n("avail"), n("used"))
+            let n = |k: &str| q["ring"][k].as_u64().unwrap();
+            (q["index"].as_u64().unwrap(), n("avail"), n("used"))
         })
         .collect();
     assert_eq!(queues, [(0, 8, 0), (1, 0, 0), (2, 1, 0)], "{guest}");
@@ -880,7 +880,7 @@ fn microagent_snapshot_guest_shows_the_vcpu_and_each_ring_where_the_guest_left_t
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.starts_with("vcpu 0: runnable at rip 0x"), "{text}");
     assert!(
-        text.contains("  queue 0 (8 entries): guest avail 8, device used 0, daemon next 0"),
+        text.contains("  queue 0 (8 entries): daemon next 0, guest avail 8, device used 0\n"),
         "{text}"
     );
 }

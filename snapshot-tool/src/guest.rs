@@ -3,6 +3,7 @@
 //! both sides. For reading a guest that stopped answering: snapshot it through the
 //! VMM's API (which needs no agent), then `microagent-snapshot guest DIR`.
 
+use microagent_vmm::devices::virtio_mmio::QueueState;
 use microagent_vmm::snapshot::manifest::MEMORY;
 use microagent_vmm::snapshot::rings::file_offset;
 use microagent_vmm::snapshot::state::VcpuState;
@@ -20,7 +21,13 @@ const APIC_TPR: usize = 0x80;
 const APIC_ISR: usize = 0x100;
 const APIC_IRR: usize = 0x200;
 const APIC_LVT_TIMER: usize = 0x320;
+const APIC_TIMER_CURRENT_COUNT: usize = 0x390;
 const RFLAGS_IF: u64 = 1 << 9;
+/// VIRTIO_RING_F_EVENT_IDX: the driver's used_event and the device's avail_event replace
+/// the rings' flags for notification suppression.
+const EVENT_IDX: u64 = 1 << 29;
+const DRIVER_OK: u32 = 4;
+const KVM_IRQCHIP_IOAPIC: u32 = 2;
 
 #[derive(Debug, Serialize)]
 pub struct Vcpu {
@@ -37,9 +44,14 @@ pub struct Vcpu {
     /// Vectors the LAPIC is servicing (ISR) and holding for delivery (IRR).
     pub in_service: Vec<u8>,
     pub requested: Vec<u8>,
-    /// The LAPIC timer: "masked", "one-shot", "periodic" or "tsc-deadline".
+    /// The LAPIC timer: "masked", "one-shot", "periodic", "tsc-deadline" or "reserved".
     pub timer: &'static str,
-    /// TSC-deadline mode: how far the deadline was ahead of the TSC (negative: due).
+    /// One-shot and periodic modes: the count left (0: not running).
+    pub timer_count: u32,
+    /// TSC-deadline mode: the deadline MSR, and how far it was ahead of the TSC
+    /// (negative: due). A deadline of 0 is disarmed, or fired with its interrupt not yet
+    /// taken.
+    pub tsc_deadline: Option<u64>,
     pub deadline_in_ticks: Option<i64>,
 }
 
@@ -54,19 +66,32 @@ pub struct Pin {
     /// Level-triggered: delivered and not yet acknowledged by an EOI.
     pub remote_irr: bool,
     pub asserted: bool,
+    pub masked: bool,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Queue {
     pub index: usize,
     pub size: u16,
-    /// The guest's avail index and the device's used index, read from guest memory.
-    pub avail: u16,
-    pub used: u16,
     /// The next avail entry the daemon would have read.
     pub daemon_next: u16,
-    /// The guest asked for no interrupts (avail flags bit 0).
+    /// What guest memory holds of the ring; None when a ring lies outside it (the guest
+    /// set the addresses).
+    pub ring: Option<Ring>,
+}
+
+/// A split virtqueue's indices and notification suppression, read from guest memory.
+#[derive(Debug, Serialize)]
+pub struct Ring {
+    /// The guest's avail index and the device's used index.
+    pub avail: u16,
+    pub used: u16,
+    /// Without EVENT_IDX: the guest asked for no interrupts (avail flags bit 0).
     pub no_interrupt: bool,
+    /// With EVENT_IDX: the used index after which the guest wants an interrupt, and the
+    /// avail index after which the device wants a kick.
+    pub used_event: Option<u16>,
+    pub avail_event: Option<u16>,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,36 +120,48 @@ pub fn read(snapshot: &Path) -> Result<Guest, Error> {
         source,
     })?;
     let memory_size = opened.manifest.memory_mib << 20;
-    let read_u16 = |addr: u64| -> Result<u16, Error> {
+    let read_u16 = |addr: Option<u64>| -> Option<u16> {
+        let offset = file_offset(addr?, memory_size)?;
         let mut bytes = [0u8; 2];
-        let offset = file_offset(addr, memory_size).ok_or_else(|| Error::Corrupt {
-            path: path.clone(),
-            message: format!("a ring at {addr:#x} is outside guest memory"),
-        })?;
-        memory
-            .read_exact_at(&mut bytes, offset)
-            .map_err(|source| Error::Read {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(u16::from_le_bytes(bytes))
+        memory.read_exact_at(&mut bytes, offset).ok()?;
+        Some(u16::from_le_bytes(bytes))
+    };
+    let ring = |q: &QueueState, event_idx: bool| -> Option<Ring> {
+        let size = u64::from(q.size);
+        // avail: flags, idx, ring[size], used_event; used: flags, idx, ring[size] of
+        // 8 bytes, avail_event.
+        let at = |base: u64, offset: u64| base.checked_add(offset);
+        Some(Ring {
+            avail: read_u16(at(q.avail, 2))?,
+            used: read_u16(at(q.used, 2))?,
+            no_interrupt: !event_idx && read_u16(at(q.avail, 0))? & 1 != 0,
+            used_event: match event_idx {
+                true => Some(read_u16(at(q.avail, 4 + 2 * size))?),
+                false => None,
+            },
+            avail_event: match event_idx {
+                true => Some(read_u16(at(q.used, 4 + 8 * size))?),
+                false => None,
+            },
+        })
     };
     let mut devices = Vec::new();
     for transport in &state.devices {
-        let mut queues = Vec::new();
-        for (index, q) in transport.queues.iter().enumerate() {
-            if !q.ready || q.size == 0 {
-                continue;
-            }
-            queues.push(Queue {
+        let event_idx = transport.driver_features & EVENT_IDX != 0;
+        // Before DRIVER_OK the ring addresses may be half written: not read.
+        let started = transport.status & DRIVER_OK != 0;
+        let queues = transport
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| started && q.ready && q.size != 0)
+            .map(|(index, q)| Queue {
                 index,
                 size: q.size,
-                avail: read_u16(q.avail + 2)?,
-                used: read_u16(q.used + 2)?,
                 daemon_next: q.next_avail,
-                no_interrupt: read_u16(q.avail)? & 1 != 0,
-            });
-        }
+                ring: ring(q, event_idx),
+            })
+            .collect();
         devices.push(Device {
             kind: transport.kind.name(),
             status: transport.status,
@@ -132,21 +169,31 @@ pub fn read(snapshot: &Path) -> Result<Guest, Error> {
             queues,
         });
     }
-    // SAFETY: the IOAPIC's KVM_GET_IRQCHIP fills the `ioapic` member of the union, and
-    // any bit pattern is a valid value of its plain integer fields.
-    let ioapic = unsafe { state.vm.ioapic.chip.ioapic };
+    let chip = &state.vm.ioapic;
+    if chip.chip_id != KVM_IRQCHIP_IOAPIC {
+        return Err(Error::Corrupt {
+            path: snapshot.join(microagent_vmm::snapshot::manifest::STATE),
+            message: format!("the IOAPIC's chip id is {}", chip.chip_id),
+        });
+    }
+    // SAFETY: the chip id says the union holds the IOAPIC's state, and the union was
+    // rebuilt from the saved bytes, so its integer fields hold valid values.
+    let ioapic = unsafe { chip.chip.ioapic };
     let ioapic = (0..ioapic.redirtbl.len())
         .filter_map(|pin| {
             // SAFETY: every redirection entry is a u64 (`bits`) viewed as bit fields.
             let entry = unsafe { ioapic.redirtbl[pin].bits };
-            (entry & 1 << 16 == 0).then_some(Pin {
+            let p = Pin {
                 pin,
                 vector: entry as u8,
                 destination: (entry >> 56) as u8,
                 level_triggered: entry & 1 << 15 != 0,
                 remote_irr: entry & 1 << 14 != 0,
                 asserted: ioapic.irr & 1 << pin != 0,
-            })
+                masked: entry & 1 << 16 != 0,
+            };
+            // A masked pin matters only when something is left on it.
+            (!p.masked || p.remote_irr || p.asserted).then_some(p)
         })
         .collect();
     Ok(Guest {
@@ -176,13 +223,15 @@ fn vcpu(v: &VcpuState) -> Vcpu {
         (1, _) => "masked",
         (_, 0) => "one-shot",
         (_, 1) => "periodic",
-        _ => "tsc-deadline",
+        (_, 2) => "tsc-deadline",
+        _ => "reserved",
     };
     let msr = |index| v.msrs.iter().find(|m| m.index == index).map(|m| m.data);
-    let deadline_in_ticks = match (timer, msr(MSR_IA32_TSC_DEADLINE), msr(MSR_IA32_TSC)) {
-        ("tsc-deadline", Some(deadline), Some(tsc)) if deadline != 0 => {
-            Some(deadline.wrapping_sub(tsc) as i64)
-        }
+    let tsc_deadline = (timer == "tsc-deadline")
+        .then(|| msr(MSR_IA32_TSC_DEADLINE))
+        .flatten();
+    let deadline_in_ticks = match (tsc_deadline, msr(MSR_IA32_TSC)) {
+        (Some(deadline), Some(tsc)) if deadline != 0 => Some(deadline.wrapping_sub(tsc) as i64),
         _ => None,
     };
     let interrupt = v.events.interrupt;
@@ -205,6 +254,8 @@ fn vcpu(v: &VcpuState) -> Vcpu {
         in_service: vectors(APIC_ISR),
         requested: vectors(APIC_IRR),
         timer,
+        timer_count: reg(APIC_TIMER_CURRENT_COUNT),
+        tsc_deadline,
         deadline_in_ticks,
     }
 }
@@ -233,21 +284,26 @@ pub fn render(guest: &Guest) -> String {
             v.in_service,
             v.requested,
             v.timer,
-            v.deadline_in_ticks
-                .map(|t| format!(" (deadline {t} TSC ticks ahead)"))
-                .unwrap_or_default()
+            match (v.tsc_deadline, v.deadline_in_ticks) {
+                (_, Some(t)) => format!(" (deadline {t} TSC ticks ahead)"),
+                (Some(0), _) => " (deadline 0: disarmed, or fired and not yet taken)".into(),
+                _ if matches!(v.timer, "one-shot" | "periodic") =>
+                    format!(" (count {})", v.timer_count),
+                _ => String::new(),
+            }
         );
     }
     for p in &guest.ioapic {
         let _ = writeln!(
             out,
-            "ioapic pin {}: vector {} to APIC {}, {}{}{}",
+            "ioapic pin {}: vector {} to APIC {}, {}{}{}{}",
             p.pin,
             p.vector,
             p.destination,
             if p.level_triggered { "level" } else { "edge" },
             if p.remote_irr { ", remote IRR" } else { "" },
             if p.asserted { ", asserted" } else { "" },
+            if p.masked { ", masked" } else { "" },
         );
     }
     for (i, d) in guest.devices.iter().enumerate() {
@@ -257,20 +313,29 @@ pub fn render(guest: &Guest) -> String {
             d.kind, d.status, d.interrupt_status
         );
         for q in &d.queues {
-            let _ = writeln!(
+            let _ = write!(
                 out,
-                "  queue {} ({} entries): guest avail {}, device used {}, daemon next {}{}",
-                q.index,
-                q.size,
-                q.avail,
-                q.used,
-                q.daemon_next,
-                if q.no_interrupt {
-                    ", interrupts suppressed"
-                } else {
-                    ""
-                }
+                "  queue {} ({} entries): daemon next {}",
+                q.index, q.size, q.daemon_next
             );
+            let _ = match &q.ring {
+                None => writeln!(out, ", ring outside guest memory"),
+                Some(r) => writeln!(
+                    out,
+                    ", guest avail {}, device used {}{}{}",
+                    r.avail,
+                    r.used,
+                    r.used_event
+                        .zip(r.avail_event)
+                        .map(|(u, a)| format!(", used_event {u}, avail_event {a}"))
+                        .unwrap_or_default(),
+                    if r.no_interrupt {
+                        ", interrupts suppressed"
+                    } else {
+                        ""
+                    }
+                ),
+            };
         }
     }
     out
