@@ -455,23 +455,14 @@ fn a_fork_gets_its_own_net_daemon_without_the_sources_published_ports() {
     let _reaper = cli.reaper();
     let port = microagent_integration::net_services::free_port();
     let spec = format!("127.0.0.1:{port}:80");
-    cli.ok(&[
-        "create",
+    let mut create = test_guest_create(
         "web",
-        "--image",
         &image,
-        "--no-agent",
-        "--memory",
-        "64M",
-        "--cpus",
-        "1",
-        "--kernel",
         test_guest().to_str().unwrap(),
-        "--cmdline",
         "scenario=halt",
-        "--publish",
-        &spec,
-    ]);
+    );
+    create.extend(["--publish", &spec]);
+    cli.ok(&create);
     cli.ok(&["start", "web"]);
     cli.ok(&["snapshot", "create", "web", "--tag", "base"]);
     cli.ok(&["create", "web-fork", "--from-snapshot", "web:base"]);
