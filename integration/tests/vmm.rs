@@ -229,19 +229,19 @@ fn linux_kernel_starts_with_our_devices_and_pvm_stops_it_with_a_structured_error
     let disk = dir.path().join("disk.img");
     fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let export = StorageDaemon::start(&disk, &dir.path().join("qsd.sock"), true).unwrap();
-    let mut args = VmmArgs::test_guest("console=ttyS0 reboot=k panic=1");
+    let mut args = VmmArgs::test_guest("console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1");
     args.kernel = guest_kernel().unwrap();
     args.memory_mib = 256;
     args.blk.push(export.socket().to_owned());
     let (output, console) = args.run(dir.path(), Duration::from_secs(240)).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         console.contains(
-            "Command line: console=ttyS0 reboot=k panic=1 virtio_mmio.device=4K@0xd0000000:5"
+            "Command line: console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 virtio_mmio.device=4K@0xd0000000:5"
         ),
-        "{console}"
+        "console:\n{console}\nVMM stderr:\n{stderr}"
     );
     assert!(!output.status.success(), "the VMM claimed success");
-    let stderr = String::from_utf8_lossy(&output.stderr);
     let report: serde_json::Value = stderr
         .lines()
         .find_map(|l| serde_json::from_str(l).ok())
