@@ -67,6 +67,12 @@ make agent
 cargo build --release --workspace --locked
 
 selected=("$@")
+# What the block says produced it: the whole run, or the benchmarks named.
+if [ "${#selected[@]}" -gt 0 ]; then
+  command="scripts/bench.sh ${selected[*]}"
+else
+  command="make bench"
+fi
 for entry in "${BENCHES[@]}"; do
   IFS='|' read -r name example args <<<"$entry"
   if [ "${#selected[@]}" -gt 0 ] && [[ ! " ${selected[*]} " =~ " $name " ]]; then
@@ -76,7 +82,7 @@ for entry in "${BENCHES[@]}"; do
   body="$OUT/$name.md"
   {
     echo
-    echo "\`make bench\`, $(machine):"
+    echo "\`$command\`, $(machine):"
     echo
     # shellcheck disable=SC2086 # args are words
     cargo run --release --locked -q -p microagent-integration --example "$example" -- $args

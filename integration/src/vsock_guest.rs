@@ -81,6 +81,28 @@ impl Guest {
     }
 
     pub fn send(&mut self, p: Packet, payload: &[u8]) {
+        self.send_batch(&[(p, payload)]);
+    }
+
+    /// Queues every packet on TX, kicks once and waits until the device used them all,
+    /// as Linux's virtio-vsock send worker does with the packets it has queued.
+    pub fn send_batch(&mut self, packets: &[(Packet, &[u8])]) {
+        assert!(packets.len() <= TX_SLOTS, "more packets than TX slots");
+        let chains: Vec<Vec<Buf>> = packets
+            .iter()
+            .map(|(p, payload)| self.stage(*p, payload))
+            .collect();
+        let q = &mut self.fe.queues[TX];
+        for bufs in &chains {
+            let head = q.write_chain(&self.mem, bufs);
+            q.publish(&self.mem, head);
+        }
+        q.kick().unwrap();
+        q.wait_used(&self.mem, packets.len(), WAIT).unwrap();
+    }
+
+    /// Writes a packet into the next TX slot; returns its descriptors (header, payload).
+    fn stage(&mut self, p: Packet, payload: &[u8]) -> Vec<Buf> {
         let slot = self.tx_slots[self.next_slot];
         self.next_slot = (self.next_slot + 1) % TX_SLOTS;
         let header = Header::from(p);
@@ -91,9 +113,7 @@ impl Guest {
         if !payload.is_empty() {
             bufs.push(Buf::readable(data, payload.len() as u32));
         }
-        let q = &mut self.fe.queues[TX];
-        q.submit(&self.mem, &bufs).unwrap();
-        q.wait_used(&self.mem, 1, WAIT).unwrap();
+        bufs
     }
 
     /// The next packet the device put in an RX buffer (the buffer is posted again).
