@@ -5,8 +5,9 @@ use crate::frame::{self, read_frame, write_control, write_frame, Kind};
 use crate::message::{codes, AgentMessage, ExecRequest, HostMessage};
 use crate::{AGENT_PORT, PROTOCOL_VERSION};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::sleep;
@@ -31,6 +32,16 @@ pub enum Error {
     NoReply {
         request: &'static str,
         waited: Duration,
+    },
+    #[error(
+        "the agent stopped answering while the command ran: {probes} new connections over \
+         {waited:?} found no agent (last: {last}); the guest may be hung (microagent logs \
+         shows its console; halt or restart it)"
+    )]
+    Unresponsive {
+        probes: u32,
+        waited: Duration,
+        last: String,
     },
     #[error("unexpected message from the agent: {0:?}")]
     Unexpected(AgentMessage),
@@ -87,12 +98,32 @@ pub struct AgentInfo {
 /// A running command's output has no limit.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How often a silent command's agent is probed on a new connection, and how many
+/// probes in a row must fail before the command counts as lost.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    pub interval: Duration,
+    pub probes: u32,
+}
+
+/// Every 10 s of silence; 3 failures (each at most the daemon's 5 s CONNECT wait, or
+/// the 5 s read timeout of [`Connection::open`]) end the command after about 45 s.
+pub const LIVENESS: Liveness = Liveness {
+    interval: Duration::from_secs(10),
+    probes: 3,
+};
+
 /// A connection to the agent that has passed the version check.
 pub struct Connection {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     info: AgentInfo,
     reply_timeout: Duration,
+    /// The vsock daemon's host socket, for liveness probes (None for [`Connection::over`]).
+    uds: Option<PathBuf>,
+    liveness: Liveness,
+    /// Whether the guest is paused on purpose: a probe that fails then does not count.
+    paused: Option<Box<dyn Fn() -> bool + Send>>,
 }
 
 impl Connection {
@@ -102,7 +133,10 @@ impl Connection {
         let deadline = Instant::now() + timeout;
         loop {
             let last = match Self::try_open(uds) {
-                Ok(conn) => return Ok(conn),
+                Ok(mut conn) => {
+                    conn.uds = Some(uds.to_owned());
+                    return Ok(conn);
+                }
                 Err(Error::VersionMismatch { agent }) => {
                     return Err(Error::VersionMismatch { agent })
                 }
@@ -167,7 +201,54 @@ impl Connection {
             writer,
             info,
             reply_timeout: REPLY_TIMEOUT,
+            uds: None,
+            liveness: LIVENESS,
+            paused: None,
         })
+    }
+
+    /// Other probe timings than [`LIVENESS`] for a running command.
+    pub fn with_liveness(mut self, liveness: Liveness) -> Self {
+        self.liveness = liveness;
+        self
+    }
+
+    /// Tells probes apart from a pause: while `paused` says so, failed probes do not
+    /// count (a workspace paused by its user mid-command is not hung).
+    pub fn with_pause_check(mut self, paused: impl Fn() -> bool + Send + 'static) -> Self {
+        self.paused = Some(Box::new(paused));
+        self
+    }
+
+    /// Waits until the agent's next frame starts to arrive. While the command is silent,
+    /// the agent is probed every `liveness.interval` on a new connection (a version
+    /// check: what a guest whose vsock transport or kernel stopped cannot answer);
+    /// `liveness.probes` failures in a row end the wait with [`Error::Unresponsive`].
+    fn await_frame(&mut self) -> Result<(), Error> {
+        let Some(uds) = self.uds.clone() else {
+            return Ok(());
+        };
+        let since = Instant::now();
+        let mut failed = 0;
+        while self.reader.buffer().is_empty()
+            && !readable(self.reader.get_ref(), self.liveness.interval)?
+        {
+            match Self::try_open(&uds) {
+                Ok(_) => failed = 0,
+                Err(_) if self.paused.as_ref().is_some_and(|paused| paused()) => failed = 0,
+                Err(e) => {
+                    failed += 1;
+                    if failed >= self.liveness.probes {
+                        return Err(Error::Unresponsive {
+                            probes: failed,
+                            waited: since.elapsed(),
+                            last: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Another limit than [`REPLY_TIMEOUT`] for the agent's answers.
@@ -248,6 +329,7 @@ impl Connection {
             });
         }
         let exit = loop {
+            self.await_frame()?;
             let frame = read_frame(&mut self.reader)?;
             match frame.kind {
                 Kind::Stdout => stdout.write_all(&frame.payload)?,
@@ -282,6 +364,26 @@ impl Connection {
             other => Err(Error::Unexpected(other)),
         }
     }
+}
+
+/// Whether `stream` has bytes to read (or its end) within `timeout`; nothing is consumed.
+fn readable(stream: &UnixStream, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd, alive for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::Interrupted => Ok(false),
+            _ => Err(e),
+        };
+    }
+    Ok(n > 0)
 }
 
 fn pump_stdin(mut stdin: impl Read, writer: &Mutex<UnixStream>) -> Result<(), Error> {

@@ -768,6 +768,11 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
                 .err()
                 .unwrap_or_else(|| CliError::new("agent.unreachable", e.to_string()))
         })?;
+    // A workspace its user pauses mid-command is waiting, not hung.
+    let conn = {
+        let (home, name) = (home.clone(), name.clone());
+        conn.with_pause_check(move || runtime::state(&home, &name) == State::Paused)
+    };
     let stdin: Box<dyn Read + Send> = if interactive {
         Box::new(std::io::stdin())
     } else {
@@ -794,7 +799,7 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
     drop(raw);
     match result {
         Ok(exit) => Ok(exit.code()),
-        Err(e @ AgentError::NoReply { .. }) => {
+        Err(e @ (AgentError::NoReply { .. } | AgentError::Unresponsive { .. })) => {
             Err(CliError::new("agent.timeout", format!("{name}: {e}")))
         }
         Err(e) => {

@@ -177,6 +177,11 @@ impl Qemu {
         })
     }
 
+    /// The QEMU process's pid (for tests that stop and continue it).
+    pub fn pid(&self) -> libc::pid_t {
+        self.process.id().expect("QEMU is running") as libc::pid_t
+    }
+
     /// Everything the guest has printed so far.
     pub fn console(&self) -> String {
         fs::read(&self.console)

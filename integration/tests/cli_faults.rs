@@ -267,6 +267,85 @@ fn an_agent_that_takes_a_request_and_never_answers_fails_exec_with_agent_timeout
     assert_eq!(cli.state("ws"), "halted");
 }
 
+/// Plays an agent on `socket` that starts one command, then stops answering anything:
+/// the connection stays open and silent, and no new connection is taken (as a guest
+/// whose kernel or vsock transport stopped).
+fn agent_that_hangs_mid_command(socket: &Path) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        drop(listener); // new connections are refused from here on
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream.try_clone().unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        writer.write_all(b"OK 1024\n").unwrap();
+        read_frame(&mut reader).unwrap(); // Hello
+        let hello = AgentMessage::Hello {
+            version: PROTOCOL_VERSION,
+            agent: "hangs".into(),
+            cid: Some(3),
+        };
+        write_control(&mut writer, &hello).unwrap();
+        read_frame(&mut reader).unwrap(); // Exec
+        write_control(&mut writer, &AgentMessage::Started { pid: 1 }).unwrap();
+        // Silent until the host gives up and closes.
+        let _ = read_frame(&mut reader);
+        let _ = read_frame(&mut reader);
+    })
+}
+
+/// A command's output may pause for as long as it likes, but a guest that stops while it
+/// runs used to leave `exec` waiting for ever. While the command is silent the agent is
+/// probed on a new connection every 10 s, and 3 failures in a row end `exec` with
+/// `agent.timeout` (about 30 s here, where each probe is refused at once), except while
+/// the workspace is paused by its user: then the command waits.
+#[test]
+fn an_agent_that_stops_answering_while_a_command_runs_fails_exec_with_agent_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
+    let _reaper = cli.reaper();
+    cli.ok(&create_args("ws", &image, "scenario=halt"));
+    cli.ok(&["start", "ws"]);
+    let agent = agent_that_hangs_mid_command(&cli.runtime.join("ws/agent.vsock"));
+    let mut exec = ChildGuard::spawn(
+        cli.command(&["--json", "exec", "ws", "--", "sleep", "600"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap();
+    // Paused for 4 probe intervals: failed probes do not count, the command waits.
+    std::thread::sleep(Duration::from_secs(1));
+    cli.ok(&["pause", "ws"]);
+    std::thread::sleep(Duration::from_secs(40));
+    assert!(
+        exec.try_status().unwrap().is_none(),
+        "exec gave up on a paused workspace"
+    );
+    cli.ok(&["resume", "ws"]);
+    let resumed = Instant::now();
+    exec.wait_timeout(Duration::from_secs(90)).unwrap();
+    let took = resumed.elapsed();
+    let out = exec.into_output().unwrap();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["error"]["code"], "agent.timeout", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("stopped answering while the command ran"),
+        "{message}"
+    );
+    assert!(
+        (Duration::from_secs(15)..Duration::from_secs(60)).contains(&took),
+        "exec took {took:?} after the resume to give up"
+    );
+    agent.join().unwrap();
+    cli.ok(&["halt", "ws"]);
+    assert_eq!(cli.state("ws"), "halted");
+}
+
 #[test]
 fn a_create_killed_at_each_step_leaves_no_workspace_and_the_next_create_sweeps_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,7 @@
 //! The guest agent as /init of a real Linux guest (QEMU TCG) whose root disk and vsock
 //! are served by our own daemons; the host drives it with the protocol crate's client.
 
-use microagent_agent_protocol::client::{Connection, Error as ClientError, Exit};
+use microagent_agent_protocol::client::{Connection, Error as ClientError, Exit, Liveness};
 use microagent_agent_protocol::message::{HostMessage, TtySize};
 use microagent_integration::agent::{argv_request, busybox_root_disk, AgentVm};
 use sha2::{Digest, Sha256};
@@ -339,6 +339,59 @@ fn tty_mode_gives_a_sized_terminal_and_host_signals_reach_the_command() {
         )
         .unwrap();
     assert_eq!(exit, Exit::Signal(9));
+}
+
+/// A guest that stops while a command runs (its QEMU stopped with SIGSTOP, as a hung
+/// guest kernel would be) ends the host's `exec` once the liveness probes fail, instead
+/// of leaving it waiting for ever; a command that is only silent is left to finish; and
+/// the guest, let go on, answers again.
+#[test]
+fn exec_gives_up_on_a_guest_that_hangs_mid_command_but_not_on_a_silent_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = busybox_root_disk(dir.path(), 64).unwrap();
+    let mut ws = AgentVm::boot(dir.path(), Some(&disk), "hang");
+    let quick = Liveness {
+        interval: Duration::from_secs(1),
+        probes: 3,
+    };
+    let silent = ws
+        .connect()
+        .with_liveness(quick)
+        .exec(
+            argv_request(&["sleep", "6"]),
+            std::io::empty(),
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .unwrap();
+    assert_eq!(silent, Exit::Code(0), "a silent, live command was given up");
+
+    let conn = ws.connect().with_liveness(quick);
+    let pid = ws.qemu.pid();
+    let freezer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: signals the QEMU child this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    });
+    let started = Instant::now();
+    let err = conn
+        .exec(
+            argv_request(&["sleep", "600"]),
+            std::io::empty(),
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+    let took = started.elapsed();
+    freezer.join().unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        matches!(err, ClientError::Unresponsive { probes: 3, .. }),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(60), "gave up after {took:?}");
+    assert_eq!(ws.run(&["echo", "back"]).1, b"back\n");
 }
 
 #[test]
