@@ -2,10 +2,10 @@
 //! (`CONNECT <port>` / `OK <hostport>`), check versions, run one command.
 
 use crate::frame::{self, read_frame, write_control, write_frame, Kind};
+use crate::liveness::{self, HoldCheck, Liveness, Lost, Watched, LIVENESS};
 use crate::message::{codes, AgentMessage, ExecRequest, HostMessage};
 use crate::{AGENT_PORT, PROTOCOL_VERSION};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
@@ -33,16 +33,8 @@ pub enum Error {
         request: &'static str,
         waited: Duration,
     },
-    #[error(
-        "the agent stopped answering while the command ran: {probes} new connections over \
-         {waited:?} found no agent (last: {last}); the guest may be hung (microagent logs \
-         shows its console; halt or restart it)"
-    )]
-    Unresponsive {
-        probes: u32,
-        waited: Duration,
-        last: String,
-    },
+    #[error(transparent)]
+    Unresponsive(#[from] Lost),
     #[error("unexpected message from the agent: {0:?}")]
     Unexpected(AgentMessage),
     #[error("the file the agent sends is larger than the {limit} bytes asked for")]
@@ -98,32 +90,17 @@ pub struct AgentInfo {
 /// A running command's output has no limit.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How often a silent command's agent is probed on a new connection, and how many
-/// probes in a row must fail before the command counts as lost.
-#[derive(Debug, Clone, Copy)]
-pub struct Liveness {
-    pub interval: Duration,
-    pub probes: u32,
-}
-
-/// Every 10 s of silence; 3 failures (each at most the daemon's 5 s CONNECT wait, or
-/// the 5 s read timeout of [`Connection::open`]) end the command after about 45 s.
-pub const LIVENESS: Liveness = Liveness {
-    interval: Duration::from_secs(10),
-    probes: 3,
-};
-
 /// A connection to the agent that has passed the version check.
 pub struct Connection {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     info: AgentInfo,
     reply_timeout: Duration,
-    /// The vsock daemon's host socket, for liveness probes (None for [`Connection::over`]).
+    /// The vsock daemon's host socket, for liveness probes while a command runs (None
+    /// for [`Connection::over`]: no probes).
     uds: Option<PathBuf>,
     liveness: Liveness,
-    /// Whether the guest is paused on purpose: a probe that fails then does not count.
-    paused: Option<Box<dyn Fn() -> bool + Send>>,
+    held: Option<HoldCheck>,
 }
 
 impl Connection {
@@ -154,18 +131,7 @@ impl Connection {
     }
 
     fn try_open(uds: &Path) -> Result<Self, Error> {
-        let stream = UnixStream::connect(uds)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut writer = stream.try_clone()?;
-        writeln!(writer, "CONNECT {AGENT_PORT}")?;
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        if !line.starts_with("OK ") {
-            return Err(
-                io::Error::new(io::ErrorKind::ConnectionRefused, "agent not listening").into(),
-            );
-        }
+        let (reader, writer) = dial(uds)?;
         Self::handshake(reader, writer)
     }
 
@@ -203,52 +169,21 @@ impl Connection {
             reply_timeout: REPLY_TIMEOUT,
             uds: None,
             liveness: LIVENESS,
-            paused: None,
+            held: None,
         })
     }
 
-    /// Other probe timings than [`LIVENESS`] for a running command.
+    /// Other probe timings than [`LIVENESS`] for a running command (`liveness`).
     pub fn with_liveness(mut self, liveness: Liveness) -> Self {
         self.liveness = liveness;
         self
     }
 
-    /// Tells probes apart from a pause: while `paused` says so, failed probes do not
-    /// count (a workspace paused by its user mid-command is not hung).
-    pub fn with_pause_check(mut self, paused: impl Fn() -> bool + Send + 'static) -> Self {
-        self.paused = Some(Box::new(paused));
+    /// While `held` says the guest is held on purpose (paused), a silent command's
+    /// agent is not probed and the silence never counts against it.
+    pub fn with_hold_check(mut self, held: impl Fn() -> bool + Send + 'static) -> Self {
+        self.held = Some(Box::new(held));
         self
-    }
-
-    /// Waits until the agent's next frame starts to arrive. While the command is silent,
-    /// the agent is probed every `liveness.interval` on a new connection (a version
-    /// check: what a guest whose vsock transport or kernel stopped cannot answer);
-    /// `liveness.probes` failures in a row end the wait with [`Error::Unresponsive`].
-    fn await_frame(&mut self) -> Result<(), Error> {
-        let Some(uds) = self.uds.clone() else {
-            return Ok(());
-        };
-        let since = Instant::now();
-        let mut failed = 0;
-        while self.reader.buffer().is_empty()
-            && !readable(self.reader.get_ref(), self.liveness.interval)?
-        {
-            match Self::try_open(&uds) {
-                Ok(_) => failed = 0,
-                Err(_) if self.paused.as_ref().is_some_and(|paused| paused()) => failed = 0,
-                Err(e) => {
-                    failed += 1;
-                    if failed >= self.liveness.probes {
-                        return Err(Error::Unresponsive {
-                            probes: failed,
-                            waited: since.elapsed(),
-                            last: e.to_string(),
-                        });
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Another limit than [`REPLY_TIMEOUT`] for the agent's answers.
@@ -328,29 +263,22 @@ impl Connection {
                 }
             });
         }
-        let exit = loop {
-            self.await_frame()?;
-            let frame = read_frame(&mut self.reader)?;
-            match frame.kind {
-                Kind::Stdout => stdout.write_all(&frame.payload)?,
-                Kind::Stderr => stderr.write_all(&frame.payload)?,
-                Kind::Stdin | Kind::Secret | Kind::File => {}
-                Kind::Control => match frame.parse()? {
-                    AgentMessage::Exited {
-                        signal: Some(s), ..
-                    } => break Exit::Signal(s),
-                    AgentMessage::Exited { code, .. } => break Exit::Code(code.unwrap_or(0)),
-                    AgentMessage::Error { code, message } => {
-                        return Err(Error::Agent { code, message })
-                    }
-                    other => return Err(Error::Unexpected(other)),
-                },
-            }
-        };
+        // What the reply left buffered, then the socket, read with liveness probes.
+        let mut output = BufReader::new(io::Cursor::new(self.reader.buffer().to_vec()).chain(
+            Watched {
+                stream: self.reader.get_ref().try_clone()?,
+                uds: self.uds.take(),
+                liveness: self.liveness,
+                held: self.held.take(),
+            },
+        ));
+        let exit = relay(&mut output, stdout, stderr);
+        // Done or lost: stop feeding the command, whatever the pump was waiting on (the
+        // agent ends a command whose host went away).
+        let _ = self.writer.shutdown(std::net::Shutdown::Both);
+        let exit = exit?;
         stdout.flush()?;
         stderr.flush()?;
-        // The command is done: stop feeding it, whatever the pump was waiting on.
-        let _ = self.writer.shutdown(std::net::Shutdown::Both);
         let _ = pump.join();
         Ok(exit)
     }
@@ -366,24 +294,57 @@ impl Connection {
     }
 }
 
-/// Whether `stream` has bytes to read (or its end) within `timeout`; nothing is consumed.
-fn readable(stream: &UnixStream, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd, alive for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::Interrupted => Ok(false),
-            _ => Err(e),
-        };
+/// Writes a running command's output where it belongs until it exits.
+fn relay(
+    output: &mut impl Read,
+    stdout: &mut impl Write,
+    stderr: &mut impl Write,
+) -> Result<Exit, Error> {
+    loop {
+        let frame = read_frame(output).map_err(|e| match e {
+            frame::Error::Io(io) => match liveness::lost(&io) {
+                Some(lost) => Error::Unresponsive(lost.clone()),
+                None => frame::Error::Io(io).into(),
+            },
+            other => other.into(),
+        })?;
+        match frame.kind {
+            Kind::Stdout => stdout.write_all(&frame.payload)?,
+            Kind::Stderr => stderr.write_all(&frame.payload)?,
+            Kind::Stdin | Kind::Secret | Kind::File => {}
+            Kind::Control => match frame.parse()? {
+                AgentMessage::Exited {
+                    signal: Some(s), ..
+                } => return Ok(Exit::Signal(s)),
+                AgentMessage::Exited { code, .. } => return Ok(Exit::Code(code.unwrap_or(0))),
+                AgentMessage::Error { code, message } => {
+                    return Err(Error::Agent { code, message })
+                }
+                other => return Err(Error::Unexpected(other)),
+            },
+        }
     }
-    Ok(n > 0)
+}
+
+/// Dials the agent's port through the vsock daemon's host socket: the `CONNECT` line,
+/// then the daemon's `OK` once the guest's kernel accepted (5 s at most). Returns the
+/// stream's buffered read side and its write side.
+pub(crate) fn dial(uds: &Path) -> io::Result<(BufReader<UnixStream>, UnixStream)> {
+    let stream = UnixStream::connect(uds)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut writer = stream.try_clone()?;
+    // One write: the daemon reads the line as it comes, but one packet is less work.
+    writer.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if !line.starts_with("OK ") {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            "agent not listening",
+        ));
+    }
+    Ok((reader, writer))
 }
 
 fn pump_stdin(mut stdin: impl Read, writer: &Mutex<UnixStream>) -> Result<(), Error> {

@@ -4,9 +4,11 @@
 //! - [`frame`]: length-prefixed frames: JSON control messages and raw stdio data.
 //! - [`message`]: the control messages, shared by both sides.
 //! - [`client`]: the host side: connect through the hybrid vsock socket, run a command.
+//! - [`liveness`]: the host side's probes of a silent command's guest.
 
 pub mod client;
 pub mod frame;
+pub mod liveness;
 pub mod message;
 
 /// The vsock port the agent listens on.

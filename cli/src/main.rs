@@ -739,6 +739,7 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
         unreachable!("exec called for another command")
     };
     let config = workspace::load(home, &name)?;
+    let liveness = runtime::exec_liveness()?;
     running(home, &name)?;
     let env = env
         .iter()
@@ -768,10 +769,12 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
                 .err()
                 .unwrap_or_else(|| CliError::new("agent.unreachable", e.to_string()))
         })?;
-    // A workspace its user pauses mid-command is waiting, not hung.
+    // A workspace its user pauses mid-command, or whose VMM is busy writing a snapshot,
+    // is held, not hung.
     let conn = {
         let (home, name) = (home.clone(), name.clone());
-        conn.with_pause_check(move || runtime::state(&home, &name) == State::Paused)
+        conn.with_liveness(liveness)
+            .with_hold_check(move || runtime::guest_held(&home, &name))
     };
     let stdin: Box<dyn Read + Send> = if interactive {
         Box::new(std::io::stdin())
@@ -799,7 +802,7 @@ fn exec(home: &Home, args: Cmd) -> Result<i32> {
     drop(raw);
     match result {
         Ok(exit) => Ok(exit.code()),
-        Err(e @ (AgentError::NoReply { .. } | AgentError::Unresponsive { .. })) => {
+        Err(e @ (AgentError::NoReply { .. } | AgentError::Unresponsive(_))) => {
             Err(CliError::new("agent.timeout", format!("{name}: {e}")))
         }
         Err(e) => {

@@ -8,6 +8,7 @@ use crate::home::Home;
 use crate::kill_point;
 use crate::workspace::{self, Config, Network};
 use microagent_agent_protocol::client::Connection;
+use microagent_agent_protocol::liveness::{Liveness, LIVENESS};
 use microagent_vhost_net::netns;
 use microagent_vmm::api::Request;
 use serde::{Deserialize, Serialize};
@@ -81,6 +82,43 @@ struct DaemonSpec {
 /// answering before it gives up and the workspace is crashed (the daemon's
 /// `--io-timeout`: 120 s unless set, 0 waits forever).
 pub const IO_TIMEOUT_ENV: &str = "MICROAGENT_IO_TIMEOUT";
+
+/// `MICROAGENT_EXEC_PROBE_INTERVAL=SECS`: how often `exec` probes the agent of a silent
+/// command (10 s unless set; 3 failures in a row end the command with `agent.timeout`).
+pub const EXEC_PROBE_ENV: &str = "MICROAGENT_EXEC_PROBE_INTERVAL";
+
+/// The liveness probes of a running command: [`LIVENESS`], or its interval from
+/// [`EXEC_PROBE_ENV`].
+pub fn exec_liveness() -> Result<Liveness> {
+    let Some(value) = std::env::var_os(EXEC_PROBE_ENV) else {
+        return Ok(LIVENESS);
+    };
+    match value.to_str().and_then(|v| v.parse::<u64>().ok()) {
+        Some(secs) if secs > 0 => Ok(Liveness {
+            interval: Duration::from_secs(secs),
+            ..LIVENESS
+        }),
+        _ => Err(CliError::new(
+            "input.bad_env",
+            format!("{EXEC_PROBE_ENV}={value:?} is not a whole number of seconds above 0"),
+        )),
+    }
+}
+
+/// Whether the workspace's guest is held (its VMM says paused, or is alive but too
+/// busy to answer, as while it writes a snapshot): a silent agent is then not hung.
+pub fn guest_held(home: &Home, name: &str) -> bool {
+    let Some(pids) = pids(home, name) else {
+        return false;
+    };
+    if pids.all().any(|(bin, pid)| !alive(pid, bin)) {
+        return false;
+    }
+    match vmm_call(home, name, &Request::Status, CONTROL_TIMEOUT) {
+        Ok(reply) => reply["state"] == "paused",
+        Err(_) => true,
+    }
+}
 
 /// The daemons a workspace runs, in start order: its disk, the agent's vsock when it
 /// has an agent, the network unless `--net none`.

@@ -37,7 +37,13 @@ fn main() {
             Ok(stream) => {
                 let reaper = reaper.clone();
                 let root = root.clone();
-                std::thread::spawn(move || session::serve(stream, &root, &reaper));
+                // Out of threads: drop this connection (the host sees it close), never
+                // panic PID 1.
+                if let Err(e) = std::thread::Builder::new()
+                    .spawn(move || session::serve(stream, &root, &reaper))
+                {
+                    console(&format!("a session thread: {e}"));
+                }
             }
             Err(e) => console(&format!("accept: {e}")),
         }

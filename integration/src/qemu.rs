@@ -177,9 +177,27 @@ impl Qemu {
         })
     }
 
-    /// The QEMU process's pid (for tests that stop and continue it).
-    pub fn pid(&self) -> libc::pid_t {
-        self.process.id().expect("QEMU is running") as libc::pid_t
+    /// Stops QEMU (SIGSTOP): the guest stands still, as a hung guest would, while the
+    /// vhost-user daemons go on.
+    pub fn stop(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a stopped QEMU go on.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = self.process.id().expect("QEMU was not reaped") as libc::pid_t;
+        // SAFETY: signalling the QEMU process this guard started and has not reaped.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            io::Error::last_os_error()
+        );
     }
 
     /// Everything the guest has printed so far.

@@ -269,8 +269,11 @@ fn an_agent_that_takes_a_request_and_never_answers_fails_exec_with_agent_timeout
 
 /// Plays an agent on `socket` that starts one command, then stops answering anything:
 /// the connection stays open and silent, and no new connection is taken (as a guest
-/// whose kernel or vsock transport stopped).
-fn agent_that_hangs_mid_command(socket: &Path) -> std::thread::JoinHandle<()> {
+/// whose kernel or vsock transport stopped). Says on `started` when the command started.
+fn agent_that_hangs_mid_command(
+    socket: &Path,
+    started: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(socket).unwrap();
     std::thread::spawn(move || {
         let Ok((stream, _)) = listener.accept() else {
@@ -291,17 +294,17 @@ fn agent_that_hangs_mid_command(socket: &Path) -> std::thread::JoinHandle<()> {
         write_control(&mut writer, &hello).unwrap();
         read_frame(&mut reader).unwrap(); // Exec
         write_control(&mut writer, &AgentMessage::Started { pid: 1 }).unwrap();
+        started.send(()).unwrap();
         // Silent until the host gives up and closes.
-        let _ = read_frame(&mut reader);
-        let _ = read_frame(&mut reader);
+        while read_frame(&mut reader).is_ok() {}
     })
 }
 
 /// A command's output may pause for as long as it likes, but a guest that stops while it
 /// runs used to leave `exec` waiting for ever. While the command is silent the agent is
-/// probed on a new connection every 10 s, and 3 failures in a row end `exec` with
-/// `agent.timeout` (about 30 s here, where each probe is refused at once), except while
-/// the workspace is paused by its user: then the command waits.
+/// probed on a new connection (here every 2 s, `MICROAGENT_EXEC_PROBE_INTERVAL=2`), and
+/// 3 failures in a row end `exec` with `agent.timeout`; except while the workspace is
+/// paused by its user, when the command waits.
 #[test]
 fn an_agent_that_stops_answering_while_a_command_runs_fails_exec_with_agent_timeout() {
     let dir = tempfile::tempdir().unwrap();
@@ -309,24 +312,30 @@ fn an_agent_that_stops_answering_while_a_command_runs_fails_exec_with_agent_time
     let _reaper = cli.reaper();
     cli.ok(&create_args("ws", &image, "scenario=halt"));
     cli.ok(&["start", "ws"]);
-    let agent = agent_that_hangs_mid_command(&cli.runtime.join("ws/agent.vsock"));
+    let (started, command_started) = std::sync::mpsc::channel();
+    let agent = agent_that_hangs_mid_command(&cli.runtime.join("ws/agent.vsock"), started);
     let mut exec = ChildGuard::spawn(
         cli.command(&["--json", "exec", "ws", "--", "sleep", "600"])
+            .env("MICROAGENT_EXEC_PROBE_INTERVAL", "2")
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     )
     .unwrap();
-    // Paused for 4 probe intervals: failed probes do not count, the command waits.
-    std::thread::sleep(Duration::from_secs(1));
+    command_started
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("exec never started its command: {e}\n{}", cli.logs()));
+    // Paused for 5 probe intervals: the guest is not probed, the command waits.
     cli.ok(&["pause", "ws"]);
-    std::thread::sleep(Duration::from_secs(40));
+    std::thread::sleep(Duration::from_secs(10));
     assert!(
         exec.try_status().unwrap().is_none(),
         "exec gave up on a paused workspace"
     );
     cli.ok(&["resume", "ws"]);
     let resumed = Instant::now();
-    exec.wait_timeout(Duration::from_secs(90)).unwrap();
+    exec.wait_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cli.logs()));
     let took = resumed.elapsed();
     let out = exec.into_output().unwrap();
     assert_eq!(out.status.code(), Some(125), "{out:?}");
@@ -338,12 +347,31 @@ fn an_agent_that_stops_answering_while_a_command_runs_fails_exec_with_agent_time
         "{message}"
     );
     assert!(
-        (Duration::from_secs(15)..Duration::from_secs(60)).contains(&took),
+        (Duration::from_secs(4)..Duration::from_secs(30)).contains(&took),
         "exec took {took:?} after the resume to give up"
     );
     agent.join().unwrap();
     cli.ok(&["halt", "ws"]);
     assert_eq!(cli.state("ws"), "halted");
+}
+
+/// A probe interval that is not a whole number of seconds above 0 is refused, before
+/// anything else is looked at.
+#[test]
+fn a_bad_exec_probe_interval_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
+    cli.ok(&create_args("ws", &image, "scenario=halt"));
+    for bad in ["0", "ten", "-1"] {
+        let out = cli
+            .command(&["--json", "exec", "ws", "--", "true"])
+            .env("MICROAGENT_EXEC_PROBE_INTERVAL", bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125), "{bad}: {out:?}");
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(reply["error"]["code"], "input.bad_env", "{bad}: {reply}");
+    }
 }
 
 #[test]

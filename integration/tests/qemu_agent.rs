@@ -1,7 +1,8 @@
 //! The guest agent as /init of a real Linux guest (QEMU TCG) whose root disk and vsock
 //! are served by our own daemons; the host drives it with the protocol crate's client.
 
-use microagent_agent_protocol::client::{Connection, Error as ClientError, Exit, Liveness};
+use microagent_agent_protocol::client::{Connection, Error as ClientError, Exit};
+use microagent_agent_protocol::liveness::Liveness;
 use microagent_agent_protocol::message::{HostMessage, TtySize};
 use microagent_integration::agent::{argv_request, busybox_root_disk, AgentVm};
 use sha2::{Digest, Sha256};
@@ -341,10 +342,10 @@ fn tty_mode_gives_a_sized_terminal_and_host_signals_reach_the_command() {
     assert_eq!(exit, Exit::Signal(9));
 }
 
-/// A guest that stops while a command runs (its QEMU stopped with SIGSTOP, as a hung
-/// guest kernel would be) ends the host's `exec` once the liveness probes fail, instead
-/// of leaving it waiting for ever; a command that is only silent is left to finish; and
-/// the guest, let go on, answers again.
+/// A guest that stops while a command runs (QEMU stopped with SIGSTOP once the command
+/// printed, as a hung guest kernel would stand still) ends the host's `exec` once the
+/// liveness probes fail, instead of leaving it waiting for ever; a command that is only
+/// silent is left to finish; and the guest, let go on, answers again.
 #[test]
 fn exec_gives_up_on_a_guest_that_hangs_mid_command_but_not_on_a_silent_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -366,28 +367,34 @@ fn exec_gives_up_on_a_guest_that_hangs_mid_command_but_not_on_a_silent_one() {
         .unwrap();
     assert_eq!(silent, Exit::Code(0), "a silent, live command was given up");
 
+    /// Stops QEMU when the command's first output arrives.
+    struct StopOnOutput<'a>(&'a microagent_integration::qemu::Qemu, bool);
+    impl std::io::Write for StopOnOutput<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if !self.1 {
+                self.0.stop();
+                self.1 = true;
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
     let conn = ws.connect().with_liveness(quick);
-    let pid = ws.qemu.pid();
-    let freezer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(2));
-        // SAFETY: signals the QEMU child this test started.
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
-    });
     let started = Instant::now();
     let err = conn
         .exec(
-            argv_request(&["sleep", "600"]),
+            argv_request(&["sh", "-c", "echo up; exec sleep 600"]),
             std::io::empty(),
-            &mut Vec::new(),
+            &mut StopOnOutput(&ws.qemu, false),
             &mut Vec::new(),
         )
         .unwrap_err();
     let took = started.elapsed();
-    freezer.join().unwrap();
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    ws.qemu.resume();
     assert!(
-        matches!(err, ClientError::Unresponsive { probes: 3, .. }),
+        matches!(&err, ClientError::Unresponsive(lost) if lost.probes == 3),
         "{err}"
     );
     assert!(took < Duration::from_secs(60), "gave up after {took:?}");
