@@ -36,7 +36,9 @@ const L1_MEMORY_MIB: u32 = 4096;
 /// L1's soft-lockup watchdog reports a CPU that has not scheduled for twice this many
 /// seconds (Linux's default is 10, so 20 s): short enough for L1's console, shown with
 /// every failure, to say whether L1 itself stalled before a test's 10 s timeouts ended
-/// the job. No run of this rig has shown a false report at this setting.
+/// the job. No run of this rig has shown a false report at this setting. With
+/// `loglevel=5` and `softlockup_all_cpu_backtrace=1` a report comes with every CPU's
+/// backtrace (at `quiet`'s level 4 the backtraces were left out).
 const WATCHDOG_THRESH: u32 = 2;
 /// Largest 9p message Linux 6.1's virtio transport takes: fewer round trips per read.
 const MSIZE: u32 = 512 * 1024;
@@ -81,10 +83,11 @@ pub enum Error {
     NoStatus { status: ExitStatus, console: String },
     #[error(
         "L1 froze: no heartbeat from its userspace for {:?} (QEMU's TCG stopped running \
-         it); L1 console ends with:\n{console}",
-        FROZEN
+         it); its whole console is kept in {}; it ends with:\n{console}",
+        FROZEN,
+        kept.display()
     )]
-    Frozen { console: String },
+    Frozen { console: String, kept: PathBuf },
 }
 
 /// L1's init writes a heartbeat to its second serial port every 2 s; this long without
@@ -289,8 +292,15 @@ fn run_once(job: &Job, kernel: &L1Kernel) -> Result<Outcome, Error> {
         let beat = fs::metadata(&heartbeat).map_or(0, |m| m.len());
         if beats.frozen(beat, Instant::now()) {
             drop(qemu);
+            // The tail shows the lockup reports; the backtraces before them are kept.
+            let kept = std::env::temp_dir().join(format!(
+                "microagent-l1-frozen-{}.log",
+                dir.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            fs::copy(&console, &kept).map_err(io_error(kept.display().to_string()))?;
             return Err(Error::Frozen {
                 console: tail(&read_lossy(&console)),
+                kept,
             });
         }
         if started.elapsed() >= job.timeout {
@@ -372,7 +382,8 @@ fn l1_command(kernel: &L1Kernel, initrd: &Path, console: &Path, scratch: &Path) 
         .arg(initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet watchdog_thresh={WATCHDOG_THRESH} nested.scratch={}",
+            "console=ttyS0 panic=-1 quiet loglevel=5 softlockup_all_cpu_backtrace=1 \
+             watchdog_thresh={WATCHDOG_THRESH} nested.scratch={}",
             scratch.display()
         ))
         .stdin(Stdio::null())
