@@ -236,21 +236,34 @@ reboot -f
 
 /// Runs `job` inside a fresh L1 machine and returns what it did. One L1 at a time on
 /// this machine: a second caller waits (two TCG machines on two cores only slow both).
-/// If L1 freezes (see [`FROZEN`]) the job runs again in a fresh L1, at most
-/// [`FREEZE_RETRIES`] times, and `name` is recorded as retried ([`report::retried`]) each
-/// time; one more freeze is an error.
+/// If L1 is lost ([`Error::lost_l1`]: it froze, see [`FROZEN`], or its kernel panicked)
+/// the job runs again in a fresh L1, at most [`FREEZE_RETRIES`] times, and `name` is
+/// recorded as retried ([`report::retried`]) each time; one more loss is an error.
 pub fn run(job: &Job, name: &str) -> Result<Outcome, Error> {
     let kernel = L1Kernel::locate()?;
     let _turn = LockFile::acquire(&env::temp_dir().join("microagent-nested.lock"))?;
     let mut outcome = run_once(job, &kernel);
     for _ in 0..FREEZE_RETRIES {
-        let Err(frozen @ Error::Frozen { .. }) = &outcome else {
-            break;
-        };
-        report::retried(name, &frozen.to_string());
+        match &outcome {
+            Err(lost) if lost.lost_l1() => report::retried(name, &lost.to_string()),
+            _ => break,
+        }
         outcome = run_once(job, &kernel);
     }
     outcome
+}
+
+impl Error {
+    /// L1 itself was lost, not the job: it froze, or its kernel panicked (seen
+    /// 2026-11-29: a vCPU thread of L1's KVM overflowed its kernel stack in recursive
+    /// page faults, "corrupted stack end detected inside scheduler"; docs/testing.md).
+    pub fn lost_l1(&self) -> bool {
+        match self {
+            Self::Frozen { .. } => true,
+            Self::NoStatus { console, .. } => console.contains("Kernel panic - not syncing"),
+            _ => false,
+        }
+    }
 }
 
 fn run_once(job: &Job, kernel: &L1Kernel) -> Result<Outcome, Error> {
@@ -563,6 +576,30 @@ mod tests {
         // Stopped.
         assert!(!beats.frozen(4, t0 + FROZEN * 4 - Duration::from_secs(1)));
         assert!(beats.frozen(4, t0 + FROZEN * 4));
+    }
+
+    #[test]
+    fn only_a_frozen_or_panicked_l1_is_lost() {
+        use std::os::unix::process::ExitStatusExt;
+        let frozen = Error::Frozen {
+            console: String::new(),
+            kept: PathBuf::from("/tmp/x"),
+        };
+        let ended = |console: &str| Error::NoStatus {
+            status: ExitStatus::from_raw(0),
+            console: console.to_owned(),
+        };
+        assert!(frozen.lost_l1());
+        assert!(ended(
+            "[  595.713033] Kernel panic - not syncing: corrupted stack end detected inside scheduler"
+        )
+        .lost_l1());
+        // L1 that ended for another reason (the job's own reboot, QEMU killed) is not.
+        assert!(!ended("nested-l1: job done").lost_l1());
+        assert!(!Error::NoKernel {
+            dir: PathBuf::from("/nowhere")
+        }
+        .lost_l1());
     }
 
     #[test]
