@@ -155,7 +155,7 @@ fn guest_to_host(guest: &mut Guest, uds: &Path, in_flight: usize) -> f64 {
         // Credit updates the daemon sent on its own, as a driver takes them from RX; when
         // none gives enough credit, ask for one and wait.
         let mut next = guest.try_recv(Duration::ZERO);
-        loop {
+        let credit = loop {
             while let Some((p, _)) = next {
                 if p.dst_port == port && (p.op == OP_CREDIT_UPDATE || p.op == OP_RW) {
                     peer_buf = p.buf_alloc;
@@ -165,12 +165,11 @@ fn guest_to_host(guest: &mut Guest, uds: &Path, in_flight: usize) -> f64 {
             }
             let credit = peer_buf.wrapping_sub((sent as u32).wrapping_sub(peer_fwd)) as usize;
             if credit >= chunk.len() {
-                break;
+                break credit;
             }
             guest.send(pkt(port, 6000, OP_CREDIT_REQUEST, 0, GUEST_BUF, 0), &[]);
             next = Some(guest.recv());
-        }
-        let credit = peer_buf.wrapping_sub((sent as u32).wrapping_sub(peer_fwd)) as usize;
+        };
         let batch = (credit / chunk.len())
             .min(in_flight)
             .min((TOTAL - sent).div_ceil(chunk.len()));

@@ -70,8 +70,8 @@ impl StoppableMount {
     }
 
     fn signal(&self, signal: i32) {
-        // SAFETY: signalling the bindfs process this guard started and has not reaped.
-        unsafe { libc::kill(self.server.id() as i32, signal) };
+        // Best effort, as before: Drop resumes a server that may have exited.
+        let _ = crate::process::signal(self.server.id(), signal);
     }
 }
 

@@ -104,6 +104,16 @@ impl ChildGuard {
     }
 }
 
+/// Sends `signal` to process `pid` (one this harness started and has not reaped).
+pub fn signal(pid: u32, signal: i32) -> io::Result<()> {
+    // SAFETY: kill has no memory preconditions; the caller names its own child.
+    if unsafe { libc::kill(pid as libc::pid_t, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Runs `command` to its end and returns its exit status and peak resident memory in
 /// KiB (`ru_maxrss` from `wait4`: the largest of the process and the children it waited
 /// for). Killed and reported as a timeout if it runs longer than `timeout`.

@@ -189,15 +189,8 @@ impl Qemu {
     }
 
     fn signal(&self, signal: i32) {
-        let pid = self.process.id().expect("QEMU was not reaped") as libc::pid_t;
-        // SAFETY: signalling the QEMU process this guard started and has not reaped.
-        let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(
-            rc,
-            0,
-            "kill({pid}, {signal}): {}",
-            io::Error::last_os_error()
-        );
+        let pid = self.process.id().expect("QEMU was not reaped");
+        process::signal(pid, signal).unwrap_or_else(|e| panic!("kill({pid}, {signal}): {e}"));
     }
 
     /// Everything the guest has printed so far.

@@ -18,7 +18,7 @@ use microagent_integration::registry_push::push_large_image;
 use microagent_integration::vmm::test_guest;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -217,6 +217,32 @@ fn a_disk_that_stops_answering_fails_the_guests_disk_and_the_workspace_says_why(
     assert!(!cli.home.join("workspaces/ws").exists());
 }
 
+/// Plays the start of an agent's connection on `stream`: the daemon's `OK` to a CONNECT
+/// line, then the version check, naming itself `agent`. Returns the read and write sides.
+fn agent_handshake(
+    stream: &UnixStream,
+    agent: &str,
+) -> std::io::Result<(BufReader<UnixStream>, UnixStream)> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if !line.starts_with("CONNECT ") {
+        return Err(std::io::Error::other(format!(
+            "not a CONNECT line: {line:?}"
+        )));
+    }
+    let mut writer = stream.try_clone()?;
+    writer.write_all(b"OK 1024\n")?;
+    read_frame(&mut reader).map_err(std::io::Error::other)?; // Hello
+    let hello = AgentMessage::Hello {
+        version: PROTOCOL_VERSION,
+        agent: agent.into(),
+        cid: Some(3),
+    };
+    write_control(&mut writer, &hello).map_err(std::io::Error::other)?;
+    Ok((reader, writer))
+}
+
 /// Stands in for an agent that is hung: it takes the connection and the version check
 /// (the guest was fine a moment ago), then reads requests and never answers.
 fn silent_agent(socket: &Path) -> std::thread::JoinHandle<()> {
@@ -225,23 +251,9 @@ fn silent_agent(socket: &Path) -> std::thread::JoinHandle<()> {
         let mut held = Vec::new();
         for stream in listener.incoming().take(4) {
             let Ok(stream) = stream else { return };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() || !line.starts_with("CONNECT ") {
-                continue;
+            if agent_handshake(&stream, "hung").is_ok() {
+                held.push(stream);
             }
-            let mut writer = stream.try_clone().unwrap();
-            let _ = writer.write_all(b"OK 1024\n");
-            if read_frame(&mut reader).is_err() {
-                continue;
-            }
-            let hello = AgentMessage::Hello {
-                version: PROTOCOL_VERSION,
-                agent: "hung".into(),
-                cid: Some(3),
-            };
-            let _ = write_control(&mut writer, &hello);
-            held.push(stream);
         }
     })
 }
@@ -280,18 +292,7 @@ fn agent_that_hangs_mid_command(
             return;
         };
         drop(listener); // new connections are refused from here on
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut writer = stream.try_clone().unwrap();
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        writer.write_all(b"OK 1024\n").unwrap();
-        read_frame(&mut reader).unwrap(); // Hello
-        let hello = AgentMessage::Hello {
-            version: PROTOCOL_VERSION,
-            agent: "hangs".into(),
-            cid: Some(3),
-        };
-        write_control(&mut writer, &hello).unwrap();
+        let (mut reader, mut writer) = agent_handshake(&stream, "hangs").unwrap();
         read_frame(&mut reader).unwrap(); // Exec
         write_control(&mut writer, &AgentMessage::Started { pid: 1 }).unwrap();
         started.send(()).unwrap();
