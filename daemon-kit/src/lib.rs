@@ -10,12 +10,14 @@
 //! - [`memory`]: the guest memory the frontend shared, as the workers read it.
 //! - [`config_space`]: VHOST_USER_GET_CONFIG slicing.
 //! - [`worker`]: exit events for the worker threads.
+//! - [`busy_poll`]: adaptive busy polling before a worker sleeps.
 //! - [`confine`]: seccomp profiles of the main and worker thread kinds, no_new_privs,
 //!   no capabilities, entered once set-up is over.
 //!
 //! Device state (the container and SET_DEVICE_STATE_FD/CHECK_DEVICE_STATE) lives in
 //! `microagent-device-state`, re-exported here as [`state`].
 
+pub mod busy_poll;
 pub mod checks;
 pub mod config_space;
 pub mod confine;

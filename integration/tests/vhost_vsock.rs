@@ -25,13 +25,20 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(&[])
+}
+
+/// A rig whose daemon gets `extra` flags too.
+fn rig_with(extra: &[&str]) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("vsock");
     let socket = dir.path().join("vhost.sock");
     let daemon = Daemon::start(
         "microagent-vhost-vsock",
         &socket,
-        ["--guest-cid", "3", "--uds-path", uds.to_str().unwrap()],
+        ["--guest-cid", "3", "--uds-path", uds.to_str().unwrap()]
+            .into_iter()
+            .chain(extra.iter().copied()),
     )
     .unwrap();
     let guest = Guest::new(&socket);
@@ -612,6 +619,40 @@ fn running_out_of_descriptors_does_not_spin_and_accepting_resumes() {
     assert!(process.try_status().unwrap().is_none());
 }
 
+/// A host client that hangs up while the guest keeps its side open (a command still
+/// running under `exec` when the user presses Ctrl-C) leaves its socket reporting a
+/// hang-up to epoll whatever the interest: the daemon must not spin on it (it did, at
+/// 100% of a CPU until the guest closed), and the connection still ends when the guest
+/// closes later.
+#[test]
+fn a_host_client_that_hangs_up_before_the_guest_closes_costs_no_cpu() {
+    let mut rig = rig_with(&["--busy-poll-us", "0"]);
+    let (client, host_port) = host_connect(&mut rig, 1234, 1 << 20);
+    drop(client);
+    let (p, _) = rig.guest.recv_op();
+    assert_eq!(
+        (p.op, p.flags & SHUTDOWN_SEND),
+        (OP_SHUTDOWN, SHUTDOWN_SEND),
+        "{p:?}"
+    );
+
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = rig.daemon.pid().unwrap();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(pid) - before;
+    assert!(
+        spent < 5,
+        "the daemon used {spent}/100 ticks of CPU in one second"
+    );
+
+    let mut shutdown = pkt(1234, host_port, OP_SHUTDOWN, 0, 1 << 20, 0);
+    shutdown.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+    rig.guest.send(shutdown, &[]);
+    let (p, _) = rig.guest.recv_op();
+    assert_eq!(p.op, OP_RST, "{p:?}");
+}
+
 /// The daemon returns credit before the guest runs out, unasked (a Linux guest does not
 /// send CREDIT_REQUEST while it waits), and not after every packet: a guest sending 8 MiB
 /// in 64 KiB packets, only within the credit it was told and never asking, finishes, and
@@ -752,4 +793,95 @@ fn a_connect_line_sent_in_pieces_is_accepted() {
     let mut line = String::new();
     BufReader::new(client).read_line(&mut line).unwrap();
     assert_eq!(line, format!("OK {}\n", req.src_port));
+}
+
+/// Times the daemon's threads went to sleep of their own accord, all threads together.
+fn voluntary_switches(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .unwrap()
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+/// `exchanges` round trips of a host client and the guest on one connection (host
+/// writes, the guest answers, the host reads the answer); returns how often the daemon's
+/// threads slept meanwhile.
+fn sleeps_during_ping_pong(rig: &mut Rig, exchanges: u32) -> u64 {
+    let (mut client, host_port) = host_connect(rig, 1234, 1 << 20);
+    let pid = rig.daemon.pid().unwrap();
+    let before = voluntary_switches(pid);
+    for i in 0..exchanges {
+        client.get_mut().write_all(b"ping").unwrap();
+        let (p, data) = rig.guest.recv_op();
+        assert_eq!((p.op, data.as_slice()), (OP_RW, &b"ping"[..]));
+        let fwd = 4 * (i + 1);
+        rig.guest
+            .send(pkt(1234, host_port, OP_RW, 4, 1 << 20, fwd), b"pong");
+        let mut buf = [0u8; 4];
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+    }
+    voluntary_switches(pid) - before
+}
+
+/// Busy polling: while the guest answers within the window the daemon's worker does not
+/// sleep between a packet and the next (each sleep is a thread wake-up on the path of
+/// every request/answer exchange); without it, it sleeps at least once per exchange; and
+/// once the guest goes quiet the daemon stops polling and uses no CPU.
+#[test]
+fn busy_polling_saves_the_workers_sleeps_in_an_exchange_and_stops_when_the_guest_is_quiet() {
+    const EXCHANGES: u32 = 200;
+    let mut off = rig_with(&["--busy-poll-us", "0"]);
+    let sleeps = sleeps_during_ping_pong(&mut off, EXCHANGES);
+    assert!(
+        sleeps >= u64::from(EXCHANGES),
+        "without polling: {sleeps} sleeps in {EXCHANGES} exchanges"
+    );
+
+    let mut on = rig_with(&["--busy-poll-us", "1000"]);
+    let sleeps = sleeps_during_ping_pong(&mut on, EXCHANGES);
+    assert!(
+        sleeps < u64::from(EXCHANGES / 4),
+        "with a 1 ms window: {sleeps} sleeps in {EXCHANGES} exchanges"
+    );
+
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = on.daemon.pid().unwrap();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(pid) - before;
+    assert!(
+        spent < 5,
+        "the quiet daemon used {spent}/100 ticks of CPU in one second"
+    );
+}
+
+#[test]
+fn a_busy_poll_window_beyond_a_millisecond_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(
+        microagent_integration::daemon::binary("microagent-vhost-vsock").unwrap(),
+    )
+    .args(["--socket-path", dir.path().join("s").to_str().unwrap()])
+    .args([
+        "--guest-cid",
+        "3",
+        "--uds-path",
+        dir.path().join("u").to_str().unwrap(),
+    ])
+    .args(["--busy-poll-us", "1001"])
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--busy-poll-us"), "{stderr}");
 }

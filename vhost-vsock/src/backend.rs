@@ -40,6 +40,7 @@ const RESET_TIMER_ID: u16 = 9;
 const TICK_TIMER_ID: u16 = 10;
 const TICK: Duration = Duration::from_millis(100);
 
+use microagent_daemon_kit::busy_poll::BusyPoll;
 use microagent_daemon_kit::memory::Memory;
 use microagent_daemon_kit::Mem;
 
@@ -71,20 +72,25 @@ pub struct VsockBackend {
     tick_timer: OnceLock<Mutex<(TimerFd, bool)>>,
     /// A transport reset waits to be delivered on the event queue (after a LOAD).
     reset_pending: Mutex<bool>,
+    /// The worker's epoll fd, watched while it polls the TX ring.
+    epoll_fd: OnceLock<i32>,
+    busy_poll: Mutex<BusyPoll>,
     transfer: microagent_daemon_kit::state::transfer::Slot,
 }
 
 impl VsockBackend {
     pub fn new(config: VsockConfig) -> Self {
         Self {
-            config,
             mem: Memory::default(),
             acked_features: AtomicU64::new(0),
             muxer: OnceLock::new(),
             reset_timer: OnceLock::new(),
             tick_timer: OnceLock::new(),
             reset_pending: Mutex::new(false),
+            epoll_fd: OnceLock::new(),
+            busy_poll: Mutex::new(BusyPoll::new(config.busy_poll)),
             transfer: Default::default(),
+            config,
         }
     }
 
@@ -98,6 +104,7 @@ impl VsockBackend {
         let _ = self.muxer.set(Mutex::new(muxer));
         let _ = self.reset_timer.set(Mutex::new(reset));
         let _ = self.tick_timer.set(Mutex::new((tick, false)));
+        let _ = self.epoll_fd.set(epoll_fd);
         Ok(())
     }
 
@@ -479,6 +486,10 @@ impl VhostUserBackend for VsockBackend {
         _thread_id: usize,
     ) -> io::Result<()> {
         microagent_daemon_kit::confine::worker_thread();
+        self.busy_poll
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .woke();
         // An error returned here would end the worker thread: report and carry on.
         let Some(mut muxer) = self.muxer() else {
             log::error!("{}", Error::NotStarted);
@@ -510,6 +521,11 @@ impl VhostUserBackend for VsockBackend {
         self.process_rx(rx, &mut muxer);
         if muxer.needs_tick() {
             self.update_tick(true);
+        }
+        drop(muxer);
+        if let Some(&epoll_fd) = self.epoll_fd.get() {
+            let mut busy = self.busy_poll.lock().unwrap_or_else(|e| e.into_inner());
+            busy.spin(epoll_fd);
         }
         Ok(())
     }
@@ -546,6 +562,7 @@ mod tests {
             uds_path: dir.path().join("vm.vsock"),
             seccomp: microagent_confine::Seccomp::On,
             landlock: Vec::new(),
+            busy_poll: Duration::ZERO,
         }));
         // SAFETY: epoll_create1 with valid flags; the result is checked.
         let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };

@@ -142,8 +142,8 @@ struct Conn {
     sent_shutdown: bool,
     peer_shutdown: u32,
     interest: u32,
-    /// Taken out of epoll: the socket hung up but the guest has no credit to take its
-    /// last bytes, and a hang-up is reported whatever the interest.
+    /// Taken out of epoll: the socket hung up, and a hang-up is reported whatever the
+    /// interest, but there is nothing to do with it now (see `Muxer::park_if_stuck`).
     parked: bool,
 }
 
@@ -559,12 +559,17 @@ impl Muxer {
         self.after_change(id);
     }
 
-    /// A hung-up socket that cannot be read now (no credit) leaves epoll until it can.
+    /// A hung-up socket leaves epoll, which reports a hang-up whatever the interest,
+    /// while nothing can be done with it: until it can be read again (no credit now), or
+    /// for good once its end of file was read and nothing waits to be written to it (the
+    /// connection then only waits for the guest to close its side).
     fn park_if_stuck(&mut self, id: u16) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        if !conn.parked && conn.wanted_interest() & libc::EPOLLIN as u32 == 0 && !conn.host_eof {
+        let want = conn.wanted_interest();
+        let stuck = want & libc::EPOLLIN as u32 == 0 && (!conn.host_eof || want == 0);
+        if !conn.parked && stuck {
             let _ = self
                 .poller
                 .ctl(libc::EPOLL_CTL_DEL, conn.stream.as_raw_fd(), 0, id);
@@ -811,9 +816,8 @@ impl Muxer {
         let want = conn.wanted_interest();
         let fd = conn.stream.as_raw_fd();
         if conn.parked {
-            if want & libc::EPOLLIN as u32 != 0
-                && self.poller.ctl(libc::EPOLL_CTL_ADD, fd, want, id).is_ok()
-            {
+            let unstuck = want & libc::EPOLLIN as u32 != 0 || (conn.host_eof && want != 0);
+            if unstuck && self.poller.ctl(libc::EPOLL_CTL_ADD, fd, want, id).is_ok() {
                 conn.parked = false;
                 conn.interest = want;
             }
