@@ -23,6 +23,7 @@
 use microagent_integration::daemon::binary;
 use microagent_integration::process::ChildGuard;
 use microagent_integration::vsock_guest::{self, pkt, Guest};
+use microagent_vhost_vsock::config::DEFAULT_BUSY_POLL_US;
 use microagent_vhost_vsock::muxer::BUF_ALLOC;
 use microagent_vhost_vsock::packet::*;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -37,8 +38,8 @@ const CONNECTS: usize = 200;
 
 /// A daemon under test.
 enum Side {
-    /// A build of microagent-vhost-vsock.
-    Ours(PathBuf),
+    /// A build of microagent-vhost-vsock, with extra flags.
+    Ours(PathBuf, &'static [&'static str]),
     /// vhost-device-vsock.
     Peer(PathBuf),
 }
@@ -48,12 +49,13 @@ fn start(side: &Side, socket: &Path, uds: &Path) -> ChildGuard {
     let _ = std::fs::remove_file(socket);
     let _ = std::fs::remove_file(uds);
     let mut cmd = match side {
-        Side::Ours(binary) => {
+        Side::Ours(binary, flags) => {
             let mut cmd = Command::new(binary);
             cmd.arg("--socket-path")
                 .arg(socket)
                 .args(["--guest-cid", "3", "--uds-path"])
-                .arg(uds);
+                .arg(uds)
+                .args(*flags);
             cmd
         }
         Side::Peer(binary) => {
@@ -255,16 +257,20 @@ fn main() {
             .unwrap_or_else(|| "/var/lib/microagent/tools/bin/vhost-device-vsock".into()),
     );
     let rounds: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
-    let mut sides = vec![(
-        "microagent".to_owned(),
-        Side::Ours(binary("microagent-vhost-vsock").unwrap()),
-    )];
+    let ours = binary("microagent-vhost-vsock").unwrap();
+    let mut sides = vec![
+        ("microagent".to_owned(), Side::Ours(ours.clone(), &[])),
+        (
+            "microagent, --busy-poll-us 0".to_owned(),
+            Side::Ours(ours, &["--busy-poll-us", "0"]),
+        ),
+    ];
     if let Some(path) = baseline {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        sides.push((format!("baseline {name}"), Side::Ours(path)));
+        sides.push((format!("baseline {name}"), Side::Ours(path, &[])));
     }
     sides.push(("vhost-device-vsock".to_owned(), Side::Peer(peer)));
     let dir = tempfile::tempdir().unwrap();
@@ -282,9 +288,12 @@ fn main() {
     println!(
         "vhost-user-vsock: microagent-vhost-vsock vs vhost-device-vsock 0.3.0, {rounds} rounds \
          (rotating which side goes first, medians); per-connection buffer: microagent {} KiB \
-         (BUF_ALLOC), vhost-device-vsock {} KiB (--tx-buffer-size)",
+         (BUF_ALLOC), vhost-device-vsock {} KiB (--tx-buffer-size); microagent busy-polls for \
+         up to {} µs before its worker sleeps (its default; also shown with polling off, \
+         --busy-poll-us 0), vhost-device-vsock has no polling",
         BUF_ALLOC >> 10,
-        BUF_ALLOC >> 10
+        BUF_ALLOC >> 10,
+        DEFAULT_BUSY_POLL_US
     );
     let names: Vec<&str> = sides.iter().map(|(n, _)| n.as_str()).collect();
     println!(

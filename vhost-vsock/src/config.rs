@@ -17,6 +17,9 @@ pub enum Error {
     },
 }
 
+/// `--busy-poll-us` when not given.
+pub const DEFAULT_BUSY_POLL_US: u64 = 50;
+
 /// Room left for "_<port>" on guest-initiated connections.
 const PORT_SUFFIX: usize = 11;
 
@@ -39,7 +42,7 @@ pub struct Args {
     /// Longest time, in microseconds, the worker keeps watching the TX ring after it
     /// served the guest before it sleeps (adaptive: only while the guest answers within
     /// it; 0 turns polling off). Saves a thread wake-up per request/answer exchange.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub busy_poll_us: u64,
     #[command(flatten)]
     pub confine: microagent_confine::ConfineArgs,
