@@ -1,4 +1,4 @@
-//! Named points in create, start and snapshot create where a debug build can be made to
+//! Named points in create, start, snapshot create, rollback and fork where a debug build can be made to
 //! die, so that tests prove an interrupted command leaves nothing a rerun or `delete`
 //! cannot clean up. With `MICROAGENT_TEST_KILL_AT=<point>` a debug build SIGKILLs
 //! itself on reaching that point, exactly as `kill -9` at that moment would; release
@@ -17,6 +17,11 @@ pub const POINTS: &[&str] = &[
     "snapshot.paused",
     "snapshot.vm_written",
     "snapshot.disk_copied",
+    "rollback.disk_copied",
+    "rollback.disk_replaced",
+    "fork.disk_copied",
+    "fork.in_place",
+    "fork.running",
 ];
 
 /// Dies here when the test asked for this point.

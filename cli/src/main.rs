@@ -605,11 +605,19 @@ fn start(home: &Home, out: &Output, name: &str, from_snapshot: Option<&str>) -> 
         );
         return Ok(());
     }
+    let _ = fs::remove_file(restore::restoring_disk(home, name));
     match runtime::state(home, name) {
         State::Running | State::Paused => {
             return Err(CliError::new(
                 "workspace.running",
                 format!("{name} is already running"),
+            ))
+        }
+        // Booting its disk afresh would be a workspace nobody asked for.
+        State::Crashed { reason } if workspace::fork_interrupted(home, name) => {
+            return Err(CliError::new(
+                "workspace.fork_interrupted",
+                format!("{name}: {reason}"),
             ))
         }
         State::Crashed { .. } => runtime::kill_all(home, name),

@@ -6,6 +6,7 @@
 
 use crate::error::{CliError, Result};
 use crate::home::Home;
+use crate::kill_point;
 use crate::runtime::{self, State};
 use crate::snapshot::{self, Snapshot};
 use crate::workspace::{self, Config, Network};
@@ -37,13 +38,15 @@ pub fn rollback(home: &Home, config: &Config, tag: &str) -> Result<Duration> {
     let snap = snapshot::open(home, name, tag)?;
     snap.check_artifacts(&config.kernel, config.initrd.as_deref())?;
     let disk = workspace::rootfs(home, name);
-    let tmp = workspace::dir(home, name).join(".rootfs.restoring");
+    let tmp = restoring_disk(home, name);
     let _ = fs::remove_file(&tmp);
     workspace::copy_disk(&snap.disk(), &tmp)?;
+    kill_point::reached("rollback.disk_copied");
     fs::rename(&tmp, &disk).map_err(|e| {
         let _ = fs::remove_file(&tmp);
         CliError::new("home.unwritable", format!("{}: {e}", disk.display()))
     })?;
+    kill_point::reached("rollback.disk_replaced");
     let took = runtime::restore(home, config, &snap.vm_dir())?;
     if config.agent && !config.secrets.is_empty() {
         if let Err(e) = runtime::deliver_secrets(home, config) {
@@ -52,6 +55,12 @@ pub fn rollback(home: &Home, config: &Config, tag: &str) -> Result<Duration> {
         }
     }
     Ok(took)
+}
+
+/// Where a rollback copies the snapshot's disk before renaming it over the workspace's:
+/// a rollback killed before the rename leaves it, and the next start removes it.
+pub fn restoring_disk(home: &Home, name: &str) -> std::path::PathBuf {
+    workspace::dir(home, name).join(".rootfs.restoring")
 }
 
 /// `NAME:TAG` as `create --from-snapshot` takes it.
@@ -73,6 +82,11 @@ pub fn parse_source(text: &str) -> Result<(&str, &str)> {
 pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration)> {
     workspace::validate_name(new)?;
     let dir = workspace::dir(home, new);
+    if workspace::fork_interrupted(home, new) {
+        // The caller holds the lock: whoever forked it is gone. This fork replaces it.
+        runtime::kill_all(home, new);
+        fs::remove_dir_all(&dir).map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+    }
     if dir.exists() {
         return Err(CliError::new(
             "workspace.exists",
@@ -86,6 +100,7 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
     let made = (|| {
         fs::create_dir_all(&tmp).map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
         workspace::copy_disk(&snap.disk(), &tmp.join("rootfs.ext4"))?;
+        kill_point::reached("fork.disk_copied");
         let initrd = match snap.initrd() {
             Some(from) => {
                 fs::copy(&from, tmp.join("initrd.cpio"))
@@ -114,13 +129,20 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
             serde_json::to_vec_pretty(&config).unwrap_or_default(),
         )
         .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+        fs::write(
+            tmp.join(workspace::FORK_PENDING),
+            std::process::id().to_string(),
+        )
+        .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
         fs::rename(&tmp, &dir).map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
         Ok(config)
     })();
     let config = made.inspect_err(|_| {
         let _ = fs::remove_dir_all(&tmp);
     })?;
+    kill_point::reached("fork.in_place");
     let started = runtime::restore(home, &config, &snap.vm_dir()).and_then(|took| {
+        kill_point::reached("fork.running");
         if config.agent {
             let result = give_identity(home, &config).and_then(|()| {
                 if config.secrets.is_empty() {
@@ -135,6 +157,11 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
             }
         }
         Ok(took)
+    });
+    let started = started.and_then(|took| {
+        fs::remove_file(dir.join(workspace::FORK_PENDING))
+            .map(|()| took)
+            .map_err(|e| CliError::new("home.unwritable", e.to_string()))
     });
     match started {
         Ok(took) => Ok((config, took)),

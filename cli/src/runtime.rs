@@ -240,7 +240,8 @@ pub fn pids(home: &Home, name: &str) -> Option<Pids> {
 }
 
 /// A live process of ours (not a recycled pid).
-fn alive(pid: u32, binary: &str) -> bool {
+/// Whether `pid` runs `binary` (and is not a zombie).
+pub(crate) fn alive(pid: u32, binary: &str) -> bool {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let is_ours = cmdline
         .split(|&b| b == 0)
@@ -302,6 +303,14 @@ fn exchange(home: &Home, name: &str, line: &str, timeout: Duration) -> Result<se
 }
 
 pub fn state(home: &Home, name: &str) -> State {
+    if workspace::fork_interrupted(home, name) {
+        return State::Crashed {
+            reason: format!(
+                "the fork that made it was interrupted before it ran (run the same `microagent \
+                 create {name} --from-snapshot ...` again, or microagent delete {name})"
+            ),
+        };
+    }
     let Some(pids) = pids(home, name) else {
         // A start killed before it recorded a process leaves that process unrecorded.
         let strays = strays(home, name);

@@ -142,6 +142,21 @@ pub fn creating_dir(home: &Home, name: &str) -> PathBuf {
         .join(format!("{CREATING}{name}-{}", std::process::id()))
 }
 
+/// A fork's directory holds this file, the forking process's pid, from when it is
+/// renamed into place until the fork runs with its own identity.
+pub const FORK_PENDING: &str = "fork-pending";
+
+/// Whether `name` is a fork whose `create --from-snapshot` died before the fork ran
+/// (its pid is gone, or the file is unreadable as one).
+pub fn fork_interrupted(home: &Home, name: &str) -> bool {
+    let Ok(text) = fs::read_to_string(dir(home, name).join(FORK_PENDING)) else {
+        return false;
+    };
+    text.trim()
+        .parse::<u32>()
+        .map_or(true, |pid| !crate::runtime::alive(pid, "microagent"))
+}
+
 /// Removes what creates and forks that were killed left half built (their pid is
 /// gone); returns how many went.
 pub fn sweep_interrupted(home: &Home) -> usize {

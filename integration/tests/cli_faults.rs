@@ -1,7 +1,7 @@
 //! Faults, with nothing lost: a disk daemon killed in the middle of guest I/O, an agent
 //! that takes requests and never answers, a home that fills up during a pull, an unpack
-//! or a snapshot, and the CLI itself killed at each step of create, start and snapshot
-//! create (debug builds die at `MICROAGENT_TEST_KILL_AT=<point>`). Each test checks what
+//! or a snapshot, and the CLI itself killed at each step of create, start, snapshot
+//! create, rollback and fork (debug builds die at `MICROAGENT_TEST_KILL_AT=<point>`). Each test checks what
 //! a user would notice: exit codes, error codes, `list`, the store, the processes left.
 
 use microagent_agent_protocol::frame::{read_frame, write_control};
@@ -486,6 +486,135 @@ fn a_snapshot_killed_at_each_step_leaves_no_half_snapshot_and_the_next_one_resum
     }
     assert!(!cli.runtime.join("ws/snapshot-interrupted").exists());
     cli.ok(&["delete", "ws", "--yes", "--force"]);
+}
+
+fn sha256_of(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(fs::read(path).unwrap()))
+}
+
+/// A rollback killed before its disk copy replaced the workspace's leaves the workspace's
+/// own disk, byte for byte; killed after, the snapshot's. Either way the workspace is
+/// halted, not crashed, the next start sweeps the copy, and the rollback run again works.
+#[test]
+fn a_rollback_killed_at_each_step_leaves_a_whole_disk_and_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
+    let _reaper = cli.reaper();
+    cli.ok(&create_args("ws", &image, "scenario=counter"));
+    cli.ok(&["start", "ws"]);
+    cli.ok(&["snapshot", "create", "ws", "--tag", "t1"]);
+    let ws = cli.home.join("workspaces/ws");
+    let snapshot_disk = fs::read_dir(ws.join("snapshots/t1"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "ext4"))
+        .expect("the snapshot keeps a disk");
+    let restoring = ws.join(".rootfs.restoring");
+    for point in POINTS.iter().filter(|p| p.starts_with("rollback.")) {
+        cli.ok(&["halt", "ws"]);
+        // The workspace's disk differs from the snapshot's from here on.
+        let disk = ws.join("rootfs.ext4");
+        let mut bytes = fs::read(&disk).unwrap();
+        bytes[6 * 512..6 * 512 + 16].copy_from_slice(b"after-snapshot!!");
+        fs::write(&disk, bytes).unwrap();
+        let own = sha256_of(&disk);
+
+        killed_at(&cli, point, &["start", "ws", "--from-snapshot", "t1"]);
+        assert_eq!(cli.state("ws"), "halted", "{point}");
+        let want = if *point == "rollback.disk_copied" {
+            assert!(restoring.exists(), "{point}: the copy was not left");
+            own
+        } else {
+            sha256_of(&snapshot_disk)
+        };
+        assert_eq!(sha256_of(&disk), want, "{point}: the disk is not whole");
+        assert_eq!(processes_under(&cli.runtime), Vec::new(), "{point}");
+
+        cli.ok(&["start", "ws", "--from-snapshot", "t1"]);
+        assert_eq!(cli.state("ws"), "running", "{point}");
+        assert!(!restoring.exists(), "{point}: the copy is still there");
+    }
+    // A plain start sweeps a copy left behind too.
+    cli.ok(&["halt", "ws"]);
+    killed_at(
+        &cli,
+        "rollback.disk_copied",
+        &["start", "ws", "--from-snapshot", "t1"],
+    );
+    cli.ok(&["start", "ws"]);
+    assert!(!restoring.exists(), "start left the rollback's copy");
+    cli.ok(&["delete", "ws", "--yes", "--force"]);
+}
+
+/// A fork killed while its directory was still being built leaves no workspace; killed
+/// once it was in place but before it ran, it is listed as crashed with the reason, a
+/// start refuses it (its disk booted afresh would be a workspace nobody asked for), and
+/// the same fork run again replaces it, stopping whatever the killed one had started;
+/// `delete` removes it whole. The snapshot it came from is untouched throughout.
+#[test]
+fn a_fork_killed_at_each_step_is_absent_or_redone_by_the_same_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, _registry, image) = Cli::with_test_image(dir.path());
+    let _reaper = cli.reaper();
+    cli.ok(&create_args("src", &image, "scenario=counter"));
+    cli.ok(&["start", "src"]);
+    cli.ok(&["snapshot", "create", "src", "--tag", "base"]);
+    cli.ok(&["halt", "src"]);
+    let fork = ["create", "f1", "--from-snapshot", "src:base"];
+    let workspaces = cli.home.join("workspaces");
+    for point in POINTS.iter().filter(|p| p.starts_with("fork.")) {
+        killed_at(&cli, point, &fork);
+        let left = processes_under(&cli.runtime);
+        if *point == "fork.disk_copied" {
+            assert_eq!(cli.state("f1"), "absent", "{point}");
+            assert!(left.is_empty(), "{point}: {left:?}");
+        } else {
+            let entry = cli.entry("f1");
+            assert_eq!(entry["state"]["state"], "crashed", "{point}: {entry}");
+            let reason = entry["state"]["reason"].as_str().unwrap_or_default();
+            assert!(reason.contains("fork"), "{point}: {reason}");
+            assert_eq!(
+                left.is_empty(),
+                *point == "fork.in_place",
+                "{point}: {left:?}"
+            );
+            cli.fails(&["start", "f1"], "workspace.fork_interrupted");
+        }
+
+        let out = cli.ok(&fork);
+        assert!(
+            out.starts_with("created f1 from snapshot src:base"),
+            "{point}: {out}"
+        );
+        assert_eq!(cli.state("f1"), "running", "{point}");
+        let old: Vec<u32> = left.iter().map(|(p, _)| *p).collect();
+        assert_eq!(survivors(&old), Vec::<u32>::new(), "{point}: {left:?}");
+        let hidden: Vec<String> = names(&workspaces)
+            .into_iter()
+            .filter(|n| n.starts_with(".creating-"))
+            .collect();
+        assert_eq!(hidden, Vec::<String>::new(), "{point}");
+        assert!(!workspaces.join("f1/fork-pending").exists(), "{point}");
+        // The fork runs on from the snapshot's count.
+        let before = console(&cli, "f1").len();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while console(&cli, "f1")[before..].matches("tick").count() < 3 {
+            assert!(Instant::now() < deadline, "{point}: the fork does not run");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cli.ok(&["delete", "f1", "--yes", "--force"]);
+
+        // Killed again, then deleted: nothing survives.
+        killed_at(&cli, point, &fork);
+        if *point != "fork.disk_copied" {
+            cli.ok(&["delete", "f1", "--yes"]);
+        }
+        assert_eq!(cli.state("f1"), "absent", "{point}");
+        assert_eq!(processes_under(&cli.runtime), Vec::new(), "{point}");
+    }
+    assert_eq!(cli.state("src"), "halted");
 }
 
 #[test]
