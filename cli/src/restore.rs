@@ -129,11 +129,8 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
             serde_json::to_vec_pretty(&config).unwrap_or_default(),
         )
         .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
-        fs::write(
-            tmp.join(workspace::FORK_PENDING),
-            std::process::id().to_string(),
-        )
-        .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
+        fs::write(tmp.join(workspace::FORK_PENDING), workspace::fork_marker())
+            .map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
         fs::rename(&tmp, &dir).map_err(|e| CliError::new("home.unwritable", e.to_string()))?;
         Ok(config)
     })();

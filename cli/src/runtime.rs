@@ -240,8 +240,7 @@ pub fn pids(home: &Home, name: &str) -> Option<Pids> {
 }
 
 /// A live process of ours (not a recycled pid).
-/// Whether `pid` runs `binary` (and is not a zombie).
-pub(crate) fn alive(pid: u32, binary: &str) -> bool {
+fn alive(pid: u32, binary: &str) -> bool {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let is_ours = cmdline
         .split(|&b| b == 0)

@@ -142,19 +142,37 @@ pub fn creating_dir(home: &Home, name: &str) -> PathBuf {
         .join(format!("{CREATING}{name}-{}", std::process::id()))
 }
 
-/// A fork's directory holds this file, the forking process's pid, from when it is
-/// renamed into place until the fork runs with its own identity.
+/// A fork's directory holds this file, [`fork_marker`] of the forking process, from
+/// when it is renamed into place until the fork runs with its own identity.
 pub const FORK_PENDING: &str = "fork-pending";
 
-/// Whether `name` is a fork whose `create --from-snapshot` died before the fork ran
-/// (its pid is gone, or the file is unreadable as one).
+/// This process as [`FORK_PENDING`] records it: its pid and start time, so that a
+/// recycled pid is not taken for the fork's.
+pub fn fork_marker() -> String {
+    let pid = std::process::id();
+    format!("{pid} {}", start_time(pid).unwrap_or(0))
+}
+
+/// When a process started, in clock ticks after boot (`/proc/PID/stat` field 22).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split(' ').nth(19)?.parse().ok()
+}
+
+/// Whether `name` is a fork whose `create --from-snapshot` died before the fork ran:
+/// the process its [`FORK_PENDING`] names is gone (or the file is not one).
 pub fn fork_interrupted(home: &Home, name: &str) -> bool {
     let Ok(text) = fs::read_to_string(dir(home, name).join(FORK_PENDING)) else {
         return false;
     };
-    text.trim()
-        .parse::<u32>()
-        .map_or(true, |pid| !crate::runtime::alive(pid, "microagent"))
+    let fields: Vec<u64> = text
+        .split_whitespace()
+        .map_while(|f| f.parse().ok())
+        .collect();
+    match fields[..] {
+        [pid, started] => u32::try_from(pid).map_or(true, |pid| start_time(pid) != Some(started)),
+        _ => true,
+    }
 }
 
 /// Removes what creates and forks that were killed left half built (their pid is
@@ -262,6 +280,30 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fork is interrupted once the process its marker names is gone; a pid that now
+    /// belongs to another process (another start time) is gone too.
+    #[test]
+    fn a_fork_is_interrupted_when_its_marker_names_no_live_process() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::new(tmp.path());
+        fs::create_dir_all(dir(&home, "f")).unwrap();
+        assert!(!fork_interrupted(&home, "f"), "no marker: not a fork");
+        let marker = dir(&home, "f").join(FORK_PENDING);
+        fs::write(&marker, fork_marker()).unwrap();
+        assert!(!fork_interrupted(&home, "f"), "this process forks it");
+        let pid = std::process::id();
+        let started = start_time(pid).unwrap();
+        for other in [
+            format!("{pid} {}", started + 1),
+            format!("{} {started}", u32::MAX),
+            format!("{pid}"),
+            "not a pid".to_owned(),
+        ] {
+            fs::write(&marker, &other).unwrap();
+            assert!(fork_interrupted(&home, "f"), "{other:?}");
+        }
+    }
 
     #[test]
     fn names_with_path_tricks_or_odd_characters_are_refused() {

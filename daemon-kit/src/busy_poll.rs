@@ -3,11 +3,12 @@
 //! request and answer with the guest (a packet and its used-ring signal, a connection
 //! request and its response) does not pay a thread wake-up in the daemon each way.
 //!
-//! The window adapts as QEMU's event loop does (`util/aio-posix.c`, `poll-max-ns`):
-//! it starts at nothing, doubles (from [`START`]) each time the worker slept less
-//! than the longest window but longer than the current one (a longer window would
-//! have caught that event), and falls back to nothing after a sleep longer than the
-//! longest window (polling could not have caught it). An idle or slow guest therefore
+//! The window adapts as QEMU's event loop does (`util/aio-posix.c`, `poll-max-ns`),
+//! by how long the worker waited for its next event, spinning and sleeping together:
+//! it starts at nothing, doubles (from [`START`]) each time the wait was longer than
+//! the current window but within the longest one (a longer window would have caught
+//! that event), and falls back to nothing after a wait longer than the longest window
+//! (polling could not have caught it). An idle or slow guest therefore
 //! costs no polling at all; a guest in a tight exchange costs at most the longest
 //! window of CPU per exchange.
 
@@ -21,8 +22,8 @@ pub const START: Duration = Duration::from_micros(4);
 pub struct BusyPoll {
     max: Duration,
     window: Duration,
-    /// When the worker last went back to epoll.
-    slept_at: Option<Instant>,
+    /// When the worker last began to wait (to spin, then to sleep in epoll).
+    waiting_since: Option<Instant>,
 }
 
 impl BusyPoll {
@@ -31,7 +32,7 @@ impl BusyPoll {
         Self {
             max,
             window: Duration::ZERO,
-            slept_at: None,
+            waiting_since: None,
         }
     }
 
@@ -40,17 +41,18 @@ impl BusyPoll {
         self.window
     }
 
-    /// An event woke the worker: adapts the window to how long it slept.
+    /// An event reached the worker: adapts the window to how long it waited.
     pub fn woke(&mut self) {
-        if let Some(since) = self.slept_at.take() {
+        if let Some(since) = self.waiting_since.take() {
             self.adapt(since.elapsed());
         }
     }
 
-    fn adapt(&mut self, slept: Duration) {
-        if slept > self.max {
+    /// A wait within the window caught its event: no change.
+    fn adapt(&mut self, waited: Duration) {
+        if waited > self.max {
             self.window = Duration::ZERO;
-        } else if slept > self.window {
+        } else if waited > self.window {
             self.window = (self.window * 2).max(START).min(self.max);
         }
     }
@@ -59,12 +61,17 @@ impl BusyPoll {
     /// event for the worker's loop (a kick, a host socket, a timer) or the window
     /// passes. An event that comes within the window is then handled without the
     /// worker having slept.
+    ///
+    /// vhost-user-backend hands the events of one `epoll_wait` to the backend one at a
+    /// time, so this also runs between events of one batch; those are ready, and the
+    /// spin ends at its first check.
     pub fn spin(&mut self, epoll_fd: RawFd) {
-        let deadline = Instant::now() + self.window;
+        let start = Instant::now();
+        self.waiting_since = Some(start);
+        let deadline = start + self.window;
         while !self.window.is_zero() && !ready(epoll_fd) && Instant::now() < deadline {
             std::hint::spin_loop();
         }
-        self.slept_at = Some(Instant::now());
     }
 }
 
@@ -103,6 +110,32 @@ mod tests {
         assert_eq!(poll.window(), MAX, "never beyond the longest window");
         poll.adapt(Duration::from_millis(5));
         assert!(poll.window().is_zero(), "a long sleep turns polling off");
+    }
+
+    /// The window settles where it catches a guest that answers in a steady time, and
+    /// goes to nothing for one slower than the longest window (a spin that cannot catch
+    /// the answer must not be paid on every exchange).
+    #[test]
+    fn a_steady_answer_is_caught_and_a_slow_one_turns_polling_off() {
+        for (answer, settles) in [(30, 32), (45, 50), (70, 0)] {
+            let answer = Duration::from_micros(answer);
+            let mut poll = BusyPoll::new(MAX);
+            let mut caught = 0;
+            for _ in 0..20 {
+                // The event comes `answer` after the wait began; a window that long
+                // catches it (the wait then ends with it), otherwise the worker sleeps.
+                if answer <= poll.window() {
+                    caught += 1;
+                }
+                poll.adapt(answer);
+            }
+            assert_eq!(poll.window(), Duration::from_micros(settles), "{answer:?}");
+            assert_eq!(
+                caught > 10,
+                settles > 0,
+                "{answer:?}: caught {caught} of 20"
+            );
+        }
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub struct VsockBackend {
     tick_timer: OnceLock<Mutex<(TimerFd, bool)>>,
     /// A transport reset waits to be delivered on the event queue (after a LOAD).
     reset_pending: Mutex<bool>,
-    /// The worker's epoll fd, watched while it polls the TX ring.
+    /// The worker's epoll fd, watched while the worker busy-polls.
     epoll_fd: OnceLock<i32>,
     busy_poll: Mutex<BusyPoll>,
     transfer: microagent_daemon_kit::state::transfer::Slot,

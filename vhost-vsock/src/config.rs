@@ -39,10 +39,11 @@ pub struct Args {
     /// Host side: the unix socket host processes connect to.
     #[arg(long)]
     pub uds_path: PathBuf,
-    /// Longest time, in microseconds, the worker keeps watching the TX ring after it
-    /// served the guest before it sleeps (adaptive: only while the guest answers within
-    /// it; 0 turns polling off). Saves a thread wake-up per request/answer exchange.
-    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    /// Longest time, in microseconds, the worker keeps watching for its next event
+    /// (a kick, a host socket) after it served one, before it sleeps (adaptive: only
+    /// while events come that soon; 0 turns polling off). Saves a thread wake-up per
+    /// request/answer exchange with the guest.
+    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub busy_poll_us: u64,
     #[command(flatten)]
     pub confine: microagent_confine::ConfineArgs,
