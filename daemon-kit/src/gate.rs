@@ -12,6 +12,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use vhost::vhost_user::message::{MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
@@ -144,43 +145,75 @@ fn send(stream: &UnixStream, msg: &Message) -> io::Result<()> {
 
 /// The two relay threads of one session.
 pub struct Gate {
-    frontend: UnixStream,
     handler: UnixStream,
     up: JoinHandle<Option<Refusal>>,
     down: JoinHandle<()>,
+    /// Hands the frontend to the threads once it connects; dropped, it ends them.
+    connect: Option<(Sender<Frontend>, Sender<Replies>)>,
+    frontend: Option<UnixStream>,
 }
 
+/// The frontend as the request relay reads it, and where replies go.
+type Frontend = (UnixStream, Replies);
+/// The frontend as the relays write to it (both may answer).
+type Replies = Arc<Mutex<UnixStream>>;
+
 impl Gate {
-    /// Relays between `frontend` and `handler` (the handler's end of the private socket).
-    pub fn start(frontend: UnixStream, handler: UnixStream, limits: Limits) -> Result<Self, Error> {
-        let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
+    /// Starts the relay threads for `handler` (the handler's end of the private socket)
+    /// before the frontend connects: thread creation is then not on the path of the
+    /// frontend's first message. [`Gate::connect`] hands them the frontend.
+    pub fn prepare(handler: UnixStream, limits: Limits) -> Result<Self, Error> {
+        let (up_tx, up_rx) = mpsc::channel::<Frontend>();
+        let (down_tx, down_rx) = mpsc::channel::<Replies>();
         let up = {
-            let from = frontend.try_clone()?;
             let to = handler.try_clone()?;
-            let replies = to_frontend.clone();
             thread::Builder::new()
                 .name("vhost-user-gate".into())
-                .spawn(move || relay_requests(&from, &to, &replies, limits))
+                .spawn(move || {
+                    let (from, replies) = up_rx.recv().ok()?;
+                    relay_requests(&from, &to, &replies, limits)
+                })
                 .map_err(Error::Spawn)?
         };
         let down = {
             let from = handler.try_clone()?;
             thread::Builder::new()
                 .name("vhost-user-replies".into())
-                .spawn(move || relay_replies(&from, &to_frontend))
+                .spawn(move || {
+                    if let Ok(to) = down_rx.recv() {
+                        relay_replies(&from, &to);
+                    }
+                })
                 .map_err(Error::Spawn)?
         };
         Ok(Self {
-            frontend,
             handler,
             up,
             down,
+            connect: Some((up_tx, down_tx)),
+            frontend: None,
         })
     }
 
+    /// Relays between the frontend that connected and the handler.
+    pub fn connect(&mut self, frontend: UnixStream) -> Result<(), Error> {
+        let replies = Arc::new(Mutex::new(frontend.try_clone()?));
+        let from = frontend.try_clone()?;
+        self.frontend = Some(frontend);
+        if let Some((up, down)) = self.connect.take() {
+            // A relay that is gone has ended the session already; `stop` says why.
+            let _ = down.send(replies.clone());
+            let _ = up.send((from, replies));
+        }
+        Ok(())
+    }
+
     /// Ends the session (if it is not over yet) and returns the refusal that ended it.
-    pub fn stop(self) -> Option<Refusal> {
-        let _ = self.frontend.shutdown(Shutdown::Both);
+    pub fn stop(mut self) -> Option<Refusal> {
+        self.connect = None;
+        if let Some(frontend) = &self.frontend {
+            let _ = frontend.shutdown(Shutdown::Both);
+        }
         let _ = self.handler.shutdown(Shutdown::Both);
         let _ = self.down.join();
         self.up.join().unwrap_or_default()

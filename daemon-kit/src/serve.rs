@@ -94,14 +94,18 @@ where
     let listener = Listener::new(socket, true).map_err(|e| listen_error(e.to_string()))?;
     main_confinement.enter_all_threads()?;
     confine::arm_workers(worker_confinement);
+    let mut gate = Gate::prepare(relay_end, limits)?;
     let frontend = loop {
         match listener.accept() {
             Ok(Some(stream)) => break stream,
             Ok(None) => continue,
-            Err(e) => return Err(listen_error(e.to_string())),
+            Err(e) => {
+                gate.stop();
+                return Err(listen_error(e.to_string()));
+            }
         }
     };
-    let gate = Gate::start(frontend, relay_end, limits)?;
+    gate.connect(frontend)?;
     let result = daemon.wait();
     let refusal = gate.stop();
     // Dropping the daemon signals every worker's exit event and joins the workers.
