@@ -576,6 +576,14 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// CPU ticks (of 100 per second) the process uses in the second after `settle`.
+fn ticks_in_a_second_after(pid: u32, settle: Duration) -> u64 {
+    std::thread::sleep(settle);
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    cpu_ticks(pid) - before
+}
+
 #[test]
 fn running_out_of_descriptors_does_not_spin_and_accepting_resumes() {
     use microagent_integration::{daemon, process::ChildGuard};
@@ -602,10 +610,7 @@ fn running_out_of_descriptors_does_not_spin_and_accepting_resumes() {
     let clients: Vec<UnixStream> = (0..(64 - used + 10))
         .map(|_| UnixStream::connect(&uds).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let before = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_secs(1));
-    let spent = cpu_ticks(pid) - before;
+    let spent = ticks_in_a_second_after(pid, Duration::from_millis(300));
     assert!(
         spent < 20,
         "daemon used {spent}/100 ticks of CPU in one second"
@@ -636,11 +641,7 @@ fn a_host_client_that_hangs_up_before_the_guest_closes_costs_no_cpu() {
         "{p:?}"
     );
 
-    std::thread::sleep(Duration::from_millis(100));
-    let pid = rig.daemon.pid().unwrap();
-    let before = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_secs(1));
-    let spent = cpu_ticks(pid) - before;
+    let spent = ticks_in_a_second_after(rig.daemon.pid().unwrap(), Duration::from_millis(100));
     assert!(
         spent < 5,
         "the daemon used {spent}/100 ticks of CPU in one second"
@@ -870,11 +871,7 @@ fn busy_polling_saves_the_workers_sleeps_in_an_exchange_and_stops_when_the_guest
         "with a 5 ms window: {with} sleeps in {EXCHANGES} exchanges, without: {without}"
     );
 
-    std::thread::sleep(Duration::from_millis(100));
-    let pid = on.daemon.pid().unwrap();
-    let before = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_secs(1));
-    let spent = cpu_ticks(pid) - before;
+    let spent = ticks_in_a_second_after(on.daemon.pid().unwrap(), Duration::from_millis(100));
     assert!(
         spent < 5,
         "the quiet daemon used {spent}/100 ticks of CPU in one second"
