@@ -47,14 +47,24 @@ pub fn rollback(home: &Home, config: &Config, tag: &str) -> Result<Duration> {
         CliError::new("home.unwritable", format!("{}: {e}", disk.display()))
     })?;
     kill_point::reached("rollback.disk_replaced");
-    let took = runtime::restore(home, config, &snap.vm_dir())?;
+    let took = runtime::restore(home, config, &snap.vm_dir()).map_err(|e| why(home, name, e))?;
     if config.agent && !config.secrets.is_empty() {
         if let Err(e) = runtime::deliver_secrets(home, config) {
+            let e = why(home, name, e);
             runtime::halt(home, config);
             return Err(e);
         }
     }
     Ok(took)
+}
+
+/// `e`, and why the workspace stopped meanwhile if it did (the agent of a VM that went
+/// away does not answer).
+fn why(home: &Home, name: &str, mut e: CliError) -> CliError {
+    if let Some(why) = runtime::stopped_meanwhile(home, name) {
+        e.message.push_str(&why);
+    }
+    e
 }
 
 /// Where a rollback copies the snapshot's disk before renaming it over the workspace's:
@@ -138,7 +148,9 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
         let _ = fs::remove_dir_all(&tmp);
     })?;
     kill_point::reached("fork.in_place");
-    let started = runtime::restore(home, &config, &snap.vm_dir()).and_then(|took| {
+    // Why the fork stopped, if it did, is said before it and its logs go.
+    let restored = runtime::restore(home, &config, &snap.vm_dir()).map_err(|e| why(home, new, e));
+    let started = restored.and_then(|took| {
         kill_point::reached("fork.running");
         if config.agent {
             let result = give_identity(home, &config).and_then(|()| {
@@ -149,6 +161,7 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
                 }
             });
             if let Err(e) = result {
+                let e = why(home, new, e);
                 runtime::halt(home, &config);
                 return Err(e);
             }

@@ -365,6 +365,33 @@ pub fn state(home: &Home, name: &str) -> State {
     }
 }
 
+/// Why a workspace that was being started stopped meanwhile, to add to the error that
+/// the start then met (an agent that does not answer because its VM is gone, say): how
+/// its processes ended and its console's last lines. `None` while it runs, or before it
+/// ran at all.
+pub fn stopped_meanwhile(home: &Home, name: &str) -> Option<String> {
+    let State::Crashed { reason } = state(home, name) else {
+        return None;
+    };
+    let console = fs::read_to_string(workspace::console_log(home, name)).unwrap_or_default();
+    let mut tail: Vec<&str> = console
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .rev()
+        .take(CONSOLE_TAIL_LINES)
+        .collect();
+    tail.reverse();
+    let mut why = format!("; meanwhile the workspace stopped: {reason}");
+    if !tail.is_empty() {
+        why.push_str(&format!("; its console ended with: {}", tail.join(" | ")));
+    }
+    Some(why)
+}
+
+/// How many console lines [`stopped_meanwhile`] quotes.
+const CONSOLE_TAIL_LINES: usize = 3;
+
 /// Why the VMM stopped, from its log: its JSON error, or else how the VM ended (a guest
 /// that reset or triple-faulted exits 0 without an error).
 fn last_vmm_error(home: &Home, name: &str) -> Option<String> {
@@ -846,6 +873,47 @@ mod tests {
             cid: 7,
             mac: Some("02:00:00:00:00:01".into()),
         }
+    }
+
+    /// A start that fails because the VM went away says so, with how it ended and the
+    /// console's last lines (a failed fork removes its logs with it).
+    #[test]
+    fn a_workspace_that_stopped_during_its_start_says_how() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::new(tmp.path());
+        assert_eq!(stopped_meanwhile(&home, "ws"), None, "never started");
+        // A pid that no microagent binary runs (the test binary's own) reads as gone.
+        let pid = std::process::id();
+        fs::create_dir_all(dir(&home, "ws")).unwrap();
+        let pids = Pids {
+            vmm: pid,
+            blk: pid,
+            vsock: Some(pid),
+            net: None,
+            kmsg_seq: None,
+        };
+        fs::write(state_file(&home, "ws"), serde_json::to_vec(&pids).unwrap()).unwrap();
+        fs::create_dir_all(workspace::dir(&home, "ws")).unwrap();
+        fs::write(
+            workspace::dir(&home, "ws").join("vmm.log"),
+            "starting\nVM ended: triple fault or shutdown\n",
+        )
+        .unwrap();
+        fs::write(
+            workspace::console_log(&home, "ws"),
+            "booted\none\n\ntwo\nKernel panic - not syncing: x\n",
+        )
+        .unwrap();
+        let why = stopped_meanwhile(&home, "ws").unwrap();
+        assert!(why.contains("microagent-vmm (pid"), "{why}");
+        assert!(
+            why.contains("VMM reported: triple fault or shutdown"),
+            "{why}"
+        );
+        assert!(
+            why.ends_with("its console ended with: one | two | Kernel panic - not syncing: x"),
+            "{why}"
+        );
     }
 
     #[test]
