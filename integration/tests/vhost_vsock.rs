@@ -105,13 +105,24 @@ fn host_connect_is_accepted_by_the_guest_and_data_flows_both_ways() {
     // Host closes: the guest is told the host sends no more; the guest closes too, and
     // the daemon finishes the connection with RST.
     drop(client);
+    expect_host_shutdown(&mut rig);
+    guest_closes(&mut rig, host_port, 4);
+}
+
+/// The guest is told that the host sends no more (its client hung up).
+fn expect_host_shutdown(rig: &mut Rig) {
     let (p, _) = rig.guest.recv_op();
     assert_eq!(
         (p.op, p.flags & SHUTDOWN_SEND),
         (OP_SHUTDOWN, SHUTDOWN_SEND),
         "{p:?}"
     );
-    let mut shutdown = pkt(1234, host_port, OP_SHUTDOWN, 0, 1 << 20, 4);
+}
+
+/// The guest (port 1234) closes its side too, having taken `fwd_cnt` bytes: the daemon
+/// ends the connection with RST.
+fn guest_closes(rig: &mut Rig, host_port: u32, fwd_cnt: u32) {
+    let mut shutdown = pkt(1234, host_port, OP_SHUTDOWN, 0, 1 << 20, fwd_cnt);
     shutdown.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
     rig.guest.send(shutdown, &[]);
     let (p, _) = rig.guest.recv_op();
@@ -634,12 +645,7 @@ fn a_host_client_that_hangs_up_before_the_guest_closes_costs_no_cpu() {
     let mut rig = rig_with(&["--busy-poll-us", "0"]);
     let (client, host_port) = host_connect(&mut rig, 1234, 1 << 20);
     drop(client);
-    let (p, _) = rig.guest.recv_op();
-    assert_eq!(
-        (p.op, p.flags & SHUTDOWN_SEND),
-        (OP_SHUTDOWN, SHUTDOWN_SEND),
-        "{p:?}"
-    );
+    expect_host_shutdown(&mut rig);
 
     let spent = ticks_in_a_second_after(rig.daemon.pid().unwrap(), Duration::from_millis(100));
     assert!(
@@ -647,11 +653,7 @@ fn a_host_client_that_hangs_up_before_the_guest_closes_costs_no_cpu() {
         "the daemon used {spent}/100 ticks of CPU in one second"
     );
 
-    let mut shutdown = pkt(1234, host_port, OP_SHUTDOWN, 0, 1 << 20, 0);
-    shutdown.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
-    rig.guest.send(shutdown, &[]);
-    let (p, _) = rig.guest.recv_op();
-    assert_eq!(p.op, OP_RST, "{p:?}");
+    guest_closes(&mut rig, host_port, 0);
 }
 
 /// The daemon returns credit before the guest runs out, unasked (a Linux guest does not
