@@ -47,7 +47,7 @@ pub fn rollback(home: &Home, config: &Config, tag: &str) -> Result<Duration> {
         CliError::new("home.unwritable", format!("{}: {e}", disk.display()))
     })?;
     kill_point::reached("rollback.disk_replaced");
-    let took = runtime::restore(home, config, &snap.vm_dir()).map_err(|e| why(home, name, e))?;
+    let took = runtime::restore(home, config, &snap.vm_dir())?;
     if config.agent && !config.secrets.is_empty() {
         if let Err(e) = runtime::deliver_secrets(home, config) {
             let e = why(home, name, e);
@@ -148,9 +148,7 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
         let _ = fs::remove_dir_all(&tmp);
     })?;
     kill_point::reached("fork.in_place");
-    // Why the fork stopped, if it did, is said before it and its logs go.
-    let restored = runtime::restore(home, &config, &snap.vm_dir()).map_err(|e| why(home, new, e));
-    let started = restored.and_then(|took| {
+    let started = runtime::restore(home, &config, &snap.vm_dir()).and_then(|took| {
         kill_point::reached("fork.running");
         if config.agent {
             let result = give_identity(home, &config).and_then(|()| {
@@ -161,6 +159,7 @@ pub fn fork(home: &Home, new: &str, snap: &Snapshot) -> Result<(Config, Duration
                 }
             });
             if let Err(e) = result {
+                // Said before the fork and its logs go (a failed start says it itself).
                 let e = why(home, new, e);
                 runtime::halt(home, &config);
                 return Err(e);

@@ -331,6 +331,19 @@ pub fn state(home: &Home, name: &str) -> State {
             State::Created
         };
     };
+    if let Some(reason) = dead_processes(home, name, &pids) {
+        return State::Crashed { reason };
+    }
+    match vmm_call(home, name, &Request::Status, CONTROL_TIMEOUT) {
+        Ok(reply) if reply["state"] == "paused" => State::Paused,
+        Ok(_) => State::Running,
+        Err(e) => State::Crashed { reason: e.message },
+    }
+}
+
+/// Which of a workspace's recorded processes are gone and why, and what the VMM
+/// reported; `None` while all of them run.
+fn dead_processes(home: &Home, name: &str, pids: &Pids) -> Option<String> {
     let dead: Vec<String> = pids
         .all()
         .filter(|(bin, pid)| !alive(*pid, bin))
@@ -351,28 +364,22 @@ pub fn state(home: &Home, name: &str) -> State {
             },
         )
         .collect();
-    if !dead.is_empty() {
-        let mut reason = dead.join(", ");
-        if let Some(error) = last_vmm_error(home, name) {
-            reason.push_str(&format!("; VMM reported: {error}"));
-        }
-        return State::Crashed { reason };
+    if dead.is_empty() {
+        return None;
     }
-    match vmm_call(home, name, &Request::Status, CONTROL_TIMEOUT) {
-        Ok(reply) if reply["state"] == "paused" => State::Paused,
-        Ok(_) => State::Running,
-        Err(e) => State::Crashed { reason: e.message },
+    let mut reason = dead.join(", ");
+    if let Some(error) = last_vmm_error(home, name) {
+        reason.push_str(&format!("; VMM reported: {error}"));
     }
+    Some(reason)
 }
 
-/// Why a workspace that was being started stopped meanwhile, to add to the error that
-/// the start then met (an agent that does not answer because its VM is gone, say): how
-/// its processes ended and its console's last lines. `None` while it runs, or before it
-/// ran at all.
+/// Why a workspace that was started stopped meanwhile, to add to the error that a
+/// command then met (an agent that does not answer because its VM is gone, say): how
+/// its processes ended and its console's last lines. `None` while all its processes
+/// run (their sockets are not asked: that could wait), or when none was recorded.
 pub fn stopped_meanwhile(home: &Home, name: &str) -> Option<String> {
-    let State::Crashed { reason } = state(home, name) else {
-        return None;
-    };
+    let reason = dead_processes(home, name, &pids(home, name)?)?;
     let console = fs::read_to_string(workspace::console_log(home, name)).unwrap_or_default();
     let mut tail: Vec<&str> = console
         .lines()

@@ -54,7 +54,7 @@ const MAIN: &[i64] = &[
     libc::SYS_setsockopt,
     libc::SYS_getsockname,
     libc::SYS_getpeername,
-    // the gate's relay threads start once the frontend connected
+    // the gate's relay threads (started just before the frontend is accepted)
     libc::SYS_clone,
     libc::SYS_clone3,
     // vring kick and call fds into the workers' epoll; exit events

@@ -105,7 +105,10 @@ where
             }
         }
     };
-    gate.connect(frontend)?;
+    if let Err(e) = gate.connect(frontend) {
+        gate.stop();
+        return Err(e.into());
+    }
     let result = daemon.wait();
     let refusal = gate.stop();
     // Dropping the daemon signals every worker's exit event and joins the workers.
