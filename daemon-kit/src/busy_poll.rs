@@ -36,11 +36,6 @@ impl BusyPoll {
         }
     }
 
-    /// The current window.
-    pub fn window(&self) -> Duration {
-        self.window
-    }
-
     /// An event reached the worker: adapts the window to how long it waited.
     pub fn woke(&mut self) {
         if let Some(since) = self.waiting_since.take() {
@@ -96,20 +91,20 @@ mod tests {
     #[test]
     fn the_window_grows_while_events_come_soon_and_stops_when_they_come_late() {
         let mut poll = BusyPoll::new(MAX);
-        assert!(poll.window().is_zero());
+        assert!(poll.window.is_zero());
         poll.adapt(Duration::from_micros(10));
-        assert_eq!(poll.window(), START);
+        assert_eq!(poll.window, START);
         poll.adapt(Duration::from_micros(10));
-        assert_eq!(poll.window(), START * 2);
+        assert_eq!(poll.window, START * 2);
         // Caught within the window: no change.
         poll.adapt(Duration::from_micros(2));
-        assert_eq!(poll.window(), START * 2);
+        assert_eq!(poll.window, START * 2);
         for _ in 0..10 {
             poll.adapt(Duration::from_micros(40));
         }
-        assert_eq!(poll.window(), MAX, "never beyond the longest window");
+        assert_eq!(poll.window, MAX, "never beyond the longest window");
         poll.adapt(Duration::from_millis(5));
-        assert!(poll.window().is_zero(), "a long sleep turns polling off");
+        assert!(poll.window.is_zero(), "a long sleep turns polling off");
     }
 
     /// The window settles where it catches a guest that answers in a steady time, and
@@ -124,12 +119,12 @@ mod tests {
             for _ in 0..20 {
                 // The event comes `answer` after the wait began; a window that long
                 // catches it (the wait then ends with it), otherwise the worker sleeps.
-                if answer <= poll.window() {
+                if answer <= poll.window {
                     caught += 1;
                 }
                 poll.adapt(answer);
             }
-            assert_eq!(poll.window(), Duration::from_micros(settles), "{answer:?}");
+            assert_eq!(poll.window, Duration::from_micros(settles), "{answer:?}");
             assert_eq!(
                 caught > 10,
                 settles > 0,
@@ -142,7 +137,7 @@ mod tests {
     fn a_zero_maximum_never_polls() {
         let mut poll = BusyPoll::new(Duration::ZERO);
         poll.adapt(Duration::from_nanos(1));
-        assert!(poll.window().is_zero());
+        assert!(poll.window.is_zero());
     }
 
     /// The spin ends as soon as the epoll instance has an event, and otherwise when the
@@ -156,11 +151,11 @@ mod tests {
         for _ in 0..20 {
             poll.adapt(Duration::from_millis(150));
         }
-        assert_eq!(poll.window(), Duration::from_millis(200));
+        assert_eq!(poll.window, Duration::from_millis(200));
         let started = Instant::now();
         poll.spin(epoll);
         assert!(
-            started.elapsed() >= poll.window(),
+            started.elapsed() >= poll.window,
             "returned before the window"
         );
 
